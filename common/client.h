@@ -1,0 +1,75 @@
+/*
+ * Client side of the agent protocol, shared by the CLI, the OpenSSL
+ * provider and the PKCS#11 front-end module.
+ *
+ * A p11a_client is one connection to the agent (after HELLO).  It is not
+ * thread-safe: one request at a time; callers that sign from several
+ * threads use one client each (or their own lock).  Signing goes over a
+ * signing channel that the agent hands out per key (OPEN_CHANNEL); the
+ * client opens it on first use and keeps it.
+ */
+#ifndef P11A_CLIENT_H
+#define P11A_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "proto.h"
+
+struct p11a_client;
+
+#define P11A_CLIENT_TIMEOUT_MS 30000   /* default per-request deadline */
+
+/*
+ * Socket path the client should use: $P11AGENT_SOCK, else
+ * $XDG_RUNTIME_DIR/p11agent/agent.sock, else /run/user/UID/p11agent/agent.sock.
+ * Writes into out (size out_size); -P11A_E_TOO_LARGE if it does not fit.
+ */
+int p11a_default_socket_path(char *out, size_t out_size);
+
+/*
+ * Connects to path (NULL = default), sends HELLO, checks the version.
+ * client_name is sent in HELLO.  timeout_ms bounds each request (0 = default).
+ * Errors: -P11A_E_NOT_RUNNING (nothing listens / no socket), -P11A_E_DENIED
+ * (refused by the agent or permission denied), -P11A_E_VERSION,
+ * -P11A_E_IO, -P11A_E_TIMEOUT.  On error *out is NULL; a message for the
+ * user is available with p11a_client_last_error() only on success paths,
+ * so connect errors are described by the code alone plus the path.
+ */
+int p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
+			struct p11a_client **out);
+void p11a_client_free(struct p11a_client *c);
+const char *p11a_client_path(const struct p11a_client *c);
+
+/*
+ * Human text of the last ERROR the agent sent (or of the last local
+ * failure), valid until the next call on c.  Never NULL.
+ */
+const char *p11a_client_last_error(const struct p11a_client *c);
+
+/*
+ * Sends one request and reads one reply.  An ERROR reply is turned into
+ * its negative code (text in p11a_client_last_error()); on success
+ * *reply holds the reply (caller clears it).  fd_received as in
+ * p11a_frame_read().
+ */
+int p11a_client_call(struct p11a_client *c, const struct p11a_msg *req,
+		     struct p11a_msg *reply, int *fd_received);
+
+/* Convenience requests; replies owned by the caller (p11a_msg_clear). */
+int p11a_client_status(struct p11a_client *c, struct p11a_msg *reply);
+int p11a_client_list(struct p11a_client *c, struct p11a_msg *reply);
+/* token_uri NULL or "" = the only token that needs a login; pin is not kept. */
+int p11a_client_unlock(struct p11a_client *c, const char *token_uri,
+		       const char *pin, size_t pin_len);
+int p11a_client_lock(struct p11a_client *c, const char *token_uri);
+
+/*
+ * Signs: opens (or reuses) the signing channel for key_uri, sends SIGN,
+ * returns the signature in a malloc'd block (*sig, *sig_len).  req->key_uri
+ * is the key.  If the channel turns out closed (agent restarted) it is
+ * reopened once, with a fresh main connection if needed.
+ */
+int p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
+		     uint8_t **sig, size_t *sig_len);
+
+#endif

@@ -1,0 +1,205 @@
+/*
+ * The p11agent wire protocol: message structures and their codec.
+ * docs/protocol.md is the normative description; this is its only
+ * implementation.  Nothing outside common/ reads bytes off the wire.
+ *
+ * A frame is a u32 big-endian body length (1..P11A_FRAME_MAX) then the
+ * body; the body's first byte is the message type.
+ */
+#ifndef P11A_PROTO_H
+#define P11A_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "p11a.h"
+#include "buf.h"
+
+enum p11a_msg_type {
+	/* requests, client -> agent (main connection) */
+	P11A_MSG_HELLO = 0x01,
+	P11A_MSG_STATUS = 0x02,
+	P11A_MSG_LIST = 0x03,
+	P11A_MSG_UNLOCK = 0x04,
+	P11A_MSG_LOCK = 0x05,
+	P11A_MSG_OPEN_CHANNEL = 0x06,
+	/* request on a signing channel (client -> token helper) */
+	P11A_MSG_SIGN = 0x07,
+
+	/* internal, agent main process <-> token helper only */
+	P11A_MSG_H_ADOPT = 0x40,     /* main -> helper: a signing channel fd is attached */
+	P11A_MSG_H_REFRESH = 0x41,   /* main -> helper: re-enumerate, answer INVENTORY */
+	P11A_MSG_H_INVENTORY = 0x42, /* helper -> main: this module's tokens and keys */
+
+	/* replies */
+	P11A_MSG_OK = 0x80,
+	P11A_MSG_ERROR = 0x81,
+	P11A_MSG_HELLO_REPLY = 0x82,
+	P11A_MSG_STATUS_REPLY = 0x83,
+	P11A_MSG_LIST_REPLY = 0x84,
+	P11A_MSG_CHANNEL = 0x85,     /* a signing channel fd is attached (SCM_RIGHTS) */
+	P11A_MSG_SIGNATURE = 0x86
+};
+
+struct p11a_hello {                 /* HELLO */
+	uint16_t min_version;
+	uint16_t max_version;
+	char *client;               /* free text naming the client, e.g. "p11agent-cli 0.1.0" */
+};
+
+struct p11a_hello_reply {           /* HELLO_REPLY */
+	uint16_t version;           /* chosen version */
+	char *agent;                /* e.g. "p11agentd 0.1.0" */
+};
+
+struct p11a_error {                 /* ERROR */
+	uint32_t code;              /* enum p11a_err, positive */
+	char *message;              /* human-readable, names the thing and the cause */
+};
+
+struct p11a_token {
+	char *uri;                  /* pkcs11: URI of the token */
+	char *label;                /* trimmed of padding */
+	char *manufacturer;
+	char *model;
+	char *serial;
+	char *module;               /* module path or name, for display */
+	uint32_t flags;             /* P11A_TOKEN_* */
+};
+
+struct p11a_key {
+	char *uri;                  /* pkcs11: URI of the private key (type=private) */
+	char *token_uri;
+	char *label;                /* CKA_LABEL, may be empty */
+	uint8_t *id;                /* CKA_ID bytes */
+	size_t id_len;
+	uint8_t type;               /* enum p11a_keytype */
+	uint32_t bits;              /* modulus bits or curve bits */
+	char *curve;                /* "P-256", "P-384", "P-521", "Ed25519" or "" for RSA */
+	uint8_t *spki;              /* SubjectPublicKeyInfo DER */
+	size_t spki_len;
+	uint8_t *cert;              /* paired certificate DER, or NULL/0 */
+	size_t cert_len;
+	char *cert_uri;             /* URI of the paired certificate, or "" */
+	char *cert_label;           /* CKA_LABEL of the certificate, or "" */
+	uint32_t flags;             /* P11A_KEY_* */
+};
+
+struct p11a_status_reply {          /* STATUS_REPLY */
+	char *agent;                /* version text */
+	uint32_t pid;
+	uint32_t modules;           /* modules configured */
+	uint32_t modules_up;        /* helpers running and initialized */
+	uint32_t connections;       /* client connections open now */
+	uint32_t ntokens;
+	struct p11a_token *tokens;
+};
+
+struct p11a_list_reply {            /* LIST_REPLY and H_INVENTORY */
+	uint32_t ntokens;
+	struct p11a_token *tokens;
+	uint32_t nkeys;
+	struct p11a_key *keys;
+};
+
+struct p11a_unlock {                /* UNLOCK */
+	char *token_uri;            /* "" = the only token that needs a login */
+	char pin[P11A_PIN_MAX + 1]; /* fixed storage; wiped by p11a_msg_clear */
+	size_t pin_len;
+};
+
+struct p11a_lock {                  /* LOCK */
+	char *token_uri;            /* "" = every token */
+};
+
+struct p11a_open_channel {          /* OPEN_CHANNEL */
+	char *key_uri;              /* key the client means to sign with */
+};
+
+struct p11a_sign {                  /* SIGN */
+	char *key_uri;
+	uint8_t scheme;             /* enum p11a_scheme */
+	uint8_t hash;               /* enum p11a_hash */
+	uint8_t mgf1_hash;          /* rsa-pss: MGF1 hash; NONE = same as hash */
+	uint8_t input;              /* enum p11a_input */
+	uint32_t salt_len;          /* rsa-pss: bytes, or P11A_PSS_SALT_DIGEST/MAX */
+	uint8_t *data;
+	size_t data_len;
+};
+
+struct p11a_signature {             /* SIGNATURE */
+	uint8_t *sig;               /* ECDSA: DER; others: raw */
+	size_t sig_len;
+};
+
+struct p11a_msg {
+	uint8_t type;               /* enum p11a_msg_type */
+	union {
+		struct p11a_hello hello;
+		struct p11a_hello_reply hello_reply;
+		struct p11a_error error;
+		struct p11a_status_reply status;
+		struct p11a_list_reply list;        /* LIST_REPLY, H_INVENTORY */
+		struct p11a_unlock unlock;
+		struct p11a_lock lock;
+		struct p11a_open_channel open_channel;
+		struct p11a_sign sign;
+		struct p11a_signature signature;
+	} u;
+	/* STATUS, LIST, OK, CHANNEL, H_ADOPT, H_REFRESH carry no fields. */
+};
+
+/*
+ * Appends the body of m (type byte and fields, no length prefix) to out.
+ * Fails with -P11A_E_UNKNOWN_TYPE for an unknown type, -P11A_E_TOO_LARGE
+ * when a field exceeds its limit or the body P11A_FRAME_MAX; out is
+ * unchanged on failure.
+ */
+int p11a_msg_encode(const struct p11a_msg *m, struct p11a_buf *out);
+
+/*
+ * Decodes one whole body.  *m is zeroed first; on success the caller owns
+ * everything m points to and releases it with p11a_msg_clear().  Fails
+ * with -P11A_E_TRUNCATED, -P11A_E_MALFORMED (bad value, leftover bytes,
+ * text with NUL), -P11A_E_TOO_LARGE (a field over its limit) or
+ * -P11A_E_UNKNOWN_TYPE; on failure *m holds nothing to free.
+ */
+int p11a_msg_decode(const uint8_t *body, size_t len, struct p11a_msg *m);
+
+/* Frees what m owns, wipes the PIN, and zeroes m.  NULL is fine. */
+void p11a_msg_clear(struct p11a_msg *m);
+
+/* Builds an ERROR message (message is copied); code is a P11A_E_* (either sign). */
+int p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/*
+ * Internal frames between the agent and a token helper carry a u32
+ * request id before the body: [u32 id][body].  id 0 marks an unsolicited
+ * message (INVENTORY after a change).
+ */
+int p11a_msg_encode_internal(uint32_t id, const struct p11a_msg *m, struct p11a_buf *out);
+int p11a_msg_decode_internal(const uint8_t *body, size_t len, uint32_t *id, struct p11a_msg *m);
+
+/* Deep copies; clear() the destination afterwards. */
+int p11a_token_copy(struct p11a_token *dst, const struct p11a_token *src);
+int p11a_key_copy(struct p11a_key *dst, const struct p11a_key *src);
+void p11a_token_clear(struct p11a_token *t);
+void p11a_key_clear(struct p11a_key *k);
+
+/*
+ * Frame I/O on a blocking or non-blocking fd.
+ *
+ * p11a_frame_write(): writes [u32 len][body] wholly (retrying on EINTR
+ * and partial writes, waiting with poll() up to timeout_ms; -1 = forever);
+ * when fd_to_pass >= 0 it is attached to the first byte with SCM_RIGHTS.
+ * p11a_frame_read(): reads one frame into out (reset first), refusing a
+ * length of 0 or over P11A_FRAME_MAX before reading the body
+ * (-P11A_E_TOO_LARGE / -P11A_E_MALFORMED); if fd_received is not NULL,
+ * a descriptor passed with the frame is returned there (else -1), and any
+ * descriptor received when fd_received is NULL is closed.
+ * Errors: -P11A_E_IO (closed or failed; errno kept), -P11A_E_TIMEOUT.
+ */
+int p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms);
+int p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms);
+
+#endif

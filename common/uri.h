@@ -1,0 +1,41 @@
+/*
+ * RFC 7512 pkcs11: URIs for tokens and objects, built and matched with
+ * p11-kit's URI functions.  Used by the agent (on its inventory), its
+ * token helpers (on what they enumerate) and clients (on a LIST reply).
+ */
+#ifndef P11A_URI_H
+#define P11A_URI_H
+
+#include <stddef.h>
+#include <p11-kit/pkcs11.h>
+#include "proto.h"
+
+/*
+ * Formats a token URI (model, manufacturer, serial, token) or an object
+ * URI (those plus id, object label, type).  class is CKO_PRIVATE_KEY,
+ * CKO_PUBLIC_KEY or CKO_CERTIFICATE.  Returns a malloc'd string or NULL.
+ */
+char *p11a_uri_format_token(const CK_TOKEN_INFO *ti);
+char *p11a_uri_format_object(const CK_TOKEN_INFO *ti, CK_OBJECT_CLASS cls,
+			const unsigned char *id, size_t id_len, const char *label);
+
+/*
+ * Parses uri once for repeated matching.  Returns NULL with *err set to
+ * -P11A_E_URI when it is not a pkcs11: URI.
+ */
+struct p11a_uri_matcher;
+struct p11a_uri_matcher *p11a_uri_matcher_new(const char *uri, int *err);
+void p11a_uri_matcher_free(struct p11a_uri_matcher *m);
+
+/* 1 if the token record matches the URI's token part. */
+int p11a_uri_match_token(const struct p11a_uri_matcher *m, const struct p11a_token *t);
+/*
+ * 1 if the key (on token t) matches: token part, CKA_ID (id=), label
+ * (object=) and type= if given.  type=private and type=public match the
+ * key's label; type=cert matches the certificate's label (cert_label);
+ * no type= matches either label.  Other types never match.
+ */
+int p11a_uri_match_key(const struct p11a_uri_matcher *m, const struct p11a_token *t,
+		  const struct p11a_key *k);
+
+#endif
