@@ -20,7 +20,7 @@
 #ifndef AGENT_HELPER_H
 #define AGENT_HELPER_H
 
-#include "config.h"
+#include "conf.h"
 
 #define HELPER_EXIT_INIT 3
 

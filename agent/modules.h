@@ -10,7 +10,7 @@
 #ifndef AGENT_MODULES_H
 #define AGENT_MODULES_H
 
-#include "config.h"
+#include "conf.h"
 
 /* Appends the registered modules to cfg; returns how many, or -1. */
 int modules_discover(struct agent_config *cfg);

@@ -5,7 +5,7 @@
 #ifndef AGENT_SERVER_H
 #define AGENT_SERVER_H
 
-#include "config.h"
+#include "conf.h"
 
 /*
  * Creates the socket directory (0700, owned by us) and listening socket
