@@ -7,7 +7,9 @@
  * - On start the helper loads the module (dlopen), calls C_Initialize once
  *   with CKF_OS_LOCKING_OK (pReserved = mod->init_args), enumerates, and
  *   sends H_INVENTORY with id 0: that marks it up.  It sends H_INVENTORY
- *   id 0 again whenever tokens or login states change.
+ *   id 0 again whenever tokens or login states change; after UNLOCK and
+ *   LOCK it sends it before the reply, so the agent lists the new state
+ *   by the time it answers its client.
  * - Requests UNLOCK, LOCK, H_REFRESH, H_ADOPT (descriptor attached) carry
  *   an id; each gets exactly one reply with that id (OK, ERROR,
  *   H_INVENTORY for H_REFRESH; OK for H_ADOPT once the channel is served).

@@ -27,6 +27,21 @@ log_set_ident(const char *ident)
 	snprintf(log_ident, sizeof(log_ident), "%s", ident);
 }
 
+void
+log_before_fd_cleanup(void)
+{
+	if (log_to_syslog)
+		closelog();
+}
+
+void
+log_after_fd_cleanup(const char *ident)
+{
+	log_set_ident(ident);
+	if (log_to_syslog)
+		openlog(log_ident, LOG_PID | LOG_NDELAY, LOG_DAEMON);
+}
+
 int
 log_debug_enabled(void)
 {

@@ -12,6 +12,13 @@ void log_init(const char *ident, int to_syslog, int debug);
 /* Changes the prefix (helpers log as "p11agentd[helper softhsm2]"). */
 void log_set_ident(const char *ident);
 int log_debug_enabled(void);
+/*
+ * A forked child that closes inherited descriptors must call the first
+ * before (so syslog's socket is not left dangling and later reused by
+ * another descriptor) and the second after, with its new ident.
+ */
+void log_before_fd_cleanup(void);
+void log_after_fd_cleanup(const char *ident);
 void log_msg(int prio, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define log_err(...)   log_msg(LOG_ERR, __VA_ARGS__)

@@ -376,6 +376,7 @@ helper_spawn(struct server *s, size_t hi)
 	}
 	if (pid == 0) {
 		/* Child: keep only stdio and the control socket. */
+		log_before_fd_cleanup();
 		int ctrl = sv[1];
 		if (ctrl != 3) {
 			if (dup2(ctrl, 3) < 0)
@@ -396,7 +397,7 @@ helper_spawn(struct server *s, size_t hi)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		char ident[96];
 		snprintf(ident, sizeof(ident), "p11agentd[helper %s]", h->mod->name);
-		log_set_ident(ident);
+		log_after_fd_cleanup(ident);
 		_exit(helper_main(h->mod, ctrl, s->cfg->sign_timeout_ms));
 	}
 	close(sv[1]);

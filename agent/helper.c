@@ -1,0 +1,483 @@
+/*
+ * Token helper process: see helper.h for the contract with the agent.
+ *
+ * Threads: the main thread runs the control loop on ctrl_fd (UNLOCK,
+ * LOCK, H_REFRESH, H_ADOPT) and is the only writer to ctrl_fd.  Each
+ * adopted signing channel gets a detached thread that reads SIGN, calls
+ * token_sign() and answers on the channel; it never touches ctrl_fd.  A
+ * channel thread that sees a token change wakes the control loop through
+ * token_event_fd(); the control loop also looks for changes every few
+ * seconds (token_check()) and pushes H_INVENTORY id 0 when the inventory
+ * it would send differs from the last one.
+ */
+#include "config.h"
+#include "helper.h"
+#include "token.h"
+#include "log.h"
+#include "p11a.h"
+#include "proto.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HALF_FRAME_MS        10000   /* a started frame must arrive whole within this */
+#define CTRL_WRITE_MS        30000
+#define CHAN_WRITE_MS        10000
+#define CHECK_INTERVAL_MS    3000    /* look for token changes this often */
+#define CHANNELS_MAX         4096    /* signing channels (threads) at once */
+
+struct helper {
+	struct token_module *tm;
+	int ctrl_fd;
+	int sign_timeout_ms;
+	const char *name;
+	struct p11a_buf *out;           /* control replies, control thread only */
+	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
+	atomic_int channels;
+};
+
+struct channel {
+	struct helper *h;
+	int fd;
+};
+
+/* ------------------------------------------------------------ control writes */
+
+static int
+ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
+{
+	int r;
+
+	p11a_buf_reset(h->out);
+	if ((r = p11a_msg_encode_internal(id, m, h->out)) != 0) {
+		log_err("cannot encode reply type 0x%02x: %s", m->type, p11a_strerror(r));
+		return r;
+	}
+	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	if (r != 0)
+		log_err("cannot write to the agent: %s", p11a_strerror(r));
+	return r;
+}
+
+static int
+ctrl_send_error(struct helper *h, uint32_t id, int code, const char *msg)
+{
+	struct p11a_msg m;
+	int r;
+
+	memset(&m, 0, sizeof(m));
+	if (msg != NULL && msg[0] != '\0')
+		r = p11a_msg_set_error(&m, code, "%s", msg);
+	else
+		r = p11a_msg_set_error(&m, code, "%s", p11a_strerror(code));
+	if (r != 0)
+		return r;
+	r = ctrl_send(h, id, &m);
+	p11a_msg_clear(&m);
+	return r;
+}
+
+static int
+ctrl_send_ok(struct helper *h, uint32_t id)
+{
+	struct p11a_msg m = { .type = P11A_MSG_OK };
+
+	return ctrl_send(h, id, &m);
+}
+
+/*
+ * Sends H_INVENTORY.  With id 0 and !force it is sent only when it
+ * differs from the last one sent.  An inventory over the frame cap goes
+ * out without certificates rather than not at all.
+ */
+static int
+send_inventory(struct helper *h, uint32_t id, int force)
+{
+	struct p11a_msg m;
+	const uint8_t *body;
+	size_t len;
+	int r;
+
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_H_INVENTORY;
+	if ((r = token_inventory(h->tm, &m.u.list)) != 0) {
+		log_err("cannot copy the inventory: %s", p11a_strerror(r));
+		if (id != 0)
+			return ctrl_send_error(h, id, r, "cannot copy the inventory");
+		return r;
+	}
+	p11a_buf_reset(h->out);
+	r = p11a_msg_encode_internal(id, &m, h->out);
+	if (r == -P11A_E_TOO_LARGE) {
+		log_warn("inventory over %u bytes: sending it without certificates", P11A_FRAME_MAX);
+		for (uint32_t i = 0; i < m.u.list.nkeys; i++) {
+			free(m.u.list.keys[i].cert);
+			m.u.list.keys[i].cert = NULL;
+			m.u.list.keys[i].cert_len = 0;
+		}
+		p11a_buf_reset(h->out);
+		r = p11a_msg_encode_internal(id, &m, h->out);
+	}
+	p11a_msg_clear(&m);
+	if (r != 0) {
+		log_err("cannot encode the inventory: %s", p11a_strerror(r));
+		if (id != 0)
+			return ctrl_send_error(h, id, r, "cannot encode the inventory");
+		return r;
+	}
+	/* Skip the 4-byte id: compare what the agent would store. */
+	body = p11a_buf_ptr(h->out) + 4;
+	len = p11a_buf_len(h->out) - 4;
+	if (id == 0 && !force && p11a_buf_len(h->last_inv) == len &&
+	    memcmp(p11a_buf_ptr(h->last_inv), body, len) == 0)
+		return 0;
+	p11a_buf_reset(h->last_inv);
+	if (p11a_buf_put(h->last_inv, body, len) != 0)
+		p11a_buf_reset(h->last_inv);
+	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	if (r != 0)
+		log_err("cannot write to the agent: %s", p11a_strerror(r));
+	else if (id == 0)
+		log_debug("inventory sent");
+	return r;
+}
+
+static int
+refresh_and_push(struct helper *h, int force)
+{
+	(void)token_refresh(h->tm);
+	return send_inventory(h, 0, force);
+}
+
+/* ------------------------------------------------------------ channels */
+
+static int
+chan_reply_error(struct channel *c, struct p11a_buf *out, int code, const char *msg)
+{
+	struct p11a_msg m;
+	int r;
+
+	memset(&m, 0, sizeof(m));
+	if (msg != NULL && msg[0] != '\0')
+		r = p11a_msg_set_error(&m, code, "%s", msg);
+	else
+		r = p11a_msg_set_error(&m, code, "%s", p11a_strerror(code));
+	if (r == 0) {
+		p11a_buf_reset(out);
+		r = p11a_msg_encode(&m, out);
+	}
+	p11a_msg_clear(&m);
+	if (r != 0)
+		return r;
+	return p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+}
+
+static long
+us_since(const struct timespec *t0)
+{
+	struct timespec t1;
+
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	return (long)(t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
+}
+
+static int
+chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec *t0,
+	  struct p11a_buf *out)
+{
+	struct helper *h = c->h;
+	struct timespec deadline = *t0;
+	uint8_t sig[P11A_SIG_MAX];
+	long ns;
+	size_t sig_len = 0;
+	char msg[TOKEN_MSG_MAX];
+	struct p11a_msg rep;
+	int r;
+
+	/* The deadline counts from the request's arrival. */
+	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
+	deadline.tv_sec += h->sign_timeout_ms / 1000 + ns / 1000000000L;
+	deadline.tv_nsec = ns % 1000000000L;
+	msg[0] = '\0';
+	r = token_sign(h->tm, req, &deadline, sig, sizeof(sig), &sig_len, msg, sizeof(msg));
+	if (log_debug_enabled()) {
+		const char *sn = p11a_scheme_name(req->scheme), *hn = p11a_hash_name(req->hash);
+		log_debug("channel %d: sign %.300s %s/%s input %u, %zu bytes: %s (%ld us)", c->fd,
+			  req->key_uri, sn ? sn : "?", hn ? hn : "?", req->input, req->data_len,
+			  r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r), us_since(t0));
+	}
+	if (r != 0)
+		return chan_reply_error(c, out, r, msg);
+	memset(&rep, 0, sizeof(rep));
+	rep.type = P11A_MSG_SIGNATURE;
+	rep.u.signature.sig = sig;
+	rep.u.signature.sig_len = sig_len;
+	p11a_buf_reset(out);
+	if ((r = p11a_msg_encode(&rep, out)) != 0)
+		return chan_reply_error(c, out, r, "cannot encode the signature");
+	return p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+}
+
+static void *
+chan_main(void *arg)
+{
+	struct channel *c = arg;
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_msg req;
+	struct pollfd pfd;
+	struct timespec t0;
+	int r;
+
+	if (in == NULL || out == NULL) {
+		log_err("channel %d: out of memory", c->fd);
+		goto out;
+	}
+	for (;;) {
+		/* Idle channels wait for ever; a started frame gets HALF_FRAME_MS. */
+		pfd.fd = c->fd;
+		pfd.events = POLLIN;
+		pfd.revents = 0;
+		if (poll(&pfd, 1, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		r = p11a_frame_read(c->fd, in, NULL, HALF_FRAME_MS);
+		if (r != 0) {
+			if (r != -P11A_E_IO || errno != 0)
+				log_debug("channel %d: closing: %s", c->fd, p11a_strerror(r));
+			break;
+		}
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		r = p11a_msg_decode(p11a_buf_ptr(in), p11a_buf_len(in), &req);
+		if (r == -P11A_E_UNKNOWN_TYPE) {
+			r = chan_reply_error(c, out, P11A_E_UNKNOWN_TYPE, "unknown message type");
+		} else if (r != 0) {
+			log_warn("channel %d: malformed message: %s; closing it", c->fd, p11a_strerror(r));
+			break;
+		} else if (req.type != P11A_MSG_SIGN) {
+			p11a_msg_clear(&req);
+			r = chan_reply_error(c, out, P11A_E_PROTOCOL, "a signing channel accepts only SIGN");
+		} else {
+			r = chan_sign(c, &req.u.sign, &t0, out);
+			p11a_msg_clear(&req);
+		}
+		if (r != 0) {
+			log_debug("channel %d: cannot answer: %s", c->fd, p11a_strerror(r));
+			break;
+		}
+	}
+ out:
+	p11a_buf_free(in);
+	p11a_buf_free(out);
+	close(c->fd);
+	atomic_fetch_sub(&c->h->channels, 1);
+	free(c);
+	return NULL;
+}
+
+static int
+chan_adopt(struct helper *h, int fd, char *msg, size_t msg_size)
+{
+	struct channel *c;
+	pthread_attr_t attr;
+	pthread_t t;
+	int r;
+
+	if (atomic_load(&h->channels) >= CHANNELS_MAX) {
+		snprintf(msg, msg_size, "too many signing channels (%d)", CHANNELS_MAX);
+		return -P11A_E_BUSY;
+	}
+	if ((c = calloc(1, sizeof(*c))) == NULL) {
+		snprintf(msg, msg_size, "out of memory");
+		return -P11A_E_NOMEM;
+	}
+	c->h = h;
+	c->fd = fd;
+	atomic_fetch_add(&h->channels, 1);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	r = pthread_create(&t, &attr, chan_main, c);
+	pthread_attr_destroy(&attr);
+	if (r != 0) {
+		atomic_fetch_sub(&h->channels, 1);
+		free(c);
+		snprintf(msg, msg_size, "cannot start a channel thread: %s", strerror(r));
+		return -P11A_E_BUSY;
+	}
+	log_debug("channel %d adopted (%d open)", fd, atomic_load(&h->channels));
+	return 0;
+}
+
+/* ------------------------------------------------------------ control loop */
+
+/* Handles one control frame; 1 when the agent went away (end the helper). */
+static int
+ctrl_handle(struct helper *h, struct p11a_buf *in)
+{
+	char msg[TOKEN_MSG_MAX];
+	struct p11a_msg m;
+	uint32_t id = 0;
+	int fd = -1, r;
+
+	r = p11a_frame_read(h->ctrl_fd, in, &fd, HALF_FRAME_MS);
+	if (r != 0) {
+		if (r == -P11A_E_IO && errno == 0)
+			log_debug("agent closed the control socket");
+		else
+			log_err("control socket: %s", p11a_strerror(r));
+		return 1;
+	}
+	r = p11a_msg_decode_internal(p11a_buf_ptr(in), p11a_buf_len(in), &id, &m);
+	/* The frame may hold a PIN: wipe it now that it is decoded. */
+	p11a_buf_reset(in);
+	if (r != 0) {
+		if (fd >= 0)
+			close(fd);
+		log_warn("bad control frame (id %u): %s", id, p11a_strerror(r));
+		(void)ctrl_send_error(h, id, r, r == -P11A_E_UNKNOWN_TYPE ?
+				      "unknown message type" : "malformed message");
+		return 0;
+	}
+	if (fd >= 0 && m.type != P11A_MSG_H_ADOPT) {
+		close(fd);
+		fd = -1;
+	}
+	msg[0] = '\0';
+	switch (m.type) {
+	case P11A_MSG_UNLOCK:
+		log_debug("request %u: unlock %s", id,
+			  m.u.unlock.token_uri[0] ? m.u.unlock.token_uri : "(the token that needs it)");
+		r = token_unlock(h->tm, m.u.unlock.token_uri, m.u.unlock.pin, m.u.unlock.pin_len,
+				 msg, sizeof(msg));
+		p11a_msg_clear(&m);     /* wipes the PIN */
+		/* Inventory first: the agent answers its client on our reply and
+		 * must already list the new login state by then. */
+		(void)refresh_and_push(h, 1);
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, msg);
+		break;
+	case P11A_MSG_LOCK:
+		log_debug("request %u: lock %s", id, m.u.lock.token_uri[0] ? m.u.lock.token_uri : "(all)");
+		r = token_lock(h->tm, m.u.lock.token_uri, msg, sizeof(msg));
+		p11a_msg_clear(&m);
+		(void)refresh_and_push(h, 1);
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, msg);
+		break;
+	case P11A_MSG_H_REFRESH:
+		log_debug("request %u: refresh", id);
+		p11a_msg_clear(&m);
+		(void)token_refresh(h->tm);
+		(void)send_inventory(h, id, 1);
+		break;
+	case P11A_MSG_H_ADOPT:
+		p11a_msg_clear(&m);
+		if (fd < 0) {
+			(void)ctrl_send_error(h, id, P11A_E_PROTOCOL, "H_ADOPT without a descriptor");
+			break;
+		}
+		r = chan_adopt(h, fd, msg, sizeof(msg));
+		if (r != 0) {
+			close(fd);
+			(void)ctrl_send_error(h, id, r, msg);
+		} else {
+			(void)ctrl_send_ok(h, id);
+		}
+		break;
+	default:
+		log_warn("request %u: message type 0x%02x is not for a token helper", id, m.type);
+		p11a_msg_clear(&m);
+		(void)ctrl_send_error(h, id, P11A_E_PROTOCOL, "message not accepted by a token helper");
+		break;
+	}
+	return 0;
+}
+
+/* Static: detached channel threads may still look at it while the process exits. */
+static struct helper the_helper;
+
+int
+helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
+{
+	struct helper *h = &the_helper;
+	struct p11a_buf *in = NULL;
+	struct pollfd pfd[2];
+	int n;
+
+	/* Die with the agent; no core dumps or ptrace of a process that sees PINs. */
+	prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
+	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+	signal(SIGPIPE, SIG_IGN);
+
+	memset(h, 0, sizeof(*h));
+	h->ctrl_fd = ctrl_fd;
+	h->sign_timeout_ms = sign_timeout_ms > 0 ? sign_timeout_ms : 30000;
+	h->name = mod->name != NULL ? mod->name : mod->path;
+	atomic_init(&h->channels, 0);
+	if (token_module_load(mod, h->sign_timeout_ms, &h->tm) != 0) {
+		log_err("module %s: not usable, helper exits", mod->path);
+		_exit(HELPER_EXIT_INIT);
+	}
+	in = p11a_buf_new(P11A_FRAME_MAX);
+	h->out = p11a_buf_new(P11A_FRAME_MAX);
+	h->last_inv = p11a_buf_new(P11A_FRAME_MAX);
+	if (in == NULL || h->out == NULL || h->last_inv == NULL) {
+		log_err("out of memory");
+		_exit(HELPER_EXIT_INIT);
+	}
+	(void)token_refresh(h->tm);
+	/* The first inventory marks the helper up. */
+	if (send_inventory(h, 0, 1) != 0)
+		goto out;
+
+	for (;;) {
+		pfd[0].fd = ctrl_fd;
+		pfd[0].events = POLLIN;
+		pfd[0].revents = 0;
+		pfd[1].fd = token_event_fd(h->tm);
+		pfd[1].events = POLLIN;
+		pfd[1].revents = 0;
+		n = poll(pfd, 2, CHECK_INTERVAL_MS);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			log_err("poll: %s", strerror(errno));
+			break;
+		}
+		if (n == 0) {
+			if (token_check(h->tm) && refresh_and_push(h, 0) != 0)
+				break;
+			continue;
+		}
+		if (pfd[1].revents & POLLIN) {
+			token_event_clear(h->tm);
+			if (refresh_and_push(h, 0) != 0)
+				break;
+		}
+		if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) {
+			if (ctrl_handle(h, in) != 0)
+				break;
+		}
+	}
+ out:
+	token_module_close(h->tm);
+	p11a_buf_free(in);
+	p11a_buf_free(h->out);
+	p11a_buf_free(h->last_inv);
+	return 0;
+}
