@@ -17,7 +17,7 @@
 
 struct p11a_client;
 
-#define P11A_CLIENT_TIMEOUT_MS 30000   /* default per-request deadline */
+#define P11A_CLIENT_TIMEOUT_MS 35000   /* per-request deadline: a little over the agent's 30 s, so its TIMEOUT reply arrives first */
 
 /*
  * Socket path the client should use: $P11AGENT_SOCK, else
@@ -50,7 +50,10 @@ const char *p11a_client_last_error(const struct p11a_client *c);
  * Sends one request and reads one reply.  An ERROR reply is turned into
  * its negative code (text in p11a_client_last_error()); on success
  * *reply holds the reply (caller clears it).  fd_received as in
- * p11a_frame_read().
+ * p11a_frame_read().  A main connection found closed is reopened (with
+ * HELLO) before the request; STATUS, LIST, LOCK and OPEN_CHANNEL are
+ * sent once more on a new connection if the agent closed the old one
+ * under the request; UNLOCK never is.
  */
 int p11a_client_call(struct p11a_client *c, const struct p11a_msg *req,
 		     struct p11a_msg *reply, int *fd_received);

@@ -168,7 +168,12 @@ int p11a_msg_decode(const uint8_t *body, size_t len, struct p11a_msg *m);
 /* Frees what m owns, wipes the PIN, and zeroes m.  NULL is fine. */
 void p11a_msg_clear(struct p11a_msg *m);
 
-/* Builds an ERROR message (message is copied); code is a P11A_E_* (either sign). */
+/*
+ * Builds an ERROR message (message is copied); code is a P11A_E_* (either
+ * sign; 0 becomes P11A_E_INTERNAL).  m is overwritten, not cleared first:
+ * it must hold nothing.  fmt NULL or "" uses p11a_strerror(code).  Text
+ * longer than P11A_TEXT_MAX is cut at a UTF-8 boundary.
+ */
 int p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
@@ -178,6 +183,7 @@ int p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
  * message (INVENTORY after a change).
  */
 int p11a_msg_encode_internal(uint32_t id, const struct p11a_msg *m, struct p11a_buf *out);
+/* *id is set whenever len >= 4, even when the body fails to decode. */
 int p11a_msg_decode_internal(const uint8_t *body, size_t len, uint32_t *id, struct p11a_msg *m);
 
 /* Deep copies; clear() the destination afterwards. */
@@ -198,6 +204,13 @@ void p11a_key_clear(struct p11a_key *k);
  * a descriptor passed with the frame is returned there (else -1), and any
  * descriptor received when fd_received is NULL is closed.
  * Errors: -P11A_E_IO (closed or failed; errno kept), -P11A_E_TIMEOUT.
+ * On -P11A_E_IO from p11a_frame_read(), errno is 0 when the peer closed
+ * the connection cleanly before the first byte of a frame, ECONNRESET when
+ * it closed in the middle of one.  p11a_frame_write() refuses an empty
+ * body (-P11A_E_MALFORMED) or one over P11A_FRAME_MAX (-P11A_E_TOO_LARGE)
+ * and never raises SIGPIPE (a closed peer gives -P11A_E_IO, errno EPIPE).
+ * Both use MSG_DONTWAIT and poll(), so the fd's blocking mode does not
+ * matter.  Received descriptors have FD_CLOEXEC set.
  */
 int p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms);
 int p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms);

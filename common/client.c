@@ -1,0 +1,662 @@
+/*
+ * Client side of the agent protocol: one main connection plus a small
+ * cache of signing channels, one per key URI.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+
+#include "p11a.h"
+#include "buf.h"
+#include "proto.h"
+#include "client.h"
+
+#define CHAN_CACHE	8
+
+struct chan {
+	char *key_uri;      /* NULL: slot free */
+	int fd;
+	uint64_t used;      /* for least-recently-used eviction */
+};
+
+struct p11a_client {
+	int fd;             /* main connection, -1 when closed */
+	pid_t pid;          /* descriptors are not shared with a forked child */
+	char *path;
+	char *name;
+	int timeout_ms;     /* -1: no deadline */
+	uint64_t tick;
+	struct chan chans[CHAN_CACHE];
+	char last_error[512];
+};
+
+static void
+set_error(struct p11a_client *c, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void
+set_error(struct p11a_client *c, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(c->last_error, sizeof(c->last_error), fmt, ap);
+	va_end(ap);
+}
+
+/* Message for a local failure, with errno where it says more. */
+static int
+local_error(struct p11a_client *c, int r, const char *what)
+{
+	if ((r == -P11A_E_IO || r == -P11A_E_NOT_RUNNING || r == -P11A_E_DENIED) &&
+	    errno != 0)
+		set_error(c, "%s: %s (%s)", what, p11a_strerror(r), strerror(errno));
+	else if (r == -P11A_E_IO)
+		set_error(c, "%s: connection closed by the agent", what);
+	else
+		set_error(c, "%s: %s", what, p11a_strerror(r));
+	return r;
+}
+
+int
+p11a_default_socket_path(char *out, size_t out_size)
+{
+	const char *s;
+	int n;
+
+	if ((s = secure_getenv("P11AGENT_SOCK")) != NULL && *s != '\0')
+		n = snprintf(out, out_size, "%s", s);
+	else if ((s = secure_getenv("XDG_RUNTIME_DIR")) != NULL && *s != '\0')
+		n = snprintf(out, out_size, "%s/p11agent/agent.sock", s);
+	else
+		n = snprintf(out, out_size, "/run/user/%lu/p11agent/agent.sock",
+		    (unsigned long)getuid());
+	if (n < 0 || (size_t)n >= out_size) {
+		if (out_size > 0)
+			out[0] = '\0';
+		return -P11A_E_TOO_LARGE;
+	}
+	return 0;
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+fd_close(int *fd)
+{
+	int saved = errno;
+
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+	errno = saved;
+}
+
+static void
+chan_drop(struct p11a_client *c, size_t i)
+{
+	fd_close(&c->chans[i].fd);
+	free(c->chans[i].key_uri);
+	c->chans[i].key_uri = NULL;
+	c->chans[i].used = 0;
+}
+
+static void
+main_close(struct p11a_client *c)
+{
+	fd_close(&c->fd);
+}
+
+/*
+ * After fork() the descriptors are shared with the parent: replies would
+ * go to whichever process reads first.  The child starts over.
+ */
+static void
+fork_check(struct p11a_client *c)
+{
+	size_t i;
+
+	if (c->pid == getpid())
+		return;
+	main_close(c);
+	for (i = 0; i < CHAN_CACHE; i++)
+		chan_drop(c, i);
+	c->pid = getpid();
+}
+
+/*
+ * An idle connection has nothing to read: readable or hung up means the
+ * agent closed it (or broke the one-reply rule).
+ */
+static int
+conn_alive(int fd)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	int n;
+
+	do {
+		n = poll(&pfd, 1, 0);
+	} while (n < 0 && errno == EINTR);
+	return n == 0;
+}
+
+static int
+sock_connect(const char *path, int timeout_ms, int *out)
+{
+	struct sockaddr_un sa;
+	struct timeval tv;
+	int fd, r;
+
+	*out = -1;
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		errno = ENAMETOOLONG;
+		return -P11A_E_TOO_LARGE;
+	}
+	memcpy(sa.sun_path, path, strlen(path));
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		return -P11A_E_IO;
+	/* Bounds connect() when the agent's backlog is full. */
+	if (timeout_ms > 0) {
+		tv.tv_sec = timeout_ms / 1000;
+		tv.tv_usec = (timeout_ms % 1000) * 1000;
+		(void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	}
+	do {
+		r = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+	} while (r < 0 && errno == EINTR);
+	if (r < 0) {
+		switch (errno) {
+		case ENOENT:
+		case ECONNREFUSED:
+		case ENOTDIR:
+			r = -P11A_E_NOT_RUNNING;
+			break;
+		case EACCES:
+		case EPERM:
+			r = -P11A_E_DENIED;
+			break;
+		case EAGAIN:
+		case ETIMEDOUT:
+			r = -P11A_E_TIMEOUT;
+			break;
+		default:
+			r = -P11A_E_IO;
+			break;
+		}
+		fd_close(&fd);
+		return r;
+	}
+	*out = fd;
+	return 0;
+}
+
+/*
+ * The agent closes connections from other uids right after accept().  The
+ * peer credentials of a connected socket are the listener's, so an EOF
+ * from an agent running as someone else means we were refused.
+ */
+static int
+peer_is_other_user(int fd)
+{
+	struct ucred cr;
+	socklen_t len = sizeof(cr);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0 || len != sizeof(cr))
+		return 0;
+	return cr.uid != geteuid();
+}
+
+/* How an exchange ended, beyond its return code. */
+enum xstate {
+	XS_OK,           /* reply received */
+	XS_UNSENT,       /* failed before sending: the connection is untouched */
+	XS_REMOTE,       /* ERROR reply: the connection is still in step */
+	XS_CLOSED,       /* the peer had closed the connection (EOF, EPIPE, reset) */
+	XS_FAILED        /* anything else: the connection is out of step */
+};
+
+static enum xstate
+io_state(int r)
+{
+	if (r == -P11A_E_IO && (errno == 0 || errno == EPIPE || errno == ECONNRESET))
+		return XS_CLOSED;
+	return XS_FAILED;
+}
+
+/*
+ * One request and one reply on fd within the client's deadline.  On
+ * success *reply holds the reply; an ERROR reply becomes its negative code.
+ */
+static int
+exchange(struct p11a_client *c, int fd, const struct p11a_msg *req,
+	 struct p11a_msg *reply, int *fd_received, enum xstate *how)
+{
+	struct p11a_buf *out = NULL, *in = NULL;
+	int64_t deadline = c->timeout_ms < 0 ? -1 : now_ms() + c->timeout_ms;
+	int rfd = -1, left, r;
+
+	memset(reply, 0, sizeof(*reply));
+	*how = XS_UNSENT;
+	if (fd_received != NULL)
+		*fd_received = -1;
+	if ((out = p11a_buf_new(P11A_FRAME_MAX)) == NULL ||
+	    (in = p11a_buf_new(P11A_FRAME_MAX)) == NULL) {
+		r = -P11A_E_NOMEM;
+		set_error(c, "%s", p11a_strerror(r));
+		goto out;
+	}
+	if ((r = p11a_msg_encode(req, out)) != 0) {
+		set_error(c, "cannot encode request: %s", p11a_strerror(r));
+		goto out;
+	}
+	if ((r = p11a_frame_write(fd, out, -1, c->timeout_ms)) != 0) {
+		*how = io_state(r);
+		local_error(c, r, "sending request to the agent");
+		goto out;
+	}
+	*how = XS_FAILED;   /* from here on a failure leaves the connection out of step */
+	if (deadline < 0) {
+		left = -1;
+	} else {
+		int64_t l = deadline - now_ms();
+
+		left = l < 0 ? 0 : (int)l;
+	}
+	if ((r = p11a_frame_read(fd, in, &rfd, left)) != 0) {
+		*how = io_state(r);
+		local_error(c, r, "reading reply from the agent");
+		goto out;
+	}
+	if ((r = p11a_msg_decode(p11a_buf_ptr(in), p11a_buf_len(in), reply)) != 0) {
+		set_error(c, "bad reply from the agent: %s", p11a_strerror(r));
+		goto out;
+	}
+	if (reply->type == P11A_MSG_ERROR) {
+		uint32_t code = reply->u.error.code;
+
+		r = code > (uint32_t)INT32_MAX ? -P11A_E_INTERNAL : -(int)code;
+		if (reply->u.error.message != NULL && *reply->u.error.message != '\0')
+			set_error(c, "%s", reply->u.error.message);
+		else
+			set_error(c, "%s", p11a_strerror(r));
+		p11a_msg_clear(reply);
+		*how = XS_REMOTE;
+		goto out;
+	}
+	if (fd_received != NULL) {
+		*fd_received = rfd;
+		rfd = -1;
+	}
+	*how = XS_OK;
+	r = 0;
+ out:
+	fd_close(&rfd);
+	p11a_buf_free(out);     /* wipes: the request may be an UNLOCK */
+	p11a_buf_free(in);
+	return r;
+}
+
+static int
+client_hello(struct p11a_client *c)
+{
+	struct p11a_msg req, reply;
+	enum xstate how;
+	int r;
+
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_HELLO;
+	req.u.hello.min_version = P11A_PROTO_VERSION_MIN;
+	req.u.hello.max_version = P11A_PROTO_VERSION;
+	req.u.hello.client = c->name;
+	r = exchange(c, c->fd, &req, &reply, NULL, &how);
+	if (how == XS_CLOSED && peer_is_other_user(c->fd)) {
+		set_error(c, "agent at %s belongs to another user", c->path);
+		return -P11A_E_DENIED;
+	}
+	if (r != 0)
+		return r;
+	if (reply.type != P11A_MSG_HELLO_REPLY) {
+		set_error(c, "agent answered HELLO with message type 0x%02x", reply.type);
+		r = -P11A_E_PROTOCOL;
+	} else if (reply.u.hello_reply.version < P11A_PROTO_VERSION_MIN ||
+	    reply.u.hello_reply.version > P11A_PROTO_VERSION) {
+		set_error(c, "agent chose protocol version %u, we speak %u..%u",
+		    reply.u.hello_reply.version, P11A_PROTO_VERSION_MIN, P11A_PROTO_VERSION);
+		r = -P11A_E_VERSION;
+	}
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+/* (Re)opens the main connection. */
+static int
+client_open(struct p11a_client *c)
+{
+	int r;
+
+	main_close(c);
+	if ((r = sock_connect(c->path, c->timeout_ms, &c->fd)) != 0) {
+		local_error(c, r, c->path);
+		return r;
+	}
+	if ((r = client_hello(c)) != 0)
+		main_close(c);
+	return r;
+}
+
+int
+p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
+		    struct p11a_client **out)
+{
+	struct p11a_client *c;
+	char def[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
+	size_t i;
+	int r;
+
+	*out = NULL;
+	if (path == NULL) {
+		if ((r = p11a_default_socket_path(def, sizeof(def))) != 0)
+			return r;
+		path = def;
+	}
+	if ((c = calloc(1, sizeof(*c))) == NULL)
+		return -P11A_E_NOMEM;
+	c->fd = -1;
+	for (i = 0; i < CHAN_CACHE; i++)
+		c->chans[i].fd = -1;
+	c->pid = getpid();
+	c->timeout_ms = timeout_ms == 0 ? P11A_CLIENT_TIMEOUT_MS :
+	    timeout_ms < 0 ? -1 : timeout_ms;
+	c->path = strdup(path);
+	c->name = strdup(client_name != NULL ? client_name : "libp11acommon");
+	if (c->path == NULL || c->name == NULL) {
+		p11a_client_free(c);
+		return -P11A_E_NOMEM;
+	}
+	if ((r = client_open(c)) != 0) {
+		p11a_client_free(c);
+		return r;
+	}
+	*out = c;
+	return 0;
+}
+
+void
+p11a_client_free(struct p11a_client *c)
+{
+	size_t i;
+
+	if (c == NULL)
+		return;
+	/* After fork() these are our copies: closing them spares the parent. */
+	main_close(c);
+	for (i = 0; i < CHAN_CACHE; i++)
+		chan_drop(c, i);
+	free(c->path);
+	free(c->name);
+	free(c);
+}
+
+const char *
+p11a_client_path(const struct p11a_client *c)
+{
+	return c->path;
+}
+
+const char *
+p11a_client_last_error(const struct p11a_client *c)
+{
+	return c->last_error;
+}
+
+/* Requests that may be sent twice when the first reply is lost. */
+static int
+idempotent(uint8_t type)
+{
+	switch (type) {
+	case P11A_MSG_STATUS:
+	case P11A_MSG_LIST:
+	case P11A_MSG_LOCK:
+	case P11A_MSG_OPEN_CHANNEL:
+		return 1;
+	default:
+		return 0;   /* UNLOCK above all: a PIN try is never repeated */
+	}
+}
+
+int
+p11a_client_call(struct p11a_client *c, const struct p11a_msg *req,
+		 struct p11a_msg *reply, int *fd_received)
+{
+	enum xstate how;
+	int attempt, r;
+
+	memset(reply, 0, sizeof(*reply));
+	if (fd_received != NULL)
+		*fd_received = -1;
+	c->last_error[0] = '\0';
+	fork_check(c);
+	for (attempt = 0;; attempt++) {
+		/* Reconnecting before a request is safe: nothing was sent yet. */
+		if (c->fd >= 0 && !conn_alive(c->fd))
+			main_close(c);
+		if (c->fd < 0 && (r = client_open(c)) != 0)
+			return r;
+		r = exchange(c, c->fd, req, reply, fd_received, &how);
+		if (how == XS_OK || how == XS_REMOTE || how == XS_UNSENT)
+			return r;
+		/* After a local failure a late reply could be mistaken for the next one. */
+		main_close(c);
+		/*
+		 * The agent may have gone away between our liveness check and
+		 * the request (a restart): one more try on a new connection.
+		 */
+		if (how != XS_CLOSED || attempt > 0 || !idempotent(req->type))
+			return r;
+	}
+}
+
+/* A request without fields whose reply must have type want. */
+static int
+call_expect(struct p11a_client *c, const struct p11a_msg *req, uint8_t want,
+	    struct p11a_msg *reply)
+{
+	int r;
+
+	if ((r = p11a_client_call(c, req, reply, NULL)) != 0)
+		return r;
+	if (reply->type != want) {
+		set_error(c, "agent answered with message type 0x%02x, expected 0x%02x",
+		    reply->type, want);
+		p11a_msg_clear(reply);
+		main_close(c);
+		return -P11A_E_PROTOCOL;
+	}
+	return 0;
+}
+
+int
+p11a_client_status(struct p11a_client *c, struct p11a_msg *reply)
+{
+	struct p11a_msg req;
+
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_STATUS;
+	return call_expect(c, &req, P11A_MSG_STATUS_REPLY, reply);
+}
+
+int
+p11a_client_list(struct p11a_client *c, struct p11a_msg *reply)
+{
+	struct p11a_msg req;
+
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_LIST;
+	return call_expect(c, &req, P11A_MSG_LIST_REPLY, reply);
+}
+
+int
+p11a_client_unlock(struct p11a_client *c, const char *token_uri,
+		   const char *pin, size_t pin_len)
+{
+	struct p11a_msg req, reply;
+	int r;
+
+	c->last_error[0] = '\0';
+	if (pin == NULL && pin_len != 0) {
+		set_error(c, "no PIN given");
+		return -P11A_E_BAD_REQUEST;
+	}
+	if (pin_len > P11A_PIN_MAX) {
+		set_error(c, "PIN is longer than %d bytes", P11A_PIN_MAX);
+		return -P11A_E_PIN_INVALID;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_UNLOCK;
+	req.u.unlock.token_uri = (char *)(token_uri != NULL ? token_uri : "");
+	if (pin_len != 0)
+		memcpy(req.u.unlock.pin, pin, pin_len);
+	req.u.unlock.pin_len = pin_len;
+	r = call_expect(c, &req, P11A_MSG_OK, &reply);
+	p11a_wipe(&req, sizeof(req));
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+int
+p11a_client_lock(struct p11a_client *c, const char *token_uri)
+{
+	struct p11a_msg req, reply;
+	int r;
+
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_LOCK;
+	req.u.lock.token_uri = (char *)(token_uri != NULL ? token_uri : "");
+	r = call_expect(c, &req, P11A_MSG_OK, &reply);
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+/* Index of the cached channel for key_uri, opening one if needed. */
+static int
+chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
+{
+	struct p11a_msg req, reply;
+	size_t i, victim = 0;
+	char *copy;
+	int fd = -1, r;
+
+	for (i = 0; i < CHAN_CACHE; i++) {
+		if (c->chans[i].key_uri != NULL && strcmp(c->chans[i].key_uri, key_uri) == 0) {
+			c->chans[i].used = ++c->tick;
+			*slot = i;
+			return 0;
+		}
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_OPEN_CHANNEL;
+	req.u.open_channel.key_uri = (char *)key_uri;
+	if ((r = p11a_client_call(c, &req, &reply, &fd)) != 0)
+		return r;
+	if (reply.type != P11A_MSG_CHANNEL || fd < 0) {
+		set_error(c, "agent answered OPEN_CHANNEL with message type 0x%02x%s",
+		    reply.type, fd < 0 ? " and no descriptor" : "");
+		p11a_msg_clear(&reply);
+		fd_close(&fd);
+		main_close(c);
+		return -P11A_E_PROTOCOL;
+	}
+	p11a_msg_clear(&reply);
+	if ((copy = strdup(key_uri)) == NULL) {
+		fd_close(&fd);
+		return -P11A_E_NOMEM;
+	}
+	for (i = 0; i < CHAN_CACHE; i++) {
+		if (c->chans[i].key_uri == NULL) {
+			victim = i;
+			break;
+		}
+		if (c->chans[i].used < c->chans[victim].used)
+			victim = i;
+	}
+	chan_drop(c, victim);
+	c->chans[victim].key_uri = copy;
+	c->chans[victim].fd = fd;
+	c->chans[victim].used = ++c->tick;
+	*slot = victim;
+	return 0;
+}
+
+int
+p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
+		 uint8_t **sig, size_t *sig_len)
+{
+	struct p11a_msg m, reply;
+	size_t slot;
+	enum xstate how;
+	int attempt, r;
+
+	*sig = NULL;
+	*sig_len = 0;
+	c->last_error[0] = '\0';
+	if (req == NULL || req->key_uri == NULL || *req->key_uri == '\0') {
+		set_error(c, "no key URI given");
+		return -P11A_E_BAD_REQUEST;
+	}
+	fork_check(c);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_SIGN;
+	m.u.sign = *req;
+	for (attempt = 0;; attempt++) {
+		if ((r = chan_get(c, req->key_uri, &slot)) != 0)
+			return r;
+		r = exchange(c, c->chans[slot].fd, &m, &reply, NULL, &how);
+		if (how == XS_OK || how == XS_REMOTE || how == XS_UNSENT)
+			break;
+		/* Any local failure leaves the channel out of step: drop it. */
+		chan_drop(c, slot);
+		if (how != XS_CLOSED || attempt > 0)
+			return r;
+		/*
+		 * The helper or the agent went away.  chan_get() asks for a new
+		 * channel through p11a_client_call(), which reconnects first
+		 * when the main connection is dead too.
+		 */
+	}
+	if (r != 0)
+		return r;
+	if (reply.type != P11A_MSG_SIGNATURE) {
+		set_error(c, "signing channel answered with message type 0x%02x", reply.type);
+		p11a_msg_clear(&reply);
+		chan_drop(c, slot);
+		return -P11A_E_PROTOCOL;
+	}
+	*sig = reply.u.signature.sig;
+	*sig_len = reply.u.signature.sig_len;
+	reply.u.signature.sig = NULL;
+	p11a_msg_clear(&reply);
+	if (*sig == NULL) {
+		/* decode always allocates; an empty signature is still a block */
+		return -P11A_E_INTERNAL;
+	}
+	return 0;
+}

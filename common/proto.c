@@ -1,0 +1,938 @@
+/*
+ * The p11agent wire protocol codec and frame I/O (docs/protocol.md).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "p11a.h"
+#include "buf.h"
+#include "proto.h"
+
+/* Smallest encodings of list items: every string empty. */
+#define TOKEN_MIN_WIRE	(6 * 4 + 4)
+#define KEY_MIN_WIRE	(4 * 4 + 1 + 4 + 4 * 5 + 4)
+
+/* ------------------------------------------------------------ encoding */
+
+static int
+put_text(struct p11a_buf *b, const char *s, size_t max)
+{
+	size_t n = s == NULL ? 0 : strlen(s);
+
+	if (n > max)
+		return -P11A_E_TOO_LARGE;
+	return p11a_buf_put_string(b, s, n);
+}
+
+static int
+put_bytes(struct p11a_buf *b, const uint8_t *p, size_t n, size_t max)
+{
+	if (n > max)
+		return -P11A_E_TOO_LARGE;
+	if (n != 0 && p == NULL)
+		return -P11A_E_INTERNAL;
+	return p11a_buf_put_string(b, p, n);
+}
+
+static int
+put_token(struct p11a_buf *b, const struct p11a_token *t)
+{
+	int r;
+
+	if ((r = put_text(b, t->uri, P11A_URI_MAX)) != 0 ||
+	    (r = put_text(b, t->label, P11A_TEXT_MAX)) != 0 ||
+	    (r = put_text(b, t->manufacturer, P11A_TEXT_MAX)) != 0 ||
+	    (r = put_text(b, t->model, P11A_TEXT_MAX)) != 0 ||
+	    (r = put_text(b, t->serial, P11A_TEXT_MAX)) != 0 ||
+	    (r = put_text(b, t->module, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u32(b, t->flags)) != 0)
+		return r;
+	return 0;
+}
+
+static int
+put_key(struct p11a_buf *b, const struct p11a_key *k)
+{
+	int r;
+
+	if ((r = put_text(b, k->uri, P11A_URI_MAX)) != 0 ||
+	    (r = put_text(b, k->token_uri, P11A_URI_MAX)) != 0 ||
+	    (r = put_text(b, k->label, P11A_TEXT_MAX)) != 0 ||
+	    (r = put_bytes(b, k->id, k->id_len, P11A_FRAME_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, k->type)) != 0 ||
+	    (r = p11a_buf_put_u32(b, k->bits)) != 0 ||
+	    (r = put_text(b, k->curve, P11A_TEXT_MAX)) != 0 ||
+	    (r = put_bytes(b, k->spki, k->spki_len, P11A_FRAME_MAX)) != 0 ||
+	    (r = put_bytes(b, k->cert, k->cert_len, P11A_FRAME_MAX)) != 0 ||
+	    (r = put_text(b, k->cert_uri, P11A_URI_MAX)) != 0 ||
+	    (r = put_text(b, k->cert_label, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u32(b, k->flags)) != 0)
+		return r;
+	return 0;
+}
+
+static int
+put_tokens(struct p11a_buf *b, uint32_t n, const struct p11a_token *tokens)
+{
+	uint32_t i;
+	int r;
+
+	if (n > P11A_LIST_MAX)
+		return -P11A_E_TOO_LARGE;
+	if (n != 0 && tokens == NULL)
+		return -P11A_E_INTERNAL;
+	if ((r = p11a_buf_put_u32(b, n)) != 0)
+		return r;
+	for (i = 0; i < n; i++) {
+		if ((r = put_token(b, &tokens[i])) != 0)
+			return r;
+	}
+	return 0;
+}
+
+static int
+put_keys(struct p11a_buf *b, uint32_t n, const struct p11a_key *keys)
+{
+	uint32_t i;
+	int r;
+
+	if (n > P11A_LIST_MAX)
+		return -P11A_E_TOO_LARGE;
+	if (n != 0 && keys == NULL)
+		return -P11A_E_INTERNAL;
+	if ((r = p11a_buf_put_u32(b, n)) != 0)
+		return r;
+	for (i = 0; i < n; i++) {
+		if ((r = put_key(b, &keys[i])) != 0)
+			return r;
+	}
+	return 0;
+}
+
+static int
+encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
+{
+	int r;
+
+	if ((r = p11a_buf_put_u8(b, m->type)) != 0)
+		return r;
+	switch (m->type) {
+	case P11A_MSG_STATUS:
+	case P11A_MSG_LIST:
+	case P11A_MSG_H_ADOPT:
+	case P11A_MSG_H_REFRESH:
+	case P11A_MSG_OK:
+	case P11A_MSG_CHANNEL:
+		return 0;
+	case P11A_MSG_HELLO:
+		if ((r = p11a_buf_put_u16(b, m->u.hello.min_version)) != 0 ||
+		    (r = p11a_buf_put_u16(b, m->u.hello.max_version)) != 0 ||
+		    (r = put_text(b, m->u.hello.client, P11A_TEXT_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_UNLOCK:
+		if (m->u.unlock.pin_len > P11A_PIN_MAX)
+			return -P11A_E_TOO_LARGE;
+		if ((r = put_text(b, m->u.unlock.token_uri, P11A_URI_MAX)) != 0 ||
+		    (r = p11a_buf_put_string(b, m->u.unlock.pin, m->u.unlock.pin_len)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LOCK:
+		return put_text(b, m->u.lock.token_uri, P11A_URI_MAX);
+	case P11A_MSG_OPEN_CHANNEL:
+		return put_text(b, m->u.open_channel.key_uri, P11A_URI_MAX);
+	case P11A_MSG_SIGN:
+		if ((r = put_text(b, m->u.sign.key_uri, P11A_URI_MAX)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->u.sign.scheme)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->u.sign.hash)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->u.sign.mgf1_hash)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->u.sign.input)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.sign.salt_len)) != 0 ||
+		    (r = put_bytes(b, m->u.sign.data, m->u.sign.data_len, P11A_FRAME_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_ERROR:
+		if (m->u.error.code == 0)
+			return -P11A_E_INTERNAL;
+		if ((r = p11a_buf_put_u32(b, m->u.error.code)) != 0 ||
+		    (r = put_text(b, m->u.error.message, P11A_TEXT_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_HELLO_REPLY:
+		if ((r = p11a_buf_put_u16(b, m->u.hello_reply.version)) != 0 ||
+		    (r = put_text(b, m->u.hello_reply.agent, P11A_TEXT_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_STATUS_REPLY:
+		if ((r = put_text(b, m->u.status.agent, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.status.pid)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.status.modules)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.status.modules_up)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.status.connections)) != 0 ||
+		    (r = put_tokens(b, m->u.status.ntokens, m->u.status.tokens)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LIST_REPLY:
+	case P11A_MSG_H_INVENTORY:
+		if ((r = put_tokens(b, m->u.list.ntokens, m->u.list.tokens)) != 0 ||
+		    (r = put_keys(b, m->u.list.nkeys, m->u.list.keys)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_SIGNATURE:
+		return put_bytes(b, m->u.signature.sig, m->u.signature.sig_len, P11A_SIG_MAX);
+	default:
+		return -P11A_E_UNKNOWN_TYPE;
+	}
+}
+
+/* Appends m to out; body_max bounds what this call adds. */
+static int
+encode_bounded(const struct p11a_msg *m, struct p11a_buf *out, size_t body_max)
+{
+	size_t start = p11a_buf_len(out);
+	int r;
+
+	r = encode_fields(m, out);
+	if (r == 0 && p11a_buf_len(out) - start > body_max)
+		r = -P11A_E_TOO_LARGE;
+	if (r != 0)
+		(void)p11a_buf_unreserve(out, p11a_buf_len(out) - start); /* also wipes */
+	return r;
+}
+
+int
+p11a_msg_encode(const struct p11a_msg *m, struct p11a_buf *out)
+{
+	return encode_bounded(m, out, P11A_FRAME_MAX);
+}
+
+int
+p11a_msg_encode_internal(uint32_t id, const struct p11a_msg *m, struct p11a_buf *out)
+{
+	size_t start = p11a_buf_len(out);
+	int r;
+
+	if ((r = p11a_buf_put_u32(out, id)) != 0)
+		return r;
+	if ((r = encode_bounded(m, out, P11A_FRAME_MAX - 4)) != 0)
+		(void)p11a_buf_unreserve(out, p11a_buf_len(out) - start);
+	return r;
+}
+
+/* ------------------------------------------------------------ decoding */
+
+static int
+get_bytes(struct p11a_buf *b, uint8_t **p, size_t *n, size_t max)
+{
+	return p11a_buf_get_string_dup(b, p, n, max);
+}
+
+static int
+get_token(struct p11a_buf *b, struct p11a_token *t)
+{
+	int r;
+
+	if ((r = p11a_buf_get_cstring(b, &t->uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &t->label, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &t->manufacturer, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &t->model, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &t->serial, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &t->module, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &t->flags)) != 0)
+		return r;
+	return 0;
+}
+
+static int
+get_key(struct p11a_buf *b, struct p11a_key *k)
+{
+	int r;
+
+	if ((r = p11a_buf_get_cstring(b, &k->uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &k->token_uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &k->label, P11A_TEXT_MAX)) != 0 ||
+	    (r = get_bytes(b, &k->id, &k->id_len, P11A_FRAME_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &k->type)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &k->bits)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &k->curve, P11A_TEXT_MAX)) != 0 ||
+	    (r = get_bytes(b, &k->spki, &k->spki_len, P11A_FRAME_MAX)) != 0 ||
+	    (r = get_bytes(b, &k->cert, &k->cert_len, P11A_FRAME_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &k->cert_uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &k->cert_label, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &k->flags)) != 0)
+		return r;
+	return 0;
+}
+
+/*
+ * Reads a list count and allocates its items.  The count is checked
+ * against the limit and against the bytes left before anything is
+ * allocated, so a forged count cannot make us allocate much.
+ */
+static int
+get_count(struct p11a_buf *b, uint32_t *n, size_t item_min)
+{
+	int r;
+
+	*n = 0;
+	if ((r = p11a_buf_get_u32(b, n)) != 0)
+		return r;
+	if (*n > P11A_LIST_MAX) {
+		*n = 0;
+		return -P11A_E_TOO_LARGE;
+	}
+	if (p11a_buf_len(b) / item_min < *n) {
+		*n = 0;
+		return -P11A_E_TRUNCATED;
+	}
+	return 0;
+}
+
+static int
+get_tokens(struct p11a_buf *b, uint32_t *np, struct p11a_token **out)
+{
+	uint32_t n, i;
+	int r;
+
+	if ((r = get_count(b, &n, TOKEN_MIN_WIRE)) != 0)
+		return r;
+	if (n == 0)
+		return 0;
+	if ((*out = calloc(n, sizeof(**out))) == NULL)
+		return -P11A_E_NOMEM;
+	*np = n;    /* from here on, clear() frees whatever was decoded */
+	for (i = 0; i < n; i++) {
+		if ((r = get_token(b, &(*out)[i])) != 0)
+			return r;
+	}
+	return 0;
+}
+
+static int
+get_keys(struct p11a_buf *b, uint32_t *np, struct p11a_key **out)
+{
+	uint32_t n, i;
+	int r;
+
+	if ((r = get_count(b, &n, KEY_MIN_WIRE)) != 0)
+		return r;
+	if (n == 0)
+		return 0;
+	if ((*out = calloc(n, sizeof(**out))) == NULL)
+		return -P11A_E_NOMEM;
+	*np = n;
+	for (i = 0; i < n; i++) {
+		if ((r = get_key(b, &(*out)[i])) != 0)
+			return r;
+	}
+	return 0;
+}
+
+static int
+decode_fields(struct p11a_buf *b, struct p11a_msg *m)
+{
+	const uint8_t *pin;
+	size_t pin_len;
+	int r;
+
+	switch (m->type) {
+	case P11A_MSG_STATUS:
+	case P11A_MSG_LIST:
+	case P11A_MSG_H_ADOPT:
+	case P11A_MSG_H_REFRESH:
+	case P11A_MSG_OK:
+	case P11A_MSG_CHANNEL:
+		return 0;
+	case P11A_MSG_HELLO:
+		if ((r = p11a_buf_get_u16(b, &m->u.hello.min_version)) != 0 ||
+		    (r = p11a_buf_get_u16(b, &m->u.hello.max_version)) != 0 ||
+		    (r = p11a_buf_get_cstring(b, &m->u.hello.client, P11A_TEXT_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_UNLOCK:
+		if ((r = p11a_buf_get_cstring(b, &m->u.unlock.token_uri, P11A_URI_MAX)) != 0)
+			return r;
+		/* Straight into the fixed array: no heap copy of the PIN. */
+		if ((r = p11a_buf_get_string_direct(b, &pin, &pin_len, P11A_PIN_MAX)) != 0)
+			return r;
+		if (pin_len != 0)
+			memcpy(m->u.unlock.pin, pin, pin_len);
+		m->u.unlock.pin[pin_len] = '\0';
+		m->u.unlock.pin_len = pin_len;
+		return 0;
+	case P11A_MSG_LOCK:
+		return p11a_buf_get_cstring(b, &m->u.lock.token_uri, P11A_URI_MAX);
+	case P11A_MSG_OPEN_CHANNEL:
+		return p11a_buf_get_cstring(b, &m->u.open_channel.key_uri, P11A_URI_MAX);
+	case P11A_MSG_SIGN:
+		if ((r = p11a_buf_get_cstring(b, &m->u.sign.key_uri, P11A_URI_MAX)) != 0 ||
+		    (r = p11a_buf_get_u8(b, &m->u.sign.scheme)) != 0 ||
+		    (r = p11a_buf_get_u8(b, &m->u.sign.hash)) != 0 ||
+		    (r = p11a_buf_get_u8(b, &m->u.sign.mgf1_hash)) != 0 ||
+		    (r = p11a_buf_get_u8(b, &m->u.sign.input)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.sign.salt_len)) != 0 ||
+		    (r = get_bytes(b, &m->u.sign.data, &m->u.sign.data_len, P11A_FRAME_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_ERROR:
+		if ((r = p11a_buf_get_u32(b, &m->u.error.code)) != 0)
+			return r;
+		/* Code 0 would read as success to whoever maps it to -code. */
+		if (m->u.error.code == 0)
+			return -P11A_E_MALFORMED;
+		return p11a_buf_get_cstring(b, &m->u.error.message, P11A_TEXT_MAX);
+	case P11A_MSG_HELLO_REPLY:
+		if ((r = p11a_buf_get_u16(b, &m->u.hello_reply.version)) != 0 ||
+		    (r = p11a_buf_get_cstring(b, &m->u.hello_reply.agent, P11A_TEXT_MAX)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_STATUS_REPLY:
+		if ((r = p11a_buf_get_cstring(b, &m->u.status.agent, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.status.pid)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.status.modules)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.status.modules_up)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.status.connections)) != 0 ||
+		    (r = get_tokens(b, &m->u.status.ntokens, &m->u.status.tokens)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LIST_REPLY:
+	case P11A_MSG_H_INVENTORY:
+		if ((r = get_tokens(b, &m->u.list.ntokens, &m->u.list.tokens)) != 0 ||
+		    (r = get_keys(b, &m->u.list.nkeys, &m->u.list.keys)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_SIGNATURE:
+		return get_bytes(b, &m->u.signature.sig, &m->u.signature.sig_len, P11A_SIG_MAX);
+	default:
+		return -P11A_E_UNKNOWN_TYPE;
+	}
+}
+
+int
+p11a_msg_decode(const uint8_t *body, size_t len, struct p11a_msg *m)
+{
+	struct p11a_buf *b = NULL;
+	int r;
+
+	memset(m, 0, sizeof(*m));
+	if (len == 0 || body == NULL)
+		return -P11A_E_TRUNCATED;
+	if (len > P11A_FRAME_MAX)
+		return -P11A_E_TOO_LARGE;
+	if ((b = p11a_buf_from(body, len)) == NULL)
+		return -P11A_E_NOMEM;
+	if ((r = p11a_buf_get_u8(b, &m->type)) != 0)
+		goto out;
+	if ((r = decode_fields(b, m)) != 0)
+		goto out;
+	if (p11a_buf_len(b) != 0)
+		r = -P11A_E_MALFORMED;
+ out:
+	/* The copy may hold a PIN; free() wipes it. */
+	p11a_buf_free(b);
+	if (r != 0)
+		p11a_msg_clear(m);
+	return r;
+}
+
+int
+p11a_msg_decode_internal(const uint8_t *body, size_t len, uint32_t *id, struct p11a_msg *m)
+{
+	*id = 0;
+	memset(m, 0, sizeof(*m));
+	if (body == NULL || len < 4)
+		return -P11A_E_TRUNCATED;
+	/* The id is returned even when the body fails, so the helper can answer it. */
+	*id = ((uint32_t)body[0] << 24) | ((uint32_t)body[1] << 16) |
+	    ((uint32_t)body[2] << 8) | (uint32_t)body[3];
+	return p11a_msg_decode(body + 4, len - 4, m);
+}
+
+/* ------------------------------------------------------------ ownership */
+
+void
+p11a_token_clear(struct p11a_token *t)
+{
+	if (t == NULL)
+		return;
+	free(t->uri);
+	free(t->label);
+	free(t->manufacturer);
+	free(t->model);
+	free(t->serial);
+	free(t->module);
+	memset(t, 0, sizeof(*t));
+}
+
+void
+p11a_key_clear(struct p11a_key *k)
+{
+	if (k == NULL)
+		return;
+	free(k->uri);
+	free(k->token_uri);
+	free(k->label);
+	free(k->id);
+	free(k->curve);
+	free(k->spki);
+	free(k->cert);
+	free(k->cert_uri);
+	free(k->cert_label);
+	memset(k, 0, sizeof(*k));
+}
+
+static void
+tokens_free(struct p11a_token *t, uint32_t n)
+{
+	uint32_t i;
+
+	if (t == NULL)
+		return;
+	for (i = 0; i < n; i++)
+		p11a_token_clear(&t[i]);
+	free(t);
+}
+
+static void
+keys_free(struct p11a_key *k, uint32_t n)
+{
+	uint32_t i;
+
+	if (k == NULL)
+		return;
+	for (i = 0; i < n; i++)
+		p11a_key_clear(&k[i]);
+	free(k);
+}
+
+void
+p11a_msg_clear(struct p11a_msg *m)
+{
+	if (m == NULL)
+		return;
+	switch (m->type) {
+	case P11A_MSG_HELLO:
+		free(m->u.hello.client);
+		break;
+	case P11A_MSG_HELLO_REPLY:
+		free(m->u.hello_reply.agent);
+		break;
+	case P11A_MSG_ERROR:
+		free(m->u.error.message);
+		break;
+	case P11A_MSG_STATUS_REPLY:
+		free(m->u.status.agent);
+		tokens_free(m->u.status.tokens, m->u.status.ntokens);
+		break;
+	case P11A_MSG_LIST_REPLY:
+	case P11A_MSG_H_INVENTORY:
+		tokens_free(m->u.list.tokens, m->u.list.ntokens);
+		keys_free(m->u.list.keys, m->u.list.nkeys);
+		break;
+	case P11A_MSG_UNLOCK:
+		free(m->u.unlock.token_uri);
+		break;
+	case P11A_MSG_LOCK:
+		free(m->u.lock.token_uri);
+		break;
+	case P11A_MSG_OPEN_CHANNEL:
+		free(m->u.open_channel.key_uri);
+		break;
+	case P11A_MSG_SIGN:
+		free(m->u.sign.key_uri);
+		free(m->u.sign.data);
+		break;
+	case P11A_MSG_SIGNATURE:
+		free(m->u.signature.sig);
+		break;
+	default:
+		break;
+	}
+	/* Wipes the PIN array (and zeroes everything else). */
+	p11a_wipe(m, sizeof(*m));
+}
+
+/* Cuts s to at most max bytes without splitting a UTF-8 sequence. */
+static void
+utf8_truncate(char *s, size_t max)
+{
+	size_t n = strlen(s);
+
+	if (n <= max)
+		return;
+	n = max;
+	while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+		n--;
+	s[n] = '\0';
+}
+
+int
+p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
+{
+	unsigned int c = code < 0 ? 0u - (unsigned int)code : (unsigned int)code;
+	va_list ap;
+	char *text = NULL;
+	int n;
+
+	memset(m, 0, sizeof(*m));
+	if (c == 0)
+		c = P11A_E_INTERNAL;
+	if (fmt == NULL || *fmt == '\0') {
+		text = strdup(p11a_strerror((int)c));
+	} else {
+		va_start(ap, fmt);
+		n = vasprintf(&text, fmt, ap);
+		va_end(ap);
+		if (n < 0)
+			text = NULL;
+	}
+	if (text == NULL)
+		return -P11A_E_NOMEM;
+	utf8_truncate(text, P11A_TEXT_MAX);
+	m->type = P11A_MSG_ERROR;
+	m->u.error.code = c;
+	m->u.error.message = text;
+	return 0;
+}
+
+static char *
+dup_text(const char *s, int *failed)
+{
+	char *d;
+
+	if (s == NULL)
+		return NULL;
+	if ((d = strdup(s)) == NULL)
+		*failed = 1;
+	return d;
+}
+
+static uint8_t *
+dup_bytes(const uint8_t *p, size_t n, int *failed)
+{
+	uint8_t *d;
+
+	if (p == NULL)
+		return NULL;
+	if ((d = malloc(n == 0 ? 1 : n)) == NULL) {
+		*failed = 1;
+		return NULL;
+	}
+	if (n != 0)
+		memcpy(d, p, n);
+	return d;
+}
+
+int
+p11a_token_copy(struct p11a_token *dst, const struct p11a_token *src)
+{
+	int failed = 0;
+
+	memset(dst, 0, sizeof(*dst));
+	dst->uri = dup_text(src->uri, &failed);
+	dst->label = dup_text(src->label, &failed);
+	dst->manufacturer = dup_text(src->manufacturer, &failed);
+	dst->model = dup_text(src->model, &failed);
+	dst->serial = dup_text(src->serial, &failed);
+	dst->module = dup_text(src->module, &failed);
+	dst->flags = src->flags;
+	if (failed) {
+		p11a_token_clear(dst);
+		return -P11A_E_NOMEM;
+	}
+	return 0;
+}
+
+int
+p11a_key_copy(struct p11a_key *dst, const struct p11a_key *src)
+{
+	int failed = 0;
+
+	memset(dst, 0, sizeof(*dst));
+	dst->uri = dup_text(src->uri, &failed);
+	dst->token_uri = dup_text(src->token_uri, &failed);
+	dst->label = dup_text(src->label, &failed);
+	dst->id = dup_bytes(src->id, src->id_len, &failed);
+	dst->id_len = dst->id != NULL ? src->id_len : 0;
+	dst->type = src->type;
+	dst->bits = src->bits;
+	dst->curve = dup_text(src->curve, &failed);
+	dst->spki = dup_bytes(src->spki, src->spki_len, &failed);
+	dst->spki_len = dst->spki != NULL ? src->spki_len : 0;
+	dst->cert = dup_bytes(src->cert, src->cert_len, &failed);
+	dst->cert_len = dst->cert != NULL ? src->cert_len : 0;
+	dst->cert_uri = dup_text(src->cert_uri, &failed);
+	dst->cert_label = dup_text(src->cert_label, &failed);
+	dst->flags = src->flags;
+	if (failed) {
+		p11a_key_clear(dst);
+		return -P11A_E_NOMEM;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------ frame I/O */
+
+#define FD_PASS_MAX 8   /* descriptors we take per recvmsg; extras are closed */
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t
+deadline_from(int timeout_ms)
+{
+	return timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+}
+
+/* Waits until fd is ready for events or the deadline (-1: none) passes. */
+static int
+wait_fd(int fd, short events, int64_t deadline)
+{
+	struct pollfd pfd;
+	int64_t left;
+	int n;
+
+	for (;;) {
+		if (deadline < 0) {
+			left = -1;
+		} else {
+			left = deadline - now_ms();
+			if (left < 0)
+				left = 0;
+		}
+		pfd.fd = fd;
+		pfd.events = events;
+		pfd.revents = 0;
+		n = poll(&pfd, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -P11A_E_IO;
+		}
+		if (n == 0) {
+			if (deadline >= 0 && now_ms() >= deadline) {
+				errno = ETIMEDOUT;
+				return -P11A_E_TIMEOUT;
+			}
+			continue;
+		}
+		if (pfd.revents & POLLNVAL) {
+			errno = EBADF;
+			return -P11A_E_IO;
+		}
+		/* POLLHUP/POLLERR: the next send/recv reports what happened. */
+		return 0;
+	}
+}
+
+static void
+close_keep_errno(int fd)
+{
+	int saved = errno;
+
+	if (fd >= 0)
+		close(fd);
+	errno = saved;
+}
+
+int
+p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms)
+{
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(sizeof(int))];
+	} cm;
+	size_t len = p11a_buf_len(body);
+	size_t total = 4 + len, done = 0, off;
+	int64_t deadline = deadline_from(timeout_ms);
+	uint8_t hdr[4];
+	struct iovec iov[2];
+	struct msghdr mh;
+	struct cmsghdr *cmsg;
+	ssize_t n;
+	int r;
+
+	if (len == 0)
+		return -P11A_E_MALFORMED;
+	if (len > P11A_FRAME_MAX)
+		return -P11A_E_TOO_LARGE;
+	hdr[0] = (uint8_t)(len >> 24);
+	hdr[1] = (uint8_t)(len >> 16);
+	hdr[2] = (uint8_t)(len >> 8);
+	hdr[3] = (uint8_t)len;
+
+	while (done < total) {
+		memset(&mh, 0, sizeof(mh));
+		if (done < 4) {
+			iov[0].iov_base = hdr + done;
+			iov[0].iov_len = 4 - done;
+			iov[1].iov_base = (void *)p11a_buf_ptr(body);
+			iov[1].iov_len = len;
+			mh.msg_iovlen = 2;
+		} else {
+			off = done - 4;
+			iov[0].iov_base = (void *)(p11a_buf_ptr(body) + off);
+			iov[0].iov_len = len - off;
+			mh.msg_iovlen = 1;
+		}
+		mh.msg_iov = iov;
+		/* The descriptor rides on the first byte, i.e. the first send. */
+		if (done == 0 && fd_to_pass >= 0) {
+			memset(&cm, 0, sizeof(cm));
+			mh.msg_control = cm.buf;
+			mh.msg_controllen = sizeof(cm.buf);
+			cmsg = CMSG_FIRSTHDR(&mh);
+			cmsg->cmsg_level = SOL_SOCKET;
+			cmsg->cmsg_type = SCM_RIGHTS;
+			cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+			memcpy(CMSG_DATA(cmsg), &fd_to_pass, sizeof(int));
+		}
+		n = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				if ((r = wait_fd(fd, POLLOUT, deadline)) != 0)
+					return r;
+				continue;
+			}
+			return -P11A_E_IO;
+		}
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+/* Keeps the first descriptor that arrives in *keep, closes the others. */
+static void
+take_fds(struct msghdr *mh, int *keep)
+{
+	struct cmsghdr *cmsg;
+	size_t i, nfds;
+	int fd;
+
+	for (cmsg = CMSG_FIRSTHDR(mh); cmsg != NULL; cmsg = CMSG_NXTHDR(mh, cmsg)) {
+		if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
+		    cmsg->cmsg_len < CMSG_LEN(0))
+			continue;
+		nfds = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (i = 0; i < nfds; i++) {
+			memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+			if (*keep < 0)
+				*keep = fd;
+			else
+				close_keep_errno(fd);
+		}
+	}
+}
+
+/*
+ * Reads exactly n bytes.  *started says whether any byte of this frame
+ * came already: an EOF before the first byte is a clean close (errno 0),
+ * an EOF later is a cut frame (errno ECONNRESET).
+ */
+static int
+recv_exact(int fd, uint8_t *p, size_t n, int *rfd, int64_t deadline, int *started)
+{
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(FD_PASS_MAX * sizeof(int))];
+	} cm;
+	struct iovec iov;
+	struct msghdr mh;
+	size_t got = 0;
+	ssize_t k;
+	int r;
+
+	while (got < n) {
+		memset(&mh, 0, sizeof(mh));
+		iov.iov_base = p + got;
+		iov.iov_len = n - got;
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = cm.buf;
+		mh.msg_controllen = sizeof(cm.buf);
+		k = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				if ((r = wait_fd(fd, POLLIN, deadline)) != 0)
+					return r;
+				continue;
+			}
+			return -P11A_E_IO;
+		}
+		if (mh.msg_controllen > 0)
+			take_fds(&mh, rfd);
+		if (k == 0) {
+			errno = *started ? ECONNRESET : 0;
+			return -P11A_E_IO;
+		}
+		*started = 1;
+		got += (size_t)k;
+	}
+	return 0;
+}
+
+int
+p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms)
+{
+	int64_t deadline = deadline_from(timeout_ms);
+	uint8_t hdr[4], *p;
+	uint32_t len;
+	int rfd = -1, started = 0, r;
+
+	if (fd_received != NULL)
+		*fd_received = -1;
+	p11a_buf_reset(out);
+	if ((r = recv_exact(fd, hdr, sizeof(hdr), &rfd, deadline, &started)) != 0)
+		goto out;
+	len = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
+	    ((uint32_t)hdr[2] << 8) | (uint32_t)hdr[3];
+	/* Refused before a byte of the body is buffered. */
+	if (len == 0) {
+		errno = EPROTO;
+		r = -P11A_E_MALFORMED;
+		goto out;
+	}
+	if (len > P11A_FRAME_MAX || len > p11a_buf_max(out)) {
+		errno = EMSGSIZE;
+		r = -P11A_E_TOO_LARGE;
+		goto out;
+	}
+	if ((r = p11a_buf_reserve(out, len, &p)) != 0)
+		goto out;
+	if ((r = recv_exact(fd, p, len, &rfd, deadline, &started)) != 0)
+		goto out;
+	if (fd_received != NULL) {
+		*fd_received = rfd;
+		rfd = -1;
+	}
+	r = 0;
+ out:
+	if (r != 0) {
+		int saved = errno;
+
+		p11a_buf_reset(out);
+		errno = saved;
+	}
+	close_keep_errno(rfd);
+	return r;
+}
