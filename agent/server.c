@@ -36,6 +36,8 @@
 #define RESTART_DELAY_MIN_MS   500
 #define RESTART_DELAY_MAX_MS   30000
 #define HELPER_STABLE_MS       60000
+/* How long a request that needs the inventory waits for starting helpers. */
+#define HELPER_START_WAIT_MS   10000
 
 /* ------------------------------------------------------------ out queue */
 
@@ -240,6 +242,8 @@ struct client {
 	pid_t pid;
 	struct inframe in;
 	struct outq out;
+	int has_parked;            /* a request waits for helpers to come up */
+	struct p11a_msg parked;
 };
 
 struct pending {
@@ -289,8 +293,10 @@ send_msg(struct server *s, size_t ci, const struct p11a_msg *m, int fd_to_pass)
 		c->closing = 1;
 		return;
 	}
-	if (outq_flush(&c->out, c->fd) != 0)
-		c->closing = 1, outq_clear(&c->out);
+	if (outq_flush(&c->out, c->fd) != 0) {
+		c->closing = 1;
+		outq_clear(&c->out);
+	}
 }
 
 static void
@@ -666,9 +672,11 @@ handle_list(struct server *s, size_t ci, int with_keys)
 	nt = nk = 0;
 	for (size_t i = 0; i < s->nhelpers; i++) {
 		const struct p11a_list_reply *inv = &s->helpers[i].inv;
-		memcpy(tokens + nt, inv->tokens, inv->ntokens * sizeof(*tokens));
+		if (inv->ntokens)
+			memcpy(tokens + nt, inv->tokens, inv->ntokens * sizeof(*tokens));
 		nt += inv->ntokens;
-		memcpy(keys + nk, inv->keys, inv->nkeys * sizeof(*keys));
+		if (inv->nkeys)
+			memcpy(keys + nk, inv->keys, inv->nkeys * sizeof(*keys));
 		nk += inv->nkeys;
 	}
 	if (with_keys) {
@@ -873,6 +881,20 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	send_msg(s, ci, &reply, sv[1]);
 }
 
+/* 1 while a helper was started less than HELPER_START_WAIT_MS ago and has not reported. */
+static int
+helpers_starting(const struct server *s, int64_t now)
+{
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		const struct helper *h = &s->helpers[i];
+		if (h->fd >= 0 && !h->up && now - h->started_ms < HELPER_START_WAIT_MS)
+			return 1;
+	}
+	return 0;
+}
+
+static void client_dispatch(struct server *s, size_t ci, struct p11a_msg *req);
+
 static void
 client_request(struct server *s, size_t ci)
 {
@@ -895,8 +917,39 @@ client_request(struct server *s, size_t ci)
 	}
 	if (!c->hello_done && m.type != P11A_MSG_HELLO) {
 		send_error(s, ci, P11A_E_PROTOCOL, "the first request must be HELLO");
-		goto out;
+		p11a_msg_clear(&m);
+		return;
 	}
+	switch (m.type) {
+	case P11A_MSG_LIST:
+	case P11A_MSG_UNLOCK:
+	case P11A_MSG_LOCK:
+	case P11A_MSG_OPEN_CHANNEL:
+		/*
+		 * These need the inventory: right after start-up (or a helper
+		 * restart) wait for the helpers to report rather than answer
+		 * "no token".  The PIN of a parked UNLOCK stays in the fixed
+		 * array of the decoded message.
+		 */
+		if (helpers_starting(s, now_ms())) {
+			c->parked = m;
+			c->has_parked = 1;
+			log_debug("client %d: request 0x%02x waits for token helpers to start",
+				  c->fd, m.type);
+			return;
+		}
+		break;
+	default:
+		break;
+	}
+	client_dispatch(s, ci, &m);
+}
+
+static void
+client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
+{
+	struct p11a_msg m = *req;
+	memset(req, 0, sizeof(*req));
 	switch (m.type) {
 	case P11A_MSG_HELLO:
 		handle_hello(s, ci, &m.u.hello);
@@ -924,8 +977,22 @@ client_request(struct server *s, size_t ci)
 		send_error(s, ci, P11A_E_PROTOCOL, "message type 0x%02x is not a request", m.type);
 		break;
 	}
-out:
 	p11a_msg_clear(&m);  /* wipes an UNLOCK's PIN */
+}
+
+/* Dispatches parked requests once no helper is still starting. */
+static void
+clients_unpark(struct server *s, int64_t now)
+{
+	if (helpers_starting(s, now))
+		return;
+	for (size_t i = 0; i < s->nclients; i++) {
+		struct client *c = &s->clients[i];
+		if (c->fd >= 0 && c->has_parked) {
+			c->has_parked = 0;
+			client_dispatch(s, i, &c->parked);
+		}
+	}
 }
 
 /* ------------------------------------------------------------ clients */
@@ -944,6 +1011,10 @@ client_close(struct server *s, size_t i)
 	free(c->wait_error_msg);
 	c->wait_error_msg = NULL;
 	c->waiting = 0;
+	if (c->has_parked) {
+		p11a_msg_clear(&c->parked);
+		c->has_parked = 0;
+	}
 	s->open_clients--;
 	/* Pending helper replies for it are dropped when they arrive (serial mismatch). */
 }
@@ -1115,7 +1186,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			short ev = 0;
 			if (c->fd >= 0) {
 				/* One outstanding request: read again only once answered. */
-				if (!c->waiting && !c->out.head && !c->closing)
+				if (!c->waiting && !c->has_parked && !c->out.head && !c->closing)
 					ev |= POLLIN;
 				if (c->out.head)
 					ev |= POLLOUT;
@@ -1127,6 +1198,11 @@ server_run(const struct agent_config *cfg, int listen_fd)
 		for (size_t i = 0; i < s->npending; i++)
 			if (s->pending[i].deadline < next)
 				next = s->pending[i].deadline;
+		for (size_t i = 0; i < s->nhelpers; i++) {
+			struct helper *h = &s->helpers[i];
+			if (h->fd >= 0 && !h->up && h->started_ms + HELPER_START_WAIT_MS < next)
+				next = h->started_ms + HELPER_START_WAIT_MS;
+		}
 		int timeout = next > now ? (int)(next - now) : 0;
 		int pr = poll(pfd, n, timeout);
 		if (pr < 0 && errno != EINTR) {
@@ -1181,6 +1257,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			}
 		}
 		pending_expire(s, now);
+		clients_unpark(s, now);
 		for (size_t i = 0; i < s->nhelpers; i++) {
 			struct helper *h = &s->helpers[i];
 			if (h->fd < 0 && !h->dead_for_good && h->restart_at && h->restart_at <= now)

@@ -1,0 +1,565 @@
+# shellcheck shell=bash
+# lib.sh: sourced by every tests/integration/t_*.sh.
+#
+# Gives each test:
+#   - TAP output: ok/not ok lines numbered by the library, diag lines,
+#     done_testing (prints the plan "1..N" at the end) and an exit status
+#     that is non-zero when anything failed, the plan was not reached, or the
+#     script stopped early;
+#   - a private temporary directory $T with its own SoftHSM2 token store
+#     (make_token), never the system one;
+#   - start_agent/stop_agent for p11agentd in the foreground on $T/agent.sock;
+#   - a cleanup trap that stops only the processes this test started, by PID,
+#     and removes $T.
+#
+# Environment (exported by `make check`; defaulted when run by hand from the
+# source tree): top_builddir, top_srcdir, SOFTHSM2_MODULE, PYTHON3.
+set -eu
+
+# The environment may point every TLS client at some CA bundle; the tests
+# choose their own CAs.
+unset GIT_SSL_CAINFO CURL_CA_BUNDLE SSL_CERT_FILE
+# A socket path from the caller's session must not leak into a test.
+unset P11AGENT_SOCK P11AGENT_PID
+
+lib_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+top_srcdir=${top_srcdir:-$(cd "$lib_dir/../.." && pwd)}
+top_builddir=${top_builddir:-$top_srcdir}
+SOFTHSM2_MODULE=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+PYTHON3=${PYTHON3:-/usr/bin/python3}
+export top_srcdir top_builddir SOFTHSM2_MODULE PYTHON3
+
+P11AGENTD=$top_builddir/p11agentd
+P11AGENT=$top_builddir/p11agent
+# Upper bound on any single CLI call, so a hung agent fails a test instead
+# of hanging the suite.
+CLI_TIMEOUT=${CLI_TIMEOUT:-60}
+
+TOKEN_LABEL=p11agent-test
+USER_PIN=1234
+# shellcheck disable=SC2034 # for the tests that source this file
+SO_PIN=12345678
+
+test_name=$(basename "$0" .sh)
+test_num=0
+fail_count=0
+finished=no
+started_pids=()
+AGENT_PID=
+AGENT_HELPERS=
+
+# Keep test programs away from the terminal: no PIN prompt can hang a run.
+exec </dev/null
+
+# Socket paths must fit in sun_path (108 bytes): a long TMPDIR is no good.
+tmp_base=${TMPDIR:-/tmp}
+[ "${#tmp_base}" -le 40 ] || tmp_base=/tmp
+T=$(mktemp -d "$tmp_base/p11agent-$test_name.XXXXXX")
+SOCK=$T/agent.sock
+AGENT_LOG=$T/agent.log
+
+# ---------------------------------------------------------------- TAP
+
+diag() {
+	local line
+	for line in "$@"; do
+		# Every line of a multi-line message stays a TAP comment.
+		printf '%s\n' "$line" | sed 's/^/# /'
+	done
+}
+
+# diag_file FILE [MAXLINES]: show a file's tail as diag lines.
+diag_file() {
+	[ -s "$1" ] || return 0
+	local n=${2:-30}
+	diag "--- $(basename "$1") (last $n lines)"
+	tail -n "$n" "$1" | sed 's/^/#   /'
+}
+
+ok() {
+	test_num=$((test_num + 1))
+	printf 'ok %d - %s\n' "$test_num" "$1"
+}
+
+not_ok() {
+	test_num=$((test_num + 1))
+	fail_count=$((fail_count + 1))
+	printf 'not ok %d - %s\n' "$test_num" "$1"
+}
+
+# result STATUS DESC: ok when STATUS is 0.
+result() {
+	if [ "$1" -eq 0 ]; then
+		ok "$2"
+	else
+		not_ok "$2"
+	fi
+}
+
+# check DESC CMD...: ok when CMD succeeds; its output is shown on failure.
+check() {
+	local desc=$1
+	shift
+	if "$@" >"$T/check.out" 2>&1; then
+		ok "$desc"
+	else
+		local st=$?
+		not_ok "$desc"
+		diag "command: $* (exit $st)"
+		diag_file "$T/check.out"
+	fi
+}
+
+# check_fails DESC CMD...: ok when CMD fails.
+check_fails() {
+	local desc=$1
+	shift
+	if "$@" >"$T/check.out" 2>&1; then
+		not_ok "$desc"
+		diag "command unexpectedly succeeded: $*"
+		diag_file "$T/check.out"
+	else
+		ok "$desc"
+	fi
+}
+
+# is GOT EXPECTED DESC
+is() {
+	if [ "$1" = "$2" ]; then
+		ok "$3"
+	else
+		not_ok "$3"
+		diag "got:      '$1'" "expected: '$2'"
+	fi
+}
+
+# run CMD...: run a command and keep its exit status in $rc, its stdout in
+# $T/stdout and its stderr in $T/stderr (for rc_is, stderr_has, ...).
+# Standard input is the caller's (redirect it at the call: run cmd <file).
+rc=0
+run() {
+	if "$@" >"$T/stdout" 2>"$T/stderr"; then
+		rc=0
+	else
+		rc=$?
+	fi
+	last_cmd="$*"
+}
+last_cmd=
+
+diag_last() {
+	diag "command: $last_cmd (exit $rc)"
+	diag_file "$T/stdout" 15
+	diag_file "$T/stderr" 15
+}
+
+# rc_is N DESC: the last run exited N.
+rc_is() {
+	if [ "$rc" -eq "$1" ]; then
+		ok "$2"
+	else
+		not_ok "$2"
+		diag "expected exit status $1"
+		diag_last
+	fi
+}
+
+# stderr_has TEXT DESC / stdout_has TEXT DESC: fixed-string match on the
+# last run's output.
+stderr_has() {
+	if grep -qF -- "$1" "$T/stderr"; then
+		ok "$2"
+	else
+		not_ok "$2"
+		diag "stderr lacks: $1"
+		diag_last
+	fi
+}
+
+stdout_has() {
+	if grep -qF -- "$1" "$T/stdout"; then
+		ok "$2"
+	else
+		not_ok "$2"
+		diag "stdout lacks: $1"
+		diag_last
+	fi
+}
+
+# file_has FILE TEXT DESC / file_lacks FILE TEXT DESC
+file_has() {
+	if grep -qF -- "$2" "$1"; then
+		ok "$3"
+	else
+		not_ok "$3"
+		diag "$(basename "$1") lacks: $2"
+		diag_file "$1" 15
+	fi
+}
+
+file_lacks() {
+	if grep -qF -- "$2" "$1"; then
+		not_ok "$3"
+		diag "$(basename "$1") contains: $2"
+		grep -nF -- "$2" "$1" | head -n 5 | sed 's/^/#   /'
+	else
+		ok "$3"
+	fi
+}
+
+# plan N: announce N checks up front (optional; without it done_testing
+# prints the plan at the end, which TAP allows too).
+planned=
+plan() {
+	planned=$1
+	printf '1..%d\n' "$1"
+}
+
+# done_testing: print the plan (unless announced) and end the script with
+# the right status.
+done_testing() {
+	finished=yes
+	if [ -z "$planned" ]; then
+		printf '1..%d\n' "$test_num"
+	elif [ "$planned" -ne "$test_num" ]; then
+		diag "$test_name: planned $planned checks but ran $test_num"
+		fail_count=$((fail_count + 1))
+	fi
+	if [ "$fail_count" -gt 0 ]; then
+		diag "$test_name: $fail_count of $test_num checks failed"
+		exit 1
+	fi
+	exit 0
+}
+
+# bail_out REASON: stop the whole test now (counts as a failure).
+bail_out() {
+	not_ok "$1"
+	diag_file "$AGENT_LOG" 20
+	done_testing
+}
+
+# require_cmd CMD...: every CMD must be there (a name in PATH or a path to
+# an executable).  A missing tool is a failure, not a skip: CI installs
+# everything, so a missing tool means a broken setup.
+require_cmd() {
+	local c missing=
+	for c in "$@"; do
+		command -v "$c" >/dev/null 2>&1 || missing="$missing $c"
+	done
+	if [ -n "$missing" ]; then
+		bail_out "required tools present (missing:$missing)"
+	fi
+}
+
+# require_file FILE...
+require_file() {
+	local f missing=
+	for f in "$@"; do
+		[ -e "$f" ] || missing="$missing $f"
+	done
+	if [ -n "$missing" ]; then
+		bail_out "required files present (missing:$missing)"
+	fi
+}
+
+# ---------------------------------------------------------------- processes
+
+# remember_pid PID: a process this test started (cleanup stops it).
+remember_pid() {
+	started_pids+=("$1")
+}
+
+# forget_pid PID: a remembered process that has been reaped (its PID may
+# be reused by someone else's process from now on).
+forget_pid() {
+	local p keep=()
+	for p in "${started_pids[@]}"; do
+		[ "$p" = "$1" ] || keep+=("$p")
+	done
+	started_pids=("${keep[@]}")
+}
+
+# alive PID
+alive() {
+	[ -n "$1" ] && kill -0 "$1" 2>/dev/null
+}
+
+# proc_state PID: the state letter from /proc/PID/stat (Z for a zombie).
+proc_state() {
+	local line
+	read -r line 2>/dev/null <"/proc/$1/stat" || return 0
+	line=${line##*) }
+	printf '%s\n' "${line%% *}"
+}
+
+# running PID: alive and not a zombie.
+running() {
+	alive "$1" && [ "$(proc_state "$1")" != Z ]
+}
+
+# wait_gone PID SECONDS: wait until PID has exited (and is reaped when it
+# is our child); returns 1 on timeout.
+wait_gone() {
+	local i=0 limit=$(($2 * 10))
+	# A dead child of ours stays a zombie until waited for.
+	while running "$1"; do
+		i=$((i + 1))
+		[ "$i" -le "$limit" ] || return 1
+		sleep 0.1
+	done
+	return 0
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL after 5 s.
+stop_pid() {
+	alive "$1" || return 0
+	kill -TERM "$1" 2>/dev/null || return 0
+	if ! wait_gone "$1" 5; then
+		diag "pid $1 ignored SIGTERM for 5 s; sending SIGKILL"
+		kill -KILL "$1" 2>/dev/null || true
+		wait_gone "$1" 5 || diag "pid $1 survived SIGKILL"
+	fi
+	wait "$1" 2>/dev/null || true
+	forget_pid "$1"
+}
+
+# child_pids PID: the direct children of PID (from /proc, no procps needed).
+child_pids() {
+	local f line a
+	for f in /proc/[0-9]*/stat; do
+		read -r line 2>/dev/null <"$f" || continue
+		# comm may hold spaces and ')': the fields after the last ')'
+		# are state, ppid, ...
+		read -r -a a <<<"${line##*) }"
+		if [ "${a[1]}" = "$1" ]; then
+			f=${f#/proc/}
+			printf '%s\n' "${f%/stat}"
+		fi
+	done
+}
+
+# child_pid_list PID: the same, on one line separated by spaces.
+child_pid_list() {
+	local l
+	l=$(child_pids "$1" | tr '\n' ' ')
+	printf '%s\n' "${l% }"
+}
+
+cleanup() {
+	local st=$? pid
+	set +e
+	if [ "$finished" != yes ]; then
+		test_num=$((test_num + 1))
+		printf 'not ok %d - %s stopped early (exit status %d)\n' "$test_num" "$test_name" "$st"
+		diag_file "$AGENT_LOG" 40
+		[ -n "$planned" ] || printf '1..%d\n' "$test_num"
+		st=1
+	fi
+	for pid in "${started_pids[@]}"; do
+		stop_pid "$pid"
+	done
+	# Helpers the agent forked: they are ours too.  Stop them by PID only
+	# when they still run our binary (PID reuse).
+	for pid in $AGENT_HELPERS; do
+		if alive "$pid" && [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$(readlink -f "$P11AGENTD")" ]; then
+			diag "agent helper $pid outlived the agent; stopping it"
+			stop_pid "$pid"
+		fi
+	done
+	if [ -n "${KEEP_TMP:-}" ]; then
+		echo "# KEEP_TMP set: kept $T" >&2
+	else
+		rm -rf "$T"
+	fi
+	exit "$st"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- token
+
+# make_token: a fresh SoftHSM2 token store in $T/token with the test keys
+# (mktoken.sh); exports SOFTHSM2_CONF.  Sets TOKDIR.
+TOKDIR=$T/token
+make_token() {
+	if ! bash "$lib_dir/mktoken.sh" "$TOKDIR" >"$T/mktoken.log" 2>&1; then
+		diag_file "$T/mktoken.log"
+		bail_out "mktoken.sh made the test token"
+	fi
+	SOFTHSM2_CONF=$TOKDIR/softhsm2.conf
+	export SOFTHSM2_CONF
+}
+
+# key_labels: every key label on the test token, in keys.tsv order.
+key_labels() {
+	cut -f1 "$TOKDIR/keys.tsv"
+}
+
+# key_attr LABEL FIELD: a column of keys.tsv (id type bits curve origin subject).
+key_attr() {
+	local col
+	case $2 in
+	id) col=2 ;; type) col=3 ;; bits) col=4 ;; curve) col=5 ;;
+	origin) col=6 ;; subject) col=7 ;;
+	*) echo "key_attr: bad field $2" >&2; return 1 ;;
+	esac
+	awk -F '\t' -v l="$1" -v c="$col" '$1 == l { v = $c; if (v == "-") v = ""; print v }' \
+		"$TOKDIR/keys.tsv"
+}
+
+# ---------------------------------------------------------------- agent
+
+# p11a ARGS...: the CLI against this test's agent, bounded in time.
+p11a() {
+	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" "$@"
+}
+
+# start_agent: p11agentd in the foreground on $SOCK with the SoftHSM2
+# module (plus the arguments in the array AGENT_ARGS), logging to
+# $AGENT_LOG; returns once `p11agent status` answers and `p11agent list`
+# shows the test token (at most 20 s): the agent answers before its
+# helpers have reported their tokens, and these tests are not about that
+# start-up window (t_lifecycle is).  Sets AGENT_PID and AGENT_HELPERS.
+# With AGENT_DEFAULT_SOCKET=yes the agent gets no --socket and picks its
+# default path, which the caller has put in $SOCK.
+AGENT_ARGS=()
+AGENT_DEFAULT_SOCKET=no
+start_agent() {
+	local sockarg=(--socket "$SOCK")
+	[ "$AGENT_DEFAULT_SOCKET" != yes ] || sockarg=()
+	"$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} --module "$SOFTHSM2_MODULE" --debug \
+		${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} >>"$AGENT_LOG" 2>&1 &
+	AGENT_PID=$!
+	remember_pid "$AGENT_PID"
+	local i=0
+	while :; do
+		if ! running "$AGENT_PID"; then
+			diag "p11agentd exited during start-up"
+			diag_file "$AGENT_LOG"
+			return 1
+		fi
+		if [ -S "$SOCK" ] && "$P11AGENT" --socket "$SOCK" status >/dev/null 2>&1 &&
+			list_json 2>/dev/null && [ "$(json_token label)" = "$TOKEN_LABEL" ]; then
+			break
+		fi
+		i=$((i + 1))
+		if [ "$i" -gt 200 ]; then
+			diag "p11agentd did not answer status with token '$TOKEN_LABEL' listed within 20 s"
+			diag_file "$AGENT_LOG"
+			return 1
+		fi
+		sleep 0.1
+	done
+	AGENT_HELPERS=$(child_pid_list "$AGENT_PID")
+	return 0
+}
+
+# stop_agent: SIGTERM by PID and wait; AGENT_RC gets the exit status
+# (124 when it did not exit within 10 s and had to be killed).
+AGENT_RC=
+# shellcheck disable=SC2034 # AGENT_RC is read by the tests
+stop_agent() {
+	[ -n "$AGENT_PID" ] || return 0
+	kill -TERM "$AGENT_PID" 2>/dev/null || true
+	if wait_gone "$AGENT_PID" 10; then
+		if wait "$AGENT_PID"; then AGENT_RC=0; else AGENT_RC=$?; fi
+	else
+		diag "p11agentd ignored SIGTERM for 10 s; killing it"
+		kill -KILL "$AGENT_PID" 2>/dev/null || true
+		wait "$AGENT_PID" 2>/dev/null || true
+		AGENT_RC=124
+	fi
+	forget_pid "$AGENT_PID"
+	AGENT_PID=
+}
+
+# list_json: `p11agent list --json` into $T/list.json; fails when the CLI
+# fails or the output is not JSON.
+list_json() {
+	p11a list --json >"$T/list.json" 2>"$T/list.err" &&
+		"$PYTHON3" -c 'import json,sys; json.load(open(sys.argv[1]))' "$T/list.json"
+}
+
+# json_key LABEL FIELD: a field of the key with that label in $T/list.json
+# (empty when absent; lists and objects as JSON).
+json_key() {
+	"$PYTHON3" - "$T/list.json" "$1" "$2" <<'EOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+for k in doc.get("keys", []):
+    if k.get("label") == sys.argv[2]:
+        v = k.get(sys.argv[3])
+        if v is None:
+            v = ""
+        print(v if isinstance(v, (str, int)) and not isinstance(v, bool) else json.dumps(v))
+        break
+EOF
+}
+
+# json_token FIELD: a field of the p11agent-test token in $T/list.json.
+json_token() {
+	"$PYTHON3" - "$T/list.json" "$TOKEN_LABEL" "$1" <<'EOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+for t in doc.get("tokens", []):
+    if t.get("label") == sys.argv[2]:
+        v = t.get(sys.argv[3])
+        print(json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else v)
+        break
+EOF
+}
+
+# key_uri LABEL: the agent's URI for a key (from a fresh list --json).
+key_uri() {
+	list_json && json_key "$1" uri
+}
+
+# write_pin FILE PIN [NONL]: a PIN file only its owner can read (the CLI
+# warns about others), with a final newline unless NONL is given.
+write_pin() {
+	(
+		umask 077
+		if [ $# -gt 2 ]; then printf '%s' "$2"; else printf '%s\n' "$2"; fi >"$1"
+	)
+}
+
+# unlock_token: unlock with the right PIN from a file.
+unlock_token() {
+	write_pin "$T/pin" "$USER_PIN"
+	p11a unlock --pin-file "$T/pin"
+}
+
+# pub_der IN OUT: a public key (PEM or DER SubjectPublicKeyInfo) as DER.
+pub_der() {
+	openssl pkey -pubin -in "$1" -outform DER -out "$2"
+}
+
+# cert_pub_der CERT OUT: a certificate's (PEM or DER) public key as DER.
+cert_pub_der() {
+	cert_der "$1" "$T/cert_pub.tmp" &&
+		openssl x509 -inform DER -in "$T/cert_pub.tmp" -noout -pubkey |
+		openssl pkey -pubin -outform DER -out "$2"
+}
+
+# cert_der IN OUT: a certificate (PEM or DER) as DER.
+cert_der() {
+	openssl x509 -in "$1" -outform DER -out "$2" 2>/dev/null ||
+		openssl x509 -inform DER -in "$1" -outform DER -out "$2"
+}
+
+# same_pub KEY DER / same_cert CERT DER: KEY (PEM or DER public key) or
+# CERT (PEM or DER certificate) is, as DER, byte for byte the file DER.
+same_pub() {
+	pub_der "$1" "$T/same.der" && cmp "$T/same.der" "$2"
+}
+
+same_cert() {
+	cert_der "$1" "$T/same.der" && cmp "$T/same.der" "$2"
+}
+
+# require_agent_binaries: both binaries built.
+require_agent_binaries() {
+	require_file "$P11AGENTD" "$P11AGENT"
+}
