@@ -34,6 +34,7 @@
 #define CHAN_WRITE_MS        10000
 #define CHECK_INTERVAL_MS    3000    /* look for token changes this often */
 #define CHANNELS_MAX         4096    /* signing channels (threads) at once */
+#define CHANNEL_STACK_SIZE   (512 * 1024)
 
 struct helper {
 	struct token_module *tm;
@@ -307,6 +308,8 @@ chan_adopt(struct helper *h, int fd, char *msg, size_t msg_size)
 	atomic_fetch_add(&h->channels, 1);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	/* Many channels may be open; vendor C_Sign needs far less than 8 MiB. */
+	pthread_attr_setstacksize(&attr, CHANNEL_STACK_SIZE);
 	r = pthread_create(&t, &attr, chan_main, c);
 	pthread_attr_destroy(&attr);
 	if (r != 0) {
