@@ -6,7 +6,9 @@
 # It installs what it needs, builds the tree, makes a SoftHSM2 demo token in
 # a private directory (never the system token store), starts the agent on
 # it, unlocks it, lists the keys, signs a message with the token's EC P-256
-# key through the agent and checks the signature with openssl.
+# key through the agent and checks the signature with openssl, then has curl
+# authenticate to a local TLS server with that key, through the agent's
+# OpenSSL provider.
 #
 # Environment: P11AGENT_DEMO_KEEP=1 keeps the demo directory at the end.
 set -eu -o pipefail
@@ -15,7 +17,7 @@ cd "$(dirname "$0")"
 top=$(pwd)
 
 PACKAGES="autoconf automake libtool pkg-config make gcc libssl-dev libp11-kit-dev p11-kit"
-PACKAGES="$PACKAGES libcmocka-dev softhsm2 opensc openssl python3-pykcs11 util-linux"
+PACKAGES="$PACKAGES libcmocka-dev softhsm2 opensc openssl python3-pykcs11 util-linux curl"
 TOKEN_LABEL=p11agent-test
 PIN=1234
 KEY_URI="pkcs11:token=$TOKEN_LABEL;object=ec256;type=private"
@@ -113,8 +115,8 @@ if [ ! -f Makefile ]; then
 		die "./configure failed; see ${TMPDIR:-/tmp}/p11agent-demo-configure.log"
 	rm -f "${TMPDIR:-/tmp}/p11agent-demo-configure.log"
 fi
-printf '    $ make p11agentd p11agent\n'
-if ! make -j"$(nproc)" p11agentd p11agent >"${TMPDIR:-/tmp}/p11agent-demo-make.log" 2>&1; then
+printf '    $ make p11agentd p11agent p11agent.la\n'
+if ! make -j"$(nproc)" p11agentd p11agent p11agent.la >"${TMPDIR:-/tmp}/p11agent-demo-make.log" 2>&1; then
 	tail -n 30 "${TMPDIR:-/tmp}/p11agent-demo-make.log" >&2
 	die "the build failed; see ${TMPDIR:-/tmp}/p11agent-demo-make.log"
 fi
@@ -204,13 +206,15 @@ show openssl dgst -sha256 -verify "$demo_dir/ec256.crt.pub.pem" -signature "$msg
 say "openssl accepts the signature: the private key never left the token,"
 say "and this shell never loaded the PKCS#11 module."
 
-# ---------------------------------------------------------------- next: TLS with curl
-# A later issue adds a step here: a TLS request with curl whose client
-# certificate key lives on the token, through the agent's OpenSSL provider.
-# It goes between the signature check above and stopping the agent below,
-# and can use: $P11AGENT_SOCK, $SOFTHSM2_CONF, $demo_dir/token/ca.pem (the
-# test CA), $demo_dir/token/ec256.cert.pem (the client certificate) and
-# $KEY_URI (its key).
+# ---------------------------------------------------------------- TLS with curl
+step "curl authenticates to a TLS server with the token key, through the agent"
+say "A local 'openssl s_server' demands a client certificate (signed by the test CA)."
+say "curl gets the certificate as a file and, as its key, a key-reference file from"
+say "'p11agent export-key' (it names the key, holds no secret); the p11agent OpenSSL"
+say "provider, enabled by 'p11agent exec', sends the TLS signature to the agent:"
+bash "$top/tests/integration/demo_curl.sh" "$demo_dir/token" ec256 2>&1 | sed 's/^/      /'
+say "The server's answer names the client certificate: curl authenticated with the"
+say "key on the token, and curl never loaded the PKCS#11 module or saw the PIN."
 
 # ---------------------------------------------------------------- stop
 step "Stop the agent"
@@ -228,4 +232,4 @@ if [ -e "$P11AGENT_SOCK" ]; then
 fi
 say "The agent exited and removed its socket; the token logged out with it."
 
-printf '\nDemo finished: the agent signed for a command-line client and openssl verified it.\n'
+printf '\nDemo finished: the agent signed for a command-line client and for curl'"'"'s TLS handshake.\n'

@@ -29,6 +29,8 @@ static const struct verb verbs[] = {
 	{ "pubkey", cmd_pubkey, "write a key's public key (PEM or DER)" },
 	{ "export-cert", cmd_export_cert, "write a key's certificate (PEM or DER)" },
 	{ "env", cmd_env, "print shell commands that set P11AGENT_SOCK" },
+	{ "export-key", cmd_export_key, "write a key-reference file for OpenSSL programs" },
+	{ "exec", cmd_exec, "run a command with the OpenSSL provider enabled" },
 };
 
 #define NVERBS (sizeof(verbs) / sizeof(verbs[0]))

@@ -1,0 +1,263 @@
+/*
+ * What the provider makes of the agent's replies: which listed keys a URI
+ * names, and whether a signature has the shape that was asked for.  Pure
+ * functions (no agent, no OpenSSL state) so that the unit tests can feed
+ * them malformed replies.
+ */
+#include "config.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "p11a.h"
+#include "proto.h"
+#include "uri.h"
+#include "provider.h"
+
+const char *
+p11agent_kt_name(int type)
+{
+	switch (type) {
+	case P11AGENT_KT_RSA:
+		return "RSA";
+	case P11AGENT_KT_RSA_PSS:
+		return "RSA-PSS";
+	case P11AGENT_KT_EC:
+		return "EC";
+	case P11AGENT_KT_ED25519:
+		return "ED25519";
+	default:
+		return NULL;
+	}
+}
+
+static const struct p11a_token *
+token_of(const struct p11a_list_reply *l, const struct p11a_key *k)
+{
+	uint32_t i;
+
+	if (k->token_uri == NULL)
+		return NULL;
+	for (i = 0; i < l->ntokens; i++) {
+		if (l->tokens[i].uri != NULL && strcmp(l->tokens[i].uri, k->token_uri) == 0)
+			return &l->tokens[i];
+	}
+	return NULL;
+}
+
+int
+p11agent_match_keys(const struct p11a_list_reply *l, const char *uri,
+		    uint32_t *idx, size_t max, size_t *n)
+{
+	struct p11a_uri_matcher *m;
+	const struct p11a_token *t;
+	uint32_t i;
+	int err = 0;
+
+	*n = 0;
+	if (uri == NULL || (m = p11a_uri_matcher_new(uri, &err)) == NULL)
+		return err != 0 ? err : -P11A_E_URI;
+	for (i = 0; l != NULL && i < l->nkeys; i++) {
+		const struct p11a_key *k = &l->keys[i];
+
+		/* A key whose token is not in the reply cannot be matched on its token part. */
+		if ((t = token_of(l, k)) == NULL || k->uri == NULL)
+			continue;
+		if (p11a_uri_match_key(m, t, k) != 1)
+			continue;
+		if (*n < max)
+			idx[*n] = i;
+		(*n)++;
+	}
+	p11a_uri_matcher_free(m);
+	return 0;
+}
+
+/*
+ * RFC 7512: path attributes come before '?', separated by ';'.  Only
+ * type= matters here; its value may be percent-encoded but the ones we
+ * know are plain words.
+ */
+int
+p11agent_uri_class(const char *uri)
+{
+	const char *p, *end, *attr;
+	size_t alen;
+
+	if (uri == NULL || strncasecmp(uri, "pkcs11:", 7) != 0)
+		return P11AGENT_URI_OTHER;
+	p = uri + 7;
+	end = p + strcspn(p, "?");
+	while (p < end) {
+		attr = p;
+		alen = strcspn(p, ";?");
+		if (attr + alen > end)
+			alen = (size_t)(end - attr);
+		if (alen > 5 && strncmp(attr, "type=", 5) == 0) {
+			const char *v = attr + 5;
+			size_t vlen = alen - 5;
+
+			if (vlen == 7 && strncmp(v, "private", 7) == 0)
+				return P11AGENT_URI_PRIVATE;
+			if (vlen == 6 && strncmp(v, "public", 6) == 0)
+				return P11AGENT_URI_PUBLIC;
+			if (vlen == 4 && strncmp(v, "cert", 4) == 0)
+				return P11AGENT_URI_CERT;
+			return P11AGENT_URI_OTHER;
+		}
+		p = attr + alen;
+		if (p < end && *p == ';')
+			p++;
+	}
+	return P11AGENT_URI_ANY;
+}
+
+static const struct {
+	const char *name;
+	int hash;
+} hash_names[] = {
+	{ "SHA1", P11A_HASH_SHA1 }, { "SHA-1", P11A_HASH_SHA1 },
+	{ "SHA224", P11A_HASH_SHA224 }, { "SHA2-224", P11A_HASH_SHA224 }, { "SHA-224", P11A_HASH_SHA224 },
+	{ "SHA256", P11A_HASH_SHA256 }, { "SHA2-256", P11A_HASH_SHA256 }, { "SHA-256", P11A_HASH_SHA256 },
+	{ "SHA384", P11A_HASH_SHA384 }, { "SHA2-384", P11A_HASH_SHA384 }, { "SHA-384", P11A_HASH_SHA384 },
+	{ "SHA512", P11A_HASH_SHA512 }, { "SHA2-512", P11A_HASH_SHA512 }, { "SHA-512", P11A_HASH_SHA512 },
+	{ "2.16.840.1.101.3.4.2.1", P11A_HASH_SHA256 },
+	{ "2.16.840.1.101.3.4.2.2", P11A_HASH_SHA384 },
+	{ "2.16.840.1.101.3.4.2.3", P11A_HASH_SHA512 },
+	{ "2.16.840.1.101.3.4.2.4", P11A_HASH_SHA224 },
+	{ "1.3.14.3.2.26", P11A_HASH_SHA1 },
+};
+
+int
+p11agent_hash_from_name(const char *name)
+{
+	size_t i;
+
+	if (name == NULL)
+		return -1;
+	for (i = 0; i < sizeof(hash_names) / sizeof(hash_names[0]); i++) {
+		if (strcasecmp(name, hash_names[i].name) == 0)
+			return hash_names[i].hash;
+	}
+	return -1;
+}
+
+const char *
+p11agent_hash_ossl_name(int hash)
+{
+	switch (hash) {
+	case P11A_HASH_SHA1:
+		return "SHA1";
+	case P11A_HASH_SHA224:
+		return "SHA2-224";
+	case P11A_HASH_SHA256:
+		return "SHA2-256";
+	case P11A_HASH_SHA384:
+		return "SHA2-384";
+	case P11A_HASH_SHA512:
+		return "SHA2-512";
+	default:
+		return NULL;
+	}
+}
+
+int
+p11agent_hash_from_len(size_t len)
+{
+	switch (len) {
+	case 20:
+		return P11A_HASH_SHA1;
+	case 28:
+		return P11A_HASH_SHA224;
+	case 32:
+		return P11A_HASH_SHA256;
+	case 48:
+		return P11A_HASH_SHA384;
+	case 64:
+		return P11A_HASH_SHA512;
+	default:
+		return P11A_HASH_NONE;
+	}
+}
+
+/* One DER INTEGER at [*p, end) holding a positive value in minimal form. */
+static int
+der_positive_integer(const uint8_t **p, const uint8_t *end)
+{
+	size_t avail = (size_t)(end - *p), len;
+
+	if (avail < 2 || (*p)[0] != 0x02)
+		return -1;
+	if ((*p)[1] < 0x80) {
+		len = (*p)[1];
+		*p += 2;
+	} else if ((*p)[1] == 0x81) {
+		if (avail < 3 || (*p)[2] < 0x80)
+			return -1;
+		len = (*p)[2];
+		*p += 3;
+	} else {
+		return -1;              /* no ECDSA integer needs more */
+	}
+	if (len == 0 || (size_t)(end - *p) < len)
+		return -1;
+	if (((*p)[0] & 0x80) != 0)              /* negative */
+		return -1;
+	if (len > 1 && (*p)[0] == 0 && ((*p)[1] & 0x80) == 0)
+		return -1;                      /* not minimal */
+	if (len == 1 && (*p)[0] == 0)           /* r and s are never 0 */
+		return -1;
+	*p += len;
+	return 0;
+}
+
+static int
+ecdsa_der_ok(const uint8_t *sig, size_t len)
+{
+	const uint8_t *p = sig, *end;
+	size_t clen;
+
+	if (len < 8 || sig[0] != 0x30)
+		return 0;
+	if (sig[1] < 0x80) {
+		clen = sig[1];
+		p += 2;
+	} else if (sig[1] == 0x81) {
+		if (sig[2] < 0x80)
+			return 0;
+		clen = sig[2];
+		p += 3;
+	} else {
+		return 0;
+	}
+	if ((size_t)(sig + len - p) != clen)
+		return 0;
+	end = p + clen;
+	if (der_positive_integer(&p, end) != 0 || der_positive_integer(&p, end) != 0)
+		return 0;
+	return p == end;
+}
+
+int
+p11agent_check_signature(int scheme, const uint8_t *sig, size_t sig_len,
+			 size_t expect_len, size_t sigsize)
+{
+	if (sig == NULL || sig_len == 0)
+		return -P11A_E_MALFORMED;
+	if (sig_len > sigsize)
+		return -P11A_E_TOO_LARGE;
+	switch (scheme) {
+	case P11A_SCHEME_RSA_PKCS1:
+	case P11A_SCHEME_RSA_PSS:
+		return sig_len == expect_len ? 0 : -P11A_E_MALFORMED;
+	case P11A_SCHEME_ECDSA:
+		if (sig_len > expect_len)
+			return -P11A_E_MALFORMED;
+		return ecdsa_der_ok(sig, sig_len) ? 0 : -P11A_E_MALFORMED;
+	case P11A_SCHEME_EDDSA:
+		return sig_len == 64 ? 0 : -P11A_E_MALFORMED;
+	default:
+		return -P11A_E_MALFORMED;
+	}
+}
