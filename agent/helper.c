@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,6 +35,7 @@
 #define CHAN_WRITE_MS        10000
 #define CHECK_INTERVAL_MS    3000    /* look for token changes this often */
 #define CHANNELS_MAX         4096    /* signing channels (threads) at once */
+#define WATCHDOG_MS          250     /* how often stuck signatures are looked for */
 #define CHANNEL_STACK_SIZE   (512 * 1024)
 
 struct helper {
@@ -44,11 +46,24 @@ struct helper {
 	struct p11a_buf *out;           /* control replies, control thread only */
 	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
 	atomic_int channels;
+	pthread_mutex_t wlock;          /* guards the channel list and each channel's busy/expired */
+	struct channel *chans;          /* adopted channels, for the watchdog */
 };
 
+/*
+ * A channel whose thread is stuck in the module past the request's
+ * deadline (a C_Sign that hangs) is answered by the watchdog thread: it
+ * writes ERROR TIMEOUT and shuts the channel down, so the client is told
+ * in time and opens a new channel; the stuck thread discards its late
+ * result when (if ever) the module returns.
+ */
 struct channel {
 	struct helper *h;
 	int fd;
+	struct channel *prev, *next;    /* under h->wlock */
+	int busy;                       /* in token_sign(); under h->wlock */
+	int expired;                    /* answered by the watchdog; under h->wlock */
+	struct timespec deadline;       /* of the request in progress */
 };
 
 /* ------------------------------------------------------------ control writes */
@@ -209,7 +224,22 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	deadline.tv_sec += h->sign_timeout_ms / 1000 + ns / 1000000000L;
 	deadline.tv_nsec = ns % 1000000000L;
 	msg[0] = '\0';
+	pthread_mutex_lock(&h->wlock);
+	c->busy = 1;
+	c->deadline = deadline;
+	pthread_mutex_unlock(&h->wlock);
 	r = token_sign(h->tm, req, &deadline, sig, sizeof(sig), &sig_len, msg, sizeof(msg));
+	pthread_mutex_lock(&h->wlock);
+	c->busy = 0;
+	if (c->expired) {
+		/* The watchdog answered for us and closed the channel. */
+		pthread_mutex_unlock(&h->wlock);
+		p11a_wipe(sig, sizeof(sig));
+		log_warn("channel %d: the module returned after %ld ms, past the deadline; result dropped",
+			 c->fd, us_since(t0) / 1000);
+		return -P11A_E_TIMEOUT;
+	}
+	pthread_mutex_unlock(&h->wlock);
 	if (log_debug_enabled()) {
 		const char *sn = p11a_scheme_name(req->scheme), *hn = p11a_hash_name(req->hash);
 		log_debug("channel %d: sign %.300s %s/%s input %u, %zu bytes: %s (%ld us)", c->fd,
@@ -281,9 +311,57 @@ chan_main(void *arg)
  out:
 	p11a_buf_free(in);
 	p11a_buf_free(out);
+	pthread_mutex_lock(&c->h->wlock);
+	if (c->prev != NULL)
+		c->prev->next = c->next;
+	else
+		c->h->chans = c->next;
+	if (c->next != NULL)
+		c->next->prev = c->prev;
+	pthread_mutex_unlock(&c->h->wlock);
 	close(c->fd);
 	atomic_fetch_sub(&c->h->channels, 1);
 	free(c);
+	return NULL;
+}
+
+static int
+ts_passed(const struct timespec *now, const struct timespec *t)
+{
+	return now->tv_sec > t->tv_sec || (now->tv_sec == t->tv_sec && now->tv_nsec >= t->tv_nsec);
+}
+
+/* Answers channels stuck in the module past their deadline (see struct channel). */
+static void *
+watchdog_main(void *arg)
+{
+	struct helper *h = arg;
+	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	struct timespec now, nap = { 0, WATCHDOG_MS * 1000000L };
+	char text[256];
+
+	if (out == NULL) {
+		log_err("watchdog: out of memory; stuck signatures will not be answered");
+		return NULL;
+	}
+	for (;;) {
+		nanosleep(&nap, NULL);
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		pthread_mutex_lock(&h->wlock);
+		for (struct channel *c = h->chans; c != NULL; c = c->next) {
+			if (!c->busy || c->expired || !ts_passed(&now, &c->deadline))
+				continue;
+			c->expired = 1;
+			snprintf(text, sizeof(text), "module %s did not finish signing within %d s "
+				 "(the token does not answer); the signing channel is closed",
+				 h->name, h->sign_timeout_ms / 1000);
+			log_err("channel %d: %s", c->fd, text);
+			/* The channel thread is inside the module: nobody else writes c->fd now. */
+			(void)chan_reply_error(c, out, P11A_E_TIMEOUT, text);
+			shutdown(c->fd, SHUT_RDWR);
+		}
+		pthread_mutex_unlock(&h->wlock);
+	}
 	return NULL;
 }
 
@@ -305,6 +383,12 @@ chan_adopt(struct helper *h, int fd, char *msg, size_t msg_size)
 	}
 	c->h = h;
 	c->fd = fd;
+	pthread_mutex_lock(&h->wlock);
+	c->next = h->chans;
+	if (h->chans != NULL)
+		h->chans->prev = c;
+	h->chans = c;
+	pthread_mutex_unlock(&h->wlock);
 	atomic_fetch_add(&h->channels, 1);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -314,6 +398,11 @@ chan_adopt(struct helper *h, int fd, char *msg, size_t msg_size)
 	pthread_attr_destroy(&attr);
 	if (r != 0) {
 		atomic_fetch_sub(&h->channels, 1);
+		pthread_mutex_lock(&h->wlock);
+		h->chans = c->next;
+		if (c->next != NULL)
+			c->next->prev = NULL;
+		pthread_mutex_unlock(&h->wlock);
 		free(c);
 		snprintf(msg, msg_size, "cannot start a channel thread: %s", strerror(r));
 		return -P11A_E_BUSY;
@@ -432,6 +521,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
 	h->sign_timeout_ms = sign_timeout_ms > 0 ? sign_timeout_ms : 30000;
 	h->name = mod->name != NULL ? mod->name : mod->path;
 	atomic_init(&h->channels, 0);
+	pthread_mutex_init(&h->wlock, NULL);
 	if (token_module_load(mod, h->sign_timeout_ms, &h->tm) != 0) {
 		log_err("module %s: not usable, helper exits", mod->path);
 		_exit(HELPER_EXIT_INIT);
@@ -442,6 +532,15 @@ helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
 	if (in == NULL || h->out == NULL || h->last_inv == NULL) {
 		log_err("out of memory");
 		_exit(HELPER_EXIT_INIT);
+	}
+	{
+		pthread_attr_t attr;
+		pthread_t t;
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		if (pthread_create(&t, &attr, watchdog_main, h) != 0)
+			log_err("cannot start the watchdog thread; stuck signatures will not be answered");
+		pthread_attr_destroy(&attr);
 	}
 	(void)token_refresh(h->tm);
 	/* The first inventory marks the helper up. */

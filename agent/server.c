@@ -242,6 +242,7 @@ struct client {
 	pid_t pid;
 	struct inframe in;
 	struct outq out;
+	int reply_fd;              /* descriptor for the awaited CHANNEL reply, or -1 */
 	int has_parked;            /* a request waits for helpers to come up */
 	struct p11a_msg parked;
 };
@@ -254,6 +255,7 @@ struct pending {
 	int64_t deadline;
 	uint8_t type;              /* request forwarded */
 	char *what;                /* for timeout messages */
+	int channel_fd;            /* H_ADOPT: the client's end of the channel, or -1 */
 };
 
 struct server {
@@ -490,6 +492,7 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	p->type = type;
 	p->deadline = now_ms() + s->cfg->sign_timeout_ms;
 	p->what = strdup(what ? what : "");
+	p->channel_fd = -1;
 	s->npending++;
 	s->clients[ci].waiting++;
 	return p;
@@ -509,10 +512,20 @@ client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, con
 	}
 	if (--c->waiting > 0)
 		return;
-	if (c->wait_error)
+	if (c->wait_error) {
+		if (c->reply_fd >= 0) {
+			close(c->reply_fd);
+			c->reply_fd = -1;
+		}
 		send_error(s, ci, c->wait_error, "%s", c->wait_error_msg ? c->wait_error_msg : "");
-	else
+	} else if (c->reply_fd >= 0) {
+		struct p11a_msg reply = { .type = P11A_MSG_CHANNEL };
+		int fd = c->reply_fd;
+		c->reply_fd = -1;
+		send_msg(s, ci, &reply, fd);
+	} else {
 		send_ok(s, ci);
+	}
 	c->wait_error = 0;
 	free(c->wait_error_msg);
 	c->wait_error_msg = NULL;
@@ -522,6 +535,8 @@ static void
 pending_remove(struct server *s, size_t pi)
 {
 	free(s->pending[pi].what);
+	if (s->pending[pi].channel_fd >= 0)
+		close(s->pending[pi].channel_fd);
 	s->pending[pi] = s->pending[--s->npending];
 }
 
@@ -580,7 +595,15 @@ helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 		struct pending *p = &s->pending[i];
 		if (p->id != id || p->helper != hi)
 			continue;
-		if (m->type == P11A_MSG_OK)
+		if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
+			/* The helper serves the channel now: hand the other end over. */
+			struct client *c = &s->clients[p->client];
+			if (c->fd >= 0 && c->serial == p->serial && c->reply_fd < 0) {
+				c->reply_fd = p->channel_fd;
+				p->channel_fd = -1;
+			}
+			client_reply_arrived(s, p->client, p->serial, 0, NULL);
+		} else if (m->type == P11A_MSG_OK)
 			client_reply_arrived(s, p->client, p->serial, 0, NULL);
 		else if (m->type == P11A_MSG_ERROR)
 			client_reply_arrived(s, p->client, p->serial, (int)m->u.error.code,
@@ -591,7 +614,7 @@ helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 		pending_remove(s, i);
 		return;
 	}
-	/* Replies to H_ADOPT and late replies after a timeout land here. */
+	/* Late replies after a timeout land here. */
 	log_debug("helper %s: reply type 0x%02x for id %u ignored", h->mod->name, m->type, id);
 }
 
@@ -847,6 +870,16 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	}
 	p11a_uri_matcher_free(mt);
 	if (found == 0) {
+		/* A helper that is down has no inventory: its keys are not gone, they are unknown. */
+		for (size_t i = 0; i < s->nhelpers; i++) {
+			const struct helper *dh = &s->helpers[i];
+			if (!dh->dead_for_good && (dh->fd < 0 || !dh->up)) {
+				send_error(s, ci, P11A_E_HELPER,
+					   "no key matches %s while the token helper for module %s "
+					   "is restarting; try again", uri, dh->mod->name);
+				return;
+			}
+		}
 		send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
 		return;
 	}
@@ -867,18 +900,25 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 		return;
 	}
 	/*
-	 * No need to wait for the helper's acknowledgement: SIGN frames queue
-	 * in the channel until the helper picks it up, and if the helper dies
-	 * first the client sees EOF on the channel and asks again.
+	 * The client gets its end only once the helper has taken the other
+	 * (H_ADOPT answered OK): a helper that is dying but not yet noticed
+	 * gives a clear HELPER error here, not a dead channel.  This costs one
+	 * helper wake-up per channel, not per signature.
 	 */
+	char what[160];
+	snprintf(what, sizeof(what), "opening a signing channel");
+	struct pending *p = pending_add(s, ci, hi, P11A_MSG_H_ADOPT, what);
+	if (!p) {
+		close(sv[0]);
+		close(sv[1]);
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	p->channel_fd = sv[1];
 	struct p11a_msg adopt = { .type = P11A_MSG_H_ADOPT };
-	if (++s->next_id == 0)
-		s->next_id = 1;
-	helper_send(s, hi, s->next_id, &adopt, sv[0]);
-	struct p11a_msg reply = { .type = P11A_MSG_CHANNEL };
 	log_debug("client %d: signing channel to helper %s for %s", s->clients[ci].fd,
 		  h->mod->name, uri);
-	send_msg(s, ci, &reply, sv[1]);
+	helper_send(s, hi, p->id, &adopt, sv[0]);
 }
 
 /* 1 while a helper was started less than HELPER_START_WAIT_MS ago and has not reported. */
@@ -1011,6 +1051,10 @@ client_close(struct server *s, size_t i)
 	free(c->wait_error_msg);
 	c->wait_error_msg = NULL;
 	c->waiting = 0;
+	if (c->reply_fd >= 0) {
+		close(c->reply_fd);
+		c->reply_fd = -1;
+	}
 	if (c->has_parked) {
 		p11a_msg_clear(&c->parked);
 		c->has_parked = 0;
@@ -1074,6 +1118,7 @@ client_accept(struct server *s)
 		c->serial = ++s->next_serial;
 		c->uid = cred.uid;
 		c->pid = cred.pid;
+		c->reply_fd = -1;
 		s->open_clients++;
 		log_debug("client %d: connected (pid %ld)", fd, (long)cred.pid);
 	}

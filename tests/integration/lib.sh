@@ -423,13 +423,16 @@ p11a() {
 # helpers have reported their tokens, and these tests are not about that
 # start-up window (t_lifecycle is).  Sets AGENT_PID and AGENT_HELPERS.
 # With AGENT_DEFAULT_SOCKET=yes the agent gets no --socket and picks its
-# default path, which the caller has put in $SOCK.
+# default path, which the caller has put in $SOCK.  P11AGENTD_WRAPPER, when
+# set, is a command line put before the agent (e.g. valgrind, see
+# docs/reliability.md).
 AGENT_ARGS=()
 AGENT_DEFAULT_SOCKET=no
 start_agent() {
 	local sockarg=(--socket "$SOCK")
 	[ "$AGENT_DEFAULT_SOCKET" != yes ] || sockarg=()
-	"$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} --module "$SOFTHSM2_MODULE" --debug \
+	# shellcheck disable=SC2086 # P11AGENTD_WRAPPER is a command line, e.g. "valgrind -q"
+	${P11AGENTD_WRAPPER:-} "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} --module "$SOFTHSM2_MODULE" --debug \
 		${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} >>"$AGENT_LOG" 2>&1 &
 	AGENT_PID=$!
 	remember_pid "$AGENT_PID"

@@ -1,0 +1,413 @@
+/*
+ * Fuzz targets for the agent's main process (agent/server.c).
+ *
+ * Seam: this file #includes agent/server.c, so its static functions are
+ * reachable without any change to the agent.  A fake server is set up
+ * with one client connection and one token helper, each a socketpair
+ * whose other end belongs to the harness; nothing listens and nothing is
+ * forked (the fake helper's pid is one that cannot exist, so the agent's
+ * kill()/waitpid() on a misbehaving helper hit nobody).
+ *
+ * FUZZ_MODE_REQUEST (fuzz_request): the input is the byte stream a client
+ * sends on its main connection: a sequence of frames, cut anywhere,
+ * decoded by inframe_read()/client_request() and dispatched exactly as in
+ * the event loop.  The fake helper holds a fixed inventory and answers
+ * every forwarded request (UNLOCK, LOCK) with OK or ERROR, or lets it time
+ * out, so the pending-request paths run too.
+ *
+ * FUZZ_MODE_INTERNAL (fuzz_internal): the input is the byte stream a token
+ * helper sends the agent (internal frames: H_INVENTORY, OK, ERROR, with
+ * request ids).  After each helper frame a client sends LIST, STATUS,
+ * OPEN_CHANNEL, UNLOCK and LOCK, so that the inventory the fuzzer made is
+ * used (URI matching, list replies).
+ */
+#include "server.c"
+
+#include <stdint.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+
+#define FAKE_HELPER_PID ((pid_t)INT_MAX)   /* above any pid_max: kill() gets ESRCH */
+
+static struct agent_config fz_cfg;
+static int fz_ready;
+
+static const char tok_uri[] =
+	"pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=0123456789abcdef;token=fuzz";
+static const char key_uri[] =
+	"pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=0123456789abcdef;"
+	"token=fuzz;id=%02;object=ec256;type=private";
+
+static void
+fz_setup(void)
+{
+	if (fz_ready)
+		return;
+	fz_ready = 1;
+	signal(SIGPIPE, SIG_IGN);
+	config_init(&fz_cfg);
+	fz_cfg.socket_path = strdup("/nonexistent/fuzz.sock");
+	fz_cfg.sign_timeout_ms = 1000;
+	fz_cfg.max_connections = 16;
+	if (config_add_module(&fz_cfg, "/nonexistent/fuzz-module.so", "fuzz", NULL) != 0)
+		abort();
+#ifdef FUZZING_LIBFUZZER
+	/* Millions of "malformed message" warnings: keep them off the fuzzer's stderr. */
+	log_init("fuzz", 1, 0);
+#else
+	log_init("fuzz", 0, getenv("FUZZ_DEBUG") != NULL);
+#endif
+}
+
+int
+LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	(void)argc;
+	(void)argv;
+	fz_setup();
+	return 0;
+}
+
+static void
+fz_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0)
+		abort();
+}
+
+/* Reads and discards what is there, closing any descriptor passed along. */
+static void
+fz_drain(int fd)
+{
+	for (;;) {
+		char buf[65536];
+		union {
+			char b[CMSG_SPACE(sizeof(int) * 4)];
+			struct cmsghdr align;
+		} cm;
+		struct iovec iov = { buf, sizeof(buf) };
+		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+				     .msg_control = cm.b, .msg_controllen = sizeof(cm.b) };
+		ssize_t n = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (n <= 0)
+			return;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+				size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < k; i++) {
+					int pfd;
+					memcpy(&pfd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+					close(pfd);
+				}
+			}
+		}
+	}
+}
+
+static void
+fz_inventory(struct p11a_list_reply *inv)
+{
+	static const uint8_t id[] = { 0x02 };
+
+	memset(inv, 0, sizeof(*inv));
+	inv->tokens = calloc(1, sizeof(*inv->tokens));
+	inv->keys = calloc(1, sizeof(*inv->keys));
+	if (!inv->tokens || !inv->keys)
+		abort();
+	inv->ntokens = 1;
+	inv->tokens[0].uri = strdup(tok_uri);
+	inv->tokens[0].label = strdup("fuzz");
+	inv->tokens[0].manufacturer = strdup("SoftHSM project");
+	inv->tokens[0].model = strdup("SoftHSM v2");
+	inv->tokens[0].serial = strdup("0123456789abcdef");
+	inv->tokens[0].module = strdup("fuzz");
+	inv->tokens[0].flags = P11A_TOKEN_PRESENT | P11A_TOKEN_LOGIN_REQUIRED;
+	inv->nkeys = 1;
+	inv->keys[0].uri = strdup(key_uri);
+	inv->keys[0].token_uri = strdup(tok_uri);
+	inv->keys[0].label = strdup("ec256");
+	inv->keys[0].id = malloc(1);
+	memcpy(inv->keys[0].id, id, 1);
+	inv->keys[0].id_len = 1;
+	inv->keys[0].type = P11A_KEY_EC;
+	inv->keys[0].bits = 256;
+	inv->keys[0].curve = strdup("P-256");
+	inv->keys[0].cert_uri = strdup("");
+	inv->keys[0].cert_label = strdup("");
+}
+
+struct fz {
+	struct server srv;
+	int client_peer;
+	int helper_peer;
+};
+
+static void
+fz_start(struct fz *z, int with_inventory, int hello_done)
+{
+	struct server *s = &z->srv;
+	int cv[2], hv[2];
+
+	memset(z, 0, sizeof(*z));
+	s->cfg = &fz_cfg;
+	s->listen_fd = -1;
+	s->sig_fd = -1;
+	s->uid = getuid();
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cv) != 0 ||
+	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, hv) != 0)
+		abort();
+	fz_nonblock(cv[0]);
+	fz_nonblock(cv[1]);
+	fz_nonblock(hv[0]);
+	fz_nonblock(hv[1]);
+
+	s->nhelpers = 1;
+	if (!(s->helpers = calloc(1, sizeof(*s->helpers))))
+		abort();
+	struct helper *h = &s->helpers[0];
+	h->mod = &fz_cfg.modules[0];
+	h->fd = hv[0];
+	h->pid = FAKE_HELPER_PID;
+	h->up = with_inventory;
+	h->started_ms = now_ms() - HELPER_START_WAIT_MS - 1;
+	h->restart_delay_ms = RESTART_DELAY_MIN_MS;
+	if (with_inventory)
+		fz_inventory(&h->inv);
+	z->helper_peer = hv[1];
+
+	s->cclients = s->nclients = 1;
+	if (!(s->clients = calloc(1, sizeof(*s->clients))))
+		abort();
+	struct client *c = &s->clients[0];
+	c->fd = cv[0];
+	c->serial = ++s->next_serial;
+	c->uid = s->uid;
+	c->pid = getpid();
+	c->hello_done = hello_done;
+	s->open_clients = 1;
+	z->client_peer = cv[1];
+}
+
+static void
+fz_stop(struct fz *z)
+{
+	struct server *s = &z->srv;
+
+	for (size_t i = 0; i < s->nclients; i++)
+		client_close(s, i);
+	free(s->clients);
+	for (size_t i = 0; i < s->npending; i++)
+		free(s->pending[i].what);
+	free(s->pending);
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		struct helper *h = &s->helpers[i];
+		if (h->fd >= 0)
+			close(h->fd);
+		inframe_reset(&h->in);
+		outq_clear(&h->out);
+		inventory_clear(&h->inv);
+	}
+	free(s->helpers);
+	fz_drain(z->client_peer);
+	fz_drain(z->helper_peer);
+	close(z->client_peer);
+	close(z->helper_peer);
+}
+
+/* Writes what the agent queued for its client and helper; drains both. */
+static void
+fz_flush(struct fz *z)
+{
+	struct server *s = &z->srv;
+	struct client *c = &s->clients[0];
+	struct helper *h = &s->helpers[0];
+
+	for (int round = 0; round < 64; round++) {
+		if (c->fd >= 0 && c->out.head && outq_flush(&c->out, c->fd) != 0)
+			client_close(s, 0);
+		if (h->fd >= 0 && h->out.head && outq_flush(&h->out, h->fd) != 0)
+			helper_down(s, 0, "write failed");
+		fz_drain(z->client_peer);
+		if (!(c->fd >= 0 && c->out.head) && !(h->fd >= 0 && h->out.head))
+			break;
+	}
+	if (c->fd >= 0 && c->closing && !c->out.head)
+		client_close(s, 0);
+}
+
+#ifdef FUZZ_MODE_REQUEST
+/*
+ * The fake helper answers each request it was sent: OK for odd ids, an
+ * ERROR for even ones; every third one is left to time out instead.
+ */
+static void
+fz_helper_answers(struct fz *z)
+{
+	struct server *s = &z->srv;
+	struct helper *h = &s->helpers[0];
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	int answered = 0;
+
+	if (!in || !out)
+		abort();
+	for (;;) {
+		int rfd = -1;
+		uint32_t id;
+		struct p11a_msg m, rep;
+		if (p11a_frame_read(z->helper_peer, in, &rfd, 0) != 0)
+			break;
+		if (rfd >= 0)
+			close(rfd);
+		if (p11a_msg_decode_internal(p11a_buf_ptr(in), p11a_buf_len(in), &id, &m) != 0)
+			abort();   /* the agent must never send a malformed internal frame */
+		p11a_msg_clear(&m);
+		if (id % 3 == 0)
+			continue;
+		memset(&rep, 0, sizeof(rep));
+		if (id % 2)
+			rep.type = P11A_MSG_OK;
+		else if (p11a_msg_set_error(&rep, P11A_E_PIN_INCORRECT, "PIN incorrect (fuzz)") != 0)
+			abort();
+		p11a_buf_reset(out);
+		if (p11a_msg_encode_internal(id, &rep, out) != 0 ||
+		    p11a_frame_write(z->helper_peer, out, -1, 1000) != 0)
+			abort();
+		p11a_msg_clear(&rep);
+		answered++;
+	}
+	p11a_buf_free(in);
+	p11a_buf_free(out);
+	if (answered && h->fd >= 0)
+		helper_readable(s, 0);
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	struct fz z;
+	size_t off = 0;
+	int shut = 0;
+
+	fz_setup();
+	fz_start(&z, 1, 0);
+	struct server *s = &z.srv;
+	for (int iter = 0; iter < 100000; iter++) {
+		struct client *c = &s->clients[0];
+		if (c->fd < 0)
+			break;
+		if (off < size) {
+			ssize_t n = send(z.client_peer, data + off, size - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+			if (n > 0)
+				off += (size_t)n;
+		} else if (!shut) {
+			shutdown(z.client_peer, SHUT_WR);
+			shut = 1;
+		}
+		/* As the event loop: read only once the last request is answered. */
+		if (!c->waiting && !c->has_parked && !c->out.head && !c->closing)
+			client_readable(s, 0);
+		fz_flush(&z);
+		if (c->fd >= 0 && c->waiting) {
+			fz_helper_answers(&z);
+			pending_expire(s, INT64_MAX);
+			fz_flush(&z);
+		}
+		clients_unpark(s, now_ms());
+		fz_flush(&z);
+	}
+	fz_stop(&z);
+	return 0;
+}
+#endif
+
+#ifdef FUZZ_MODE_INTERNAL
+/* A client's requests against whatever inventory the helper reported. */
+static void
+fz_client_round(struct fz *z)
+{
+	struct server *s = &z->srv;
+	struct helper *h = &s->helpers[0];
+	struct p11a_msg m;
+	const char *k = h->inv.nkeys && h->inv.keys[0].uri ? h->inv.keys[0].uri : key_uri;
+	const char *t = h->inv.ntokens && h->inv.tokens[0].uri ? h->inv.tokens[0].uri : "";
+
+	for (int what = 0; what < 7; what++) {
+		struct client *c = &s->clients[0];
+		if (c->fd < 0 || c->waiting)
+			break;
+		memset(&m, 0, sizeof(m));
+		switch (what) {
+		case 0: m.type = P11A_MSG_LIST; break;
+		case 1: m.type = P11A_MSG_STATUS; break;
+		case 2:
+			m.type = P11A_MSG_OPEN_CHANNEL;
+			m.u.open_channel.key_uri = strdup(k);
+			break;
+		case 3:
+			m.type = P11A_MSG_OPEN_CHANNEL;
+			m.u.open_channel.key_uri = strdup("pkcs11:object=ec256");
+			break;
+		case 4:
+			m.type = P11A_MSG_UNLOCK;
+			m.u.unlock.token_uri = strdup("");
+			memcpy(m.u.unlock.pin, "1234", 4);
+			m.u.unlock.pin_len = 4;
+			break;
+		case 5:
+			m.type = P11A_MSG_UNLOCK;
+			m.u.unlock.token_uri = strdup(t);
+			memcpy(m.u.unlock.pin, "1234", 4);
+			m.u.unlock.pin_len = 4;
+			break;
+		default:
+			m.type = P11A_MSG_LOCK;
+			m.u.lock.token_uri = strdup("");
+			break;
+		}
+		client_dispatch(s, 0, &m);
+		fz_flush(z);
+		fz_drain(z->helper_peer);
+		if (c->fd >= 0 && c->waiting)
+			return;     /* answered by the helper's next frames, or timed out below */
+	}
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	struct fz z;
+	size_t off = 0;
+
+	fz_setup();
+	fz_start(&z, 0, 1);
+	struct server *s = &z.srv;
+	struct helper *h = &s->helpers[0];
+	for (int iter = 0; iter < 100000 && h->fd >= 0; iter++) {
+		int progress = 0;
+		if (off < size) {
+			ssize_t n = send(z.helper_peer, data + off, size - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+			if (n > 0) {
+				off += (size_t)n;
+				progress = 1;
+			}
+		} else {
+			shutdown(z.helper_peer, SHUT_WR);
+		}
+		helper_readable(s, 0);
+		fz_flush(&z);
+		if (h->fd >= 0 && h->up)
+			fz_client_round(&z);
+		if (!progress && off >= size)
+			pending_expire(s, INT64_MAX);
+		fz_flush(&z);
+		if (s->clients[0].fd < 0)
+			break;
+	}
+	fz_stop(&z);
+	return 0;
+}
+#endif
