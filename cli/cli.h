@@ -41,6 +41,7 @@ int cmd_export_cert(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_env(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_export_key(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_exec(struct cli_ctx *ctx, int argc, char **argv);
+int cmd_setup(struct cli_ctx *ctx, int argc, char **argv);
 
 /* ------------------------------------------------------------ messages */
 

@@ -1,0 +1,273 @@
+/*
+ * p11agent setup: registers the PKCS#11 front-end module
+ * (p11agent-pkcs11.so) with the clients that do not read p11-kit's
+ * registry: NSS databases (Chromium, NSS tools) and Firefox policies.
+ * GnuTLS programs (git, wget) find it through p11-kit's registration
+ * (packaging/p11agent-pkcs11.module).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cli.h"
+
+#ifndef P11AGENT_PKCS11_MODULE
+#define P11AGENT_PKCS11_MODULE "/usr/lib/pkcs11/p11agent-pkcs11.so"
+#endif
+#define NSS_NAME "p11agent"
+
+static const char setup_usage[] =
+	"Usage: p11agent setup nss [--db DIR] [--name NAME] [--module PATH] [--remove]\n"
+	"       p11agent setup firefox-policy [--name NAME] [--module PATH]\n"
+	"\n"
+	"Registers the PKCS#11 front-end module, through which NSS and GnuTLS\n"
+	"programs use the agent's keys without a PIN prompt.\n"
+	"\n"
+	"  nss             add the module to an NSS database with modutil\n"
+	"                  (Chromium reads ~/.pki/nssdb); the database is made\n"
+	"                  when it does not exist\n"
+	"  firefox-policy  print a policies.json fragment (SecurityDevices) for\n"
+	"                  Firefox; put it in /etc/firefox/policies/policies.json\n"
+	"\n"
+	"git and wget (GnuTLS) load modules registered with p11-kit: install\n"
+	"p11agent-pkcs11.module in p11-kit's module directory, then use the URIs\n"
+	"that 'p11agent list' prints as http.sslKey / --private-key.\n"
+	"\n"
+	"Options:\n"
+	"  -d, --db DIR        NSS database directory (default ~/.pki/nssdb)\n"
+	"  -n, --name NAME     module name in NSS/Firefox (default " NSS_NAME ")\n"
+	"  -m, --module PATH   the module (default $P11AGENT_PKCS11_MODULE, else\n"
+	"                      " P11AGENT_PKCS11_MODULE ")\n"
+	"  -r, --remove        nss: remove the module instead of adding it\n"
+	"  -h, --help          show this help\n";
+
+/* Runs argv (no shell), output to stderr; returns its exit status or -1. */
+static int
+run_tool(char *const argv[], int quiet)
+{
+	pid_t pid;
+	int st;
+
+	fflush(stdout);
+	if ((pid = fork()) < 0) {
+		cli_err("cannot fork: %s", strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		int fd = quiet ? open("/dev/null", O_WRONLY) : -1;
+
+		if (fd >= 0)
+			dup2(fd, STDERR_FILENO);
+		dup2(STDERR_FILENO, STDOUT_FILENO);
+		execvp(argv[0], argv);
+		fprintf(stderr, "p11agent: cannot run %s: %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	while (waitpid(pid, &st, 0) < 0) {
+		if (errno != EINTR)
+			return -1;
+	}
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* Absolute path of an existing module file. */
+static char *
+module_path(const char *opt)
+{
+	const char *m = opt;
+	char *abs;
+
+	if (m == NULL)
+		m = getenv("P11AGENT_PKCS11_MODULE");
+	if (m == NULL || *m == '\0')
+		m = P11AGENT_PKCS11_MODULE;
+	if ((abs = realpath(m, NULL)) == NULL)
+		cli_err("module %s: %s", m, strerror(errno));
+	return abs;
+}
+
+static int
+setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
+{
+	char *dbdir = NULL, *sqldb = NULL, *mod = NULL, *home_db = NULL;
+	struct stat st;
+	int rc = CLI_EXIT_FAIL, r;
+
+	if (db == NULL) {
+		const char *home = getenv("HOME");
+
+		if (home == NULL || *home == '\0') {
+			cli_err("HOME is not set; give --db DIR");
+			return CLI_EXIT_FAIL;
+		}
+		if (asprintf(&home_db, "%s/.pki/nssdb", home) < 0) {
+			cli_err("out of memory");
+			return CLI_EXIT_FAIL;
+		}
+		db = home_db;
+	}
+	if (strncmp(db, "sql:", 4) == 0)
+		db += 4;
+	if ((dbdir = strdup(db)) == NULL || asprintf(&sqldb, "sql:%s", dbdir) < 0) {
+		cli_err("out of memory");
+		goto out;
+	}
+	if (!remove && (mod = module_path(mod_opt)) == NULL)
+		goto out;
+
+	if (stat(dbdir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+		char *mk[] = { "mkdir", "-p", "-m", "0700", dbdir, NULL };
+
+		if (remove) {
+			cli_err("NSS database %s does not exist", dbdir);
+			goto out;
+		}
+		if (run_tool(mk, 0) != 0)
+			goto out;
+	}
+	if (stat(dbdir, &st) == 0) {
+		char *path = NULL;
+
+		if (asprintf(&path, "%s/cert9.db", dbdir) < 0)
+			goto out;
+		if (!remove && access(path, F_OK) != 0) {
+			char *mk[] = { "certutil", "-N", "-d", sqldb, "--empty-password", NULL };
+
+			if (run_tool(mk, 0) != 0) {
+				cli_err("certutil could not create the NSS database %s (is libnss3-tools installed?)",
+					dbdir);
+				free(path);
+				goto out;
+			}
+		}
+		free(path);
+	}
+	if (remove) {
+		char *del[] = { "modutil", "-dbdir", sqldb, "-delete", (char *)name, "-force", NULL };
+
+		if ((r = run_tool(del, 0)) != 0) {
+			cli_err("modutil could not remove module '%s' from %s (exit %d)", name, dbdir, r);
+			goto out;
+		}
+		printf("Removed module '%s' from the NSS database %s.\n", name, dbdir);
+		rc = CLI_EXIT_OK;
+		goto out;
+	}
+	{
+		/* Already there (same name): replace, so that a new path takes effect. */
+		char *del[] = { "modutil", "-dbdir", sqldb, "-delete", (char *)name, "-force", NULL };
+		char *add[] = { "modutil", "-dbdir", sqldb, "-add", (char *)name,
+				"-libfile", mod, "-force", NULL };
+
+		(void)run_tool(del, 1);
+		if ((r = run_tool(add, 0)) != 0) {
+			cli_err("modutil could not add %s to %s (exit %d; is libnss3-tools installed?)",
+				mod, dbdir, r);
+			goto out;
+		}
+	}
+	printf("Added module '%s' (%s) to the NSS database %s.\n"
+	       "Chromium and NSS tools using this database now see the agent's tokens.\n",
+	       name, mod, dbdir);
+	rc = CLI_EXIT_OK;
+out:
+	free(home_db);
+	free(dbdir);
+	free(sqldb);
+	free(mod);
+	return cli_finish_stdout(rc);
+}
+
+static void
+json_string(const char *s)
+{
+	putchar('"');
+	for (; *s != '\0'; s++) {
+		unsigned char ch = (unsigned char)*s;
+
+		if (ch == '"' || ch == '\\')
+			printf("\\%c", ch);
+		else if (ch < 0x20)
+			printf("\\u%04x", ch);
+		else
+			putchar(ch);
+	}
+	putchar('"');
+}
+
+static int
+setup_firefox(const char *name, const char *mod_opt)
+{
+	char *mod;
+
+	if ((mod = module_path(mod_opt)) == NULL)
+		return CLI_EXIT_FAIL;
+	printf("{\n  \"policies\": {\n    \"SecurityDevices\": {\n      \"Add\": {\n        ");
+	json_string(name);
+	printf(": ");
+	json_string(mod);
+	printf("\n      }\n    }\n  }\n}\n");
+	free(mod);
+	return cli_finish_stdout(CLI_EXIT_OK);
+}
+
+int
+cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "db", required_argument, NULL, 'd' },
+		{ "name", required_argument, NULL, 'n' },
+		{ "module", required_argument, NULL, 'm' },
+		{ "remove", no_argument, NULL, 'r' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 }
+	};
+	const char *db = NULL, *name = NSS_NAME, *mod = NULL, *what;
+	int ch, remove = 0;
+
+	(void)ctx;
+	while ((ch = getopt_long(argc, argv, "d:n:m:rh", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'd':
+			db = optarg;
+			break;
+		case 'n':
+			if (*optarg == '\0')
+				return cli_usage_err("setup", "--name: empty name");
+			name = optarg;
+			break;
+		case 'm':
+			mod = optarg;
+			break;
+		case 'r':
+			remove = 1;
+			break;
+		case 'h':
+			fputs(setup_usage, stdout);
+			return cli_finish_stdout(CLI_EXIT_OK);
+		default:
+			return cli_try_help("setup");
+		}
+	}
+	if (optind >= argc)
+		return cli_usage_err("setup", "missing target: nss or firefox-policy");
+	what = argv[optind++];
+	if (optind < argc)
+		return cli_usage_err("setup", "unexpected argument '%s'", argv[optind]);
+	if (strcmp(what, "nss") == 0)
+		return setup_nss(db, name, mod, remove);
+	if (strcmp(what, "firefox-policy") == 0) {
+		if (db != NULL || remove)
+			return cli_usage_err("setup", "--db and --remove apply to 'setup nss' only");
+		return setup_firefox(name, mod);
+	}
+	return cli_usage_err("setup", "unknown target '%s' (nss or firefox-policy)", what);
+}

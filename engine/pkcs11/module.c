@@ -1,0 +1,1491 @@
+/*
+ * p11agent-pkcs11.so entry points.
+ *
+ * State lives in one structure behind one mutex: slots (one per agent
+ * token, ids never reused), objects (handles never reused), sessions,
+ * and the connection to the agent.  Every agent request is made with the
+ * mutex held; the client library is not thread-safe and a signature is
+ * one short round trip.
+ *
+ * The slot list and objects are refreshed from LIST at most every
+ * REFRESH_MS (and always on C_Login), so `p11agent lock`, `unlock`, an
+ * agent restart or a token removal show up in a running client without
+ * restarting it.
+ */
+#include "config.h"
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "p11m.h"
+#include "client.h"
+#include "sigenc.h"
+
+#define P11M_EXPORT __attribute__((visibility("default")))
+#define REFRESH_MS   200
+#define DATA_CAP     (128u * 1024u)   /* bytes buffered before hashing locally */
+#define CLIENT_NAME  "p11agent-pkcs11 " PACKAGE_VERSION
+/*
+ * LIST is answered from the agent's inventory at once: a short deadline
+ * keeps a stopped (SIGSTOP) or wedged agent from freezing the caller.
+ * SIGN and UNLOCK may wait on the token: the library's default.
+ */
+#define LIST_TIMEOUT_MS 5000
+
+struct slot {
+	CK_SLOT_ID id;
+	struct p11a_token tok;       /* tok.uri NULL: placeholder, no token seen yet */
+	int present;
+};
+
+struct sess {
+	CK_SESSION_HANDLE h;
+	CK_SLOT_ID slot;
+	CK_FLAGS flags;
+	/* C_FindObjects */
+	int find_active;
+	CK_OBJECT_HANDLE *found;
+	size_t nfound, pos;
+	/* C_Sign* */
+	int sign_active;
+	int sign_multi;              /* C_SignUpdate was called */
+	CK_OBJECT_HANDLE key;
+	const struct p11m_mech *mech;
+	int hash, mgf1;
+	uint32_t salt;
+	uint8_t *data;
+	size_t len, cap;
+	EVP_MD_CTX *md;              /* hash-and-sign input past DATA_CAP */
+};
+
+static struct {
+	int initialized;
+	pid_t pid;
+	struct p11a_client *ctl;     /* LIST */
+	struct p11a_client *client;  /* SIGN, UNLOCK */
+	struct slot *slots;
+	size_t nslots;
+	struct p11m_obj *objs;       /* handle = index + 1 */
+	size_t nobjs;
+	struct sess **sess;
+	size_t nsess;
+	CK_SESSION_HANDLE next_sess;
+	int refreshed;
+	int agent_up;                /* the last LIST was answered */
+	uint64_t last_refresh;
+	int debug;
+	unsigned key_types;          /* bit (1 << enum p11a_keytype) per type shown */
+} g;
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void
+dbg(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!g.debug)
+		return;
+	va_start(ap, fmt);
+	fputs("p11agent-pkcs11: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+}
+
+static uint64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Space-padded copy of a C string into a PKCS#11 text field. */
+static void
+pad(unsigned char *field, size_t size, const char *s)
+{
+	size_t n = s ? strlen(s) : 0;
+
+	memset(field, ' ', size);
+	if (n > size) {
+		n = size;
+		/* do not cut a UTF-8 sequence in half */
+		while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+			n--;
+	}
+	if (n > 0)
+		memcpy(field, s, n);
+}
+
+/* ------------------------------------------------------------ fork */
+
+static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
+/*
+ * The child keeps the module's state: sessions and handles are local
+ * bookkeeping, and the client library drops the parent's descriptors on
+ * its first call in the child.  A child that calls C_Initialize again
+ * starts from scratch (see m_Initialize).
+ */
+static void atfork_child(void) { pthread_mutex_unlock(&g_lock); }
+
+static void
+once_init(void)
+{
+	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+/* ------------------------------------------------------------ state */
+
+static void
+sess_reset_sign(struct sess *s)
+{
+	if (s->data != NULL) {
+		p11a_wipe(s->data, s->cap);
+		free(s->data);
+	}
+	s->data = NULL;
+	s->len = s->cap = 0;
+	EVP_MD_CTX_free(s->md);
+	s->md = NULL;
+	s->sign_active = 0;
+	s->sign_multi = 0;
+	s->mech = NULL;
+}
+
+static void
+sess_free(struct sess *s)
+{
+	if (s == NULL)
+		return;
+	sess_reset_sign(s);
+	free(s->found);
+	free(s);
+}
+
+static void
+state_free_locked(void)
+{
+	size_t i;
+
+	for (i = 0; i < g.nsess; i++)
+		sess_free(g.sess[i]);
+	free(g.sess);
+	for (i = 0; i < g.nobjs; i++) {
+		p11m_obj_attrs_free(&g.objs[i]);
+		free(g.objs[i].key_uri);
+	}
+	free(g.objs);
+	for (i = 0; i < g.nslots; i++)
+		p11a_token_clear(&g.slots[i].tok);
+	free(g.slots);
+	p11a_client_free(g.ctl);
+	p11a_client_free(g.client);
+	memset(&g, 0, sizeof(g));
+}
+
+static struct slot *
+slot_get(CK_SLOT_ID id)
+{
+	return id < g.nslots ? &g.slots[id] : NULL;
+}
+
+static int
+slot_logged_in(const struct slot *s)
+{
+	return s->present && ((s->tok.flags & P11A_TOKEN_LOGGED_IN) ||
+			      !(s->tok.flags & P11A_TOKEN_LOGIN_REQUIRED));
+}
+
+static struct sess *
+sess_get(CK_SESSION_HANDLE h)
+{
+	size_t i;
+
+	for (i = 0; i < g.nsess; i++) {
+		if (g.sess[i]->h == h)
+			return g.sess[i];
+	}
+	return NULL;
+}
+
+static struct p11m_obj *
+obj_get(CK_OBJECT_HANDLE h, CK_SLOT_ID slot)
+{
+	struct p11m_obj *o;
+
+	if (h == 0 || h > g.nobjs)
+		return NULL;
+	o = &g.objs[h - 1];
+	if (!o->live || o->slot != slot)
+		return NULL;
+	return o;
+}
+
+static void
+agent_down_locked(void)
+{
+	size_t i;
+
+	for (i = 0; i < g.nslots; i++)
+		g.slots[i].present = 0;
+	for (i = 0; i < g.nobjs; i++)
+		g.objs[i].live = 0;
+	g.agent_up = 0;
+}
+
+static struct slot *
+slot_for_token(const struct p11a_token *t)
+{
+	struct slot *ns;
+	size_t i;
+
+	for (i = 0; i < g.nslots; i++) {
+		if (g.slots[i].tok.uri != NULL && strcmp(g.slots[i].tok.uri, t->uri) == 0)
+			return &g.slots[i];
+	}
+	for (i = 0; i < g.nslots; i++) {
+		if (g.slots[i].tok.uri == NULL)
+			return &g.slots[i];
+	}
+	if ((ns = realloc(g.slots, (g.nslots + 1) * sizeof(*ns))) == NULL)
+		return NULL;
+	g.slots = ns;
+	memset(&g.slots[g.nslots], 0, sizeof(*ns));
+	g.slots[g.nslots].id = g.nslots;
+	return &g.slots[g.nslots++];
+}
+
+static void
+obj_update(CK_SLOT_ID slot, CK_OBJECT_CLASS cls, const struct p11a_key *k)
+{
+	struct p11m_obj *o = NULL, *no;
+	size_t i;
+
+	for (i = 0; i < g.nobjs; i++) {
+		if (g.objs[i].slot == slot && g.objs[i].cls == cls &&
+		    strcmp(g.objs[i].key_uri, k->uri) == 0) {
+			o = &g.objs[i];
+			break;
+		}
+	}
+	if (o == NULL) {
+		if ((no = realloc(g.objs, (g.nobjs + 1) * sizeof(*no))) == NULL)
+			return;
+		g.objs = no;
+		o = &g.objs[g.nobjs];
+		memset(o, 0, sizeof(*o));
+		if ((o->key_uri = strdup(k->uri)) == NULL)
+			return;
+		o->handle = g.nobjs + 1;
+		o->slot = slot;
+		o->cls = cls;
+		g.nobjs++;
+	}
+	if (p11m_obj_build(o, cls, k) == CKR_OK)
+		o->live = 1;
+	else
+		dbg("cannot describe key '%s' as a PKCS#11 object of class %lu", k->uri, cls);
+}
+
+static void
+apply_list_locked(const struct p11a_list_reply *l)
+{
+	struct slot *s;
+	size_t i, j;
+
+	agent_down_locked();
+	for (i = 0; i < l->ntokens; i++) {
+		if ((s = slot_for_token(&l->tokens[i])) == NULL)
+			continue;
+		if (s->tok.uri == NULL || strcmp(s->tok.uri, l->tokens[i].uri) != 0 ||
+		    s->tok.flags != l->tokens[i].flags) {
+			struct p11a_token copy;
+			if (p11a_token_copy(&copy, &l->tokens[i]) != 0)
+				continue;
+			p11a_token_clear(&s->tok);
+			s->tok = copy;
+		}
+		s->present = (l->tokens[i].flags & P11A_TOKEN_PRESENT) != 0;
+	}
+	for (i = 0; i < l->nkeys; i++) {
+		const struct p11a_key *k = &l->keys[i];
+
+		s = NULL;
+		for (j = 0; j < g.nslots; j++) {
+			if (g.slots[j].tok.uri != NULL && strcmp(g.slots[j].tok.uri, k->token_uri) == 0) {
+				s = &g.slots[j];
+				break;
+			}
+		}
+		if (s == NULL || !s->present || !(g.key_types & (1u << k->type)))
+			continue;
+		if (k->cert_len > 0)
+			obj_update(s->id, CKO_CERTIFICATE, k);
+		if (k->spki_len > 0)
+			obj_update(s->id, CKO_PUBLIC_KEY, k);
+		if ((k->flags & P11A_KEY_PRIVATE_VISIBLE) && k->spki_len > 0)
+			obj_update(s->id, CKO_PRIVATE_KEY, k);
+	}
+}
+
+/* Connects *c (the socket from P11AGENT_SOCK or the default) if needed. */
+static int
+client_get(struct p11a_client **c, int timeout_ms)
+{
+	if (*c != NULL)
+		return 0;
+	return p11a_client_connect(NULL, CLIENT_NAME, timeout_ms, c);
+}
+
+/*
+ * Brings slots and objects up to date with the agent's LIST, at most
+ * every REFRESH_MS unless forced.  With the agent down every slot shows
+ * no token and every object handle is invalid until it answers again.
+ */
+static void
+refresh_locked(int force)
+{
+	struct p11a_msg reply;
+	uint64_t now = now_ms();
+	int r;
+
+	if (!force && g.refreshed && now - g.last_refresh < REFRESH_MS)
+		return;
+	g.refreshed = 1;
+	g.last_refresh = now;
+	if ((r = client_get(&g.ctl, LIST_TIMEOUT_MS)) != 0) {
+		dbg("cannot reach the agent: %s", p11a_strerror(r));
+		agent_down_locked();
+		return;
+	}
+	memset(&reply, 0, sizeof(reply));
+	if ((r = p11a_client_list(g.ctl, &reply)) != 0) {
+		dbg("LIST failed: %s", p11a_client_last_error(g.ctl));
+		agent_down_locked();
+		return;
+	}
+	apply_list_locked(&reply.u.list);
+	p11a_msg_clear(&reply);
+	g.agent_up = 1;
+	if (g.nslots == 0) {
+		/* a placeholder slot: clients that scan slots once find it later */
+		if ((g.slots = calloc(1, sizeof(*g.slots))) != NULL)
+			g.nslots = 1;
+	}
+}
+
+/* ------------------------------------------------------------ general */
+
+/*
+ * P11AGENT_PKCS11_KEY_TYPES="rsa,ec" shows only those key types (default:
+ * all).  libp11 0.4.12 (OpenSSL's pkcs11 engine, curl --engine pkcs11)
+ * fails its whole key enumeration at the first Ed25519 key on a token.
+ */
+static unsigned
+key_types_from_env(void)
+{
+	const char *v = getenv("P11AGENT_PKCS11_KEY_TYPES");
+	unsigned mask = 0;
+	char buf[64], *tok, *save = NULL;
+
+	if (v == NULL || *v == '\0' || strlen(v) >= sizeof(buf))
+		return ~0u;
+	memcpy(buf, v, strlen(v) + 1);
+	for (tok = strtok_r(buf, ", ", &save); tok != NULL; tok = strtok_r(NULL, ", ", &save)) {
+		if (strcasecmp(tok, "rsa") == 0)
+			mask |= 1u << P11A_KEY_RSA;
+		else if (strcasecmp(tok, "ec") == 0)
+			mask |= 1u << P11A_KEY_EC;
+		else if (strcasecmp(tok, "ed25519") == 0)
+			mask |= 1u << P11A_KEY_ED25519;
+	}
+	return mask != 0 ? mask : ~0u;
+}
+
+static CK_RV
+m_Initialize(CK_VOID_PTR pInitArgs)
+{
+	CK_C_INITIALIZE_ARGS *a = pInitArgs;
+	CK_RV rv = CKR_OK;
+
+	if (a != NULL) {
+		int some = a->CreateMutex || a->DestroyMutex || a->LockMutex || a->UnlockMutex;
+		int all = a->CreateMutex && a->DestroyMutex && a->LockMutex && a->UnlockMutex;
+
+		if (some && !all)
+			return CKR_ARGUMENTS_BAD;
+		/*
+		 * Application mutex functions without CKF_OS_LOCKING_OK: we use
+		 * pthreads all the same, which is what every caller needs.
+		 * a->reserved: NSS passes its parameter string; nothing to read.
+		 */
+	}
+	pthread_once(&g_once, once_init);
+	pthread_mutex_lock(&g_lock);
+	if (g.initialized && g.pid == getpid()) {
+		rv = CKR_CRYPTOKI_ALREADY_INITIALIZED;
+		goto out;
+	}
+	if (g.initialized)
+		state_free_locked();    /* a forked child initializing its own */
+	g.initialized = 1;
+	g.pid = getpid();
+	g.next_sess = 1;
+	g.debug = getenv("P11AGENT_PKCS11_DEBUG") != NULL;
+	g.key_types = key_types_from_env();
+	/* one slot from the start, so that even a first scan finds a slot */
+	if ((g.slots = calloc(1, sizeof(*g.slots))) == NULL) {
+		g.initialized = 0;
+		rv = CKR_HOST_MEMORY;
+		goto out;
+	}
+	g.nslots = 1;
+out:
+	pthread_mutex_unlock(&g_lock);
+	return rv;
+}
+
+static CK_RV
+m_Finalize(CK_VOID_PTR pReserved)
+{
+	if (pReserved != NULL)
+		return CKR_ARGUMENTS_BAD;
+	pthread_mutex_lock(&g_lock);
+	if (!g.initialized) {
+		pthread_mutex_unlock(&g_lock);
+		return CKR_CRYPTOKI_NOT_INITIALIZED;
+	}
+	state_free_locked();
+	pthread_mutex_unlock(&g_lock);
+	return CKR_OK;
+}
+
+static CK_RV
+m_GetInfo(CK_INFO_PTR info)
+{
+	if (info == NULL)
+		return CKR_ARGUMENTS_BAD;
+	if (!g.initialized)
+		return CKR_CRYPTOKI_NOT_INITIALIZED;
+	memset(info, 0, sizeof(*info));
+	info->cryptokiVersion.major = 2;
+	info->cryptokiVersion.minor = 40;
+	pad(info->manufacturerID, sizeof(info->manufacturerID), "p11agent");
+	pad(info->libraryDescription, sizeof(info->libraryDescription),
+	    "p11agent front-end module");
+	info->libraryVersion.major = 0;
+	info->libraryVersion.minor = 1;
+	return CKR_OK;
+}
+
+/* Takes the lock; fails when the module is not initialized. */
+#define LOCK_OR_FAIL() do { \
+	pthread_mutex_lock(&g_lock); \
+	if (!g.initialized) { \
+		pthread_mutex_unlock(&g_lock); \
+		return CKR_CRYPTOKI_NOT_INITIALIZED; \
+	} \
+} while (0)
+#define UNLOCK_RETURN(x) do { CK_RV rv_ = (x); pthread_mutex_unlock(&g_lock); return rv_; } while (0)
+
+/* ------------------------------------------------------------ slots */
+
+static CK_RV
+m_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR list, CK_ULONG_PTR count)
+{
+	CK_ULONG n = 0;
+	size_t i;
+	CK_RV rv = CKR_OK;
+
+	if (count == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	/* Rate-limited, so a sizing call and the next one see the same list. */
+	refresh_locked(0);
+	for (i = 0; i < g.nslots; i++) {
+		if (tokenPresent && !g.slots[i].present)
+			continue;
+		if (list != NULL && n < *count)
+			list[n] = g.slots[i].id;
+		n++;
+	}
+	if (list != NULL && n > *count)
+		rv = CKR_BUFFER_TOO_SMALL;
+	*count = n;
+	UNLOCK_RETURN(rv);
+}
+
+static CK_RV
+m_GetSlotInfo(CK_SLOT_ID id, CK_SLOT_INFO_PTR info)
+{
+	struct slot *s;
+	char desc[160];
+
+	if (info == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	refresh_locked(0);
+	if ((s = slot_get(id)) == NULL)
+		UNLOCK_RETURN(CKR_SLOT_ID_INVALID);
+	memset(info, 0, sizeof(*info));
+	snprintf(desc, sizeof(desc), "p11agent: %s",
+		 s->tok.label != NULL ? s->tok.label : "(no token)");
+	pad(info->slotDescription, sizeof(info->slotDescription), desc);
+	pad(info->manufacturerID, sizeof(info->manufacturerID), "p11agent");
+	info->flags = CKF_REMOVABLE_DEVICE | (s->present ? CKF_TOKEN_PRESENT : 0);
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_GetTokenInfo(CK_SLOT_ID id, CK_TOKEN_INFO_PTR info)
+{
+	struct slot *s;
+	uint32_t f;
+
+	if (info == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	refresh_locked(0);
+	if ((s = slot_get(id)) == NULL)
+		UNLOCK_RETURN(CKR_SLOT_ID_INVALID);
+	if (!s->present)
+		UNLOCK_RETURN(CKR_TOKEN_NOT_PRESENT);
+	memset(info, 0, sizeof(*info));
+	/*
+	 * The token's own label, manufacturer, model and serial: the URIs
+	 * that `p11agent list` prints select the same token here.
+	 */
+	pad(info->label, sizeof(info->label), s->tok.label);
+	pad(info->manufacturerID, sizeof(info->manufacturerID), s->tok.manufacturer);
+	pad(info->model, sizeof(info->model), s->tok.model);
+	pad(info->serialNumber, sizeof(info->serialNumber), s->tok.serial);
+	f = s->tok.flags;
+	info->flags = CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED | CKF_WRITE_PROTECTED;
+	if (!slot_logged_in(s))
+		info->flags |= CKF_LOGIN_REQUIRED;
+	if (f & P11A_TOKEN_PIN_COUNT_LOW)
+		info->flags |= CKF_USER_PIN_COUNT_LOW;
+	if (f & P11A_TOKEN_PIN_FINAL_TRY)
+		info->flags |= CKF_USER_PIN_FINAL_TRY;
+	if (f & P11A_TOKEN_PIN_LOCKED)
+		info->flags |= CKF_USER_PIN_LOCKED;
+	info->ulMaxSessionCount = CK_EFFECTIVELY_INFINITE;
+	info->ulSessionCount = CK_UNAVAILABLE_INFORMATION;
+	info->ulMaxRwSessionCount = CK_EFFECTIVELY_INFINITE;
+	info->ulRwSessionCount = CK_UNAVAILABLE_INFORMATION;
+	info->ulMaxPinLen = P11A_PIN_MAX;
+	info->ulMinPinLen = 1;
+	info->ulTotalPublicMemory = CK_UNAVAILABLE_INFORMATION;
+	info->ulFreePublicMemory = CK_UNAVAILABLE_INFORMATION;
+	info->ulTotalPrivateMemory = CK_UNAVAILABLE_INFORMATION;
+	info->ulFreePrivateMemory = CK_UNAVAILABLE_INFORMATION;
+	info->firmwareVersion.major = 0;
+	info->firmwareVersion.minor = 1;
+	memset(info->utcTime, ' ', sizeof(info->utcTime));
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_GetMechanismList(CK_SLOT_ID id, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count)
+{
+	CK_RV rv = CKR_OK;
+	size_t i;
+
+	if (count == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if (slot_get(id) == NULL)
+		UNLOCK_RETURN(CKR_SLOT_ID_INVALID);
+	if (list != NULL) {
+		if (*count < p11m_nmechs)
+			rv = CKR_BUFFER_TOO_SMALL;
+		else
+			for (i = 0; i < p11m_nmechs; i++)
+				list[i] = p11m_mechs[i].type;
+	}
+	*count = p11m_nmechs;
+	UNLOCK_RETURN(rv);
+}
+
+static CK_RV
+m_GetMechanismInfo(CK_SLOT_ID id, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info)
+{
+	const struct p11m_mech *m;
+
+	if (info == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if (slot_get(id) == NULL)
+		UNLOCK_RETURN(CKR_SLOT_ID_INVALID);
+	if ((m = p11m_mech_find(type)) == NULL)
+		UNLOCK_RETURN(CKR_MECHANISM_INVALID);
+	p11m_mech_info(m, info);
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_InitToken(CK_SLOT_ID id, CK_UTF8CHAR_PTR pin, CK_ULONG len, CK_UTF8CHAR_PTR label)
+{
+	return CKR_TOKEN_WRITE_PROTECTED;
+}
+
+static CK_RV
+m_InitPIN(CK_SESSION_HANDLE h, CK_UTF8CHAR_PTR pin, CK_ULONG len)
+{
+	return CKR_TOKEN_WRITE_PROTECTED;
+}
+
+static CK_RV
+m_SetPIN(CK_SESSION_HANDLE h, CK_UTF8CHAR_PTR o, CK_ULONG ol, CK_UTF8CHAR_PTR n, CK_ULONG nl)
+{
+	return CKR_TOKEN_WRITE_PROTECTED;
+}
+
+/* ------------------------------------------------------------ sessions */
+
+static CK_RV
+m_OpenSession(CK_SLOT_ID id, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+	      CK_SESSION_HANDLE_PTR out)
+{
+	struct slot *s;
+	struct sess *ns, **arr;
+
+	if (out == NULL)
+		return CKR_ARGUMENTS_BAD;
+	if (!(flags & CKF_SERIAL_SESSION))
+		return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
+	LOCK_OR_FAIL();
+	refresh_locked(0);
+	if ((s = slot_get(id)) == NULL)
+		UNLOCK_RETURN(CKR_SLOT_ID_INVALID);
+	if (!s->present)
+		UNLOCK_RETURN(CKR_TOKEN_NOT_PRESENT);
+	if ((ns = calloc(1, sizeof(*ns))) == NULL)
+		UNLOCK_RETURN(CKR_HOST_MEMORY);
+	if ((arr = realloc(g.sess, (g.nsess + 1) * sizeof(*arr))) == NULL) {
+		free(ns);
+		UNLOCK_RETURN(CKR_HOST_MEMORY);
+	}
+	g.sess = arr;
+	ns->h = g.next_sess++;
+	ns->slot = id;
+	/* RW sessions are allowed; every write still fails (write-protected token). */
+	ns->flags = flags & (CKF_SERIAL_SESSION | CKF_RW_SESSION);
+	g.sess[g.nsess++] = ns;
+	*out = ns->h;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static void
+sess_remove_locked(size_t i)
+{
+	sess_free(g.sess[i]);
+	g.sess[i] = g.sess[--g.nsess];
+}
+
+static CK_RV
+m_CloseSession(CK_SESSION_HANDLE h)
+{
+	size_t i;
+
+	LOCK_OR_FAIL();
+	for (i = 0; i < g.nsess; i++) {
+		if (g.sess[i]->h == h) {
+			sess_remove_locked(i);
+			UNLOCK_RETURN(CKR_OK);
+		}
+	}
+	UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+}
+
+static CK_RV
+m_CloseAllSessions(CK_SLOT_ID id)
+{
+	size_t i;
+
+	LOCK_OR_FAIL();
+	if (slot_get(id) == NULL)
+		UNLOCK_RETURN(CKR_SLOT_ID_INVALID);
+	for (i = g.nsess; i > 0; i--) {
+		if (g.sess[i - 1]->slot == id)
+			sess_remove_locked(i - 1);
+	}
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info)
+{
+	struct sess *s;
+	struct slot *sl;
+	int rw;
+
+	if (info == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	refresh_locked(0);
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	sl = slot_get(s->slot);
+	memset(info, 0, sizeof(*info));
+	info->slotID = s->slot;
+	info->flags = s->flags;
+	rw = (s->flags & CKF_RW_SESSION) != 0;
+	if (sl != NULL && slot_logged_in(sl))
+		info->state = rw ? CKS_RW_USER_FUNCTIONS : CKS_RO_USER_FUNCTIONS;
+	else
+		info->state = rw ? CKS_RW_PUBLIC_SESSION : CKS_RO_PUBLIC_SESSION;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_GetOperationState(CK_SESSION_HANDLE h, CK_BYTE_PTR st, CK_ULONG_PTR len)
+{
+	return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+static CK_RV
+m_SetOperationState(CK_SESSION_HANDLE h, CK_BYTE_PTR st, CK_ULONG len,
+		    CK_OBJECT_HANDLE ek, CK_OBJECT_HANDLE ak)
+{
+	return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+/*
+ * C_Login is forwarded as UNLOCK: the agent logs in once, for every
+ * client.  While the agent's token is logged in there is nothing to do.
+ */
+static CK_RV
+m_Login(CK_SESSION_HANDLE h, CK_USER_TYPE type, CK_UTF8CHAR_PTR pin, CK_ULONG len)
+{
+	char buf[P11A_PIN_MAX + 1];
+	struct sess *s;
+	struct slot *sl;
+	char *token_uri;
+	int r;
+
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	refresh_locked(1);
+	sl = slot_get(s->slot);
+	if (sl == NULL || !sl->present)
+		UNLOCK_RETURN(CKR_DEVICE_REMOVED);
+	if (type == CKU_SO)
+		UNLOCK_RETURN(CKR_USER_TYPE_INVALID);
+	if (type != CKU_USER && type != CKU_CONTEXT_SPECIFIC)
+		UNLOCK_RETURN(CKR_USER_TYPE_INVALID);
+	/*
+	 * Logged in at the agent: CKR_OK rather than
+	 * CKR_USER_ALREADY_LOGGED_IN, which some callers (pkcs11-tool) treat
+	 * as fatal.  The PIN is not checked or sent: the agent's login is
+	 * what counts, and a try could only cost a PIN retry.
+	 */
+	if (slot_logged_in(sl))
+		UNLOCK_RETURN(CKR_OK);
+	if (type == CKU_CONTEXT_SPECIFIC)
+		UNLOCK_RETURN(CKR_USER_NOT_LOGGED_IN);
+	/* No protected authentication path: a NULL PIN is never sent as a try. */
+	if (pin == NULL)
+		UNLOCK_RETURN(CKR_ARGUMENTS_BAD);
+	if (len == 0 || len > P11A_PIN_MAX)
+		UNLOCK_RETURN(CKR_PIN_LEN_RANGE);
+	if (client_get(&g.client, 0) != 0)
+		UNLOCK_RETURN(CKR_DEVICE_ERROR);
+	memcpy(buf, pin, len);
+	buf[len] = '\0';
+	if ((token_uri = strdup(sl->tok.uri)) == NULL) {
+		p11a_wipe(buf, sizeof(buf));
+		UNLOCK_RETURN(CKR_HOST_MEMORY);
+	}
+	r = p11a_client_unlock(g.client, token_uri, buf, len);
+	p11a_wipe(buf, sizeof(buf));
+	free(token_uri);
+	if (r != 0) {
+		dbg("UNLOCK failed: %s", p11a_client_last_error(g.client));
+		if (r == -P11A_E_TOKEN_NOT_PRESENT)
+			UNLOCK_RETURN(CKR_DEVICE_REMOVED);
+		UNLOCK_RETURN(p11m_rv_from_err(r));
+	}
+	refresh_locked(1);
+	UNLOCK_RETURN(CKR_OK);
+}
+
+/*
+ * C_Logout does not lock the agent's token: other clients share the
+ * login.  Use `p11agent lock` for that.
+ */
+static CK_RV
+m_Logout(CK_SESSION_HANDLE h)
+{
+	struct sess *s;
+	struct slot *sl;
+
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	sl = slot_get(s->slot);
+	if (sl == NULL || !slot_logged_in(sl))
+		UNLOCK_RETURN(CKR_USER_NOT_LOGGED_IN);
+	UNLOCK_RETURN(CKR_OK);
+}
+
+/* ------------------------------------------------------------ objects */
+
+static CK_RV
+m_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR o)
+{
+	return CKR_TOKEN_WRITE_PROTECTED;
+}
+
+static CK_RV
+m_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+	     CK_OBJECT_HANDLE_PTR no)
+{
+	return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+static CK_RV
+m_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+	return CKR_TOKEN_WRITE_PROTECTED;
+}
+
+static CK_RV
+m_GetObjectSize(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE oh, CK_ULONG_PTR size)
+{
+	struct sess *s;
+	struct p11m_obj *o;
+	CK_ULONG n = 0;
+	size_t i;
+
+	if (size == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if ((o = obj_get(oh, s->slot)) == NULL)
+		UNLOCK_RETURN(CKR_OBJECT_HANDLE_INVALID);
+	for (i = 0; i < o->nattrs; i++)
+		n += o->attrs[i].len;
+	*size = n;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE oh, CK_ATTRIBUTE_PTR t, CK_ULONG n)
+{
+	const struct p11m_attr *a;
+	struct sess *s;
+	struct p11m_obj *o;
+	CK_RV rv = CKR_OK;
+	CK_ULONG i;
+
+	if (t == NULL && n > 0)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if ((o = obj_get(oh, s->slot)) == NULL)
+		UNLOCK_RETURN(CKR_OBJECT_HANDLE_INVALID);
+	/* Every entry is answered; the return value reports the last problem. */
+	for (i = 0; i < n; i++) {
+		if (p11m_attr_is_sensitive(o->cls, t[i].type)) {
+			t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+			rv = CKR_ATTRIBUTE_SENSITIVE;
+			continue;
+		}
+		if ((a = p11m_obj_attr(o, t[i].type)) == NULL) {
+			t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+			rv = CKR_ATTRIBUTE_TYPE_INVALID;
+			continue;
+		}
+		if (t[i].pValue == NULL) {
+			t[i].ulValueLen = a->len;
+		} else if (t[i].ulValueLen < a->len) {
+			t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+			rv = CKR_BUFFER_TOO_SMALL;
+		} else {
+			memcpy(t[i].pValue, a->val, a->len);
+			t[i].ulValueLen = a->len;
+		}
+	}
+	UNLOCK_RETURN(rv);
+}
+
+static CK_RV
+m_SetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n)
+{
+	return CKR_TOKEN_WRITE_PROTECTED;
+}
+
+static int
+obj_matches(const struct p11m_obj *o, const CK_ATTRIBUTE *t, CK_ULONG n)
+{
+	const struct p11m_attr *a;
+	CK_ULONG i;
+
+	for (i = 0; i < n; i++) {
+		if ((a = p11m_obj_attr(o, t[i].type)) == NULL)
+			return 0;
+		if (a->len != t[i].ulValueLen)
+			return 0;
+		if (a->len > 0 && (t[i].pValue == NULL || memcmp(a->val, t[i].pValue, a->len) != 0))
+			return 0;
+	}
+	return 1;
+}
+
+static CK_RV
+m_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n)
+{
+	struct sess *s;
+	size_t i;
+
+	if (t == NULL && n > 0)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (s->find_active)
+		UNLOCK_RETURN(CKR_OPERATION_ACTIVE);
+	refresh_locked(0);
+	free(s->found);
+	s->found = NULL;
+	s->nfound = s->pos = 0;
+	if (g.nobjs > 0 && (s->found = calloc(g.nobjs, sizeof(*s->found))) == NULL)
+		UNLOCK_RETURN(CKR_HOST_MEMORY);
+	for (i = 0; i < g.nobjs; i++) {
+		const struct p11m_obj *o = &g.objs[i];
+
+		if (o->live && o->slot == s->slot && obj_matches(o, t, n))
+			s->found[s->nfound++] = o->handle;
+	}
+	s->find_active = 1;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR out, CK_ULONG max, CK_ULONG_PTR count)
+{
+	struct sess *s;
+	CK_ULONG n = 0;
+
+	if (out == NULL || count == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (!s->find_active)
+		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
+	while (n < max && s->pos < s->nfound)
+		out[n++] = s->found[s->pos++];
+	*count = n;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+static CK_RV
+m_FindObjectsFinal(CK_SESSION_HANDLE h)
+{
+	struct sess *s;
+
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (!s->find_active)
+		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
+	free(s->found);
+	s->found = NULL;
+	s->nfound = s->pos = 0;
+	s->find_active = 0;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+/* ------------------------------------------------------------ signing */
+
+/*
+ * Why a handle the client holds does not work now: the agent is down
+ * (CKR_DEVICE_ERROR), the token is gone (CKR_DEVICE_REMOVED), the token
+ * was locked (CKR_USER_NOT_LOGGED_IN: private keys come back with the
+ * same handle after unlock), or it never was a key of this slot.
+ */
+static CK_RV
+gone_rv(CK_OBJECT_HANDLE h, CK_SLOT_ID slot)
+{
+	struct slot *sl = slot_get(slot);
+	struct p11m_obj *o;
+
+	if (h == 0 || h > g.nobjs || g.objs[h - 1].slot != slot)
+		return CKR_KEY_HANDLE_INVALID;
+	o = &g.objs[h - 1];
+	if (!g.agent_up)
+		return CKR_DEVICE_ERROR;
+	if (sl == NULL || !sl->present)
+		return CKR_DEVICE_REMOVED;
+	if (o->cls == CKO_PRIVATE_KEY && !slot_logged_in(sl))
+		return CKR_USER_NOT_LOGGED_IN;
+	return CKR_KEY_HANDLE_INVALID;
+}
+
+/* Optional CK_EDDSA_PARAMS (PKCS#11 3.0); p11-kit's header lacks it. */
+struct eddsa_params {
+	CK_BBOOL ph_flag;
+	CK_ULONG context_len;
+	CK_BYTE_PTR context;
+};
+
+static const EVP_MD *
+evp_md(int hash)
+{
+	switch (hash) {
+	case P11A_HASH_SHA1: return EVP_sha1();
+	case P11A_HASH_SHA224: return EVP_sha224();
+	case P11A_HASH_SHA256: return EVP_sha256();
+	case P11A_HASH_SHA384: return EVP_sha384();
+	case P11A_HASH_SHA512: return EVP_sha512();
+	default: return NULL;
+	}
+}
+
+static CK_RV
+m_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
+{
+	const struct p11m_mech *m;
+	struct sess *s;
+	struct p11m_obj *o;
+	int hash, mgf1 = P11A_HASH_NONE;
+	uint32_t salt = 0;
+
+	if (mech == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (s->sign_active)
+		UNLOCK_RETURN(CKR_OPERATION_ACTIVE);
+	refresh_locked(0);
+	if ((o = obj_get(key, s->slot)) == NULL)
+		UNLOCK_RETURN(gone_rv(key, s->slot));
+	if (o->cls != CKO_PRIVATE_KEY)
+		UNLOCK_RETURN(CKR_KEY_FUNCTION_NOT_PERMITTED);
+	if ((m = p11m_mech_find(mech->mechanism)) == NULL)
+		UNLOCK_RETURN(CKR_MECHANISM_INVALID);
+	if (m->keytype != o->keytype)
+		UNLOCK_RETURN(CKR_KEY_TYPE_INCONSISTENT);
+	hash = m->hash;
+	if (m->pss_params) {
+		const CK_RSA_PKCS_PSS_PARAMS *pp = mech->pParameter;
+		int ph;
+
+		if (pp == NULL || mech->ulParameterLen != sizeof(*pp))
+			UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
+		ph = p11m_hash_from_ckm(pp->hashAlg);
+		mgf1 = p11m_hash_from_mgf(pp->mgf);
+		if (ph < 0 || mgf1 < 0 || (hash != P11A_HASH_NONE && ph != hash))
+			UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
+		hash = ph;
+		salt = (uint32_t)pp->sLen;
+		if (pp->sLen > 4096)
+			UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
+	} else if (m->scheme == P11A_SCHEME_EDDSA) {
+		const struct eddsa_params *ep = mech->pParameter;
+
+		if (ep != NULL && mech->ulParameterLen == sizeof(*ep)) {
+			if (ep->ph_flag || ep->context_len != 0)
+				UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
+		} else if (ep != NULL || mech->ulParameterLen != 0) {
+			UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
+		}
+	}
+	sess_reset_sign(s);
+	s->sign_active = 1;
+	s->key = key;
+	s->mech = m;
+	s->hash = hash;
+	s->mgf1 = mgf1;
+	s->salt = salt;
+	UNLOCK_RETURN(CKR_OK);
+}
+
+/* Appends input; hash-and-sign input past DATA_CAP is hashed here. */
+static CK_RV
+sign_feed(struct sess *s, const uint8_t *p, size_t n)
+{
+	uint8_t *nd;
+	size_t cap;
+
+	if (n == 0)
+		return CKR_OK;
+	if (s->md == NULL && s->len + n > DATA_CAP) {
+		const EVP_MD *md = evp_md(s->hash);
+
+		if (s->mech->input != P11A_INPUT_MESSAGE || md == NULL)
+			return CKR_DATA_LEN_RANGE;
+		if ((s->md = EVP_MD_CTX_new()) == NULL)
+			return CKR_HOST_MEMORY;
+		if (EVP_DigestInit_ex(s->md, md, NULL) != 1 ||
+		    EVP_DigestUpdate(s->md, s->data, s->len) != 1)
+			return CKR_FUNCTION_FAILED;
+		s->len = 0;
+	}
+	if (s->md != NULL)
+		return EVP_DigestUpdate(s->md, p, n) == 1 ? CKR_OK : CKR_FUNCTION_FAILED;
+	if (s->len + n > s->cap) {
+		cap = s->cap ? s->cap : 256;
+		while (cap < s->len + n)
+			cap *= 2;
+		if ((nd = malloc(cap)) == NULL)
+			return CKR_HOST_MEMORY;
+		if (s->len > 0)
+			memcpy(nd, s->data, s->len);
+		if (s->data != NULL) {
+			p11a_wipe(s->data, s->cap);
+			free(s->data);
+		}
+		s->data = nd;
+		s->cap = cap;
+	}
+	memcpy(s->data + s->len, p, n);
+	s->len += n;
+	return CKR_OK;
+}
+
+/*
+ * Ends a sign operation: length query and CKR_BUFFER_TOO_SMALL leave it
+ * active (PKCS#11 5.2), anything else ends it.
+ */
+static CK_RV
+sign_finish(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
+{
+	struct p11a_sign req;
+	struct p11m_obj *o;
+	uint8_t digest[EVP_MAX_MD_SIZE];
+	unsigned dlen = 0;
+	uint8_t *sig = NULL;
+	size_t sig_len = 0, raw_len;
+	CK_RV rv;
+	int r;
+
+	if ((o = obj_get(s->key, s->slot)) == NULL) {
+		rv = gone_rv(s->key, s->slot);
+		goto out;
+	}
+	if (out == NULL) {
+		*out_len = o->sig_len;
+		return CKR_OK;
+	}
+	if (*out_len < o->sig_len) {
+		*out_len = o->sig_len;
+		return CKR_BUFFER_TOO_SMALL;
+	}
+	memset(&req, 0, sizeof(req));
+	req.key_uri = o->key_uri;
+	req.scheme = s->mech->scheme;
+	req.input = s->mech->input;
+	req.hash = (uint8_t)s->hash;
+	req.mgf1_hash = (uint8_t)s->mgf1;
+	req.salt_len = s->salt;
+	req.data = s->data;
+	req.data_len = s->len;
+	if (s->md != NULL) {
+		if (EVP_DigestFinal_ex(s->md, digest, &dlen) != 1) {
+			rv = CKR_FUNCTION_FAILED;
+			goto out;
+		}
+		req.input = P11A_INPUT_DIGEST;
+		req.data = digest;
+		req.data_len = dlen;
+	}
+	if (req.scheme == P11A_SCHEME_ECDSA && req.input == P11A_INPUT_DIGEST && s->md == NULL) {
+		/* CKM_ECDSA: the digest's length names its hash */
+		if ((r = p11m_hash_from_len(req.data_len)) < 0) {
+			rv = CKR_DATA_LEN_RANGE;
+			goto out;
+		}
+		req.hash = (uint8_t)r;
+	}
+	if (req.input == P11A_INPUT_DIGEST && req.data_len != p11a_hash_len(req.hash)) {
+		rv = CKR_DATA_LEN_RANGE;
+		goto out;
+	}
+	if (req.data_len == 0 && req.input != P11A_INPUT_MESSAGE) {
+		rv = CKR_DATA_LEN_RANGE;
+		goto out;
+	}
+	if ((r = client_get(&g.client, 0)) != 0) {
+		dbg("cannot reach the agent to sign: %s", p11a_strerror(r));
+		rv = CKR_DEVICE_ERROR;
+		goto out;
+	}
+	if ((r = p11a_client_sign(g.client, &req, &sig, &sig_len)) != 0) {
+		dbg("SIGN with %s failed: %s", o->key_uri, p11a_client_last_error(g.client));
+		rv = p11m_rv_from_err(r);
+		goto out;
+	}
+	if (o->keytype == P11A_KEY_EC) {
+		r = p11a_ecdsa_der_to_raw(sig, sig_len, o->field_len, out, *out_len, &raw_len);
+		if (r != 0 || raw_len != o->sig_len) {
+			rv = CKR_DEVICE_ERROR;
+			goto out;
+		}
+		*out_len = raw_len;
+	} else {
+		if (sig_len != o->sig_len) {
+			rv = CKR_DEVICE_ERROR;
+			goto out;
+		}
+		memcpy(out, sig, sig_len);
+		*out_len = sig_len;
+	}
+	rv = CKR_OK;
+out:
+	free(sig);
+	p11a_wipe(digest, sizeof(digest));
+	sess_reset_sign(s);
+	return rv;
+}
+
+static CK_RV
+m_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+	struct sess *s;
+	CK_RV rv;
+
+	if (sig_len == NULL || (data == NULL && len > 0))
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (!s->sign_active)
+		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
+	if (s->sign_multi) {
+		sess_reset_sign(s);
+		UNLOCK_RETURN(CKR_OPERATION_ACTIVE);
+	}
+	/* A length query must not keep the data: the real call passes it again. */
+	if (sig != NULL) {
+		s->len = 0;
+		EVP_MD_CTX_free(s->md);
+		s->md = NULL;
+		if ((rv = sign_feed(s, data, len)) != CKR_OK) {
+			sess_reset_sign(s);
+			UNLOCK_RETURN(rv);
+		}
+	}
+	UNLOCK_RETURN(sign_finish(s, sig, sig_len));
+}
+
+static CK_RV
+m_SignUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len)
+{
+	struct sess *s;
+	CK_RV rv;
+
+	if (data == NULL && len > 0)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (!s->sign_active)
+		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
+	s->sign_multi = 1;
+	if ((rv = sign_feed(s, data, len)) != CKR_OK)
+		sess_reset_sign(s);
+	UNLOCK_RETURN(rv);
+}
+
+static CK_RV
+m_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+	struct sess *s;
+
+	if (sig_len == NULL)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
+	if (!s->sign_active)
+		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
+	s->sign_multi = 1;
+	UNLOCK_RETURN(sign_finish(s, sig, sig_len));
+}
+
+/* ------------------------------------------------------------ not supported */
+
+#define NOT_SUPPORTED(name, ...) \
+	static CK_RV name(__VA_ARGS__) { return CKR_FUNCTION_NOT_SUPPORTED; }
+
+NOT_SUPPORTED(m_EncryptInit, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c)
+NOT_SUPPORTED(m_Encrypt, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_EncryptUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_EncryptFinal, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c)
+NOT_SUPPORTED(m_DecryptInit, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c)
+NOT_SUPPORTED(m_Decrypt, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_DecryptUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_DecryptFinal, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c)
+NOT_SUPPORTED(m_DigestInit, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b)
+NOT_SUPPORTED(m_Digest, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_DigestUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c)
+NOT_SUPPORTED(m_DigestKey, CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b)
+NOT_SUPPORTED(m_DigestFinal, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c)
+NOT_SUPPORTED(m_SignRecoverInit, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c)
+NOT_SUPPORTED(m_SignRecover, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_VerifyInit, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c)
+NOT_SUPPORTED(m_Verify, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e)
+NOT_SUPPORTED(m_VerifyUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c)
+NOT_SUPPORTED(m_VerifyFinal, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c)
+NOT_SUPPORTED(m_VerifyRecoverInit, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c)
+NOT_SUPPORTED(m_VerifyRecover, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_DigestEncryptUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_DecryptDigestUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_SignEncryptUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_DecryptVerifyUpdate, CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e)
+NOT_SUPPORTED(m_GenerateKey, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_ATTRIBUTE_PTR c, CK_ULONG d, CK_OBJECT_HANDLE_PTR e)
+NOT_SUPPORTED(m_GenerateKeyPair, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_ATTRIBUTE_PTR c, CK_ULONG d,
+	      CK_ATTRIBUTE_PTR e, CK_ULONG f, CK_OBJECT_HANDLE_PTR g_, CK_OBJECT_HANDLE_PTR h)
+NOT_SUPPORTED(m_WrapKey, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_OBJECT_HANDLE d,
+	      CK_BYTE_PTR e, CK_ULONG_PTR f)
+NOT_SUPPORTED(m_UnwrapKey, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_BYTE_PTR d,
+	      CK_ULONG e, CK_ATTRIBUTE_PTR f, CK_ULONG g_, CK_OBJECT_HANDLE_PTR h)
+NOT_SUPPORTED(m_DeriveKey, CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_ATTRIBUTE_PTR d,
+	      CK_ULONG e, CK_OBJECT_HANDLE_PTR f)
+NOT_SUPPORTED(m_WaitForSlotEvent, CK_FLAGS a, CK_SLOT_ID_PTR b, CK_VOID_PTR c)
+
+static CK_RV
+m_SeedRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR s, CK_ULONG n)
+{
+	return CKR_RANDOM_SEED_NOT_SUPPORTED;
+}
+
+/* The host's generator: callers (pkcs11-tool --test) expect one per session. */
+static CK_RV
+m_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n)
+{
+	CK_RV rv = CKR_OK;
+
+	if (out == NULL && n > 0)
+		return CKR_ARGUMENTS_BAD;
+	LOCK_OR_FAIL();
+	if (sess_get(h) == NULL)
+		rv = CKR_SESSION_HANDLE_INVALID;
+	else if (n > INT_MAX || (n > 0 && RAND_bytes(out, (int)n) != 1))
+		rv = CKR_FUNCTION_FAILED;
+	UNLOCK_RETURN(rv);
+}
+
+static CK_RV
+m_GetFunctionStatus(CK_SESSION_HANDLE h)
+{
+	return CKR_FUNCTION_NOT_PARALLEL;
+}
+
+static CK_RV
+m_CancelFunction(CK_SESSION_HANDLE h)
+{
+	return CKR_FUNCTION_NOT_PARALLEL;
+}
+
+static CK_RV m_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list);
+
+static CK_FUNCTION_LIST function_list = {
+	.version = { 2, 40 },
+	.C_Initialize = m_Initialize,
+	.C_Finalize = m_Finalize,
+	.C_GetInfo = m_GetInfo,
+	.C_GetFunctionList = m_GetFunctionList,
+	.C_GetSlotList = m_GetSlotList,
+	.C_GetSlotInfo = m_GetSlotInfo,
+	.C_GetTokenInfo = m_GetTokenInfo,
+	.C_GetMechanismList = m_GetMechanismList,
+	.C_GetMechanismInfo = m_GetMechanismInfo,
+	.C_InitToken = m_InitToken,
+	.C_InitPIN = m_InitPIN,
+	.C_SetPIN = m_SetPIN,
+	.C_OpenSession = m_OpenSession,
+	.C_CloseSession = m_CloseSession,
+	.C_CloseAllSessions = m_CloseAllSessions,
+	.C_GetSessionInfo = m_GetSessionInfo,
+	.C_GetOperationState = m_GetOperationState,
+	.C_SetOperationState = m_SetOperationState,
+	.C_Login = m_Login,
+	.C_Logout = m_Logout,
+	.C_CreateObject = m_CreateObject,
+	.C_CopyObject = m_CopyObject,
+	.C_DestroyObject = m_DestroyObject,
+	.C_GetObjectSize = m_GetObjectSize,
+	.C_GetAttributeValue = m_GetAttributeValue,
+	.C_SetAttributeValue = m_SetAttributeValue,
+	.C_FindObjectsInit = m_FindObjectsInit,
+	.C_FindObjects = m_FindObjects,
+	.C_FindObjectsFinal = m_FindObjectsFinal,
+	.C_EncryptInit = m_EncryptInit,
+	.C_Encrypt = m_Encrypt,
+	.C_EncryptUpdate = m_EncryptUpdate,
+	.C_EncryptFinal = m_EncryptFinal,
+	.C_DecryptInit = m_DecryptInit,
+	.C_Decrypt = m_Decrypt,
+	.C_DecryptUpdate = m_DecryptUpdate,
+	.C_DecryptFinal = m_DecryptFinal,
+	.C_DigestInit = m_DigestInit,
+	.C_Digest = m_Digest,
+	.C_DigestUpdate = m_DigestUpdate,
+	.C_DigestKey = m_DigestKey,
+	.C_DigestFinal = m_DigestFinal,
+	.C_SignInit = m_SignInit,
+	.C_Sign = m_Sign,
+	.C_SignUpdate = m_SignUpdate,
+	.C_SignFinal = m_SignFinal,
+	.C_SignRecoverInit = m_SignRecoverInit,
+	.C_SignRecover = m_SignRecover,
+	.C_VerifyInit = m_VerifyInit,
+	.C_Verify = m_Verify,
+	.C_VerifyUpdate = m_VerifyUpdate,
+	.C_VerifyFinal = m_VerifyFinal,
+	.C_VerifyRecoverInit = m_VerifyRecoverInit,
+	.C_VerifyRecover = m_VerifyRecover,
+	.C_DigestEncryptUpdate = m_DigestEncryptUpdate,
+	.C_DecryptDigestUpdate = m_DecryptDigestUpdate,
+	.C_SignEncryptUpdate = m_SignEncryptUpdate,
+	.C_DecryptVerifyUpdate = m_DecryptVerifyUpdate,
+	.C_GenerateKey = m_GenerateKey,
+	.C_GenerateKeyPair = m_GenerateKeyPair,
+	.C_WrapKey = m_WrapKey,
+	.C_UnwrapKey = m_UnwrapKey,
+	.C_DeriveKey = m_DeriveKey,
+	.C_SeedRandom = m_SeedRandom,
+	.C_GenerateRandom = m_GenerateRandom,
+	.C_GetFunctionStatus = m_GetFunctionStatus,
+	.C_CancelFunction = m_CancelFunction,
+	.C_WaitForSlotEvent = m_WaitForSlotEvent,
+};
+
+static CK_RV
+m_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
+{
+	if (list == NULL)
+		return CKR_ARGUMENTS_BAD;
+	*list = &function_list;
+	return CKR_OK;
+}
+
+P11M_EXPORT CK_RV
+C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
+{
+	return m_GetFunctionList(list);
+}
