@@ -848,27 +848,18 @@ static void
 handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
 {
 	const char *uri = oc->key_uri ? oc->key_uri : "";
-	int err = 0;
-	struct p11a_uri_matcher *mt = p11a_uri_matcher_new(uri, &err);
-	if (!mt) {
+	size_t found = 0, hi = 0, n;
+	/* An empty list only checks that the URI parses. */
+	if (p11a_list_match_keys(NULL, uri, NULL, 0, &n) != 0) {
 		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
 		return;
 	}
-	size_t found = 0, hi = 0;
 	for (size_t i = 0; i < s->nhelpers; i++) {
-		const struct p11a_list_reply *inv = &s->helpers[i].inv;
-		for (uint32_t k = 0; k < inv->nkeys; k++) {
-			const struct p11a_token *tok = NULL;
-			for (uint32_t t = 0; t < inv->ntokens; t++)
-				if (strcmp(inv->tokens[t].uri, inv->keys[k].token_uri) == 0)
-					tok = &inv->tokens[t];
-			if (tok && p11a_uri_match_key(mt, tok, &inv->keys[k]) == 1) {
-				found++;
-				hi = i;
-			}
+		if (p11a_list_match_keys(&s->helpers[i].inv, uri, NULL, 0, &n) == 0 && n > 0) {
+			found += n;
+			hi = i;
 		}
 	}
-	p11a_uri_matcher_free(mt);
 	if (found == 0) {
 		/* A helper that is down has no inventory: its keys are not gone, they are unknown. */
 		for (size_t i = 0; i < s->nhelpers; i++) {

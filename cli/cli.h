@@ -88,10 +88,6 @@ int cli_connect(const struct cli_ctx *ctx, struct p11a_client **out);
  */
 int cli_list(struct p11a_client *c, struct p11a_msg *reply);
 
-/* Token record of a LIST reply whose uri equals token_uri, or NULL. */
-const struct p11a_token *cli_find_token(const struct p11a_list_reply *l,
-					const char *token_uri);
-
 /*
  * Finds the one key of l that matches uri (p11a_uri_match_key).  Returns
  * CLI_EXIT_OK with *out set, CLI_EXIT_USAGE for a URI that does not

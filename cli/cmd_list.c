@@ -14,6 +14,8 @@
 #include <openssl/bio.h>
 #include <openssl/x509.h>
 
+#include "uri.h"
+#include "uri.h"
 #include "cli.h"
 
 static const char list_usage[] =
@@ -243,7 +245,7 @@ list_json(const struct p11a_list_reply *l)
 	fputs("],\"keys\":[", stdout);
 	for (i = 0; i < l->nkeys; i++) {
 		const struct p11a_key *k = &l->keys[i];
-		const struct p11a_token *t = cli_find_token(l, k->token_uri);
+		const struct p11a_token *t = p11a_list_find_token(l, k->token_uri);
 		struct cert_info ci;
 		char desc[64];
 		char *id;
@@ -381,7 +383,7 @@ list_text(struct p11a_list_reply *l)
 	for (j = 0; j < l->nkeys; j++) {
 		const struct p11a_key *k = &l->keys[j];
 
-		if (cli_find_token(l, k->token_uri) != NULL)
+		if (p11a_list_find_token(l, k->token_uri) != NULL)
 			continue;
 		if (orphans++ == 0)
 			printf("\nkeys on tokens not listed\n");

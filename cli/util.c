@@ -182,80 +182,41 @@ cli_list(struct p11a_client *c, struct p11a_msg *reply)
 	return CLI_EXIT_OK;
 }
 
-const struct p11a_token *
-cli_find_token(const struct p11a_list_reply *l, const char *token_uri)
-{
-	uint32_t i;
-
-	if (token_uri == NULL)
-		return NULL;
-	for (i = 0; i < l->ntokens; i++) {
-		if (l->tokens[i].uri != NULL && strcmp(l->tokens[i].uri, token_uri) == 0)
-			return &l->tokens[i];
-	}
-	return NULL;
-}
-
 int
 cli_find_key(const struct p11a_list_reply *l, const char *uri,
 	     const struct p11a_key **out)
 {
-	/* A key whose token record is missing is matched on its own fields. */
-	static char empty[] = "";
-	const struct p11a_token no_token = {
-		.uri = empty, .label = empty, .manufacturer = empty,
-		.model = empty, .serial = empty, .module = empty, .flags = 0
-	};
-	struct p11a_uri_matcher *m;
-	const struct p11a_key *found = NULL;
-	uint32_t i, n = 0;
-	int err = 0;
+	uint32_t idx[P11A_LIST_MAX];
+	size_t i, n = 0;
+	int r;
 
 	*out = NULL;
-	m = p11a_uri_matcher_new(uri, &err);
-	if (m == NULL) {
-		if (err == -P11A_E_URI || err == 0) {
-			cli_err("'%s': not a valid pkcs11: URI", uri);
-			return CLI_EXIT_USAGE;
-		}
-		cli_err("'%s': %s", uri, p11a_strerror(err));
-		return CLI_EXIT_FAIL;
+	r = p11a_list_match_keys(l, uri, idx, P11A_LIST_MAX, &n);
+	if (r == -P11A_E_URI) {
+		cli_err("'%s': not a valid pkcs11: URI", uri);
+		return CLI_EXIT_USAGE;
 	}
-	for (i = 0; i < l->nkeys; i++) {
-		const struct p11a_key *k = &l->keys[i];
-		const struct p11a_token *t = cli_find_token(l, k->token_uri);
-
-		if (p11a_uri_match_key(m, t != NULL ? t : &no_token, k) == 1) {
-			if (n++ == 0)
-				found = k;
-		}
+	if (r != 0) {
+		cli_err("'%s': %s", uri, p11a_strerror(r));
+		return CLI_EXIT_FAIL;
 	}
 	if (n == 0) {
 		cli_err("%s: no such key", uri);
-		goto fail;
+		return CLI_EXIT_FAIL;
 	}
 	if (n > 1) {
-		cli_err("%s: ambiguous, it matches %u keys:", uri, n);
-		for (i = 0; i < l->nkeys; i++) {
-			const struct p11a_key *k = &l->keys[i];
-			const struct p11a_token *t = cli_find_token(l, k->token_uri);
+		cli_err("%s: ambiguous, it matches %zu keys:", uri, n);
+		for (i = 0; i < n && i < P11A_LIST_MAX; i++) {
+			char line[P11A_URI_MAX + 16];
 
-			if (p11a_uri_match_key(m, t != NULL ? t : &no_token, k) == 1) {
-				char line[P11A_URI_MAX + 16];
-
-				snprintf(line, sizeof(line), "  %s", k->uri ? k->uri : "");
-				cli_sanitize(line);
-				fprintf(stderr, "%s\n", line);
-			}
+			snprintf(line, sizeof(line), "  %s", l->keys[idx[i]].uri ? l->keys[idx[i]].uri : "");
+			cli_sanitize(line);
+			fprintf(stderr, "%s\n", line);
 		}
-		goto fail;
+		return CLI_EXIT_FAIL;
 	}
-	p11a_uri_matcher_free(m);
-	*out = found;
+	*out = &l->keys[idx[0]];
 	return CLI_EXIT_OK;
-fail:
-	p11a_uri_matcher_free(m);
-	return CLI_EXIT_FAIL;
 }
 
 void

@@ -231,3 +231,44 @@ p11a_uri_match_key(const struct p11a_uri_matcher *m, const struct p11a_token *t,
 		return 1;
 	return key_has_cert(k) && match_id_label(m, k, k->cert_label);
 }
+
+const struct p11a_token *
+p11a_list_find_token(const struct p11a_list_reply *l, const char *token_uri)
+{
+	uint32_t i;
+
+	if (l == NULL || token_uri == NULL)
+		return NULL;
+	for (i = 0; i < l->ntokens; i++) {
+		if (l->tokens[i].uri != NULL && strcmp(l->tokens[i].uri, token_uri) == 0)
+			return &l->tokens[i];
+	}
+	return NULL;
+}
+
+int
+p11a_list_match_keys(const struct p11a_list_reply *l, const char *uri,
+		     uint32_t *idx, size_t max, size_t *n)
+{
+	struct p11a_uri_matcher *m;
+	const struct p11a_token *t;
+	uint32_t i;
+	int err = 0;
+
+	*n = 0;
+	if (uri == NULL || (m = p11a_uri_matcher_new(uri, &err)) == NULL)
+		return err != 0 ? err : -P11A_E_URI;
+	for (i = 0; l != NULL && i < l->nkeys; i++) {
+		const struct p11a_key *k = &l->keys[i];
+
+		if ((t = p11a_list_find_token(l, k->token_uri)) == NULL || k->uri == NULL)
+			continue;
+		if (p11a_uri_match_key(m, t, k) != 1)
+			continue;
+		if (*n < max && idx != NULL)
+			idx[*n] = i;
+		(*n)++;
+	}
+	p11a_uri_matcher_free(m);
+	return 0;
+}

@@ -38,4 +38,16 @@ int p11a_uri_match_token(const struct p11a_uri_matcher *m, const struct p11a_tok
 int p11a_uri_match_key(const struct p11a_uri_matcher *m, const struct p11a_token *t,
 		  const struct p11a_key *k);
 
+/* The token record of l whose uri equals token_uri, or NULL. */
+const struct p11a_token *p11a_list_find_token(const struct p11a_list_reply *l,
+					      const char *token_uri);
+/*
+ * Keys of l matching uri (p11a_uri_match_key against each key's token
+ * record; a key whose token is not in l never matches): writes up to max
+ * indexes into idx and the full count into *n (which may exceed max).
+ * -P11A_E_URI when uri is not a pkcs11: URI (*n is then 0).
+ */
+int p11a_list_match_keys(const struct p11a_list_reply *l, const char *uri,
+			 uint32_t *idx, size_t max, size_t *n);
+
 #endif

@@ -33,6 +33,7 @@
 #include "p11a.h"
 #include "proto.h"
 #include "client.h"
+#include "uri.h"
 #include "provider.h"
 
 #define P11AGENT_CLIENT_NAME    "p11agent-provider " PACKAGE_VERSION
@@ -425,7 +426,7 @@ p11agent_agent_spki(struct p11agent_prov *p, const char *uri,
 	*key_uri = NULL;
 	if (!p11agent_agent_list(p, &reply))
 		return 0;
-	r = p11agent_match_keys(&reply.u.list, uri, idx, 2, &n);
+	r = p11a_list_match_keys(&reply.u.list, uri, idx, 2, &n);
 	if (r != 0) {
 		p11agent_raise(p, P11AGENT_R_BAD_URI, "p11agent: not a valid pkcs11: URI: %s", uri);
 		goto out;

@@ -145,14 +145,6 @@ int p11agent_agent_spki(struct p11agent_prov *p, const char *uri,
 /* Key type name for OpenSSL ("RSA", "RSA-PSS", "EC", "ED25519"), or NULL. */
 const char *p11agent_kt_name(int type);
 
-/*
- * Finds the keys of a LIST reply that match uri (p11a_uri_match_key),
- * writing up to max indexes into idx and their count into *n (which may
- * exceed max).  -P11A_E_URI when uri is not a pkcs11: URI.
- */
-int p11agent_match_keys(const struct p11a_list_reply *l, const char *uri,
-			uint32_t *idx, size_t max, size_t *n);
-
 /* What a URI's type= asks for. */
 enum p11agent_uri_class {
 	P11AGENT_URI_ANY = 0,           /* no type= */

@@ -32,48 +32,6 @@ p11agent_kt_name(int type)
 	}
 }
 
-static const struct p11a_token *
-token_of(const struct p11a_list_reply *l, const struct p11a_key *k)
-{
-	uint32_t i;
-
-	if (k->token_uri == NULL)
-		return NULL;
-	for (i = 0; i < l->ntokens; i++) {
-		if (l->tokens[i].uri != NULL && strcmp(l->tokens[i].uri, k->token_uri) == 0)
-			return &l->tokens[i];
-	}
-	return NULL;
-}
-
-int
-p11agent_match_keys(const struct p11a_list_reply *l, const char *uri,
-		    uint32_t *idx, size_t max, size_t *n)
-{
-	struct p11a_uri_matcher *m;
-	const struct p11a_token *t;
-	uint32_t i;
-	int err = 0;
-
-	*n = 0;
-	if (uri == NULL || (m = p11a_uri_matcher_new(uri, &err)) == NULL)
-		return err != 0 ? err : -P11A_E_URI;
-	for (i = 0; l != NULL && i < l->nkeys; i++) {
-		const struct p11a_key *k = &l->keys[i];
-
-		/* A key whose token is not in the reply cannot be matched on its token part. */
-		if ((t = token_of(l, k)) == NULL || k->uri == NULL)
-			continue;
-		if (p11a_uri_match_key(m, t, k) != 1)
-			continue;
-		if (*n < max)
-			idx[*n] = i;
-		(*n)++;
-	}
-	p11a_uri_matcher_free(m);
-	return 0;
-}
-
 /*
  * RFC 7512: path attributes come before '?', separated by ';'.  Only
  * type= matters here; its value may be percent-encoded but the ones we

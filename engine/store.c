@@ -144,7 +144,7 @@ store_select(struct store_ctx *s)
 		p11agent_raise(s->prov, P11AGENT_R_INTERNAL, "p11agent: out of memory");
 		return 0;
 	}
-	if ((r = p11agent_match_keys(l, s->uri, idx, l->nkeys, &n)) != 0) {
+	if ((r = p11a_list_match_keys(l, s->uri, idx, l->nkeys, &n)) != 0) {
 		free(idx);
 		p11agent_raise(s->prov, P11AGENT_R_BAD_URI, "p11agent: not a valid pkcs11: URI: %s",
 			       s->uri);

@@ -16,6 +16,7 @@
 #include "p11a.h"
 #include "buf.h"
 #include "proto.h"
+#include "uri.h"
 #include "../../engine/provider.h"
 
 #define TOK_URI "pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=abc;token=tok1"
@@ -50,7 +51,7 @@ count(const struct p11a_list_reply *l, const char *uri, int *rc)
 	uint32_t idx[8];
 	size_t n = 99;
 
-	*rc = p11agent_match_keys(l, uri, idx, 8, &n);
+	*rc = p11a_list_match_keys(l, uri, idx, 8, &n);
 	return n;
 }
 
@@ -76,7 +77,7 @@ test_match(void **state)
 	assert_int_equal(count(&list, "file:/etc/passwd", &rc), 0);
 	assert_int_equal(rc, -P11A_E_URI);
 	/* more matches than room: the count is still right, nothing written past max */
-	assert_int_equal(p11agent_match_keys(&list, "pkcs11:token=tok1", idx, 1, &n), 0);
+	assert_int_equal(p11a_list_match_keys(&list, "pkcs11:token=tok1", idx, 1, &n), 0);
 	assert_int_equal(n, 2);
 	assert_int_equal(idx[0], 0);
 	/* an empty or absent reply */
