@@ -64,6 +64,7 @@ struct channel {
 	int busy;                       /* in token_sign(); under h->wlock */
 	int expired;                    /* answered by the watchdog; under h->wlock */
 	struct timespec deadline;       /* of the request in progress */
+	struct token_keymemo *memo;     /* last key URI resolved (channel thread only) */
 };
 
 /* ------------------------------------------------------------ control writes */
@@ -228,7 +229,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	c->busy = 1;
 	c->deadline = deadline;
 	pthread_mutex_unlock(&h->wlock);
-	r = token_sign(h->tm, req, &deadline, sig, sizeof(sig), &sig_len, msg, sizeof(msg));
+	r = token_sign(h->tm, &c->memo, req, &deadline, sig, sizeof(sig), &sig_len, msg, sizeof(msg));
 	pthread_mutex_lock(&h->wlock);
 	c->busy = 0;
 	if (c->expired) {
@@ -321,6 +322,7 @@ chan_main(void *arg)
 	pthread_mutex_unlock(&c->h->wlock);
 	close(c->fd);
 	atomic_fetch_sub(&c->h->channels, 1);
+	token_keymemo_free(c->memo);
 	free(c);
 	return NULL;
 }

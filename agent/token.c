@@ -2335,8 +2335,15 @@ sign_once(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OB
 	return rv;
 }
 
+void
+token_keymemo_free(struct token_keymemo *memo)
+{
+	(void)memo;
+}
+
 int
-token_sign(struct token_module *m, const struct p11a_sign *req, const struct timespec *deadline,
+token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11a_sign *req,
+	   const struct timespec *deadline,
 	   uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size)
 {
 	struct sign_key sk;

@@ -113,8 +113,17 @@ int token_lock(struct token_module *m, const char *token_uri, char *msg, size_t 
  * -P11A_E_BAD_REQUEST, -P11A_E_TIMEOUT, -P11A_E_TOKEN, -P11A_E_CRYPTO,
  * -P11A_E_TOO_LARGE, -P11A_E_HELPER (closing), -P11A_E_NOMEM.
  */
-int token_sign(struct token_module *m, const struct p11a_sign *req,
-	       const struct timespec *deadline, uint8_t *sig, size_t sig_size,
-	       size_t *sig_len, char *msg, size_t msg_size);
+struct token_keymemo;
+int token_sign(struct token_module *m, struct token_keymemo **memo,
+	       const struct p11a_sign *req, const struct timespec *deadline,
+	       uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size);
+
+/*
+ * A channel's memo of the last key URI it resolved, so repeated SIGNs for
+ * the same key skip parsing and matching while the inventory is
+ * unchanged.  token_sign() creates it in *memo (NULL at first; memo may
+ * be NULL: no memo); the channel frees it when it closes.
+ */
+void token_keymemo_free(struct token_keymemo *memo);
 
 #endif
