@@ -7,6 +7,17 @@
  *   Only the control thread writes those, so it reads them unlocked.
  *   PKCS#11 calls are never made under m->lock.
  * - s->plock guards a slot's session pool (idle list, counts, generation).
+ *
+ * Session copies of keys: a pooled session keeps, per key it signed with,
+ * a session object copied from the token key (C_CopyObject, CKA_TOKEN
+ * false).  Tokens that keep token objects in files (SoftHSM2) re-read the
+ * key file on every C_SignInit with the token object; with a session
+ * object they do not.  A copy is tied to its session (closing the session
+ * destroys it) and to the slot's key generation s->kgen, bumped whenever
+ * the key handles may change meaning (rescan, login, logout, removal): a
+ * session holding copies of an older generation is never used with them
+ * and is closed when it comes back to the pool, so a stale handle never
+ * reaches C_SignInit.
  */
 #include "config.h"
 #include "token.h"
@@ -51,8 +62,23 @@ struct tok_key {
 	CK_OBJECT_HANDLE priv;          /* CK_INVALID_HANDLE: private key not visible */
 };
 
+/* A pooled session and the session copies of keys made in it. */
+#define PCOPY_MAX 8
+
+struct psess {
+	CK_SESSION_HANDLE h;
+	unsigned kgen;                  /* s->kgen the copies belong to */
+	unsigned ncopy;
+	unsigned evict;                 /* next entry to replace when full */
+	struct {
+		CK_OBJECT_HANDLE priv;  /* the token key */
+		CK_OBJECT_HANDLE copy;  /* CK_INVALID_HANDLE: the token refused a copy */
+	} copy[PCOPY_MAX];
+};
+
 struct tok_slot {
 	CK_SLOT_ID id;
+	atomic_uint kgen;               /* key generation; bumped under m->lock */
 
 	/* Under m->lock (written by the control thread only). */
 	int known;                      /* tok/ti hold a token seen in this slot */
@@ -67,6 +93,7 @@ struct tok_slot {
 	/* Control thread only. */
 	int mechs_read;
 	CK_SESSION_HANDLE kept;         /* multi-session tokens: the control session */
+	struct psess *ctl_ps;           /* one-session tokens: the pool session lent to control */
 
 	/* Session pool, under plock. */
 	pthread_mutex_t plock;
@@ -76,7 +103,7 @@ struct tok_slot {
 	unsigned nopen;                 /* pool sessions open (idle + lent out) */
 	unsigned gen;                   /* bumped when the token changes: old sessions get closed */
 	unsigned nidle;
-	CK_SESSION_HANDLE idle[TOKEN_POOL_MAX];
+	struct psess *idle[TOKEN_POOL_MAX];
 };
 
 struct token_module {
@@ -87,6 +114,8 @@ struct token_module {
 	int wait_ms;
 	int event_fd;
 	atomic_int inflight;            /* threads inside token_sign's PKCS#11 calls */
+	atomic_int key_copies;          /* 0 once the module refused C_CopyObject outright */
+	atomic_uint igen;               /* inventory generation (key memos); bumped under lock */
 
 	pthread_mutex_t lock;
 	int closing;
@@ -334,17 +363,19 @@ state_logged_in(CK_STATE st)
  */
 static int
 pool_get(struct token_module *m, struct tok_slot *s, const struct timespec *deadline,
-	 CK_SESSION_HANDLE *h, unsigned *gen, CK_RV *rv_out)
+	 struct psess **out, unsigned *gen, CK_RV *rv_out)
 {
+	struct psess *ps;
 	CK_RV rv;
 	unsigned g;
 	int r;
 
 	*rv_out = CKR_OK;
+	*out = NULL;
 	pthread_mutex_lock(&s->plock);
 	for (;;) {
 		if (s->nidle > 0) {
-			*h = s->idle[--s->nidle];
+			*out = s->idle[--s->nidle];
 			*gen = s->gen;
 			pthread_mutex_unlock(&s->plock);
 			return 0;
@@ -353,10 +384,17 @@ pool_get(struct token_module *m, struct tok_slot *s, const struct timespec *dead
 			s->nopen++;
 			g = s->gen;
 			pthread_mutex_unlock(&s->plock);
-			rv = m->f->C_OpenSession(s->id, CKF_SERIAL_SESSION, NULL, NULL, h);
-			if (rv == CKR_OK) {
-				*gen = g;
-				return 0;
+			if ((ps = calloc(1, sizeof(*ps))) == NULL) {
+				rv = CKR_HOST_MEMORY;
+			} else {
+				ps->kgen = atomic_load(&s->kgen);
+				rv = m->f->C_OpenSession(s->id, CKF_SERIAL_SESSION, NULL, NULL, &ps->h);
+				if (rv == CKR_OK) {
+					*out = ps;
+					*gen = g;
+					return 0;
+				}
+				free(ps);
 			}
 			pthread_mutex_lock(&s->plock);
 			if (g != s->gen) {
@@ -389,13 +427,13 @@ pool_get(struct token_module *m, struct tok_slot *s, const struct timespec *dead
 
 /* Non-blocking: an idle session or nothing (1 = got one). */
 static int
-pool_try_get(struct tok_slot *s, CK_SESSION_HANDLE *h, unsigned *gen)
+pool_try_get(struct tok_slot *s, struct psess **ps, unsigned *gen)
 {
 	int got = 0;
 
 	pthread_mutex_lock(&s->plock);
 	if (s->nidle > 0) {
-		*h = s->idle[--s->nidle];
+		*ps = s->idle[--s->nidle];
 		*gen = s->gen;
 		got = 1;
 	}
@@ -403,13 +441,27 @@ pool_try_get(struct tok_slot *s, CK_SESSION_HANDLE *h, unsigned *gen)
 	return got;
 }
 
-/* Returns a borrowed session; drop closes it (it failed or the token changed). */
 static void
-pool_put(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, unsigned gen, int drop)
+psess_close(struct token_module *m, struct psess *ps)
 {
+	/* Closing the session destroys its session objects: the key copies. */
+	(void)m->f->C_CloseSession(ps->h);
+	free(ps);
+}
+
+/*
+ * Returns a borrowed session; drop closes it (it failed or the token
+ * changed).  A session holding key copies of an older key generation is
+ * closed too: its copies may no longer be what their handles say.
+ */
+static void
+pool_put(struct token_module *m, struct tok_slot *s, struct psess *ps, unsigned gen, int drop)
+{
+	if (ps->ncopy > 0 && ps->kgen != atomic_load(&s->kgen))
+		drop = 1;
 	pthread_mutex_lock(&s->plock);
 	if (!drop && gen == s->gen && s->nopen <= s->cap && s->nidle < TOKEN_POOL_MAX) {
-		s->idle[s->nidle++] = h;
+		s->idle[s->nidle++] = ps;
 		pthread_cond_signal(&s->pcond);
 		pthread_mutex_unlock(&s->plock);
 		return;
@@ -418,7 +470,7 @@ pool_put(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, unsign
 		s->nopen--;
 	pthread_cond_broadcast(&s->pcond);
 	pthread_mutex_unlock(&s->plock);
-	(void)m->f->C_CloseSession(h);
+	psess_close(m, ps);
 }
 
 static int
@@ -439,9 +491,10 @@ pool_shared(struct tok_slot *s)
 static void
 slot_reset_sessions(struct token_module *m, struct tok_slot *s)
 {
-	CK_SESSION_HANDLE old[TOKEN_POOL_MAX];
+	struct psess *old[TOKEN_POOL_MAX];
 	unsigned n;
 
+	atomic_fetch_add(&s->kgen, 1);
 	pthread_mutex_lock(&s->plock);
 	n = s->nidle;
 	memcpy(old, s->idle, n * sizeof(old[0]));
@@ -451,7 +504,7 @@ slot_reset_sessions(struct token_module *m, struct tok_slot *s)
 	pthread_cond_broadcast(&s->pcond);
 	pthread_mutex_unlock(&s->plock);
 	for (unsigned i = 0; i < n; i++)
-		(void)m->f->C_CloseSession(old[i]);
+		psess_close(m, old[i]);
 	if (s->kept != CK_INVALID_HANDLE) {
 		(void)m->f->C_CloseSession(s->kept);
 		s->kept = CK_INVALID_HANDLE;
@@ -498,10 +551,13 @@ ctl_session_get(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE *h
 
 	if (s->shared) {
 		ts_after_ms(&dl, m->wait_ms);
-		r = pool_get(m, s, &dl, h, gen, &rv);
+		r = pool_get(m, s, &dl, &s->ctl_ps, gen, &rv);
 		if (r == -P11A_E_TIMEOUT)
 			return CKR_FUNCTION_CANCELED;   /* stands for "busy" here */
-		return r == 0 ? CKR_OK : (rv != CKR_OK ? rv : CKR_GENERAL_ERROR);
+		if (r != 0)
+			return rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+		*h = s->ctl_ps->h;
+		return CKR_OK;
 	}
 	*gen = 0;
 	if (s->kept == CK_INVALID_HANDLE) {
@@ -519,7 +575,10 @@ static void
 ctl_session_put(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, unsigned gen, int drop)
 {
 	if (s->shared) {
-		pool_put(m, s, h, gen, drop);
+		if (s->ctl_ps != NULL && s->ctl_ps->h == h) {
+			pool_put(m, s, s->ctl_ps, gen, drop);
+			s->ctl_ps = NULL;
+		}
 		return;
 	}
 	if (drop && s->kept == h) {
@@ -1035,8 +1094,11 @@ objs_read(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_CLASS cls,
 	  struct obj **out, size_t *count)
 {
 	CK_CERTIFICATE_TYPE ct = CKC_X_509;
-	CK_ATTRIBUTE tmpl[2] = {
+	CK_BBOOL on_token = CK_TRUE;
+	/* Token objects only: our own session copies of keys are visible here too. */
+	CK_ATTRIBUTE tmpl[3] = {
 		{ CKA_CLASS, &cls, sizeof(cls) },
+		{ CKA_TOKEN, &on_token, sizeof(on_token) },
 		{ CKA_CERTIFICATE_TYPE, &ct, sizeof(ct) },
 	};
 	CK_OBJECT_HANDLE *hs = NULL;
@@ -1046,7 +1108,7 @@ objs_read(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_CLASS cls,
 
 	*out = NULL;
 	*count = 0;
-	rv = find_objects(m, h, tmpl, cls == CKO_CERTIFICATE ? 2 : 1, &hs, &n);
+	rv = find_objects(m, h, tmpl, cls == CKO_CERTIFICATE ? 3 : 2, &hs, &n);
 	if (rv != CKR_OK)
 		return rv;
 	if (n > 0 && (v = calloc(n, sizeof(*v))) == NULL) {
@@ -1374,6 +1436,7 @@ slot_add(struct token_module *m, CK_SLOT_ID id)
 	pthread_condattr_destroy(&ca);
 	pthread_mutex_lock(&m->lock);
 	m->slots[m->nslots++] = s;
+	atomic_fetch_add(&m->igen, 1);
 	pthread_mutex_unlock(&m->lock);
 	return s;
 }
@@ -1388,6 +1451,8 @@ slot_gone(struct token_module *m, struct tok_slot *s)
 		 (unsigned long)s->id);
 	slot_reset_sessions(m, s);
 	pthread_mutex_lock(&m->lock);
+	atomic_fetch_add(&s->kgen, 1);
+	atomic_fetch_add(&m->igen, 1);
 	s->present = 0;
 	s->logged_in = 0;
 	s->tok.flags &= ~(P11A_TOKEN_PRESENT | P11A_TOKEN_LOGGED_IN);
@@ -1448,6 +1513,7 @@ slot_scan(struct token_module *m, struct tok_slot *s)
 		s->mechs_read = 1;
 		pthread_mutex_lock(&m->lock);
 		s->mechs = mechs;
+		atomic_fetch_add(&m->igen, 1);
 		pthread_mutex_unlock(&m->lock);
 	}
 	if (token_record(m, &ti, token_flags(&ti, 1, logged_in), &tok) != 0) {
@@ -1465,6 +1531,9 @@ slot_scan(struct token_module *m, struct tok_slot *s)
 		log_info("token '%s' in slot %lu: %zu key(s)%s", tok.label, (unsigned long)s->id,
 			 nkeys, logged_in ? ", logged in" : "");
 	pthread_mutex_lock(&m->lock);
+	/* Handles may mean other keys now: session copies and key memos start over. */
+	atomic_fetch_add(&s->kgen, 1);
+	atomic_fetch_add(&m->igen, 1);
 	p11a_token_clear(&s->tok);
 	s->tok = tok;
 	s->ti = ti;
@@ -1488,6 +1557,15 @@ slot_scan(struct token_module *m, struct tok_slot *s)
 
 /* ------------------------------------------------------------ module */
 
+/* P11AGENT_KEY_COPIES=0 in the agent's environment: sign with token objects only. */
+static int
+key_copies_wanted(void)
+{
+	const char *v = getenv("P11AGENT_KEY_COPIES");
+
+	return v == NULL || strcmp(v, "0") != 0;
+}
+
 int
 token_module_load(const struct module_conf *mod, int wait_ms, struct token_module **out)
 {
@@ -1504,6 +1582,7 @@ token_module_load(const struct module_conf *mod, int wait_ms, struct token_modul
 	}
 	m->event_fd = -1;
 	m->wait_ms = wait_ms > 0 ? wait_ms : 30000;
+	atomic_init(&m->key_copies, key_copies_wanted());
 	m->path = strdup(mod->path);
 	m->name = strdup(mod->name != NULL ? mod->name : mod->path);
 	pthread_mutex_init(&m->lock, NULL);
@@ -1683,7 +1762,6 @@ token_check(struct token_module *m)
 	CK_ULONG n = 0, i;
 	CK_TOKEN_INFO ti;
 	CK_SESSION_INFO si;
-	CK_SESSION_HANDLE h;
 	struct tok_slot *s;
 	unsigned gen;
 	size_t j, npresent = 0;
@@ -1711,10 +1789,12 @@ token_check(struct token_module *m)
 		}
 		/* Login state, from a session nobody else uses right now. */
 		if (s->shared) {
-			if (!pool_try_get(s, &h, &gen))
+			struct psess *ps;
+
+			if (!pool_try_get(s, &ps, &gen))
 				continue;
-			rv = m->f->C_GetSessionInfo(h, &si);
-			pool_put(m, s, h, gen, rv != CKR_OK && rv_session_gone(rv));
+			rv = m->f->C_GetSessionInfo(ps->h, &si);
+			pool_put(m, s, ps, gen, rv != CKR_OK && rv_session_gone(rv));
 		} else if (s->kept != CK_INVALID_HANDLE) {
 			rv = m->f->C_GetSessionInfo(s->kept, &si);
 		} else {
@@ -1906,6 +1986,7 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 	switch (rv) {
 	case CKR_OK:
 	case CKR_USER_ALREADY_LOGGED_IN:
+		atomic_fetch_add(&s->kgen, 1);
 		log_info("token '%s' logged in", label);
 		r = 0;
 		break;
@@ -1975,7 +2056,13 @@ token_lock(struct token_module *m, const char *token_uri, char *msg, size_t msg_
 			}
 			continue;
 		}
-		rv = logged_in ? m->f->C_Logout(h) : CKR_OK;
+		if (logged_in) {
+			/* Logging out destroys private session objects: the key copies. */
+			atomic_fetch_add(&s->kgen, 1);
+			rv = m->f->C_Logout(h);
+		} else {
+			rv = CKR_OK;
+		}
 		ctl_session_put(m, s, h, gen, rv_session_gone(rv));
 		if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN || rv_session_gone(rv)) {
 			if (logged_in)
@@ -1993,6 +2080,7 @@ token_lock(struct token_module *m, const char *token_uri, char *msg, size_t msg_
 /* What a signing thread needs of a key, copied out under m->lock. */
 struct sign_key {
 	struct tok_slot *s;
+	unsigned kgen;                  /* s->kgen when priv was read */
 	CK_OBJECT_HANDLE priv;
 	int type;
 	uint32_t bits;
@@ -2005,16 +2093,87 @@ struct sign_key {
 	char token_label[64];
 };
 
-static int
-key_lookup(struct token_module *m, const char *uri, struct sign_key *sk, char *msg, size_t msg_size)
+struct token_keymemo {
+	char *uri;
+	unsigned igen;                  /* m->igen when resolved */
+	size_t slot, key;               /* m->slots[slot]->keys[key] */
+};
+
+void
+token_keymemo_free(struct token_keymemo *memo)
 {
-	struct p11a_uri_matcher *um;
+	if (memo == NULL)
+		return;
+	free(memo->uri);
+	free(memo);
+}
+
+/* Remembers that uri resolved to m->slots[si]->keys[ki] (under m->lock). */
+static void
+keymemo_store(struct token_module *m, struct token_keymemo **memo, const char *uri,
+	      size_t si, size_t ki)
+{
+	struct token_keymemo *km;
+	char *u;
+
+	if (memo == NULL)
+		return;
+	km = *memo;
+	if (km == NULL || strcmp(km->uri, uri) != 0) {
+		if ((u = strdup(uri)) == NULL)
+			return;         /* no memo: the next SIGN matches again */
+		if (km == NULL && (km = calloc(1, sizeof(*km))) == NULL) {
+			free(u);
+			return;
+		}
+		free(km->uri);
+		km->uri = u;
+		*memo = km;
+	}
+	km->igen = atomic_load(&m->igen);
+	km->slot = si;
+	km->key = ki;
+}
+
+/* The memo's key when it still stands for uri (under m->lock), else NULL. */
+static const struct tok_key *
+keymemo_hit(struct token_module *m, const struct token_keymemo *km, const char *uri,
+	    struct tok_slot **sp)
+{
+	struct tok_slot *s;
+
+	if (km == NULL || km->igen != atomic_load(&m->igen) || km->slot >= m->nslots ||
+	    strcmp(km->uri, uri) != 0)
+		return NULL;
+	s = m->slots[km->slot];
+	if (!s->known || km->key >= s->nkeys)
+		return NULL;
+	*sp = s;
+	return &s->keys[km->key];
+}
+
+static int
+key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
+	   struct sign_key *sk, char *msg, size_t msg_size)
+{
+	struct p11a_uri_matcher *um = NULL;
 	const struct tok_key *found = NULL;
 	struct tok_slot *fs = NULL;
-	size_t matches = 0;
+	size_t matches = 0, fsi = 0, fki = 0;
 	int err = 0, r = 0;
 
 	memset(sk, 0, sizeof(*sk));
+	pthread_mutex_lock(&m->lock);
+	if (m->closing) {
+		set_msg(msg, msg_size, "token helper for module %s is shutting down", m->name);
+		r = -P11A_E_HELPER;
+		goto out;
+	}
+	if (memo != NULL && (found = keymemo_hit(m, *memo, uri, &fs)) != NULL)
+		goto fill;
+	pthread_mutex_unlock(&m->lock);
+
+	/* Parsed outside the lock; the inventory may change meanwhile, the match sees one state. */
 	if ((um = p11a_uri_matcher_new(uri, &err)) == NULL) {
 		set_msg(msg, msg_size, "'%.200s' is not a valid pkcs11: URI", uri);
 		return err != 0 ? err : -P11A_E_URI;
@@ -2034,6 +2193,8 @@ key_lookup(struct token_module *m, const char *uri, struct sign_key *sk, char *m
 				matches++;
 				found = &s->keys[j];
 				fs = s;
+				fsi = i;
+				fki = j;
 			}
 		}
 	}
@@ -2047,7 +2208,10 @@ key_lookup(struct token_module *m, const char *uri, struct sign_key *sk, char *m
 		r = -P11A_E_AMBIGUOUS;
 		goto out;
 	}
+	keymemo_store(m, memo, uri, fsi, fki);
+ fill:
 	sk->s = fs;
+	sk->kgen = atomic_load(&fs->kgen);
 	sk->priv = found->priv;
 	sk->type = found->k.type;
 	sk->bits = found->k.bits;
@@ -2068,8 +2232,76 @@ key_lookup(struct token_module *m, const char *uri, struct sign_key *sk, char *m
 	atomic_fetch_add(&m->inflight, 1);
  out:
 	pthread_mutex_unlock(&m->lock);
-	p11a_uri_matcher_free(um);
+	if (um != NULL)
+		p11a_uri_matcher_free(um);
 	return r;
+}
+
+/*
+ * The key handle to sign with in session ps: this session's copy of the
+ * token key, made now if need be, or the token key itself when copies are
+ * off, refused, or of another key generation.  *is_copy says which.
+ */
+static CK_OBJECT_HANDLE
+psess_key(struct token_module *m, struct psess *ps, const struct sign_key *sk, int *is_copy)
+{
+	CK_BBOOL no = CK_FALSE;
+	CK_ATTRIBUTE tmpl[1] = { { CKA_TOKEN, &no, sizeof(no) } };
+	CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+	unsigned i, cur = atomic_load(&sk->s->kgen);
+	char nb[48];
+	CK_RV rv;
+
+	*is_copy = 0;
+	if (sk->kgen != cur || !atomic_load(&m->key_copies) || (sk->flags & P11A_KEY_ALWAYS_AUTH))
+		return sk->priv;
+	if (ps->kgen != cur) {
+		if (ps->ncopy > 0)
+			return sk->priv;        /* stale copies: the pool closes this session */
+		ps->kgen = cur;
+	}
+	for (i = 0; i < ps->ncopy; i++) {
+		if (ps->copy[i].priv == sk->priv) {
+			if (ps->copy[i].copy == CK_INVALID_HANDLE)
+				return sk->priv;
+			*is_copy = 1;
+			return ps->copy[i].copy;
+		}
+	}
+	rv = m->f->C_CopyObject(ps->h, sk->priv, tmpl, 1, &copy);
+	if (rv == CKR_FUNCTION_NOT_SUPPORTED) {
+		atomic_store(&m->key_copies, 0);
+		log_debug("module %s has no C_CopyObject: signing with token objects", m->name);
+		return sk->priv;
+	}
+	if (rv != CKR_OK) {
+		/* E.g. CKA_COPYABLE false: remembered, so it is asked once per session. */
+		log_debug("token '%s': no session copy of key '%s' (%s)", sk->token_label, sk->label,
+			  ckr_name(rv, nb, sizeof(nb)));
+		copy = CK_INVALID_HANDLE;
+	}
+	if (ps->ncopy < PCOPY_MAX) {
+		i = ps->ncopy++;
+	} else {
+		i = ps->evict;
+		ps->evict = (ps->evict + 1) % PCOPY_MAX;
+		if (ps->copy[i].copy != CK_INVALID_HANDLE)
+			(void)m->f->C_DestroyObject(ps->h, ps->copy[i].copy);
+	}
+	ps->copy[i].priv = sk->priv;
+	ps->copy[i].copy = copy;
+	if (copy == CK_INVALID_HANDLE)
+		return sk->priv;
+	*is_copy = 1;
+	return copy;
+}
+
+/* Errors after which a session copy is not trusted again: sign with the token key. */
+static int
+rv_copy_suspect(CK_RV rv)
+{
+	return rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID ||
+	    rv == CKR_KEY_TYPE_INCONSISTENT || rv == CKR_KEY_FUNCTION_NOT_PERMITTED;
 }
 
 /* The private key again, after the token said its handle went stale. */
@@ -2077,22 +2309,26 @@ static CK_OBJECT_HANDLE
 key_refind(struct token_module *m, CK_SESSION_HANDLE h, const struct sign_key *sk)
 {
 	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-	CK_ATTRIBUTE tmpl[2] = { { CKA_CLASS, &cls, sizeof(cls) } };
+	CK_BBOOL on_token = CK_TRUE;
+	CK_ATTRIBUTE tmpl[3] = {
+		{ CKA_CLASS, &cls, sizeof(cls) },
+		{ CKA_TOKEN, &on_token, sizeof(on_token) },
+	};
 	CK_OBJECT_HANDLE *v = NULL, found = CK_INVALID_HANDLE;
 	size_t n = 0;
 
 	if (sk->id_len > 0) {
-		tmpl[1].type = CKA_ID;
-		tmpl[1].pValue = sk->id;
-		tmpl[1].ulValueLen = sk->id_len;
+		tmpl[2].type = CKA_ID;
+		tmpl[2].pValue = sk->id;
+		tmpl[2].ulValueLen = sk->id_len;
 	} else if (sk->label[0] != '\0') {
-		tmpl[1].type = CKA_LABEL;
-		tmpl[1].pValue = (void *)sk->label;
-		tmpl[1].ulValueLen = strlen(sk->label);
+		tmpl[2].type = CKA_LABEL;
+		tmpl[2].pValue = (void *)sk->label;
+		tmpl[2].ulValueLen = strlen(sk->label);
 	} else {
 		return CK_INVALID_HANDLE;
 	}
-	if (find_objects(m, h, tmpl, 2, &v, &n) == CKR_OK && n == 1)
+	if (find_objects(m, h, tmpl, 3, &v, &n) == CKR_OK && n == 1)
 		found = v[0];
 	free(v);
 	return found;
@@ -2335,12 +2571,6 @@ sign_once(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OB
 	return rv;
 }
 
-void
-token_keymemo_free(struct token_keymemo *memo)
-{
-	(void)memo;
-}
-
 int
 token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11a_sign *req,
 	   const struct timespec *deadline,
@@ -2350,17 +2580,18 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 	struct sign_plan *plan = NULL;
 	uint8_t raw[P11A_SIG_MAX];
 	size_t raw_len = sizeof(raw);
+	struct psess *ps = NULL;
 	CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
 	CK_OBJECT_HANDLE key;
 	CK_RV rv = CKR_OK, prv;
 	const char *what = "C_Sign";
 	unsigned gen = 0;
-	int r, drop = 0, have_session = 0;
+	int r, drop = 0, have_session = 0, is_copy = 0;
 
 	*sig_len = 0;
 	if (msg != NULL && msg_size > 0)
 		msg[0] = '\0';
-	if ((r = key_lookup(m, req->key_uri, &sk, msg, msg_size)) != 0)
+	if ((r = key_lookup(m, memo, req->key_uri, &sk, msg, msg_size)) != 0)
 		return r;
 	/* From here on this thread counts in m->inflight. */
 	if (!sk.present) {
@@ -2380,7 +2611,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 	if ((r = sign_plan(req, &sk, 0, plan, msg, msg_size)) != 0)
 		goto out;
 
-	r = pool_get(m, sk.s, deadline, &h, &gen, &prv);
+	r = pool_get(m, sk.s, deadline, &ps, &gen, &prv);
 	if (r == -P11A_E_TIMEOUT) {
 		set_msg(msg, msg_size, "token '%s' stayed busy until the deadline", sk.token_label);
 	} else if (r != 0) {
@@ -2389,8 +2620,19 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 			notify(m);
 	} else {
 		have_session = 1;
-		key = sk.priv;
+		h = ps->h;
+		key = psess_key(m, ps, &sk, &is_copy);
 		rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+		if (is_copy && rv_copy_suspect(rv)) {
+			/* The copy misbehaves: sign with the token key; the session and its copies go. */
+			char nb[48];
+			log_debug("token '%s': session copy of key '%s' failed (%s); using the token key",
+				  sk.token_label, sk.label, ckr_name(rv, nb, sizeof(nb)));
+			drop = 1;
+			key = sk.priv;
+			raw_len = sizeof(raw);
+			rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+		}
 		if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) {
 			/* The token renumbered its objects: look the key up once more. */
 			notify(m);
@@ -2426,11 +2668,11 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 		}
 	}
 	if (have_session) {
-		drop = rv_session_gone(rv) || rv == CKR_OPERATION_ACTIVE;
+		drop = drop || rv_session_gone(rv) || rv == CKR_OPERATION_ACTIVE;
 		/* A key that wants its PIN per signature may leave the operation open. */
 		if (rv == CKR_USER_NOT_LOGGED_IN && (sk.flags & P11A_KEY_ALWAYS_AUTH) && !pool_shared(sk.s))
 			drop = 1;
-		pool_put(m, sk.s, h, gen, drop);
+		pool_put(m, sk.s, ps, gen, drop);
 	}
 	if (r != 0)
 		goto out;

@@ -109,6 +109,18 @@ run p11a unlock --pin-stdin <"$T/pin.nonl"
 rc_is 0 "unlock --pin-stdin (no trailing newline) exits 0"
 sign_ok "after unlocking again"
 
+# The helper signs with session copies of keys (C_CopyObject, CKA_TOKEN
+# false); they are visible to the helper's own searches and must never show
+# up as keys of their own after a lock/unlock rescan.
+nkeys_listed() {
+	list_json && "$PYTHON3" -c 'import json,sys; print(sum(1 for k in json.load(open(sys.argv[1]))["keys"] if k.get("label") == "ec256"))' "$T/list.json"
+}
+is "$(nkeys_listed)" 1 "after signing and a lock/unlock cycle, ec256 is listed once"
+run p11a lock
+run p11a unlock --pin-file "$T/pin"
+is "$(nkeys_listed)" 1 "after another lock/unlock cycle, ec256 is still listed once"
+sign_ok "with one ec256 key listed"
+
 run p11a lock --token "$token_uri"
 rc_is 0 "lock --token URI exits 0"
 sign_locked "after lock --token"
