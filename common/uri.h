@@ -1,7 +1,8 @@
 /*
- * RFC 7512 pkcs11: URIs for tokens and objects, built and matched with
- * p11-kit's URI functions.  Used by the agent (on its inventory), its
- * token helpers (on what they enumerate) and clients (on a LIST reply).
+ * RFC 7512 pkcs11: URIs for tokens and objects, built, parsed and matched
+ * as p11-kit 0.24's URI functions do, but without linking libp11-kit
+ * (only its pkcs11.h).  Used by the agent (on its inventory), its token
+ * helpers (on what they enumerate) and clients (on a LIST reply).
  */
 #ifndef P11A_URI_H
 #define P11A_URI_H
@@ -21,7 +22,10 @@ char *p11a_uri_format_object(const CK_TOKEN_INFO *ti, CK_OBJECT_CLASS cls,
 
 /*
  * Parses uri once for repeated matching.  Returns NULL with *err set to
- * -P11A_E_URI when it is not a pkcs11: URI.
+ * -P11A_E_URI when it is not a pkcs11: URI (-P11A_E_NOMEM when out of
+ * memory).  As in p11-kit, a URI with an unknown path attribute, an
+ * unknown type= or a value too long for its field parses but matches
+ * nothing; query attributes (?pin-value=...) are checked and ignored.
  */
 struct p11a_uri_matcher;
 struct p11a_uri_matcher *p11a_uri_matcher_new(const char *uri, int *err);

@@ -197,4 +197,23 @@ kr = {
 for n, d in kr.items():
     write("fuzz_keyref", n, d)
 
+# ---------------------------------------------------------------- fuzz_uri
+# First byte even: the rest is a URI to parse; odd: token fields, id and
+# label for a format/parse/match round trip (tests/fuzz/fuzz_uri.c).
+for n, d in {
+    "key-uri": b"\x00pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;"
+               b"serial=2eaa0f19d9b8df71;token=p11agent-test;id=%02;object=ec256;type=private",
+    "token-uri": b"\x00pkcs11:token=tok;manufacturer=m;model=x;serial=1",
+    "query": b"\x00pkcs11:object=key;id=%01?pin-value=1234&module-name=softhsm2",
+    "bad-escape": b"\x00pkcs11:object=%4",
+    "upper-scheme": b"\x00PKCS11:object=key",
+    "library": b"\x00pkcs11:library-version=2.40;library-manufacturer=x;slot-id=0;slot-description=s",
+    "empty": b"\x00pkcs11:",
+    "not-uri": b"\x00file:/etc/passwd",
+    "round-trip": b"\x01\x0ap11agent-t\x04Soft\x02v2\x03abc\x02\x01\x02ec256",
+    "round-trip-bytes": b"\x01\x20" + bytes(range(32)) + b"\x00\x00\x00\x05" +
+                        bytes([0, 255, 37, 59, 63]) + b"a;b?c%d/e",
+}.items():
+    write("fuzz_uri", n, d)
+
 print("corpus written to", OUT)

@@ -24,7 +24,7 @@ out=${FUZZ_OUT:-$top_builddir/tests/fuzz/out}
 cc=${CC:-clang}
 case $cc in gcc|cc|*/gcc|*/cc) cc=clang ;; esac
 
-all_targets="fuzz_request fuzz_internal fuzz_reply fuzz_keyref"
+all_targets="fuzz_request fuzz_internal fuzz_reply fuzz_keyref fuzz_uri"
 targets=${*:-$all_targets}
 
 command -v "$cc" >/dev/null || { echo "run.sh: $cc not found (install clang and libclang-rt-14-dev)" >&2; exit 2; }
@@ -47,6 +47,7 @@ build() {
 	fuzz_internal) extra=(-DFUZZ_MODE_INTERNAL "$src/tests/fuzz/fuzz_agent.c" "${agent[@]}") ;;
 	fuzz_reply) extra=("$src/tests/fuzz/fuzz_reply.c" -pthread) ;;
 	fuzz_keyref) extra=("$src/tests/fuzz/fuzz_keyref.c" "$src/engine/keyref.c") ;;
+	fuzz_uri) extra=("$src/tests/fuzz/fuzz_uri.c") ;;
 	*) echo "run.sh: unknown target $t" >&2; return 1 ;;
 	esac
 	"$cc" "${cflags[@]}" "${extra[@]}" "${common[@]}" -o "$out/bin/$t" "${pkg[@]}" -ldl -lpthread
