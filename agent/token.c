@@ -2669,6 +2669,13 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 	}
 	if (have_session) {
 		drop = drop || rv_session_gone(rv) || rv == CKR_OPERATION_ACTIVE;
+		/*
+		 * A failed C_Sign ends the operation (PKCS#11 5.13), but a module
+		 * that does not would fail every later C_SignInit on this session:
+		 * failures are rare, a new session is cheap.
+		 */
+		if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && strcmp(what, "C_Sign") == 0)
+			drop = 1;
 		/* A key that wants its PIN per signature may leave the operation open. */
 		if (rv == CKR_USER_NOT_LOGGED_IN && (sk.flags & P11A_KEY_ALWAYS_AUTH) && !pool_shared(sk.s))
 			drop = 1;

@@ -30,6 +30,9 @@
  *                         "unhang" appears), abort (abort the process).
  *                         "once": the line is deleted from the file when
  *                         it fires.  flags=: pinflags while the line stands.
+ *                         "leave-active" (C_Sign with a CKR_ error): do not
+ *                         finish the real operation, as a non-conformant
+ *                         module leaves its session after an error.
  *   unhang                releases hung calls
  *
  * Every C_Initialize, C_Login and C_Sign call is appended as a line to
@@ -67,8 +70,12 @@ struct state {
 	int has_rule;
 	char action[64];
 	int once;
+	int leave_active;               /* C_Sign: keep the real operation open */
 	char line[256];
 };
+
+/* The calling thread's last rule said "leave-active". */
+static __thread int fault_leave_active;
 
 static const struct {
 	const char *name;
@@ -171,6 +178,7 @@ state_read(const char *fn, struct state *st)
 				snprintf(st->action, sizeof(st->action), "%.*s",
 					 (int)strcspn(line + fnl + 1, " "), line + fnl + 1);
 				st->once = strstr(line + fnl, " once") != NULL;
+				st->leave_active = strstr(line + fnl, " leave-active") != NULL;
 			}
 		}
 	}
@@ -260,6 +268,7 @@ fault(const char *fn, int session_call, int slot_call, CK_RV *rv)
 		return 0;
 	if (st.once)
 		rule_consume(st.line);
+	fault_leave_active = st.leave_active;
 	if (strcmp(st.action, "abort") == 0) {
 		abort();
 	} else if (strcmp(st.action, "hang") == 0) {
@@ -498,10 +507,11 @@ w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_
 
 	if (!fault("C_Sign", 1, 0, &rv)) {
 		rv = real->C_Sign(h, d, dl, s, sl);
-	} else if (rv != CKR_OK) {
+	} else if (rv != CKR_OK && !fault_leave_active) {
 		/*
 		 * A failed C_Sign ends the signing operation (PKCS#11 5.13);
-		 * finish the real one so the session is as a token leaves it.
+		 * finish the real one so the session is as a token leaves it
+		 * (unless the rule says "leave-active": a non-conformant module).
 		 */
 		CK_BYTE scratch[2048];
 		CK_ULONG n = sizeof(scratch);

@@ -224,6 +224,15 @@ sign_fails_with "session" 5000 "C_SignInit CKR_SESSION_CLOSED: client gets 'sess
 sign_ok "CKR_SESSION_CLOSED: the next signature works on a new session"
 still_serving "session lost"
 
+# ---------------------------------------------------------------- C_Sign fails, operation left open
+# "leave-active": the fault module answers without finishing SoftHSM2's
+# operation, so the real session keeps it active, as a non-conformant
+# module would after an error: that session must not be lent out again.
+set_ctl "C_Sign=CKR_FUNCTION_FAILED once leave-active"
+sign_fails_with "CKR_FUNCTION_FAILED" 5000 "C_Sign CKR_FUNCTION_FAILED: client gets the PKCS#11 error"
+sign_ok "C_Sign CKR_FUNCTION_FAILED: the next signature works (the session was not reused)"
+sign_ok "C_Sign CKR_FUNCTION_FAILED: and the one after"
+
 # ---------------------------------------------------------------- not logged in
 set_ctl "C_Sign=CKR_USER_NOT_LOGGED_IN once"
 sign_fails_with "unlock" 5000 "C_Sign CKR_USER_NOT_LOGGED_IN: client is told to unlock"
@@ -386,7 +395,7 @@ sign_a
 # one retry got a channel to the dying helper (Broken pipe; seen once under
 # a loaded full `make check`).  Never "no such key".
 if [ "$rc" -ne 0 ] && [ "$elapsed" -lt 10000 ] &&
-	grep -qiE "token helper .* is restarting|reset by peer|broken pipe" "$T/stderr" &&
+	grep -qiE "token helper .* (is restarting|is being restarted)|reset by peer|broken pipe" "$T/stderr" &&
 	! grep -qi "no such key" "$T/stderr"; then
 	ok "C_Sign aborts the helper: the client gets a 'token helper restarting' error at once (${elapsed} ms)"
 	diag "$(grep -v ': warning: ' "$T/stderr" | head -n 1)"
