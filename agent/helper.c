@@ -35,7 +35,6 @@
 #define CHAN_WRITE_MS        10000
 #define CHECK_INTERVAL_MS    3000    /* look for token changes this often */
 #define CHANNELS_MAX         4096    /* signing channels (threads) at once */
-#define WATCHDOG_MS          250     /* how often stuck signatures are looked for */
 #define CHANNEL_STACK_SIZE   (512 * 1024)
 
 struct helper {
@@ -46,8 +45,12 @@ struct helper {
 	struct p11a_buf *out;           /* control replies, control thread only */
 	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
 	atomic_int channels;
-	pthread_mutex_t wlock;          /* guards the channel list and each channel's busy/expired */
+	pthread_mutex_t wlock;          /* guards the channel list, each channel's busy/expired, wd_* */
 	struct channel *chans;          /* adopted channels, for the watchdog */
+	pthread_cond_t wd_cond;         /* wakes the watchdog (CLOCK_MONOTONIC) */
+	int wd_timed;                   /* the watchdog sleeps until wd_until, not for ever */
+	struct timespec wd_until;
+	int wd_stop;
 };
 
 /*
@@ -56,6 +59,14 @@ struct helper {
  * writes ERROR TIMEOUT and shuts the channel down, so the client is told
  * in time and opens a new channel; the stuck thread discards its late
  * result when (if ever) the module returns.
+ *
+ * The watchdog sleeps until the earliest deadline it knows of, or for ever
+ * when no channel is busy.  Every request gets the same timeout, so a new
+ * deadline is never earlier than one the watchdog already waits for: a
+ * channel wakes it only when it sleeps for ever.  A signature that ends in
+ * time leaves the watchdog's wake-up as it is (one spurious wake-up at
+ * most per sign-timeout), which keeps the signing path free of system
+ * calls for the watchdog.
  */
 struct channel {
 	struct helper *h;
@@ -198,6 +209,12 @@ chan_reply_error(struct channel *c, struct p11a_buf *out, int code, const char *
 	return p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
 }
 
+static int
+ts_before(const struct timespec *a, const struct timespec *b)
+{
+	return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
 static long
 us_since(const struct timespec *t0)
 {
@@ -228,6 +245,11 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	pthread_mutex_lock(&h->wlock);
 	c->busy = 1;
 	c->deadline = deadline;
+	if (!h->wd_timed || ts_before(&deadline, &h->wd_until)) {
+		h->wd_timed = 1;
+		h->wd_until = deadline;
+		pthread_cond_signal(&h->wd_cond);
+	}
 	pthread_mutex_unlock(&h->wlock);
 	r = token_sign(h->tm, &c->memo, req, &deadline, sig, sizeof(sig), &sig_len, msg, sizeof(msg));
 	pthread_mutex_lock(&h->wlock);
@@ -265,26 +287,19 @@ chan_main(void *arg)
 	struct channel *c = arg;
 	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
 	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	/* No descriptors on a channel: the reader passes no control buffer. */
+	struct p11a_reader *rd = p11a_reader_new(c->fd, 0);
 	struct p11a_msg req;
-	struct pollfd pfd;
 	struct timespec t0;
 	int r;
 
-	if (in == NULL || out == NULL) {
+	if (in == NULL || out == NULL || rd == NULL) {
 		log_err("channel %d: out of memory", c->fd);
 		goto out;
 	}
 	for (;;) {
 		/* Idle channels wait for ever; a started frame gets HALF_FRAME_MS. */
-		pfd.fd = c->fd;
-		pfd.events = POLLIN;
-		pfd.revents = 0;
-		if (poll(&pfd, 1, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		r = p11a_frame_read(c->fd, in, NULL, HALF_FRAME_MS);
+		r = p11a_reader_read(rd, in, NULL, -1, HALF_FRAME_MS);
 		if (r != 0) {
 			if (r != -P11A_E_IO || errno != 0)
 				log_debug("channel %d: closing: %s", c->fd, p11a_strerror(r));
@@ -310,6 +325,7 @@ chan_main(void *arg)
 		}
 	}
  out:
+	p11a_reader_free(rd);
 	p11a_buf_free(in);
 	p11a_buf_free(out);
 	pthread_mutex_lock(&c->h->wlock);
@@ -339,20 +355,40 @@ watchdog_main(void *arg)
 {
 	struct helper *h = arg;
 	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
-	struct timespec now, nap = { 0, WATCHDOG_MS * 1000000L };
+	struct timespec now;
 	char text[256];
 
 	if (out == NULL) {
 		log_err("watchdog: out of memory; stuck signatures will not be answered");
 		return NULL;
 	}
-	for (;;) {
-		nanosleep(&nap, NULL);
+	pthread_mutex_lock(&h->wlock);
+	while (!h->wd_stop) {
+		if (h->wd_timed) {
+			/* A copy: channels change wd_until while we wait (and then wake us). */
+			struct timespec until = h->wd_until;
+
+			(void)pthread_cond_timedwait(&h->wd_cond, &h->wlock, &until);
+		} else {
+			(void)pthread_cond_wait(&h->wd_cond, &h->wlock);
+		}
+		if (h->wd_stop)
+			break;
 		clock_gettime(CLOCK_MONOTONIC, &now);
-		pthread_mutex_lock(&h->wlock);
+		if (h->wd_timed && !ts_passed(&now, &h->wd_until))
+			continue;       /* woken early: a new deadline, or spuriously */
+		/* Answer what is past its deadline; sleep until the next one. */
+		h->wd_timed = 0;
 		for (struct channel *c = h->chans; c != NULL; c = c->next) {
-			if (!c->busy || c->expired || !ts_passed(&now, &c->deadline))
+			if (!c->busy || c->expired)
 				continue;
+			if (!ts_passed(&now, &c->deadline)) {
+				if (!h->wd_timed || ts_before(&c->deadline, &h->wd_until)) {
+					h->wd_timed = 1;
+					h->wd_until = c->deadline;
+				}
+				continue;
+			}
 			c->expired = 1;
 			snprintf(text, sizeof(text), "module %s did not finish signing within %d s "
 				 "(the token does not answer); the signing channel is closed",
@@ -362,8 +398,9 @@ watchdog_main(void *arg)
 			(void)chan_reply_error(c, out, P11A_E_TIMEOUT, text);
 			shutdown(c->fd, SHUT_RDWR);
 		}
-		pthread_mutex_unlock(&h->wlock);
 	}
+	pthread_mutex_unlock(&h->wlock);
+	p11a_buf_free(out);
 	return NULL;
 }
 
@@ -524,6 +561,15 @@ helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
 	h->name = mod->name != NULL ? mod->name : mod->path;
 	atomic_init(&h->channels, 0);
 	pthread_mutex_init(&h->wlock, NULL);
+	{
+		pthread_condattr_t ca;
+
+		/* Deadlines are CLOCK_MONOTONIC, as token_sign() takes them. */
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&h->wd_cond, &ca);
+		pthread_condattr_destroy(&ca);
+	}
 	if (token_module_load(mod, h->sign_timeout_ms, &h->tm) != 0) {
 		log_err("module %s: not usable, helper exits", mod->path);
 		_exit(HELPER_EXIT_INIT);
@@ -579,6 +625,10 @@ helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
 		}
 	}
  out:
+	pthread_mutex_lock(&h->wlock);
+	h->wd_stop = 1;
+	pthread_cond_signal(&h->wd_cond);
+	pthread_mutex_unlock(&h->wlock);
 	token_module_close(h->tm);
 	p11a_buf_free(in);
 	p11a_buf_free(h->out);

@@ -6,7 +6,9 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,12 +28,14 @@
 struct chan {
 	char *key_uri;      /* NULL: slot free */
 	int fd;
+	struct p11a_reader *rd;
 	uint64_t used;      /* for least-recently-used eviction */
 };
 
 struct p11a_client {
 	int fd;             /* main connection, -1 when closed */
-	pid_t pid;          /* descriptors are not shared with a forked child */
+	struct p11a_reader *rd;     /* its reader (descriptors arrive there) */
+	uint64_t fork_gen;  /* descriptors are not shared with a forked child */
 	char *path;
 	char *name;
 	int timeout_ms;     /* -1: no deadline */
@@ -112,6 +116,8 @@ fd_close(int *fd)
 static void
 chan_drop(struct p11a_client *c, size_t i)
 {
+	p11a_reader_free(c->chans[i].rd);
+	c->chans[i].rd = NULL;
 	fd_close(&c->chans[i].fd);
 	free(c->chans[i].key_uri);
 	c->chans[i].key_uri = NULL;
@@ -121,7 +127,42 @@ chan_drop(struct p11a_client *c, size_t i)
 static void
 main_close(struct p11a_client *c)
 {
+	p11a_reader_free(c->rd);
+	c->rd = NULL;
 	fd_close(&c->fd);
+}
+
+/*
+ * Fork detection without a getpid() system call on every request: a
+ * counter that a pthread_atfork() child handler bumps.  Counter and
+ * handler are in the same object (this convenience library is linked into
+ * each program and module that uses it), so they go away together: glibc
+ * drops a DSO's atfork handlers at dlclose(), and a copy loaded again
+ * starts with a fresh counter and registers its own handler.
+ */
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static int fork_hooked;                 /* written once, under fork_once */
+static _Atomic uint64_t fork_gen;
+
+static void
+fork_child(void)
+{
+	atomic_fetch_add_explicit(&fork_gen, 1, memory_order_relaxed);
+}
+
+static void
+fork_hook(void)
+{
+	fork_hooked = pthread_atfork(NULL, NULL, fork_child) == 0;
+}
+
+uint64_t
+p11a_fork_generation(void)
+{
+	(void)pthread_once(&fork_once, fork_hook);
+	if (!fork_hooked)
+		return ((uint64_t)1 << 63) | (uint64_t)getpid();
+	return atomic_load_explicit(&fork_gen, memory_order_relaxed);
 }
 
 /*
@@ -131,14 +172,25 @@ main_close(struct p11a_client *c)
 static void
 fork_check(struct p11a_client *c)
 {
+	uint64_t gen = p11a_fork_generation();
 	size_t i;
 
-	if (c->pid == getpid())
+	if (c->fork_gen == gen)
 		return;
 	main_close(c);
 	for (i = 0; i < CHAN_CACHE; i++)
 		chan_drop(c, i);
-	c->pid = getpid();
+	c->fork_gen = gen;
+}
+
+static int
+reader_new(int fd, unsigned flags, struct p11a_reader **out)
+{
+	if ((*out = p11a_reader_new(fd, flags)) == NULL) {
+		errno = ENOMEM;
+		return -P11A_E_NOMEM;
+	}
+	return 0;
 }
 
 /*
@@ -247,7 +299,7 @@ io_state(int r)
  * success *reply holds the reply; an ERROR reply becomes its negative code.
  */
 static int
-exchange(struct p11a_client *c, int fd, const struct p11a_msg *req,
+exchange(struct p11a_client *c, int fd, struct p11a_reader *rd, const struct p11a_msg *req,
 	 struct p11a_msg *reply, int *fd_received, enum xstate *how)
 {
 	struct p11a_buf *out = NULL, *in = NULL;
@@ -281,7 +333,7 @@ exchange(struct p11a_client *c, int fd, const struct p11a_msg *req,
 
 		left = l < 0 ? 0 : (int)l;
 	}
-	if ((r = p11a_frame_read(fd, in, &rfd, left)) != 0) {
+	if ((r = p11a_reader_read(rd, in, &rfd, left, -1)) != 0) {
 		*how = io_state(r);
 		local_error(c, r, "reading reply from the agent");
 		goto out;
@@ -327,7 +379,7 @@ client_hello(struct p11a_client *c)
 	req.u.hello.min_version = P11A_PROTO_VERSION_MIN;
 	req.u.hello.max_version = P11A_PROTO_VERSION;
 	req.u.hello.client = c->name;
-	r = exchange(c, c->fd, &req, &reply, NULL, &how);
+	r = exchange(c, c->fd, c->rd, &req, &reply, NULL, &how);
 	if (how == XS_CLOSED && peer_is_other_user(c->fd)) {
 		set_error(c, "agent at %s belongs to another user", c->path);
 		return -P11A_E_DENIED;
@@ -354,8 +406,10 @@ client_open(struct p11a_client *c)
 	int r;
 
 	main_close(c);
-	if ((r = sock_connect(c->path, c->timeout_ms, &c->fd)) != 0) {
+	if ((r = sock_connect(c->path, c->timeout_ms, &c->fd)) != 0 ||
+	    (r = reader_new(c->fd, P11A_READER_FDS, &c->rd)) != 0) {
 		local_error(c, r, c->path);
+		main_close(c);
 		return r;
 	}
 	if ((r = client_hello(c)) != 0)
@@ -383,7 +437,7 @@ p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
 	c->fd = -1;
 	for (i = 0; i < CHAN_CACHE; i++)
 		c->chans[i].fd = -1;
-	c->pid = getpid();
+	c->fork_gen = p11a_fork_generation();
 	c->timeout_ms = timeout_ms == 0 ? P11A_CLIENT_TIMEOUT_MS :
 	    timeout_ms < 0 ? -1 : timeout_ms;
 	c->path = strdup(path);
@@ -456,12 +510,15 @@ p11a_client_call(struct p11a_client *c, const struct p11a_msg *req,
 	c->last_error[0] = '\0';
 	fork_check(c);
 	for (attempt = 0;; attempt++) {
-		/* Reconnecting before a request is safe: nothing was sent yet. */
-		if (c->fd >= 0 && !conn_alive(c->fd))
+		/*
+		 * Reconnecting before a request is safe: nothing was sent yet.
+		 * Bytes nobody asked for mean the connection is out of step.
+		 */
+		if (c->fd >= 0 && (p11a_reader_pending(c->rd) != 0 || !conn_alive(c->fd)))
 			main_close(c);
 		if (c->fd < 0 && (r = client_open(c)) != 0)
 			return r;
-		r = exchange(c, c->fd, req, reply, fd_received, &how);
+		r = exchange(c, c->fd, c->rd, req, reply, fd_received, &how);
 		if (how == XS_OK || how == XS_REMOTE || how == XS_UNSENT)
 			return r;
 		/* After a local failure a late reply could be mistaken for the next one. */
@@ -561,12 +618,18 @@ static int
 chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 {
 	struct p11a_msg req, reply;
+	struct p11a_reader *rd;
 	size_t i, victim = 0;
 	char *copy;
 	int fd = -1, r;
 
 	for (i = 0; i < CHAN_CACHE; i++) {
 		if (c->chans[i].key_uri != NULL && strcmp(c->chans[i].key_uri, key_uri) == 0) {
+			/* Unasked-for bytes: out of step, open a new one. */
+			if (p11a_reader_pending(c->chans[i].rd) != 0) {
+				chan_drop(c, i);
+				break;
+			}
 			c->chans[i].used = ++c->tick;
 			*slot = i;
 			return 0;
@@ -590,6 +653,13 @@ chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 		fd_close(&fd);
 		return -P11A_E_NOMEM;
 	}
+	/* Channels carry no descriptors: their reader passes no control buffer. */
+	if ((r = reader_new(fd, 0, &rd)) != 0) {
+		local_error(c, r, "opening a signing channel");
+		free(copy);
+		fd_close(&fd);
+		return r;
+	}
 	for (i = 0; i < CHAN_CACHE; i++) {
 		if (c->chans[i].key_uri == NULL) {
 			victim = i;
@@ -601,6 +671,7 @@ chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 	chan_drop(c, victim);
 	c->chans[victim].key_uri = copy;
 	c->chans[victim].fd = fd;
+	c->chans[victim].rd = rd;
 	c->chans[victim].used = ++c->tick;
 	*slot = victim;
 	return 0;
@@ -629,7 +700,7 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 	for (attempt = 0;; attempt++) {
 		if ((r = chan_get(c, req->key_uri, &slot)) != 0)
 			return r;
-		r = exchange(c, c->chans[slot].fd, &m, &reply, NULL, &how);
+		r = exchange(c, c->chans[slot].fd, c->chans[slot].rd, &m, &reply, NULL, &how);
 		if (how == XS_OK || how == XS_REMOTE || how == XS_UNSENT)
 			break;
 		/* Any local failure leaves the channel out of step: drop it. */

@@ -75,4 +75,15 @@ int p11a_client_lock(struct p11a_client *c, const char *token_uri);
 int p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		     uint8_t **sig, size_t *sig_len);
 
+/*
+ * A value that differs in a child from what it was in the parent at
+ * fork(), for callers that keep descriptors across calls and must not use
+ * them in a forked child (a child would read replies meant for the
+ * parent).  Costs no system call: a pthread_atfork() child handler,
+ * registered on the first call, bumps it.  Call it once before any fork
+ * that matters (p11a_client_connect() does).  If the handler cannot be
+ * registered, the value is made from getpid().
+ */
+uint64_t p11a_fork_generation(void);
+
 #endif

@@ -215,4 +215,62 @@ void p11a_key_clear(struct p11a_key *k);
 int p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms);
 int p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms);
 
+/*
+ * Buffered frame reader: one per connection, for the hot paths (signing
+ * channels on both sides, the client's main connection).  It waits with
+ * poll() and then one recvmsg() takes a frame's length and body together;
+ * bytes of the frames after it (a peer may send several back to back) stay
+ * in the reader for the next call and are never lost, and a frame already
+ * buffered whole costs no system call.  The reader holds at most
+ * P11A_READER_SIZE bytes itself; a longer body is received straight into
+ * the caller's buffer.
+ *
+ * Limits and errors are p11a_frame_read()'s: the length is checked as soon
+ * as its 4 bytes are in, before any byte of the body goes to out (0:
+ * -P11A_E_MALFORMED, over P11A_FRAME_MAX or over out's maximum:
+ * -P11A_E_TOO_LARGE); EOF before the first byte of a frame is -P11A_E_IO
+ * with errno 0, EOF inside one -P11A_E_IO with errno ECONNRESET; a passed
+ * time limit -P11A_E_TIMEOUT (errno ETIMEDOUT).  The fd's blocking mode
+ * does not matter.  After any error the connection is out of step: the
+ * caller closes it and frees the reader.
+ */
+#define P11A_READER_SIZE 4096
+
+/* Flags for p11a_reader_new(). */
+#define P11A_READER_FDS  0x1u   /* descriptors may arrive with frames (SCM_RIGHTS) */
+
+struct p11a_reader;
+
+/*
+ * New reader for fd (not owned: the caller still closes fd, after freeing
+ * the reader).  Without P11A_READER_FDS no control buffer is passed to
+ * recvmsg(), so a descriptor sent on fd is discarded by the kernel.  NULL
+ * on allocation failure.
+ */
+struct p11a_reader *p11a_reader_new(int fd, unsigned flags);
+/* Wipes what is buffered, closes descriptors not handed out, frees.  NULL is fine. */
+void p11a_reader_free(struct p11a_reader *rd);
+/*
+ * Bytes received and not yet returned in a frame.  Between exchanges of a
+ * request/reply protocol this is 0; more means the peer sent what nobody
+ * asked for.
+ */
+size_t p11a_reader_pending(const struct p11a_reader *rd);
+/*
+ * Reads one frame into out (reset first).  timeout_ms bounds the whole
+ * call (-1: none).  frame_ms bounds a frame from its first byte (from the
+ * call, when its first bytes were already buffered); -1: none.  An idle
+ * connection with timeout_ms -1 waits for ever; with frame_ms set, a
+ * started frame must still arrive whole in time (the half-frame deadline).
+ *
+ * With P11A_READER_FDS, a descriptor belongs to the frame it was sent with
+ * (p11a_frame_write() sends it with the frame's first bytes): it is
+ * returned in *fd_received with that frame (else -1), only the first one
+ * per frame is kept, extra ones and all of them when fd_received is NULL
+ * are closed.  Received descriptors have FD_CLOEXEC set.  Without
+ * P11A_READER_FDS *fd_received is always -1.
+ */
+int p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
+		     int timeout_ms, int frame_ms);
+
 #endif

@@ -6,8 +6,9 @@
  * signing thread takes one (or opens a new one), signs, and puts it back,
  * so threads sign in parallel on their own connections.  The pool lock is
  * never held across I/O.  After fork() the child must not use the
- * parent's descriptors: the pool remembers the pid that filled it and a
- * child drops (closes its copies of) everything it inherited; a
+ * parent's descriptors: the pool remembers the fork generation
+ * (p11a_fork_generation(), no system call) that filled it and a child
+ * drops (closes its copies of) everything it inherited; a
  * pthread_atfork() handler keeps the lock consistent.  The module is
  * linked -z nodelete so the handler can never point into an unloaded
  * library.  p11a_client itself reconnects once when the agent restarted.
@@ -42,7 +43,7 @@
 struct p11agent_pool {
 	struct p11a_client *idle[POOL_MAX];
 	size_t nidle;
-	pid_t pid;              /* process that opened the idle connections */
+	uint64_t fork_gen;      /* p11a_fork_generation() of the process that opened them */
 };
 
 /* One lock for every pool and for the lazy library context: short holds, no I/O. */
@@ -328,16 +329,18 @@ client_get(struct p11agent_prov *p, struct p11a_client **out)
 	struct p11agent_pool *pool = p->pool;
 	struct p11a_client *c = NULL, *stale[POOL_MAX];
 	size_t nstale = 0, i;
+	uint64_t gen;
 	int r, saved;
 
 	*out = NULL;
+	gen = p11a_fork_generation();
 	pthread_mutex_lock(&g_lock);
-	if (pool->pid != getpid()) {
+	if (pool->fork_gen != gen) {
 		/* Inherited across fork(): these descriptors are the parent's too. */
 		for (i = 0; i < pool->nidle; i++)
 			stale[nstale++] = pool->idle[i];
 		pool->nidle = 0;
-		pool->pid = getpid();
+		pool->fork_gen = gen;
 	}
 	if (pool->nidle > 0)
 		c = pool->idle[--pool->nidle];
@@ -363,11 +366,13 @@ static void
 client_put(struct p11agent_prov *p, struct p11a_client *c)
 {
 	struct p11agent_pool *pool = p->pool;
+	uint64_t gen;
 
 	if (c == NULL)
 		return;
+	gen = p11a_fork_generation();
 	pthread_mutex_lock(&g_lock);
-	if (pool->pid == getpid() && pool->nidle < POOL_MAX) {
+	if (pool->fork_gen == gen && pool->nidle < POOL_MAX) {
 		pool->idle[pool->nidle++] = c;
 		c = NULL;
 	}
@@ -619,7 +624,7 @@ OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
 		return 0;
 	}
 	p->handle = handle;
-	p->pool->pid = getpid();
+	p->pool->fork_gen = p11a_fork_generation();
 	for (; in != NULL && in->function_id != 0; in++) {
 		switch (in->function_id) {
 		case OSSL_FUNC_CORE_GET_PARAMS:

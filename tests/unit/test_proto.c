@@ -16,6 +16,9 @@
 #include <string.h>
 #include <unistd.h>
 #include <poll.h>
+#include <pthread.h>
+#include <time.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -1106,6 +1109,546 @@ test_frame_eof_timeout(void **state)
 	p11a_buf_free(in);
 }
 
+/* ------------------------------------------------------------ buffered reader */
+
+static int64_t
+mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Writes [u32 n][body of n bytes made from seed] at dst; returns 4 + n. */
+static size_t
+raw_frame(uint8_t *dst, size_t n, unsigned seed)
+{
+	size_t i;
+
+	dst[0] = (uint8_t)(n >> 24);
+	dst[1] = (uint8_t)(n >> 16);
+	dst[2] = (uint8_t)(n >> 8);
+	dst[3] = (uint8_t)n;
+	for (i = 0; i < n; i++)
+		dst[4 + i] = (uint8_t)(seed + i * 7);
+	return 4 + n;
+}
+
+static void
+expect_frame(struct p11a_reader *rd, struct p11a_buf *in, const uint8_t *raw, int timeout_ms)
+{
+	size_t n = ((size_t)raw[0] << 24) | ((size_t)raw[1] << 16) | ((size_t)raw[2] << 8) | raw[3];
+
+	assert_int_equal(p11a_reader_read(rd, in, NULL, timeout_ms, timeout_ms), 0);
+	assert_int_equal(p11a_buf_len(in), n);
+	assert_memory_equal(p11a_buf_ptr(in), raw + 4, n);
+}
+
+/*
+ * A writer thread that sends a byte stream in pieces cut at the given
+ * offsets, each piece only after the reader has taken every byte of the
+ * one before (the socket's queue is empty), so that each cut is a cut the
+ * reader sees.
+ */
+struct piecewise {
+	int wfd, rfd;
+	const uint8_t *p;
+	size_t n;
+	const size_t *cuts;     /* ascending, inside (0, n) */
+	size_t ncuts;
+	int delay_ms;           /* before the first piece */
+	int failed;
+};
+
+static void
+queue_drained(int rfd)
+{
+	int q;
+
+	for (;;) {
+		if (ioctl(rfd, FIONREAD, &q) != 0 || q == 0)
+			return;
+		usleep(20);
+	}
+}
+
+static void *
+piecewise_main(void *arg)
+{
+	struct piecewise *w = arg;
+	size_t from = 0, to, i;
+
+	if (w->delay_ms > 0)
+		usleep((useconds_t)w->delay_ms * 1000);
+	for (i = 0; i <= w->ncuts; i++) {
+		to = i < w->ncuts ? w->cuts[i] : w->n;
+		while (from < to) {
+			ssize_t k = write(w->wfd, w->p + from, to - from);
+
+			if (k <= 0) {
+				w->failed = 1;
+				return NULL;
+			}
+			from += (size_t)k;
+		}
+		if (i < w->ncuts)
+			queue_drained(w->rfd);
+	}
+	return NULL;
+}
+
+static void
+test_reader_two_frames_one_read(void **state)
+{
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_reader *rd;
+	uint8_t raw[64], peek;
+	size_t a, b;
+	int sv[2], fd = 5;
+
+	assert_non_null(in);
+	a = raw_frame(raw, 5, 1);
+	b = raw_frame(raw + a, 20, 2);
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(p11a_reader_pending(rd), 0);
+	/* Both frames in one write: one recvmsg takes them both. */
+	assert_int_equal(write(sv[0], raw, a + b), (ssize_t)(a + b));
+	assert_int_equal(p11a_reader_read(rd, in, &fd, 1000, 1000), 0);
+	assert_int_equal(fd, -1);
+	assert_int_equal(p11a_buf_len(in), 5);
+	assert_memory_equal(p11a_buf_ptr(in), raw + 4, 5);
+	/* The second one waits in the reader, not in the socket. */
+	assert_int_equal(p11a_reader_pending(rd), b);
+	assert_int_equal(recv(sv[1], &peek, 1, MSG_DONTWAIT | MSG_PEEK), -1);
+	assert_true(errno == EAGAIN || errno == EWOULDBLOCK);
+	/* It is not lost when the peer goes away... */
+	close(sv[0]);
+	expect_frame(rd, in, raw + a, 1000);
+	assert_int_equal(p11a_reader_pending(rd), 0);
+	/* ...and then the reader sees a clean close. */
+	errno = EINVAL;
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), -P11A_E_IO);
+	assert_int_equal(errno, 0);
+	p11a_reader_free(rd);
+	close(sv[1]);
+	p11a_buf_free(in);
+}
+
+/* Three frames (the last longer than the reader's own buffer), cut as given. */
+static void
+reader_stream_cut(const size_t *cuts, size_t ncuts, uint8_t *raw, size_t n, const size_t *starts,
+		  size_t nframes, struct p11a_buf *in)
+{
+	struct piecewise w;
+	struct p11a_reader *rd;
+	pthread_t t;
+	size_t i;
+	int sv[2];
+
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	memset(&w, 0, sizeof(w));
+	w.wfd = sv[0];
+	w.rfd = sv[1];
+	w.p = raw;
+	w.n = n;
+	w.cuts = cuts;
+	w.ncuts = ncuts;
+	assert_int_equal(pthread_create(&t, NULL, piecewise_main, &w), 0);
+	for (i = 0; i < nframes; i++)
+		expect_frame(rd, in, raw + starts[i], 5000);
+	assert_int_equal(pthread_join(t, NULL), 0);
+	assert_int_equal(w.failed, 0);
+	assert_int_equal(p11a_reader_pending(rd), 0);
+	close(sv[0]);
+	errno = EINVAL;
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), -P11A_E_IO);
+	assert_int_equal(errno, 0);
+	p11a_reader_free(rd);
+	close(sv[1]);
+}
+
+static void
+test_reader_split_everywhere(void **state)
+{
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	size_t big = P11A_READER_SIZE + 100, n = 0, starts[3], cut, i, *cuts;
+	uint8_t *raw = malloc(3 * 4 + 5 + 300 + big);
+
+	assert_non_null(in);
+	assert_non_null(raw);
+	starts[0] = n;
+	n += raw_frame(raw + n, 5, 3);
+	starts[1] = n;
+	n += raw_frame(raw + n, 300, 4);
+	starts[2] = n;
+	n += raw_frame(raw + n, big, 5);
+	/* One cut, at every offset of the first two frames and around the third's edges. */
+	for (cut = 1; cut < n; cut++) {
+		if (cut > starts[2] + 8 && cut < n - 8 &&
+		    cut != starts[2] + 4 + P11A_READER_SIZE && cut % 97 != 0)
+			continue;
+		reader_stream_cut(&cut, 1, raw, n, starts, 3, in);
+	}
+	/* Every byte on its own. */
+	assert_non_null(cuts = malloc((n - 1) * sizeof(*cuts)));
+	for (i = 0; i < n - 1; i++)
+		cuts[i] = i + 1;
+	reader_stream_cut(cuts, n - 1, raw, n, starts, 3, in);
+	free(cuts);
+	free(raw);
+	p11a_buf_free(in);
+}
+
+/* sendmsg() of bytes with the given descriptors attached. */
+static void
+send_fds(int fd, const void *p, size_t n, const int *fds, size_t nfds)
+{
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(4 * sizeof(int))];
+	} cm;
+	struct iovec iov = { .iov_base = (void *)p, .iov_len = n };
+	struct msghdr mh;
+	struct cmsghdr *cmsg;
+
+	assert_true(nfds >= 1 && nfds <= 4);
+	memset(&mh, 0, sizeof(mh));
+	memset(&cm, 0, sizeof(cm));
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	mh.msg_control = cm.buf;
+	mh.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+	cmsg = CMSG_FIRSTHDR(&mh);
+	cmsg->cmsg_level = SOL_SOCKET;
+	cmsg->cmsg_type = SCM_RIGHTS;
+	cmsg->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+	memcpy(CMSG_DATA(cmsg), fds, nfds * sizeof(int));
+	assert_int_equal(sendmsg(fd, &mh, MSG_NOSIGNAL), (ssize_t)n);
+}
+
+/* The pipe's reader sees exactly want (NULL: nothing), then EOF: every write end is closed. */
+static void
+pipe_says(int rfd, const char *want)
+{
+	char buf[16];
+	size_t n = want != NULL ? strlen(want) : 0;
+
+	if (n > 0) {
+		assert_int_equal(read(rfd, buf, sizeof(buf)), (ssize_t)n);
+		assert_memory_equal(buf, want, n);
+	}
+	assert_int_equal(read(rfd, buf, sizeof(buf)), 0);
+	close(rfd);
+}
+
+static void
+test_reader_fds(void **state)
+{
+	struct p11a_buf *out = encode_sample(15), *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_reader *rd;
+	uint8_t raw[32];
+	size_t n;
+	int sv[2], pa[2], pb[2], pc[2], pd[2], two[2], got = -2;
+
+	assert_non_null(in);
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], P11A_READER_FDS));
+	assert_int_equal(pipe(pa), 0);
+	assert_int_equal(pipe(pb), 0);
+	/*
+	 * All sent before the first read: a descriptor stays with its own
+	 * frame even when one recvmsg() returns it with an earlier frame.
+	 */
+	assert_int_equal(p11a_frame_write(sv[0], out, -1, 1000), 0);
+	assert_int_equal(p11a_frame_write(sv[0], out, pa[1], 1000), 0);
+	assert_int_equal(p11a_frame_write(sv[0], out, -1, 1000), 0);
+	assert_int_equal(p11a_frame_write(sv[0], out, pb[1], 1000), 0);
+	close(pa[1]);
+	close(pb[1]);
+	assert_int_equal(p11a_reader_read(rd, in, &got, 1000, 1000), 0);
+	assert_int_equal(got, -1);
+	assert_int_equal(p11a_reader_read(rd, in, &got, 1000, 1000), 0);
+	assert_true(got >= 0);
+	assert_true(fcntl(got, F_GETFD) & FD_CLOEXEC);
+	assert_int_equal(write(got, "B", 1), 1);
+	close(got);
+	assert_int_equal(p11a_reader_read(rd, in, &got, 1000, 1000), 0);
+	assert_int_equal(got, -1);
+	assert_memory_equal(p11a_buf_ptr(in), p11a_buf_ptr(out), p11a_buf_len(out));
+	/* Not asked for: closed. */
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), 0);
+	pipe_says(pa[0], "B");
+	pipe_says(pb[0], NULL);
+
+	/* Two descriptors with one frame: the first is kept, the other closed. */
+	assert_int_equal(pipe(pc), 0);
+	assert_int_equal(pipe(pd), 0);
+	two[0] = pc[1];
+	two[1] = pd[1];
+	n = raw_frame(raw, 10, 6);
+	send_fds(sv[0], raw, n, two, 2);
+	close(pc[1]);
+	close(pd[1]);
+	assert_int_equal(p11a_reader_read(rd, in, &got, 1000, 1000), 0);
+	assert_true(got >= 0);
+	assert_int_equal(write(got, "C", 1), 1);
+	close(got);
+	pipe_says(pc[0], "C");
+	pipe_says(pd[0], NULL);
+
+	/* The descriptor of a frame that never completes is closed. */
+	assert_int_equal(pipe(pa), 0);
+	send_fds(sv[0], raw, 6, &pa[1], 1);    /* a frame cut short */
+	close(pa[1]);
+	assert_int_equal(p11a_reader_read(rd, in, &got, 50, 50), -P11A_E_TIMEOUT);
+	assert_int_equal(got, -1);
+	pipe_says(pa[0], NULL);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+
+	/* A reader for a channel passes no control buffer: the kernel drops the descriptor. */
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(pipe(pa), 0);
+	assert_int_equal(p11a_frame_write(sv[0], out, pa[1], 1000), 0);
+	close(pa[1]);
+	assert_int_equal(p11a_reader_read(rd, in, &got, 1000, 1000), 0);
+	assert_int_equal(got, -1);
+	assert_memory_equal(p11a_buf_ptr(in), p11a_buf_ptr(out), p11a_buf_len(out));
+	pipe_says(pa[0], NULL);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+	p11a_buf_free(out);
+	p11a_buf_free(in);
+}
+
+static void
+reader_refused_length(uint32_t len, size_t out_max, int want)
+{
+	struct p11a_buf *in = p11a_buf_new(out_max);
+	struct p11a_reader *rd;
+	uint8_t raw[8] = {
+		(uint8_t)(len >> 24), (uint8_t)(len >> 16), (uint8_t)(len >> 8), (uint8_t)len,
+		'W', 'X', 'Y', 'Z'
+	};
+	int sv[2];
+
+	assert_non_null(in);
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(write(sv[0], raw, sizeof(raw)), (ssize_t)sizeof(raw));
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), want);
+	assert_int_equal(p11a_buf_len(in), 0);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+	p11a_buf_free(in);
+}
+
+static void *
+write_all_main(void *arg)
+{
+	struct piecewise *w = arg;
+
+	w->ncuts = 0;
+	return piecewise_main(w);
+}
+
+static void
+test_reader_limits(void **state)
+{
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_reader *rd;
+	struct piecewise w;
+	pthread_t t;
+	size_t n, second;
+	uint8_t *raw;
+	int sv[2];
+
+	reader_refused_length(0, P11A_FRAME_MAX, -P11A_E_MALFORMED);
+	reader_refused_length(P11A_FRAME_MAX + 1, P11A_FRAME_MAX, -P11A_E_TOO_LARGE);
+	reader_refused_length(0xffffffff, P11A_FRAME_MAX, -P11A_E_TOO_LARGE);
+	reader_refused_length(101, 100, -P11A_E_TOO_LARGE);
+
+	/* A frame of exactly the cap, then a small one right behind it. */
+	assert_non_null(in);
+	assert_non_null(raw = malloc(4 + P11A_FRAME_MAX + 4 + 10));
+	n = raw_frame(raw, P11A_FRAME_MAX, 7);
+	second = n;
+	n += raw_frame(raw + n, 10, 8);
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	memset(&w, 0, sizeof(w));
+	w.wfd = sv[0];
+	w.rfd = sv[1];
+	w.p = raw;
+	w.n = n;
+	assert_int_equal(pthread_create(&t, NULL, write_all_main, &w), 0);
+	expect_frame(rd, in, raw, 5000);
+	expect_frame(rd, in, raw + second, 5000);
+	assert_int_equal(pthread_join(t, NULL), 0);
+	assert_int_equal(w.failed, 0);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+	free(raw);
+	p11a_buf_free(in);
+}
+
+static void
+test_reader_eof(void **state)
+{
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_reader *rd;
+	uint8_t raw[32];
+	size_t n = raw_frame(raw, 10, 9);
+	size_t cut;
+	int sv[2];
+
+	assert_non_null(in);
+	/* EOF before a frame: a clean close. */
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	close(sv[0]);
+	errno = EINVAL;
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), -P11A_E_IO);
+	assert_int_equal(errno, 0);
+	p11a_reader_free(rd);
+	close(sv[1]);
+	/* EOF after any part of a frame: a cut frame. */
+	for (cut = 1; cut < n; cut++) {
+		spair(sv);
+		assert_non_null(rd = p11a_reader_new(sv[1], 0));
+		assert_int_equal(write(sv[0], raw, cut), (ssize_t)cut);
+		close(sv[0]);
+		errno = 0;
+		assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), -P11A_E_IO);
+		assert_int_equal(errno, ECONNRESET);
+		assert_int_equal(p11a_buf_len(in), 0);
+		p11a_reader_free(rd);
+		close(sv[1]);
+	}
+	/* The same when the cut frame's first bytes came with the frame before it. */
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(write(sv[0], raw, n), (ssize_t)n);
+	assert_int_equal(write(sv[0], raw, 7), 7);
+	close(sv[0]);
+	expect_frame(rd, in, raw, 1000);
+	errno = 0;
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 1000, 1000), -P11A_E_IO);
+	assert_int_equal(errno, ECONNRESET);
+	p11a_reader_free(rd);
+	close(sv[1]);
+	p11a_buf_free(in);
+}
+
+static void
+test_reader_deadlines(void **state)
+{
+	struct p11a_buf *in = p11a_buf_new(P11A_FRAME_MAX);
+	struct p11a_reader *rd;
+	struct piecewise w;
+	pthread_t t;
+	uint8_t raw[32];
+	size_t n = raw_frame(raw, 10, 10);
+	int64_t t0, dt;
+	int sv[2];
+
+	/* A limit that does not hold would hang here: fail instead. */
+	alarm(30);
+	assert_non_null(in);
+	/* Idle: the half-frame limit does not apply, only the call's. */
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	t0 = mono_ms();
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 200, 20), -P11A_E_TIMEOUT);
+	dt = mono_ms() - t0;
+	assert_true(dt >= 190);
+	p11a_reader_free(rd);
+	/* A started frame must end within frame_ms, even with no limit on the call. */
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(write(sv[0], raw, 2), 2);
+	t0 = mono_ms();
+	assert_int_equal(p11a_reader_read(rd, in, NULL, -1, 50), -P11A_E_TIMEOUT);
+	dt = mono_ms() - t0;
+	assert_true(dt >= 45 && dt < 2000);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+	/* Inside the body too; and the call's limit still holds inside a frame. */
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(write(sv[0], raw, 9), 9);
+	assert_int_equal(p11a_reader_read(rd, in, NULL, -1, 50), -P11A_E_TIMEOUT);
+	p11a_reader_free(rd);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(write(sv[0], raw, 9), 9);
+	t0 = mono_ms();
+	assert_int_equal(p11a_reader_read(rd, in, NULL, 50, 60000), -P11A_E_TIMEOUT);
+	dt = mono_ms() - t0;
+	assert_true(dt >= 45 && dt < 2000);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+	/* A frame whose first bytes came with the one before it has started too. */
+	spair(sv);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	assert_int_equal(write(sv[0], raw, n), (ssize_t)n);
+	assert_int_equal(write(sv[0], raw, 3), 3);
+	expect_frame(rd, in, raw, 1000);
+	assert_int_equal(p11a_reader_pending(rd), 3);
+	assert_int_equal(p11a_reader_read(rd, in, NULL, -1, 50), -P11A_E_TIMEOUT);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+
+	/* A frame that comes later, on a non-blocking descriptor, with no limit. */
+	spair(sv);
+	assert_int_equal(fcntl(sv[1], F_SETFL, O_NONBLOCK), 0);
+	assert_non_null(rd = p11a_reader_new(sv[1], 0));
+	memset(&w, 0, sizeof(w));
+	w.wfd = sv[0];
+	w.rfd = sv[1];
+	w.p = raw;
+	w.n = n;
+	w.delay_ms = 50;
+	assert_int_equal(pthread_create(&t, NULL, write_all_main, &w), 0);
+	assert_int_equal(p11a_reader_read(rd, in, NULL, -1, -1), 0);
+	assert_int_equal(p11a_buf_len(in), 10);
+	assert_int_equal(pthread_join(t, NULL), 0);
+	p11a_reader_free(rd);
+	close(sv[0]);
+	close(sv[1]);
+	p11a_buf_free(in);
+	alarm(0);
+}
+
+static void
+test_fork_generation(void **state)
+{
+	uint64_t g = p11a_fork_generation();
+	int res[2];
+	pid_t pid;
+
+	assert_int_equal(p11a_fork_generation(), g);
+	assert_int_equal(pipe(res), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		close(res[0]);
+		child_report(res[1], p11a_fork_generation() != g);
+	}
+	close(res[1]);
+	child_wait(pid, res[0]);
+	assert_int_equal(p11a_fork_generation(), g);
+}
+
 /* ------------------------------------------------------------ URIs */
 
 #ifdef HAVE_URI_TESTS
@@ -1305,8 +1848,9 @@ test_uri_bad(void **state)
  * A fake agent in a child process: HELLO, STATUS, LIST, UNLOCK (PIN
  * "1234"), LOCK, OPEN_CHANNEL (a socketpair end), and SIGN on channels.
  * SIGN data "die-once" closes the channel once, "restart-once" closes
- * every connection once (an agent restart), "locked" gets ERROR LOCKED;
- * otherwise the signature is "sig(DATA)#N", N the channels opened so far.
+ * every connection once (an agent restart), "locked" gets ERROR LOCKED,
+ * "twice" gets its reply twice (a peer out of step); otherwise the
+ * signature is "sig(DATA)#N", N the channels opened so far.
  */
 #define FAKE_MAX 64
 
@@ -1446,6 +1990,27 @@ fake_serve(struct fake *f, int i)
 		r.type = P11A_MSG_SIGNATURE;
 		r.u.signature.sig = (uint8_t *)strdup(text);
 		r.u.signature.sig_len = strlen(text);
+		if (m.u.sign.data_len == 5 && memcmp(m.u.sign.data, "twice", 5) == 0) {
+			/* Both in one write: the client reads them in one go. */
+			struct p11a_buf *b = p11a_buf_new(P11A_FRAME_MAX);
+			uint8_t two[2 * 64];
+			size_t n;
+
+			if (b == NULL || p11a_msg_encode(&r, b) != 0 ||
+			    (n = p11a_buf_len(b)) > sizeof(two) / 2 - 4) {
+				p11a_buf_free(b);
+				rc = 1;
+				goto out;
+			}
+			two[0] = two[1] = two[2] = 0;
+			two[3] = (uint8_t)n;
+			memcpy(two + 4, p11a_buf_ptr(b), n);
+			memcpy(two + 4 + n, two, 4 + n);
+			if (write(fd, two, 2 * (4 + n)) != (ssize_t)(2 * (4 + n)))
+				rc = 1;
+			p11a_buf_free(b);
+			goto out;
+		}
 		break;
 	default:
 		(void)p11a_msg_set_error(&r, P11A_E_UNKNOWN_TYPE, "unknown type");
@@ -1730,6 +2295,15 @@ test_client_sign_channels(void **state)
 			snprintf(want, sizeof(want), "sig(m)#%d", base + 6 + i);
 			sign_expect(c, key, "m", want);
 		}
+		/*
+		 * A reply nobody asked for, read with the one asked for: the
+		 * channel is out of step and is replaced before the next SIGN,
+		 * whose reply is its own.
+		 */
+		snprintf(want, sizeof(want), "sig(twice)#%d", base + 25);
+		sign_expect(c, key, "twice", want);
+		snprintf(want, sizeof(want), "sig(next)#%d", base + 26);
+		sign_expect(c, key, "next", want);
 	}
 	p11a_client_free(c);
 }
@@ -1831,6 +2405,13 @@ main(void)
 		cmocka_unit_test(test_frame_refuses_lengths),
 		cmocka_unit_test(test_frame_max),
 		cmocka_unit_test(test_frame_eof_timeout),
+		cmocka_unit_test(test_reader_two_frames_one_read),
+		cmocka_unit_test(test_reader_split_everywhere),
+		cmocka_unit_test(test_reader_fds),
+		cmocka_unit_test(test_reader_limits),
+		cmocka_unit_test(test_reader_eof),
+		cmocka_unit_test(test_reader_deadlines),
+		cmocka_unit_test(test_fork_generation),
 #ifdef HAVE_URI_TESTS
 		cmocka_unit_test(test_uri_format),
 		cmocka_unit_test(test_uri_match_rules),
