@@ -891,6 +891,27 @@ recv_exact(int fd, uint8_t *p, size_t n, int *rfd, int64_t deadline, int *starte
 	return 0;
 }
 
+/*
+ * The length in a frame's 4 header bytes, checked (zero is malformed;
+ * over P11A_FRAME_MAX or out's limit too large, errno EPROTO/EMSGSIZE),
+ * and room for the body reserved in out at *p.
+ */
+static int
+frame_len(const uint8_t h[4], struct p11a_buf *out, uint32_t *len, uint8_t **p)
+{
+	*len = ((uint32_t)h[0] << 24) | ((uint32_t)h[1] << 16) |
+	    ((uint32_t)h[2] << 8) | (uint32_t)h[3];
+	if (*len == 0) {
+		errno = EPROTO;
+		return -P11A_E_MALFORMED;
+	}
+	if (*len > P11A_FRAME_MAX || *len > p11a_buf_max(out)) {
+		errno = EMSGSIZE;
+		return -P11A_E_TOO_LARGE;
+	}
+	return p11a_buf_reserve(out, *len, p);
+}
+
 int
 p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms)
 {
@@ -904,20 +925,8 @@ p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms)
 	p11a_buf_reset(out);
 	if ((r = recv_exact(fd, hdr, sizeof(hdr), &rfd, deadline, &started)) != 0)
 		goto out;
-	len = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
-	    ((uint32_t)hdr[2] << 8) | (uint32_t)hdr[3];
 	/* Refused before a byte of the body is buffered. */
-	if (len == 0) {
-		errno = EPROTO;
-		r = -P11A_E_MALFORMED;
-		goto out;
-	}
-	if (len > P11A_FRAME_MAX || len > p11a_buf_max(out)) {
-		errno = EMSGSIZE;
-		r = -P11A_E_TOO_LARGE;
-		goto out;
-	}
-	if ((r = p11a_buf_reserve(out, len, &p)) != 0)
+	if ((r = frame_len(hdr, out, &len, &p)) != 0)
 		goto out;
 	if ((r = recv_exact(fd, p, len, &rfd, deadline, &started)) != 0)
 		goto out;
@@ -1137,20 +1146,8 @@ p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
 	for (;;) {
 		if (!have_len && rd->len >= 4) {
 			h = rd->buf + rd->off;
-			len = ((uint32_t)h[0] << 24) | ((uint32_t)h[1] << 16) |
-			    ((uint32_t)h[2] << 8) | (uint32_t)h[3];
 			/* Refused before a byte of the body goes to out. */
-			if (len == 0) {
-				errno = EPROTO;
-				r = -P11A_E_MALFORMED;
-				goto fail;
-			}
-			if (len > P11A_FRAME_MAX || len > p11a_buf_max(out)) {
-				errno = EMSGSIZE;
-				r = -P11A_E_TOO_LARGE;
-				goto fail;
-			}
-			if ((r = p11a_buf_reserve(out, len, &p)) != 0)
+			if ((r = frame_len(h, out, &len, &p)) != 0)
 				goto fail;
 			reader_consume(rd, 4);
 			have_len = 1;
