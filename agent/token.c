@@ -2292,6 +2292,7 @@ psess_key(struct token_module *m, struct psess *ps, const struct sign_key *sk, i
 	ps->copy[i].copy = copy;
 	if (copy == CK_INVALID_HANDLE)
 		return sk->priv;
+	log_debug("token '%s': session copy of key '%s' made", sk->token_label, sk->label);
 	*is_copy = 1;
 	return copy;
 }
