@@ -69,7 +69,6 @@ struct psess {
 	CK_SESSION_HANDLE h;
 	unsigned kgen;                  /* s->kgen the copies belong to */
 	unsigned ncopy;
-	unsigned evict;                 /* next entry to replace when full */
 	struct {
 		CK_OBJECT_HANDLE priv;  /* the token key */
 		CK_OBJECT_HANDLE copy;  /* CK_INVALID_HANDLE: the token refused a copy */
@@ -2268,6 +2267,12 @@ psess_key(struct token_module *m, struct psess *ps, const struct sign_key *sk, i
 			return ps->copy[i].copy;
 		}
 	}
+	/*
+	 * Full: sign with the token object.  Never C_DestroyObject here: a
+	 * handle gone stale meanwhile might name another object by then.
+	 */
+	if (ps->ncopy >= PCOPY_MAX)
+		return sk->priv;
 	rv = m->f->C_CopyObject(ps->h, sk->priv, tmpl, 1, &copy);
 	if (rv == CKR_FUNCTION_NOT_SUPPORTED) {
 		atomic_store(&m->key_copies, 0);
@@ -2280,14 +2285,7 @@ psess_key(struct token_module *m, struct psess *ps, const struct sign_key *sk, i
 			  ckr_name(rv, nb, sizeof(nb)));
 		copy = CK_INVALID_HANDLE;
 	}
-	if (ps->ncopy < PCOPY_MAX) {
-		i = ps->ncopy++;
-	} else {
-		i = ps->evict;
-		ps->evict = (ps->evict + 1) % PCOPY_MAX;
-		if (ps->copy[i].copy != CK_INVALID_HANDLE)
-			(void)m->f->C_DestroyObject(ps->h, ps->copy[i].copy);
-	}
+	i = ps->ncopy++;
 	ps->copy[i].priv = sk->priv;
 	ps->copy[i].copy = copy;
 	if (copy == CK_INVALID_HANDLE)
