@@ -77,7 +77,7 @@ struct psess {
 
 struct tok_slot {
 	CK_SLOT_ID id;
-	atomic_uint kgen;               /* key generation; bumped under m->lock */
+	atomic_uint kgen;               /* key generation (see "Session copies" above) */
 
 	/* Under m->lock (written by the control thread only). */
 	int known;                      /* tok/ti hold a token seen in this slot */
