@@ -819,9 +819,9 @@ p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeou
 	return 0;
 }
 
-/* Keeps the first descriptor that arrives in *keep, closes the others. */
+/* Calls each(arg, fd) for every descriptor that came in mh (SCM_RIGHTS). */
 static void
-take_fds(struct msghdr *mh, int *keep)
+cmsg_each_fd(struct msghdr *mh, void (*each)(void *arg, int fd), void *arg)
 {
 	struct cmsghdr *cmsg;
 	size_t i, nfds;
@@ -834,12 +834,27 @@ take_fds(struct msghdr *mh, int *keep)
 		nfds = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 		for (i = 0; i < nfds; i++) {
 			memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-			if (*keep < 0)
-				*keep = fd;
-			else
-				close_keep_errno(fd);
+			each(arg, fd);
 		}
 	}
+}
+
+static void
+keep_first_fd(void *arg, int fd)
+{
+	int *keep = arg;
+
+	if (*keep < 0)
+		*keep = fd;
+	else
+		close_keep_errno(fd);
+}
+
+/* Keeps the first descriptor that arrives in *keep, closes the others. */
+static void
+take_fds(struct msghdr *mh, int *keep)
+{
+	cmsg_each_fd(mh, keep_first_fd, keep);
 }
 
 /*
@@ -1014,30 +1029,33 @@ reader_consume(struct p11a_reader *rd, size_t n)
 		rd->off = 0;
 }
 
+struct hold_at {
+	struct p11a_reader *rd;
+	uint64_t at;
+};
+
+static void
+hold_fd(void *arg, int fd)
+{
+	struct hold_at *h = arg;
+	struct p11a_reader *rd = h->rd;
+
+	if (rd->nheld < FD_PASS_MAX) {
+		rd->held[rd->nheld].at = h->at;
+		rd->held[rd->nheld].fd = fd;
+		rd->nheld++;
+	} else {
+		close_keep_errno(fd);
+	}
+}
+
 /* Holds the descriptors that came with the byte at stream offset at. */
 static void
 reader_hold_fds(struct p11a_reader *rd, struct msghdr *mh, uint64_t at)
 {
-	struct cmsghdr *cmsg;
-	size_t i, nfds;
-	int fd;
+	struct hold_at h = { rd, at };
 
-	for (cmsg = CMSG_FIRSTHDR(mh); cmsg != NULL; cmsg = CMSG_NXTHDR(mh, cmsg)) {
-		if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
-		    cmsg->cmsg_len < CMSG_LEN(0))
-			continue;
-		nfds = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-		for (i = 0; i < nfds; i++) {
-			memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-			if (rd->nheld < FD_PASS_MAX) {
-				rd->held[rd->nheld].at = at;
-				rd->held[rd->nheld].fd = fd;
-				rd->nheld++;
-			} else {
-				close_keep_errno(fd);
-			}
-		}
-	}
+	cmsg_each_fd(mh, hold_fd, &h);
 }
 
 /*
