@@ -16,8 +16,8 @@
 #define MOD_BITS_MAX	(P11A_SIG_MAX * 8)
 #define EC_FIELD_MAX	66      /* P-521 */
 
-static const EVP_MD *
-hash_md(int hash)
+const EVP_MD *
+p11a_hash_md(int hash)
 {
 	switch (hash) {
 	case P11A_HASH_SHA1:	return EVP_sha1();
@@ -32,7 +32,7 @@ hash_md(int hash)
 int
 p11a_hash_data(int hash, const uint8_t *data, size_t len, uint8_t *out, size_t *out_len)
 {
-	const EVP_MD *md = hash_md(hash);
+	const EVP_MD *md = p11a_hash_md(hash);
 	unsigned int n = 0;
 
 	*out_len = 0;
@@ -158,7 +158,7 @@ p11a_pss_encode(int hash, int mgf1_hash, uint32_t salt_len,
 		uint8_t *out, size_t out_size, size_t *out_len)
 {
 	static const uint8_t zeros[8];
-	const EVP_MD *md = hash_md(hash), *mgf_md;
+	const EVP_MD *md = p11a_hash_md(hash), *mgf_md;
 	EVP_MD_CTX *ctx = NULL;
 	size_t k, em_len, hlen, db_len, ps_len;
 	unsigned int h_out;
@@ -171,7 +171,7 @@ p11a_pss_encode(int hash, int mgf1_hash, uint32_t salt_len,
 		return -P11A_E_BAD_REQUEST;
 	if (mgf1_hash == P11A_HASH_NONE)
 		mgf1_hash = hash;
-	if ((mgf_md = hash_md(mgf1_hash)) == NULL)
+	if ((mgf_md = p11a_hash_md(mgf1_hash)) == NULL)
 		return -P11A_E_BAD_REQUEST;
 	hlen = p11a_hash_len(hash);
 	if (mhash == NULL || mhash_len != hlen)

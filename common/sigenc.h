@@ -9,8 +9,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <openssl/types.h>
+
 /* Hashes data with hash (enum p11a_hash) into out (>= 64 bytes); *out_len set. */
 int p11a_hash_data(int hash, const uint8_t *data, size_t len, uint8_t *out, size_t *out_len);
+
+/* OpenSSL's digest for a P11A_HASH_* value, or NULL. */
+const EVP_MD *p11a_hash_md(int hash);
 
 /*
  * RSASSA-PKCS1-v1_5 DigestInfo: DER prefix for hash then the digest.

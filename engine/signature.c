@@ -27,6 +27,7 @@
 #include <openssl/x509.h>
 
 #include "provider.h"
+#include "sigenc.h"
 
 /* Room for the URI and the other SIGN fields in a frame. */
 #define MSG_MAX         (P11A_FRAME_MAX - P11A_URI_MAX - 1024)
@@ -305,25 +306,6 @@ ecdsa_settable_ctx_params(void *ctx, void *provctx)
 	return params;
 }
 
-static const EVP_MD *
-legacy_md(int hash)
-{
-	switch (hash) {
-	case P11A_HASH_SHA1:
-		return EVP_sha1();
-	case P11A_HASH_SHA224:
-		return EVP_sha224();
-	case P11A_HASH_SHA256:
-		return EVP_sha256();
-	case P11A_HASH_SHA384:
-		return EVP_sha384();
-	case P11A_HASH_SHA512:
-		return EVP_sha512();
-	default:
-		return NULL;
-	}
-}
-
 /*
  * RSASSA-PSS AlgorithmIdentifier (RFC 4055): the hash, MGF1 with its hash
  * and the salt length the agent will use; defaults (SHA-1, 20) omitted as
@@ -339,7 +321,7 @@ pss_algorithm_id(const struct sig_ctx *s, unsigned char **der, int *der_len)
 	long hlen = (long)p11a_hash_len(s->hash), salt;
 	int bits = EVP_PKEY_get_bits(s->key->pub);
 
-	if (legacy_md(s->hash) == NULL || legacy_md(mgf1) == NULL || bits <= 0)
+	if (p11a_hash_md(s->hash) == NULL || p11a_hash_md(mgf1) == NULL || bits <= 0)
 		return 0;
 	if (s->saltlen >= 0)
 		salt = s->saltlen;
@@ -352,12 +334,12 @@ pss_algorithm_id(const struct sig_ctx *s, unsigned char **der, int *der_len)
 	if (s->hash != P11A_HASH_SHA1) {
 		if ((pss->hashAlgorithm = X509_ALGOR_new()) == NULL)
 			goto out;
-		X509_ALGOR_set_md(pss->hashAlgorithm, legacy_md(s->hash));
+		X509_ALGOR_set_md(pss->hashAlgorithm, p11a_hash_md(s->hash));
 	}
 	if (mgf1 != P11A_HASH_SHA1) {
 		if ((mgfmd = X509_ALGOR_new()) == NULL)
 			goto out;
-		X509_ALGOR_set_md(mgfmd, legacy_md(mgf1));
+		X509_ALGOR_set_md(mgfmd, p11a_hash_md(mgf1));
 		if (ASN1_item_pack(mgfmd, ASN1_ITEM_rptr(X509_ALGOR), &mgfparams) == NULL ||
 		    (pss->maskGenAlgorithm = X509_ALGOR_new()) == NULL ||
 		    X509_ALGOR_set0(pss->maskGenAlgorithm, OBJ_nid2obj(NID_mgf1),

@@ -1050,19 +1050,6 @@ struct eddsa_params {
 	CK_BYTE_PTR context;
 };
 
-static const EVP_MD *
-evp_md(int hash)
-{
-	switch (hash) {
-	case P11A_HASH_SHA1: return EVP_sha1();
-	case P11A_HASH_SHA224: return EVP_sha224();
-	case P11A_HASH_SHA256: return EVP_sha256();
-	case P11A_HASH_SHA384: return EVP_sha384();
-	case P11A_HASH_SHA512: return EVP_sha512();
-	default: return NULL;
-	}
-}
-
 static CK_RV
 m_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 {
@@ -1133,7 +1120,7 @@ sign_feed(struct sess *s, const uint8_t *p, size_t n)
 	if (n == 0)
 		return CKR_OK;
 	if (s->md == NULL && s->len + n > DATA_CAP) {
-		const EVP_MD *md = evp_md(s->hash);
+		const EVP_MD *md = p11a_hash_md(s->hash);
 
 		if (s->mech->input != P11A_INPUT_MESSAGE || md == NULL)
 			return CKR_DATA_LEN_RANGE;

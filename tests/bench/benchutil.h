@@ -98,4 +98,29 @@ lat_free(struct lat *l)
 	lat_init(l);
 }
 
+#ifdef OPENSSL_STORE_H
+/* The first private key OSSL_STORE finds at uri (a pkcs11: URI through the provider), or NULL. */
+static inline EVP_PKEY *
+bench_store_load(const char *uri)
+{
+	OSSL_STORE_CTX *s = OSSL_STORE_open(uri, NULL, NULL, NULL, NULL);
+	EVP_PKEY *pkey = NULL;
+
+	if (s == NULL)
+		return NULL;
+	OSSL_STORE_expect(s, OSSL_STORE_INFO_PKEY);
+	while (pkey == NULL && !OSSL_STORE_eof(s)) {
+		OSSL_STORE_INFO *info = OSSL_STORE_load(s);
+
+		if (info == NULL)
+			break;
+		if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY)
+			pkey = OSSL_STORE_INFO_get1_PKEY(info);
+		OSSL_STORE_INFO_free(info);
+	}
+	OSSL_STORE_close(s);
+	return pkey;
+}
+#endif
+
 #endif

@@ -185,28 +185,6 @@ run_provider(struct worker *w)
 	return 0;
 }
 
-static EVP_PKEY *
-store_load_key(const char *uri)
-{
-	OSSL_STORE_CTX *s = OSSL_STORE_open(uri, NULL, NULL, NULL, NULL);
-	EVP_PKEY *pkey = NULL;
-
-	if (s == NULL)
-		return NULL;
-	OSSL_STORE_expect(s, OSSL_STORE_INFO_PKEY);
-	while (pkey == NULL && !OSSL_STORE_eof(s)) {
-		OSSL_STORE_INFO *info = OSSL_STORE_load(s);
-
-		if (info == NULL)
-			break;
-		if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY)
-			pkey = OSSL_STORE_INFO_get1_PKEY(info);
-		OSSL_STORE_INFO_free(info);
-	}
-	OSSL_STORE_close(s);
-	return pkey;
-}
-
 /* ---------------------------------------------------------------- pkcs11 */
 
 static int
@@ -405,7 +383,7 @@ main(int argc, char **argv)
 	count = argc > a + 3 ? atol(argv[a + 3]) : 0;
 	if (nthreads < 1 || nthreads > 1024 || (secs <= 0 && count <= 0))
 		usage();
-	if (mode == M_PROVIDER && (shared_pkey = store_load_key(key_uri)) == NULL) {
+	if (mode == M_PROVIDER && (shared_pkey = bench_store_load(key_uri)) == NULL) {
 		fprintf(stderr, "signbench: cannot load %s through OSSL_STORE\n", key_uri);
 		ERR_print_errors_fp(stderr);
 		return 1;

@@ -90,28 +90,6 @@ serve(int lfd, const char *cert, const char *key, const char *ca)
 }
 
 static EVP_PKEY *
-load_store(const char *uri)
-{
-	OSSL_STORE_CTX *s = OSSL_STORE_open(uri, NULL, NULL, NULL, NULL);
-	EVP_PKEY *pkey = NULL;
-
-	if (s == NULL)
-		return NULL;
-	OSSL_STORE_expect(s, OSSL_STORE_INFO_PKEY);
-	while (pkey == NULL && !OSSL_STORE_eof(s)) {
-		OSSL_STORE_INFO *info = OSSL_STORE_load(s);
-
-		if (info == NULL)
-			break;
-		if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY)
-			pkey = OSSL_STORE_INFO_get1_PKEY(info);
-		OSSL_STORE_INFO_free(info);
-	}
-	OSSL_STORE_close(s);
-	return pkey;
-}
-
-static EVP_PKEY *
 load_engine(const char *uri)
 {
 	const char *module = getenv("BENCH_ENGINE_MODULE");
@@ -196,7 +174,7 @@ main(int argc, char **argv)
 		if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1)
 			die("client key file");
 	} else {
-		pkey = strcmp(mode, "engine") == 0 ? load_engine(key) : load_store(key);
+		pkey = strcmp(mode, "engine") == 0 ? load_engine(key) : bench_store_load(key);
 		if (pkey == NULL || SSL_CTX_use_PrivateKey(ctx, pkey) != 1)
 			die("client key");
 	}

@@ -501,9 +501,10 @@ for k in doc.get("keys", []):
 EOF
 }
 
-# json_token FIELD: a field of the p11agent-test token in $T/list.json.
+# json_token FIELD [LABEL]: a field of the token with that label (default
+# $TOKEN_LABEL) in $T/list.json.
 json_token() {
-	"$PYTHON3" - "$T/list.json" "$TOKEN_LABEL" "$1" <<'EOF'
+	"$PYTHON3" - "$T/list.json" "${2:-$TOKEN_LABEL}" "$1" <<'EOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 for t in doc.get("tokens", []):

@@ -68,16 +68,7 @@ calls() {
 
 # tok FIELD [LABEL]: a field of a token in a fresh `list --json`.
 tok() {
-	list_json || return 1
-	"$PYTHON3" - "$T/list.json" "${2:-$TOKEN_LABEL}" "$1" <<'EOF'
-import json, sys
-doc = json.load(open(sys.argv[1]))
-for t in doc.get("tokens", []):
-    if t.get("label") == sys.argv[2]:
-        v = t.get(sys.argv[3])
-        print(json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else v)
-        break
-EOF
+	list_json && json_token "$1" "${2:-}"
 }
 
 # wait_tok FIELD VALUE SECONDS [LABEL]: until the token's FIELD is VALUE.
