@@ -16,8 +16,6 @@ set -eu -o pipefail
 cd "$(dirname "$0")"
 top=$(pwd)
 
-PACKAGES="autoconf automake libtool pkg-config make gcc libssl-dev libp11-kit-dev p11-kit"
-PACKAGES="$PACKAGES libcmocka-dev softhsm2 opensc openssl python3-pykcs11 util-linux curl"
 TOKEN_LABEL=p11agent-test
 PIN=1234
 KEY_URI="pkcs11:token=$TOKEN_LABEL;object=ec256;type=private"
@@ -85,23 +83,8 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- packages
 step "Install the packages the build and the demo need"
-missing=
-for p in $PACKAGES; do
-	if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
-		missing="$missing $p"
-	fi
-done
-if [ -z "$missing" ]; then
-	say "All present: $PACKAGES"
-elif [ "$(id -u)" -eq 0 ]; then
-	say "Installing:$missing"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -q
-	# shellcheck disable=SC2086 # one word per package
-	apt-get install -y -q --no-install-recommends $missing
-else
-	die "these packages are missing:$missing; run ./demo.sh as root, or install them first"
-fi
+"$top/tests/install-deps.sh" demo || die "could not install the packages: see above"
+say "Present: $("$top/tests/install-deps.sh" --list demo)"
 
 # ---------------------------------------------------------------- build
 step "Build p11agentd (the agent) and p11agent (the command-line tool)"

@@ -3,7 +3,8 @@
 # (unit tests and integration tests against a real SoftHSM2 token, a real
 # agent and real clients) and ends with a line "N passed, N failed".
 #
-#   tests/run-suite.sh            configure (if needed), build, test
+#   tests/run-suite.sh            install missing packages (tests/install-deps.sh),
+#                                 configure (if needed), build, test
 #   CONFIGURE_FLAGS="--enable-asan" BUILD_DIR=build-asan tests/run-suite.sh
 set -u
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,8 +15,16 @@ trap 'rm -f "$log"' EXIT
 
 summary() { echo "$1 passed, $2 failed"; }
 
+# A fresh Debian 12 machine has none of the build or test packages.
+# P11AGENT_SKIP_DEPS=1 skips this (a machine set up by other means).
+if [ "${P11AGENT_SKIP_DEPS:-0}" != 1 ]; then
+	"$src/tests/install-deps.sh" "${P11AGENT_DEPS:-test}" ||
+		{ echo "installing the test dependencies failed"; summary 0 1; exit 1; }
+fi
+
 if [ ! -x "$src/configure" ]; then
-	(cd "$src" && ./autogen.sh >/dev/null 2>&1) || { echo "autogen.sh failed"; summary 0 1; exit 1; }
+	(cd "$src" && ./autogen.sh) >"$log" 2>&1 ||
+		{ cat "$log"; echo "autogen.sh failed"; summary 0 1; exit 1; }
 fi
 mkdir -p "$build"
 if [ ! -f "$build/Makefile" ]; then
