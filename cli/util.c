@@ -128,41 +128,16 @@ cli_fail(struct p11a_client *c, int err, const char *fmt, ...)
 int
 cli_connect(const struct cli_ctx *ctx, struct p11a_client **out)
 {
-	const char *path = ctx->socket_path;
-	int r, saved_errno;
+	char why[1024];
+	int r;
 
 	*out = NULL;
-	errno = 0;
-	r = p11a_client_connect(path, CLI_CLIENT_NAME, ctx->timeout_ms, out);
-	saved_errno = errno;
+	r = p11a_client_connect(ctx->socket_path, CLI_CLIENT_NAME, ctx->timeout_ms, out,
+				why, sizeof(why));
 	if (r == 0)
 		return CLI_EXIT_OK;
 	*out = NULL;
-	switch (-r) {
-	case P11A_E_NOT_RUNNING:
-		cli_err("agent not running at %s", path);
-		break;
-	case P11A_E_DENIED:
-		if (saved_errno == EACCES || saved_errno == EPERM)
-			cli_err("agent at %s: %s", path, p11a_strerror(r));
-		else
-			cli_err("agent at %s: %s: the agent runs as another user",
-				path, p11a_strerror(r));
-		break;
-	case P11A_E_VERSION:
-		cli_err("agent at %s: no common protocol version", path);
-		break;
-	case P11A_E_IO:
-		if (saved_errno != 0)
-			cli_err("agent at %s: %s: %s", path, p11a_strerror(r),
-				strerror(saved_errno));
-		else
-			cli_err("agent at %s: %s", path, p11a_strerror(r));
-		break;
-	default:
-		cli_err("agent at %s: %s", path, p11a_strerror(r));
-		break;
-	}
+	cli_err("%s", why);
 	return CLI_EXIT_FAIL;
 }
 

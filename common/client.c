@@ -209,27 +209,68 @@ conn_alive(int fd)
 	return n == 0;
 }
 
+/*
+ * Whoever listens at the path gets everything we send, a PIN included:
+ * the listener must be our own uid (or root) before a byte leaves.  A
+ * directory we do not control, or P11AGENT_SOCK pointing elsewhere, must
+ * not hand the PIN to another user.
+ */
+static uid_t
+peer_uid(int fd)
+{
+	struct ucred cr;
+	socklen_t len = sizeof(cr);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0 || len != sizeof(cr))
+		return (uid_t)-1;
+	return cr.uid;
+}
+
 static int
-sock_connect(const char *path, int timeout_ms, int *out)
+peer_check(struct p11a_client *c, int fd)
+{
+	uid_t uid = peer_uid(fd), me = geteuid();
+
+	if (uid == (uid_t)-1) {
+		set_error(c, "agent at %s: cannot read the owner of the socket (%s); nothing sent",
+		    c->path, strerror(errno));
+		return -P11A_E_DENIED;
+	}
+	if (uid != me && uid != 0) {
+		set_error(c, "agent at %s runs as uid %lu, not as you (uid %lu) or root: "
+		    "refusing to talk to it; nothing was sent", c->path,
+		    (unsigned long)uid, (unsigned long)me);
+		errno = 0;
+		return -P11A_E_DENIED;
+	}
+	return 0;
+}
+
+/* Connects c->fd to c->path; on failure c->last_error says why. */
+static int
+sock_connect(struct p11a_client *c)
 {
 	struct sockaddr_un sa;
 	struct timeval tv;
+	size_t plen = strlen(c->path);
 	int fd, r;
 
-	*out = -1;
+	c->fd = -1;
 	memset(&sa, 0, sizeof(sa));
 	sa.sun_family = AF_UNIX;
-	if (strlen(path) >= sizeof(sa.sun_path)) {
+	if (plen >= sizeof(sa.sun_path)) {
+		set_error(c, "socket path %s is too long (%zu bytes, at most %zu)", c->path, plen,
+		    sizeof(sa.sun_path) - 1);
 		errno = ENAMETOOLONG;
 		return -P11A_E_TOO_LARGE;
 	}
-	memcpy(sa.sun_path, path, strlen(path));
+	memcpy(sa.sun_path, c->path, plen);
 	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
-		return -P11A_E_IO;
+		return local_error(c, -P11A_E_IO, "cannot create a socket");
 	/* Bounds connect() when the agent's backlog is full. */
-	if (timeout_ms > 0) {
-		tv.tv_sec = timeout_ms / 1000;
-		tv.tv_usec = (timeout_ms % 1000) * 1000;
+	if (c->timeout_ms > 0) {
+		tv.tv_sec = c->timeout_ms / 1000;
+		tv.tv_usec = (c->timeout_ms % 1000) * 1000;
 		(void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	}
 	do {
@@ -240,41 +281,33 @@ sock_connect(const char *path, int timeout_ms, int *out)
 		case ENOENT:
 		case ECONNREFUSED:
 		case ENOTDIR:
+			set_error(c, "agent not running at %s (%s)", c->path, strerror(errno));
 			r = -P11A_E_NOT_RUNNING;
 			break;
 		case EACCES:
 		case EPERM:
+			set_error(c, "agent at %s: permission denied (%s)", c->path, strerror(errno));
 			r = -P11A_E_DENIED;
 			break;
 		case EAGAIN:
 		case ETIMEDOUT:
+			set_error(c, "agent at %s: connection timed out (the agent is busy)", c->path);
 			r = -P11A_E_TIMEOUT;
 			break;
 		default:
+			set_error(c, "agent at %s: cannot connect: %s", c->path, strerror(errno));
 			r = -P11A_E_IO;
 			break;
 		}
 		fd_close(&fd);
 		return r;
 	}
-	*out = fd;
+	if ((r = peer_check(c, fd)) != 0) {
+		fd_close(&fd);
+		return r;
+	}
+	c->fd = fd;
 	return 0;
-}
-
-/*
- * The agent closes connections from other uids right after accept().  The
- * peer credentials of a connected socket are the listener's, so an EOF
- * from an agent running as someone else means we were refused.
- */
-static int
-peer_is_other_user(int fd)
-{
-	struct ucred cr;
-	socklen_t len = sizeof(cr);
-
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0 || len != sizeof(cr))
-		return 0;
-	return cr.uid != geteuid();
 }
 
 /* How an exchange ended, beyond its return code. */
@@ -380,8 +413,10 @@ client_hello(struct p11a_client *c)
 	req.u.hello.max_version = P11A_PROTO_VERSION;
 	req.u.hello.client = c->name;
 	r = exchange(c, c->fd, c->rd, &req, &reply, NULL, &how);
-	if (how == XS_CLOSED && peer_is_other_user(c->fd)) {
-		set_error(c, "agent at %s belongs to another user", c->path);
+	/* peer_check let through our uid or root; a root agent serves only root. */
+	if (how == XS_CLOSED && peer_uid(c->fd) == 0 && geteuid() != 0) {
+		set_error(c, "agent at %s runs as root and closed the connection: "
+		    "it serves only root", c->path);
 		return -P11A_E_DENIED;
 	}
 	if (r != 0)
@@ -406,8 +441,9 @@ client_open(struct p11a_client *c)
 	int r;
 
 	main_close(c);
-	if ((r = sock_connect(c->path, c->timeout_ms, &c->fd)) != 0 ||
-	    (r = reader_new(c->fd, P11A_READER_FDS, &c->rd)) != 0) {
+	if ((r = sock_connect(c)) != 0)
+		return r;
+	if ((r = reader_new(c->fd, P11A_READER_FDS, &c->rd)) != 0) {
 		local_error(c, r, c->path);
 		main_close(c);
 		return r;
@@ -419,7 +455,7 @@ client_open(struct p11a_client *c)
 
 int
 p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
-		    struct p11a_client **out)
+		    struct p11a_client **out, char *why, size_t why_size)
 {
 	struct p11a_client *c;
 	char def[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
@@ -427,13 +463,22 @@ p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
 	int r;
 
 	*out = NULL;
+	if (why != NULL && why_size > 0)
+		why[0] = '\0';
 	if (path == NULL) {
-		if ((r = p11a_default_socket_path(def, sizeof(def))) != 0)
+		if ((r = p11a_default_socket_path(def, sizeof(def))) != 0) {
+			if (why != NULL)
+				snprintf(why, why_size, "the agent's socket path is too long "
+				    "(P11AGENT_SOCK or XDG_RUNTIME_DIR)");
 			return r;
+		}
 		path = def;
 	}
-	if ((c = calloc(1, sizeof(*c))) == NULL)
+	if ((c = calloc(1, sizeof(*c))) == NULL) {
+		if (why != NULL)
+			snprintf(why, why_size, "%s", p11a_strerror(-P11A_E_NOMEM));
 		return -P11A_E_NOMEM;
+	}
 	c->fd = -1;
 	for (i = 0; i < CHAN_CACHE; i++)
 		c->chans[i].fd = -1;
@@ -443,10 +488,15 @@ p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
 	c->path = strdup(path);
 	c->name = strdup(client_name != NULL ? client_name : "libp11acommon");
 	if (c->path == NULL || c->name == NULL) {
-		p11a_client_free(c);
-		return -P11A_E_NOMEM;
+		r = -P11A_E_NOMEM;
+		set_error(c, "%s", p11a_strerror(r));
+	} else {
+		r = client_open(c);
 	}
-	if ((r = client_open(c)) != 0) {
+	if (r != 0) {
+		if (why != NULL)
+			snprintf(why, why_size, "%s", c->last_error[0] != '\0' ?
+			    c->last_error : p11a_strerror(r));
 		p11a_client_free(c);
 		return r;
 	}

@@ -27,16 +27,19 @@ struct p11a_client;
 int p11a_default_socket_path(char *out, size_t out_size);
 
 /*
- * Connects to path (NULL = default), sends HELLO, checks the version.
- * client_name is sent in HELLO.  timeout_ms bounds each request (0 = default).
- * Errors: -P11A_E_NOT_RUNNING (nothing listens / no socket), -P11A_E_DENIED
- * (refused by the agent or permission denied), -P11A_E_VERSION,
- * -P11A_E_IO, -P11A_E_TIMEOUT.  On error *out is NULL; a message for the
- * user is available with p11a_client_last_error() only on success paths,
- * so connect errors are described by the code alone plus the path.
+ * Connects to path (NULL = default), checks that the socket's owner is
+ * our own uid or root before sending anything (SO_PEERCRED), sends HELLO,
+ * checks the version.  client_name is sent in HELLO.  timeout_ms bounds
+ * each request (0 = default).  Errors: -P11A_E_NOT_RUNNING (nothing
+ * listens / no socket), -P11A_E_DENIED (the socket belongs to another
+ * user, refused by the agent, or permission denied), -P11A_E_VERSION,
+ * -P11A_E_IO, -P11A_E_TIMEOUT.  On error *out is NULL and, when why is
+ * not NULL, why (size why_size) holds a message for the user that names
+ * the socket and the cause.  The same owner check guards every later
+ * reconnection of the client.
  */
 int p11a_client_connect(const char *path, const char *client_name, int timeout_ms,
-			struct p11a_client **out);
+			struct p11a_client **out, char *why, size_t why_size);
 void p11a_client_free(struct p11a_client *c);
 const char *p11a_client_path(const struct p11a_client *c);
 

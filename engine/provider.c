@@ -269,14 +269,17 @@ socket_path(const struct p11agent_prov *p, char *buf, size_t size)
 	return buf;
 }
 
-/* Reports a failed request; c may be NULL (connect failed). */
+/*
+ * Reports a failed request.  c is NULL when the connection failed; then
+ * why is the client library's account of it (it names the socket).
+ */
 static void
-raise_agent(struct p11agent_prov *p, struct p11a_client *c, int r, int saved_errno,
+raise_agent(struct p11agent_prov *p, struct p11a_client *c, int r, const char *why,
 	    const char *what)
 {
 	char buf[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
 	const char *path = c != NULL ? p11a_client_path(c) : socket_path(p, buf, sizeof(buf));
-	const char *msg = c != NULL ? p11a_client_last_error(c) : "";
+	const char *msg = c != NULL ? p11a_client_last_error(c) : why;
 
 	if (msg == NULL || *msg == '\0')
 		msg = p11a_strerror(r);
@@ -285,16 +288,6 @@ raise_agent(struct p11agent_prov *p, struct p11a_client *c, int r, int saved_err
 		p11agent_raise(p, P11AGENT_R_AGENT_NOT_RUNNING,
 			       "p11agent: agent not running at %s (start p11agentd, or set P11AGENT_SOCK)",
 			       path);
-		break;
-	case P11A_E_DENIED:
-		if (c != NULL)
-			p11agent_raise(p, P11AGENT_R_AGENT_ERROR, "p11agent: %s: %s", what, msg);
-		else if (saved_errno != EACCES && saved_errno != EPERM)
-			p11agent_raise(p, P11AGENT_R_AGENT_ERROR,
-				       "p11agent: agent at %s runs as another user", path);
-		else
-			p11agent_raise(p, P11AGENT_R_AGENT_ERROR,
-				       "p11agent: agent at %s: permission denied", path);
 		break;
 	case P11A_E_LOCKED:
 		p11agent_raise(p, P11AGENT_R_TOKEN_LOCKED, "p11agent: %s", msg);
@@ -309,13 +302,12 @@ raise_agent(struct p11agent_prov *p, struct p11a_client *c, int r, int saved_err
 		p11agent_raise(p, P11AGENT_R_BAD_URI, "p11agent: %s", msg);
 		break;
 	case P11A_E_IO:
-		if (c == NULL && saved_errno != 0)
-			p11agent_raise(p, P11AGENT_R_AGENT_ERROR, "p11agent: %s: agent at %s: %s",
-				       what, path, strerror(saved_errno));
-		else
+		if (c != NULL) {
 			p11agent_raise(p, P11AGENT_R_AGENT_ERROR, "p11agent: %s: agent at %s: %s",
 				       what, path, msg);
-		break;
+			break;
+		}
+		/* FALLTHROUGH */
 	default:
 		p11agent_raise(p, P11AGENT_R_AGENT_ERROR, "p11agent: %s: %s", what, msg);
 		break;
@@ -330,7 +322,8 @@ client_get(struct p11agent_prov *p, struct p11a_client **out)
 	struct p11a_client *c = NULL, *stale[POOL_MAX];
 	size_t nstale = 0, i;
 	uint64_t gen;
-	int r, saved;
+	char why[1024];
+	int r;
 
 	*out = NULL;
 	gen = p11a_fork_generation();
@@ -351,11 +344,9 @@ client_get(struct p11agent_prov *p, struct p11a_client **out)
 		*out = c;
 		return 1;
 	}
-	errno = 0;
-	r = p11a_client_connect(p->socket_path, P11AGENT_CLIENT_NAME, 0, &c);
-	saved = errno;
+	r = p11a_client_connect(p->socket_path, P11AGENT_CLIENT_NAME, 0, &c, why, sizeof(why));
 	if (r != 0) {
-		raise_agent(p, NULL, r, saved, "connecting");
+		raise_agent(p, NULL, r, why, "connecting");
 		return 0;
 	}
 	*out = c;
@@ -392,7 +383,7 @@ p11agent_agent_list(struct p11agent_prov *p, struct p11a_msg *reply)
 	errno = 0;
 	r = p11a_client_list(c, reply);
 	if (r != 0)
-		raise_agent(p, c, r, errno, "listing keys");
+		raise_agent(p, c, r, NULL, "listing keys");
 	client_put(p, c);
 	return r == 0;
 }
@@ -411,7 +402,7 @@ p11agent_agent_sign(struct p11agent_prov *p, const struct p11a_sign *req,
 	errno = 0;
 	r = p11a_client_sign(c, req, sig, sig_len);
 	if (r != 0)
-		raise_agent(p, c, r, errno, "signing");
+		raise_agent(p, c, r, NULL, "signing");
 	client_put(p, c);
 	return r == 0;
 }

@@ -348,9 +348,22 @@ apply_list_locked(const struct p11a_list_reply *l)
 static int
 client_get(struct p11a_client **c, int timeout_ms)
 {
+	static int warned;
+	char why[1024];
+	int r;
+
 	if (*c != NULL)
 		return 0;
-	return p11a_client_connect(NULL, CLIENT_NAME, timeout_ms, c);
+	r = p11a_client_connect(NULL, CLIENT_NAME, timeout_ms, c, why, sizeof(why));
+	if (r == 0)
+		return 0;
+	dbg("cannot reach the agent: %s", why);
+	/* A socket that belongs to someone else is worth one word, debug or not. */
+	if (r == -P11A_E_DENIED && !warned) {
+		warned = 1;
+		fprintf(stderr, "p11agent-pkcs11: %s\n", why);
+	}
+	return r;
 }
 
 /*
@@ -370,7 +383,6 @@ refresh_locked(int force)
 	g.refreshed = 1;
 	g.last_refresh = now;
 	if ((r = client_get(&g.ctl, LIST_TIMEOUT_MS)) != 0) {
-		dbg("cannot reach the agent: %s", p11a_strerror(r));
 		agent_down_locked();
 		return;
 	}
@@ -1216,7 +1228,6 @@ sign_finish(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 		goto out;
 	}
 	if ((r = client_get(&g.client, 0)) != 0) {
-		dbg("cannot reach the agent to sign: %s", p11a_strerror(r));
 		rv = CKR_DEVICE_ERROR;
 		goto out;
 	}

@@ -33,7 +33,7 @@ main(int argc, char **argv)
 	if (c == NULL)
 		return 1;
 	for (int i = 0; i < n; i++) {
-		if ((r = p11a_client_connect(argv[1], "connhold", 0, &c[i])) < 0) {
+		if ((r = p11a_client_connect(argv[1], "connhold", 0, &c[i], NULL, 0)) < 0) {
 			fprintf(stderr, "connhold: connection %d: %s\n", i + 1, p11a_strerror(-r));
 			return 1;
 		}

@@ -103,7 +103,7 @@ run_agent(struct worker *w)
 	req.salt_len = P11A_PSS_SALT_DIGEST;
 	req.data = (uint8_t *)digest;
 	req.data_len = sizeof(digest);
-	if ((r = p11a_client_connect(sock_path, "signbench", 0, &c)) < 0) {
+	if ((r = p11a_client_connect(sock_path, "signbench", 0, &c, NULL, 0)) < 0) {
 		fprintf(stderr, "signbench: connect %s: %s\n", sock_path, p11a_strerror(-r));
 		pthread_barrier_wait(&start_barrier);
 		return -1;

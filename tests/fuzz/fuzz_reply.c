@@ -212,7 +212,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (pthread_create(&t, NULL, agent_thread, &a) != 0)
 		abort();
 
-	if (p11a_client_connect(sock_path, "fuzz_reply", CLIENT_TIMEOUT_MS, &c) == 0) {
+	if (p11a_client_connect(sock_path, "fuzz_reply", CLIENT_TIMEOUT_MS, &c, NULL, 0) == 0) {
 		uint8_t *sig = NULL;
 		size_t sig_len = 0;
 		struct p11a_sign sr;

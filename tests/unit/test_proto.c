@@ -2153,7 +2153,7 @@ test_client_requests(void **state)
 	char pin[P11A_PIN_MAX + 2];
 	int fd;
 
-	assert_int_equal(p11a_client_connect(e->path, "test_proto", 2000, &c), 0);
+	assert_int_equal(p11a_client_connect(e->path, "test_proto", 2000, &c, NULL, 0), 0);
 	assert_non_null(c);
 	assert_string_equal(p11a_client_path(c), e->path);
 	assert_string_equal(p11a_client_last_error(c), "");
@@ -2227,7 +2227,7 @@ test_client_sign_channels(void **state)
 	size_t len = 1;
 	int base;
 
-	assert_int_equal(p11a_client_connect(e->path, NULL, 0, &c), 0);
+	assert_int_equal(p11a_client_connect(e->path, NULL, 0, &c, NULL, 0), 0);
 	/* Channels opened by earlier tests count too: learn the base. */
 	{
 		struct p11a_sign probe;
@@ -2318,16 +2318,16 @@ test_client_connect_errors(void **state)
 	pid_t pid;
 
 	snprintf(path, sizeof(path), "%s/other.sock", e->dir);
-	assert_int_equal(p11a_client_connect(path, "t", 500, &c), -P11A_E_NOT_RUNNING);
+	assert_int_equal(p11a_client_connect(path, "t", 500, &c, NULL, 0), -P11A_E_NOT_RUNNING);
 	assert_null(c);
 	/* A socket file with no listener behind it. */
 	lfd = listen_at(path);
 	close(lfd);
-	assert_int_equal(p11a_client_connect(path, "t", 500, &c), -P11A_E_NOT_RUNNING);
+	assert_int_equal(p11a_client_connect(path, "t", 500, &c, NULL, 0), -P11A_E_NOT_RUNNING);
 	unlink(path);
 	/* A listener that never answers. */
 	lfd = listen_at(path);
-	assert_int_equal(p11a_client_connect(path, "t", 100, &c), -P11A_E_TIMEOUT);
+	assert_int_equal(p11a_client_connect(path, "t", 100, &c, NULL, 0), -P11A_E_TIMEOUT);
 	assert_null(c);
 	close(lfd);
 	unlink(path);
@@ -2346,7 +2346,7 @@ test_client_connect_errors(void **state)
 		_exit(0);
 	}
 	close(lfd);
-	assert_int_equal(p11a_client_connect(path, "t", 2000, &c), -P11A_E_IO);
+	assert_int_equal(p11a_client_connect(path, "t", 2000, &c, NULL, 0), -P11A_E_IO);
 	assert_null(c);
 	waitpid(pid, NULL, 0);
 	unlink(path);
@@ -2354,8 +2354,71 @@ test_client_connect_errors(void **state)
 	memset(longpath, 'a', sizeof(longpath) - 1);
 	longpath[0] = '/';
 	longpath[sizeof(longpath) - 1] = '\0';
-	assert_true(p11a_client_connect(longpath, "t", 100, &c) < 0);
+	assert_true(p11a_client_connect(longpath, "t", 100, &c, NULL, 0) < 0);
 	assert_null(c);
+}
+
+/*
+ * A listener that runs as another uid gets nothing: not even HELLO.  Needs
+ * root to make a listener owned by uid 65534 (SO_PEERCRED reports the
+ * credentials at listen()); skipped otherwise.
+ */
+static void
+test_client_refuses_other_owner(void **state)
+{
+	struct agent_env *e = *state;
+	struct p11a_client *c = (struct p11a_client *)1;
+	struct sockaddr_un sa;
+	char path[100], why[512];
+	int lfd, pfd[2];
+	ssize_t got = -1;
+	pid_t pid;
+
+	if (geteuid() != 0)
+		skip();
+	snprintf(path, sizeof(path), "%s/owned.sock", e->dir);
+	assert_int_equal(pipe(pfd), 0);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		char b[256];
+		ssize_t n, total = 0;
+		int x;
+
+		close(pfd[0]);
+		lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+		memset(&sa, 0, sizeof(sa));
+		sa.sun_family = AF_UNIX;
+		snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+		if (lfd < 0 || bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) != 0 ||
+		    setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0 ||
+		    listen(lfd, 4) != 0 || (x = accept(lfd, NULL, NULL)) < 0)
+			_exit(1);
+		while ((n = read(x, b, sizeof(b))) > 0)
+			total += n;
+		if (write(pfd[1], &total, sizeof(total)) != (ssize_t)sizeof(total))
+			_exit(1);
+		_exit(0);
+	}
+	close(pfd[1]);
+	/* Wait for listen(): connect until it stops failing with ENOENT/ECONNREFUSED. */
+	for (int i = 0; i < 200; i++) {
+		int r = p11a_client_connect(path, "t", 2000, &c, why, sizeof(why));
+
+		if (r != -P11A_E_NOT_RUNNING) {
+			assert_int_equal(r, -P11A_E_DENIED);
+			break;
+		}
+		usleep(10000);
+	}
+	assert_null(c);
+	assert_non_null(strstr(why, "runs as uid 65534"));
+	assert_non_null(strstr(why, path));
+	assert_int_equal(read(pfd[0], &got, sizeof(got)), (ssize_t)sizeof(got));
+	assert_int_equal(got, 0);       /* the listener read EOF, not HELLO */
+	close(pfd[0]);
+	waitpid(pid, NULL, 0);
+	unlink(path);
 }
 
 static void
@@ -2422,6 +2485,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_client_requests, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_sign_channels, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_connect_errors, setup_agent, teardown_agent),
+		cmocka_unit_test_setup_teardown(test_client_refuses_other_owner, setup_agent, teardown_agent),
 	};
 
 #ifndef HAVE_URI_TESTS
