@@ -15,6 +15,8 @@ config_init(struct agent_config *cfg)
 	memset(cfg, 0, sizeof(*cfg));
 	cfg->sign_timeout_ms = 30000;
 	cfg->max_connections = 1024;
+	cfg->max_channels_per_connection = 64;
+	cfg->max_channels_per_process = 256;
 }
 
 void
@@ -144,6 +146,18 @@ config_load_file(struct agent_config *cfg, const char *file)
 			if (parse_int(val, 1, 65536, &cfg->max_connections) != 0) {
 				fprintf(stderr, "p11agentd: %s:%d: max-connections must be 1..65536\n",
 					file, lineno);
+				rc = -1;
+			}
+		} else if (strcmp(s, "max-channels-per-connection") == 0) {
+			if (parse_int(val, 1, 4096, &cfg->max_channels_per_connection) != 0) {
+				fprintf(stderr, "p11agentd: %s:%d: max-channels-per-connection must be "
+					"1..4096\n", file, lineno);
+				rc = -1;
+			}
+		} else if (strcmp(s, "max-channels-per-process") == 0) {
+			if (parse_int(val, 1, 4096, &cfg->max_channels_per_process) != 0) {
+				fprintf(stderr, "p11agentd: %s:%d: max-channels-per-process must be "
+					"1..4096\n", file, lineno);
 				rc = -1;
 			}
 		} else if (strcmp(s, "debug") == 0) {

@@ -7,6 +7,8 @@
  *   module-init-args TEXT  (for the preceding module: CK_C_INITIALIZE_ARGS.pReserved)
  *   sign-timeout SECONDS   (per-request deadline, default 30)
  *   max-connections N      (default 1024)
+ *   max-channels-per-connection N  (signing channels one connection may hold per module, default 64)
+ *   max-channels-per-process N     (the same per client process, default 256)
  *   debug yes|no
  * Command-line options override the file.
  */
@@ -29,6 +31,8 @@ struct agent_config {
 	int debug;
 	int sign_timeout_ms;
 	int max_connections;
+	int max_channels_per_connection;
+	int max_channels_per_process;
 	size_t nmodules;
 	struct module_conf modules[CONFIG_MAX_MODULES];
 	int modules_from_registry;  /* no module given: use p11-kit's registry */

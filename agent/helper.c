@@ -18,6 +18,7 @@
 #include "proto.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -26,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -34,14 +36,24 @@
 #define CTRL_WRITE_MS        30000
 #define CHAN_WRITE_MS        10000
 #define CHECK_INTERVAL_MS    3000    /* look for token changes this often */
-#define CHANNELS_MAX         4096    /* signing channels (threads) at once */
+#define CHANNELS_MAX         4096    /* signing channels (threads) at once, at most */
 #define CHANNEL_STACK_SIZE   (512 * 1024)
+#define CHANNEL_BUF_KEEP     (16 * 1024)     /* an idle channel keeps at most this per buffer */
+/*
+ * Descriptors kept free for the module and the token (sessions, files,
+ * pcscd or daemon sockets) and for our own control traffic: channels never
+ * take the last fd_reserve() descriptors under RLIMIT_NOFILE.
+ */
+#define FD_RESERVE_MIN       128
 
 struct helper {
 	struct token_module *tm;
 	int ctrl_fd;
 	int sign_timeout_ms;
 	const char *name;
+	int channels_max;               /* from RLIMIT_NOFILE, at most CHANNELS_MAX */
+	int per_conn_max;               /* channels one client connection may hold */
+	int per_pid_max;                /* channels one client process may hold */
 	struct p11a_buf *out;           /* control replies, control thread only */
 	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
 	atomic_int channels;
@@ -71,6 +83,8 @@ struct helper {
 struct channel {
 	struct helper *h;
 	int fd;
+	uint64_t conn;                  /* the agent's connection serial that opened it */
+	uint32_t pid;                   /* that connection's peer pid (0 unknown) */
 	struct channel *prev, *next;    /* under h->wlock */
 	int busy;                       /* in token_sign(); under h->wlock */
 	int expired;                    /* answered by the watchdog; under h->wlock */
@@ -323,6 +337,9 @@ chan_main(void *arg)
 			log_debug("channel %d: cannot answer: %s", c->fd, p11a_strerror(r));
 			break;
 		}
+		/* Thousands of idle channels must not each keep a 256 KiB frame. */
+		p11a_buf_trim(in, CHANNEL_BUF_KEEP);
+		p11a_buf_trim(out, CHANNEL_BUF_KEEP);
 	}
  out:
 	p11a_reader_free(rd);
@@ -349,6 +366,36 @@ ts_passed(const struct timespec *now, const struct timespec *t)
 	return now->tv_sec > t->tv_sec || (now->tv_sec == t->tv_sec && now->tv_nsec >= t->tv_nsec);
 }
 
+/*
+ * Tells the client of a channel stuck in the module that it timed out, and
+ * closes the channel for it.  Called without h->wlock: fd is the
+ * watchdog's own duplicate, so the channel thread may close its descriptor
+ * meanwhile.  The write never waits: a client that does not read its
+ * channel just gets the shutdown.
+ */
+static void
+wd_answer(struct helper *h, int fd, struct p11a_buf *out)
+{
+	char text[256];
+	struct p11a_msg m;
+
+	snprintf(text, sizeof(text), "module %s did not finish signing within %d s "
+		 "(the token does not answer); the signing channel is closed",
+		 h->name, h->sign_timeout_ms / 1000);
+	log_err("channel %d: %s", fd, text);
+	memset(&m, 0, sizeof(m));
+	if (p11a_msg_set_error(&m, P11A_E_TIMEOUT, "%s", text) == 0) {
+		p11a_buf_reset(out);
+		if (p11a_msg_encode(&m, out) == 0 && p11a_frame_write(fd, out, -1, 0) != 0)
+			log_debug("channel %d: the client does not read; closed without the reply", fd);
+	}
+	p11a_msg_clear(&m);
+	shutdown(fd, SHUT_RDWR);
+	close(fd);
+}
+
+#define WD_BATCH 64     /* channels answered per pass; more wait for the next */
+
 /* Answers channels stuck in the module past their deadline (see struct channel). */
 static void *
 watchdog_main(void *arg)
@@ -356,7 +403,8 @@ watchdog_main(void *arg)
 	struct helper *h = arg;
 	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
 	struct timespec now;
-	char text[256];
+	int fds[WD_BATCH];
+	size_t n;
 
 	if (out == NULL) {
 		log_err("watchdog: out of memory; stuck signatures will not be answered");
@@ -377,58 +425,110 @@ watchdog_main(void *arg)
 		clock_gettime(CLOCK_MONOTONIC, &now);
 		if (h->wd_timed && !ts_passed(&now, &h->wd_until))
 			continue;       /* woken early: a new deadline, or spuriously */
-		/* Answer what is past its deadline; sleep until the next one. */
+		/* Collect what is past its deadline; sleep until the next one. */
 		h->wd_timed = 0;
+		n = 0;
 		for (struct channel *c = h->chans; c != NULL; c = c->next) {
 			if (!c->busy || c->expired)
 				continue;
-			if (!ts_passed(&now, &c->deadline)) {
+			if (!ts_passed(&now, &c->deadline) || n == WD_BATCH) {
 				if (!h->wd_timed || ts_before(&c->deadline, &h->wd_until)) {
 					h->wd_timed = 1;
-					h->wd_until = c->deadline;
+					h->wd_until = n == WD_BATCH ? now : c->deadline;
 				}
 				continue;
 			}
 			c->expired = 1;
-			snprintf(text, sizeof(text), "module %s did not finish signing within %d s "
-				 "(the token does not answer); the signing channel is closed",
-				 h->name, h->sign_timeout_ms / 1000);
-			log_err("channel %d: %s", c->fd, text);
-			/* The channel thread is inside the module: nobody else writes c->fd now. */
-			(void)chan_reply_error(c, out, P11A_E_TIMEOUT, text);
-			shutdown(c->fd, SHUT_RDWR);
+			/*
+			 * The channel thread is inside the module and will only
+			 * close c->fd, never write it.  A duplicate keeps the
+			 * socket ours after we let go of the lock.  Without one
+			 * (no descriptor left), shut it down without a reply.
+			 */
+			if ((fds[n] = fcntl(c->fd, F_DUPFD_CLOEXEC, 0)) >= 0) {
+				n++;
+			} else {
+				log_err("channel %d: module %s did not finish signing within %d s; "
+					"closed without a reply (%s)", c->fd, h->name,
+					h->sign_timeout_ms / 1000, strerror(errno));
+				shutdown(c->fd, SHUT_RDWR);
+			}
 		}
+		/* No client I/O under the lock that every channel and adoption needs. */
+		pthread_mutex_unlock(&h->wlock);
+		for (size_t i = 0; i < n; i++)
+			wd_answer(h, fds[i], out);
+		pthread_mutex_lock(&h->wlock);
 	}
 	pthread_mutex_unlock(&h->wlock);
 	p11a_buf_free(out);
 	return NULL;
 }
 
+/*
+ * Refuses a channel that would pass a cap (BUSY, text in msg); counts
+ * under h->wlock.  The per-connection and per-process caps keep one
+ * runaway client from taking every channel; the helper-wide cap keeps the
+ * descriptors the module needs.
+ */
 static int
-chan_adopt(struct helper *h, int fd, char *msg, size_t msg_size)
+chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size_t msg_size)
+{
+	int nconn = 0, npid = 0, n = atomic_load(&h->channels);
+
+	if (n >= h->channels_max) {
+		snprintf(msg, msg_size, "token helper for module %s has %d signing channels open, "
+			 "as many as its descriptor limit allows; close some and try again",
+			 h->name, n);
+		return -P11A_E_BUSY;
+	}
+	for (const struct channel *c = h->chans; c != NULL; c = c->next) {
+		nconn += c->conn == conn;
+		npid += pid != 0 && c->pid == pid;
+	}
+	if (nconn >= h->per_conn_max) {
+		snprintf(msg, msg_size, "this connection holds %d signing channels to module %s "
+			 "(max-channels-per-connection %d); close some", nconn, h->name,
+			 h->per_conn_max);
+		return -P11A_E_BUSY;
+	}
+	if (npid >= h->per_pid_max) {
+		snprintf(msg, msg_size, "process %lu holds %d signing channels to module %s "
+			 "(max-channels-per-process %d); close some", (unsigned long)pid, npid,
+			 h->name, h->per_pid_max);
+		return -P11A_E_BUSY;
+	}
+	return 0;
+}
+
+static int
+chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, size_t msg_size)
 {
 	struct channel *c;
 	pthread_attr_t attr;
 	pthread_t t;
 	int r;
 
-	if (atomic_load(&h->channels) >= CHANNELS_MAX) {
-		snprintf(msg, msg_size, "too many signing channels (%d)", CHANNELS_MAX);
-		return -P11A_E_BUSY;
-	}
 	if ((c = calloc(1, sizeof(*c))) == NULL) {
 		snprintf(msg, msg_size, "out of memory");
 		return -P11A_E_NOMEM;
 	}
 	c->h = h;
 	c->fd = fd;
+	c->conn = owner->conn;
+	c->pid = owner->pid;
 	pthread_mutex_lock(&h->wlock);
+	if ((r = chan_admit_locked(h, c->conn, c->pid, msg, msg_size)) != 0) {
+		pthread_mutex_unlock(&h->wlock);
+		free(c);
+		return r;
+	}
 	c->next = h->chans;
 	if (h->chans != NULL)
 		h->chans->prev = c;
 	h->chans = c;
-	pthread_mutex_unlock(&h->wlock);
 	atomic_fetch_add(&h->channels, 1);
+	pthread_mutex_unlock(&h->wlock);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	/* Many channels may be open; vendor C_Sign needs far less than 8 MiB. */
@@ -517,12 +617,18 @@ ctrl_handle(struct helper *h, struct p11a_buf *in)
 		(void)send_inventory(h, id, 1);
 		break;
 	case P11A_MSG_H_ADOPT:
-		p11a_msg_clear(&m);
+		if (fd == P11A_FD_LOST) {
+			log_err("request %u: no descriptor left to take a signing channel", id);
+			snprintf(msg, sizeof(msg), "token helper for module %s is out of descriptors "
+				 "(RLIMIT_NOFILE); close some signing channels", h->name);
+			(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+			break;
+		}
 		if (fd < 0) {
 			(void)ctrl_send_error(h, id, P11A_E_PROTOCOL, "H_ADOPT without a descriptor");
 			break;
 		}
-		r = chan_adopt(h, fd, msg, sizeof(msg));
+		r = chan_adopt(h, fd, &m.u.adopt, msg, sizeof(msg));
 		if (r != 0) {
 			close(fd);
 			(void)ctrl_send_error(h, id, r, msg);
@@ -542,9 +648,31 @@ ctrl_handle(struct helper *h, struct p11a_buf *in)
 /* Static: detached channel threads may still look at it while the process exits. */
 static struct helper the_helper;
 
-int
-helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
+/*
+ * Signing channels this process may hold: the descriptor limit less a
+ * reserve for the module and the token (a quarter, at least
+ * FD_RESERVE_MIN), at most CHANNELS_MAX.
+ */
+static int
+channels_max_for_nofile(void)
 {
+	struct rlimit rl;
+	rlim_t n, reserve;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+		return CHANNELS_MAX;
+	n = rl.rlim_cur;
+	reserve = n / 4 > FD_RESERVE_MIN ? n / 4 : FD_RESERVE_MIN;
+	if (n <= reserve + 16)
+		return 16;
+	n -= reserve;
+	return n > CHANNELS_MAX ? CHANNELS_MAX : (int)n;
+}
+
+int
+helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_config *cfg)
+{
+	int sign_timeout_ms = cfg->sign_timeout_ms;
 	struct helper *h = &the_helper;
 	struct p11a_buf *in = NULL;
 	struct pollfd pfd[2];
@@ -559,6 +687,11 @@ helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms)
 	h->ctrl_fd = ctrl_fd;
 	h->sign_timeout_ms = sign_timeout_ms > 0 ? sign_timeout_ms : 30000;
 	h->name = mod->name != NULL ? mod->name : mod->path;
+	h->channels_max = channels_max_for_nofile();
+	h->per_conn_max = cfg->max_channels_per_connection;
+	h->per_pid_max = cfg->max_channels_per_process;
+	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
+		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
 	pthread_mutex_init(&h->wlock, NULL);
 	{

@@ -27,6 +27,6 @@
 #define HELPER_EXIT_INIT 3
 
 /* Runs in the forked child; never returns to the agent's code paths. */
-int helper_main(const struct module_conf *mod, int ctrl_fd, int sign_timeout_ms);
+int helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_config *cfg);
 
 #endif

@@ -406,7 +406,7 @@ helper_spawn(struct server *s, size_t hi)
 		char ident[96];
 		snprintf(ident, sizeof(ident), "p11agentd[helper %s]", h->mod->name);
 		log_after_fd_cleanup(ident);
-		_exit(helper_main(h->mod, ctrl, s->cfg->sign_timeout_ms));
+		_exit(helper_main(h->mod, ctrl, s->cfg));
 	}
 	close(sv[1]);
 	if (fcntl(sv[0], F_SETFL, O_NONBLOCK) != 0)
@@ -907,6 +907,8 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	}
 	p->channel_fd = sv[1];
 	struct p11a_msg adopt = { .type = P11A_MSG_H_ADOPT };
+	adopt.u.adopt.conn = s->clients[ci].serial;
+	adopt.u.adopt.pid = s->clients[ci].pid > 0 ? (uint32_t)s->clients[ci].pid : 0;
 	log_debug("client %d: signing channel to helper %s for %s", s->clients[ci].fd,
 		  h->mod->name, uri);
 	helper_send(s, hi, p->id, &adopt, sv[0]);

@@ -88,6 +88,26 @@ p11a_buf_reset(struct p11a_buf *b)
 	b->dirty = 0;
 }
 
+void
+p11a_buf_trim(struct p11a_buf *b, size_t keep)
+{
+	uint8_t *d;
+	size_t n;
+
+	if (b == NULL || b->readonly)
+		return;
+	p11a_buf_reset(b);
+	n = b->max < BUF_ALLOC_MIN ? b->max : BUF_ALLOC_MIN;
+	if (n == 0)
+		n = 1;
+	if (b->alloc <= keep || b->alloc <= n || (d = calloc(1, n)) == NULL)
+		return;
+	p11a_wipe(b->d, b->alloc);
+	free(b->d);
+	b->d = d;
+	b->alloc = n;
+}
+
 size_t
 p11a_buf_len(const struct p11a_buf *b)
 {
@@ -229,6 +249,16 @@ p11a_buf_put_u32(struct p11a_buf *b, uint32_t v)
 }
 
 int
+p11a_buf_put_u64(struct p11a_buf *b, uint64_t v)
+{
+	uint8_t x[8];
+
+	for (int i = 0; i < 8; i++)
+		x[i] = (uint8_t)(v >> (56 - 8 * i));
+	return p11a_buf_put(b, x, sizeof(x));
+}
+
+int
 p11a_buf_put_string(struct p11a_buf *b, const void *data, size_t len)
 {
 	uint8_t *p;
@@ -302,6 +332,18 @@ p11a_buf_get_u32(struct p11a_buf *b, uint32_t *v)
 	if ((r = p11a_buf_get(b, x, sizeof(x))) != 0)
 		return r;
 	*v = peek_u32(x);
+	return 0;
+}
+
+int
+p11a_buf_get_u64(struct p11a_buf *b, uint64_t *v)
+{
+	uint8_t x[8];
+	int r;
+
+	if ((r = p11a_buf_get(b, x, sizeof(x))) != 0)
+		return r;
+	*v = (uint64_t)peek_u32(x) << 32 | peek_u32(x + 4);
 	return 0;
 }
 

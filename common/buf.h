@@ -24,6 +24,12 @@ struct p11a_buf *p11a_buf_from(const void *data, size_t len);
 void p11a_buf_free(struct p11a_buf *b);
 /* Empties (wipes the old bytes) and keeps the allocation. */
 void p11a_buf_reset(struct p11a_buf *b);
+/*
+ * Resets b (wiped) and, when its storage grew past keep bytes, gives the
+ * storage back: an idle buffer that once held a large frame does not keep
+ * it.  On allocation failure b keeps its old (wiped) storage.
+ */
+void p11a_buf_trim(struct p11a_buf *b, size_t keep);
 
 size_t p11a_buf_len(const struct p11a_buf *b);       /* unread bytes */
 size_t p11a_buf_max(const struct p11a_buf *b);
@@ -42,6 +48,7 @@ int p11a_buf_put(struct p11a_buf *b, const void *data, size_t len);
 int p11a_buf_put_u8(struct p11a_buf *b, uint8_t v);
 int p11a_buf_put_u16(struct p11a_buf *b, uint16_t v);
 int p11a_buf_put_u32(struct p11a_buf *b, uint32_t v);
+int p11a_buf_put_u64(struct p11a_buf *b, uint64_t v);
 int p11a_buf_put_string(struct p11a_buf *b, const void *data, size_t len);
 /* NUL-terminated text as a string; NULL puts an empty string. */
 int p11a_buf_put_cstring(struct p11a_buf *b, const char *s);
@@ -50,6 +57,7 @@ int p11a_buf_get(struct p11a_buf *b, void *out, size_t len);
 int p11a_buf_get_u8(struct p11a_buf *b, uint8_t *v);
 int p11a_buf_get_u16(struct p11a_buf *b, uint16_t *v);
 int p11a_buf_get_u32(struct p11a_buf *b, uint32_t *v);
+int p11a_buf_get_u64(struct p11a_buf *b, uint64_t *v);
 /*
  * String without copying: *ptr points into the buffer (valid until the
  * next change to b), *len its length.  Fails with -P11A_E_TOO_LARGE when

@@ -129,11 +129,14 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 	switch (m->type) {
 	case P11A_MSG_STATUS:
 	case P11A_MSG_LIST:
-	case P11A_MSG_H_ADOPT:
 	case P11A_MSG_H_REFRESH:
 	case P11A_MSG_OK:
 	case P11A_MSG_CHANNEL:
 		return 0;
+	case P11A_MSG_H_ADOPT:
+		if ((r = p11a_buf_put_u64(b, m->u.adopt.conn)) != 0)
+			return r;
+		return p11a_buf_put_u32(b, m->u.adopt.pid);
 	case P11A_MSG_HELLO:
 		if ((r = p11a_buf_put_u16(b, m->u.hello.min_version)) != 0 ||
 		    (r = p11a_buf_put_u16(b, m->u.hello.max_version)) != 0 ||
@@ -348,11 +351,14 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 	switch (m->type) {
 	case P11A_MSG_STATUS:
 	case P11A_MSG_LIST:
-	case P11A_MSG_H_ADOPT:
 	case P11A_MSG_H_REFRESH:
 	case P11A_MSG_OK:
 	case P11A_MSG_CHANNEL:
 		return 0;
+	case P11A_MSG_H_ADOPT:
+		if ((r = p11a_buf_get_u64(b, &m->u.adopt.conn)) != 0)
+			return r;
+		return p11a_buf_get_u32(b, &m->u.adopt.pid);
 	case P11A_MSG_HELLO:
 		if ((r = p11a_buf_get_u16(b, &m->u.hello.min_version)) != 0 ||
 		    (r = p11a_buf_get_u16(b, &m->u.hello.max_version)) != 0 ||
@@ -896,6 +902,9 @@ recv_exact(int fd, uint8_t *p, size_t n, int *rfd, int64_t deadline, int *starte
 		}
 		if (mh.msg_controllen > 0)
 			take_fds(&mh, rfd);
+		/* A descriptor was sent, but we had no slot left for it. */
+		if ((mh.msg_flags & MSG_CTRUNC) && *rfd < 0)
+			*rfd = P11A_FD_LOST;
 		if (k == 0) {
 			errno = *started ? ECONNRESET : 0;
 			return -P11A_E_IO;

@@ -115,6 +115,11 @@ struct p11a_open_channel {          /* OPEN_CHANNEL */
 	char *key_uri;              /* key the client means to sign with */
 };
 
+struct p11a_adopt {                 /* H_ADOPT (internal; the channel's descriptor rides along) */
+	uint64_t conn;              /* the agent's serial of the connection that asked */
+	uint32_t pid;               /* that connection's peer pid (SO_PEERCRED; 0 unknown) */
+};
+
 struct p11a_sign {                  /* SIGN */
 	char *key_uri;
 	uint8_t scheme;             /* enum p11a_scheme */
@@ -142,10 +147,11 @@ struct p11a_msg {
 		struct p11a_unlock unlock;
 		struct p11a_lock lock;
 		struct p11a_open_channel open_channel;
+		struct p11a_adopt adopt;
 		struct p11a_sign sign;
 		struct p11a_signature signature;
 	} u;
-	/* STATUS, LIST, OK, CHANNEL, H_ADOPT, H_REFRESH carry no fields. */
+	/* STATUS, LIST, OK, CHANNEL, H_REFRESH carry no fields. */
 };
 
 /*
@@ -201,8 +207,10 @@ void p11a_key_clear(struct p11a_key *k);
  * p11a_frame_read(): reads one frame into out (reset first), refusing a
  * length of 0 or over P11A_FRAME_MAX before reading the body
  * (-P11A_E_TOO_LARGE / -P11A_E_MALFORMED); if fd_received is not NULL,
- * a descriptor passed with the frame is returned there (else -1), and any
- * descriptor received when fd_received is NULL is closed.
+ * a descriptor passed with the frame is returned there (else -1, or
+ * P11A_FD_LOST when one was sent but the kernel could not install it:
+ * this process is out of descriptors), and any descriptor received when
+ * fd_received is NULL is closed.
  * Errors: -P11A_E_IO (closed or failed; errno kept), -P11A_E_TIMEOUT.
  * On -P11A_E_IO from p11a_frame_read(), errno is 0 when the peer closed
  * the connection cleanly before the first byte of a frame, ECONNRESET when
@@ -212,6 +220,7 @@ void p11a_key_clear(struct p11a_key *k);
  * Both use MSG_DONTWAIT and poll(), so the fd's blocking mode does not
  * matter.  Received descriptors have FD_CLOEXEC set.
  */
+#define P11A_FD_LOST (-2)
 int p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms);
 int p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms);
 

@@ -106,7 +106,11 @@ sample(size_t i, struct p11a_msg *m)
 		m->u.sign.data = sign_data;
 		m->u.sign.data_len = sizeof(sign_data);
 		break;
-	case 7: m->type = P11A_MSG_H_ADOPT; break;
+	case 7:
+		m->type = P11A_MSG_H_ADOPT;
+		m->u.adopt.conn = 0x0102030405060708ull;
+		m->u.adopt.pid = 4242;
+		break;
 	case 8: m->type = P11A_MSG_H_REFRESH; break;
 	case 9:
 		m->type = P11A_MSG_H_INVENTORY;
@@ -219,6 +223,10 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 		break;
 	case P11A_MSG_OPEN_CHANNEL:
 		assert_str_same(a->u.open_channel.key_uri, b->u.open_channel.key_uri);
+		break;
+	case P11A_MSG_H_ADOPT:
+		assert_true(a->u.adopt.conn == b->u.adopt.conn);
+		assert_int_equal(a->u.adopt.pid, b->u.adopt.pid);
 		break;
 	case P11A_MSG_SIGN:
 		assert_str_same(a->u.sign.key_uri, b->u.sign.key_uri);
@@ -464,7 +472,7 @@ static void
 test_empty_and_fieldless(void **state)
 {
 	static const uint8_t fieldless[] = {
-		P11A_MSG_STATUS, P11A_MSG_LIST, P11A_MSG_H_ADOPT, P11A_MSG_H_REFRESH,
+		P11A_MSG_STATUS, P11A_MSG_LIST, P11A_MSG_H_REFRESH,
 		P11A_MSG_OK, P11A_MSG_CHANNEL
 	};
 	struct p11a_msg d;
