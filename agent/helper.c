@@ -329,6 +329,9 @@ chan_main(void *arg)
 		} else if (req.type != P11A_MSG_SIGN) {
 			p11a_msg_clear(&req);
 			r = chan_reply_error(c, out, P11A_E_PROTOCOL, "a signing channel accepts only SIGN");
+		} else if (p11a_msg_bad_text(&req) != NULL) {
+			p11a_msg_clear(&req);
+			r = chan_reply_error(c, out, P11A_E_BAD_REQUEST, "the key URI is not valid UTF-8");
 		} else {
 			r = chan_sign(c, &req.u.sign, &t0, out);
 			p11a_msg_clear(&req);
@@ -559,7 +562,7 @@ ctrl_handle(struct helper *h, struct p11a_buf *in)
 	char msg[TOKEN_MSG_MAX];
 	struct p11a_msg m;
 	uint32_t id = 0;
-	int fd = -1, r;
+	int fd = -1, tried, r;
 
 	r = p11a_frame_read(h->ctrl_fd, in, &fd, HALF_FRAME_MS);
 	if (r != 0) {
@@ -590,11 +593,16 @@ ctrl_handle(struct helper *h, struct p11a_buf *in)
 		log_debug("request %u: unlock %s", id,
 			  m.u.unlock.token_uri[0] ? m.u.unlock.token_uri : "(the token that needs it)");
 		r = token_unlock(h->tm, m.u.unlock.token_uri, m.u.unlock.pin, m.u.unlock.pin_len,
-				 msg, sizeof(msg));
+				 &tried, msg, sizeof(msg));
 		p11a_msg_clear(&m);     /* wipes the PIN */
-		/* Inventory first: the agent answers its client on our reply and
-		 * must already list the new login state by then. */
-		(void)refresh_and_push(h, 1);
+		/*
+		 * Inventory first: the agent answers its client on our reply and
+		 * must already list the new login state by then.  An UNLOCK that
+		 * asked nothing of the token (already logged in) changes nothing:
+		 * no rescan, whatever a client sends in a loop.
+		 */
+		if (tried)
+			(void)refresh_and_push(h, 1);
 		if (r == 0)
 			(void)ctrl_send_ok(h, id);
 		else

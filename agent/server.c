@@ -567,8 +567,18 @@ pending_expire(struct server *s, int64_t now)
 			continue;
 		}
 		char msg[512];
-		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s", p->what,
-			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000);
+		/*
+		 * The helper still holds the request and may carry it out: a
+		 * login or logout that ends later must not have been reported
+		 * as a plain failure.
+		 */
+		const char *still = p->type == P11A_MSG_UNLOCK ?
+		    "; the unlock is still in progress and may yet succeed: "
+		    "'p11agent status' shows the outcome" :
+		    p->type == P11A_MSG_LOCK ?
+		    "; the lock is still in progress: 'p11agent status' shows the outcome" : "";
+		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s%s", p->what,
+			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000, still);
 		client_reply_arrived(s, p->client, p->serial, P11A_E_TIMEOUT, msg);
 		pending_remove(s, i);
 	}
@@ -982,7 +992,13 @@ static void
 client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 {
 	struct p11a_msg m = *req;
+	const char *bad;
 	memset(req, 0, sizeof(*req));
+	if ((bad = p11a_msg_bad_text(&m)) != NULL) {
+		send_error(s, ci, P11A_E_BAD_REQUEST, "the %s is not valid UTF-8", bad);
+		p11a_msg_clear(&m);
+		return;
+	}
 	switch (m.type) {
 	case P11A_MSG_HELLO:
 		handle_hello(s, ci, &m.u.hello);

@@ -18,6 +18,15 @@
  * session holding copies of an older generation is never used with them
  * and is closed when it comes back to the pool, so a stale handle never
  * reaches C_SignInit.
+ *
+ * Copies and inventory searches never overlap (m->copy_lock): a module
+ * may build the copy attribute by attribute, starting from the token
+ * object's, and SoftHSM2 does: for a moment the session object has
+ * CKA_TOKEN true, label and CKA_ID of the key, and a C_FindObjects on
+ * another session finds it.  The inventory then listed the key twice
+ * ("AMBIGUOUS: 2 keys match").  Making a copy takes copy_lock shared,
+ * an inventory search takes it exclusive; and every object a search
+ * returns is checked to be CKA_TOKEN true once the search is over.
  */
 #include "config.h"
 #include "token.h"
@@ -115,6 +124,7 @@ struct token_module {
 	atomic_int inflight;            /* threads inside token_sign's PKCS#11 calls */
 	atomic_int key_copies;          /* 0 once the module refused C_CopyObject outright */
 	atomic_uint igen;               /* inventory generation (key memos); bumped under lock */
+	pthread_rwlock_t copy_lock;     /* C_CopyObject shared, inventory searches exclusive */
 
 	pthread_mutex_t lock;
 	int closing;
@@ -1087,6 +1097,17 @@ obj_read(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_CLASS cls,
 	return obj_read_key(m, h, o);
 }
 
+/* 1 when the module says plainly that o is a session object (CKA_TOKEN false). */
+static int
+is_session_object(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+	CK_BBOOL v = CK_TRUE;
+	CK_ATTRIBUTE a = { CKA_TOKEN, &v, sizeof(v) };
+
+	return m->f->C_GetAttributeValue(h, o, &a, 1) == CKR_OK && a.ulValueLen == sizeof(v) &&
+	    v == CK_FALSE;
+}
+
 /* Reads every object of class cls (X.509 only for certificates). */
 static CK_RV
 objs_read(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_CLASS cls,
@@ -1102,27 +1123,36 @@ objs_read(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_CLASS cls,
 	};
 	CK_OBJECT_HANDLE *hs = NULL;
 	struct obj *v = NULL;
-	size_t n = 0, i;
+	size_t n = 0, i, kept;
 	CK_RV rv;
 
 	*out = NULL;
 	*count = 0;
+	pthread_rwlock_wrlock(&m->copy_lock);
 	rv = find_objects(m, h, tmpl, cls == CKO_CERTIFICATE ? 3 : 2, &hs, &n);
+	pthread_rwlock_unlock(&m->copy_lock);
 	if (rv != CKR_OK)
 		return rv;
 	if (n > 0 && (v = calloc(n, sizeof(*v))) == NULL) {
 		free(hs);
 		return CKR_HOST_MEMORY;
 	}
-	for (i = 0; i < n; i++) {
-		rv = obj_read(m, h, cls, hs[i], &v[i]);
+	for (i = 0, kept = 0; i < n; i++) {
+		/* Only token objects are keys to list; never a session copy. */
+		if (is_session_object(m, h, hs[i])) {
+			log_debug("object handle %lu: not a token object; skipped", (unsigned long)hs[i]);
+			continue;
+		}
+		rv = obj_read(m, h, cls, hs[i], &v[kept]);
 		if (rv == CKR_OBJECT_HANDLE_INVALID) {
 			/* Deleted under us: skip it. */
-			obj_free(&v[i]);
+			obj_free(&v[kept]);
 			rv = CKR_OK;
+			continue;
 		}
 		if (rv != CKR_OK)
 			break;
+		kept++;
 	}
 	free(hs);
 	if (rv != CKR_OK) {
@@ -1132,7 +1162,7 @@ objs_read(struct token_module *m, CK_SESSION_HANDLE h, CK_OBJECT_CLASS cls,
 		return rv;
 	}
 	*out = v;
-	*count = n;
+	*count = kept;
 	return CKR_OK;
 }
 
@@ -1585,6 +1615,7 @@ token_module_load(const struct module_conf *mod, int wait_ms, struct token_modul
 	m->path = strdup(mod->path);
 	m->name = strdup(mod->name != NULL ? mod->name : mod->path);
 	pthread_mutex_init(&m->lock, NULL);
+	pthread_rwlock_init(&m->copy_lock, NULL);
 	atomic_init(&m->inflight, 0);
 	if (m->path == NULL || m->name == NULL) {
 		log_err("out of memory");
@@ -1943,7 +1974,7 @@ tokens_pick(struct token_module *m, const char *uri, int want_login, struct tok_
 
 int
 token_unlock(struct token_module *m, const char *token_uri, const char *pin, size_t pin_len,
-	     char *msg, size_t msg_size)
+	     int *tried, char *msg, size_t msg_size)
 {
 	struct tok_slot *sel[SLOT_MAX], *s;
 	CK_SESSION_HANDLE h;
@@ -1954,6 +1985,7 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 	int r, logged_in = 0, drop = 0;
 	CK_RV rv;
 
+	*tried = 0;
 	if ((r = tokens_pick(m, token_uri, 1, sel, &n, msg, msg_size)) != 0)
 		return r;
 	if (n == 0)
@@ -1975,6 +2007,7 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 		ctl_session_put(m, s, h, gen, 0);
 		return 0;
 	}
+	*tried = 1;
 	if ((s->ti.flags & CKF_PROTECTED_AUTHENTICATION_PATH) && pin_len == 0) {
 		log_info("token '%s': PIN entry on the reader's keypad", label);
 		rv = m->f->C_Login(h, CKU_USER, NULL, 0);
@@ -2273,7 +2306,9 @@ psess_key(struct token_module *m, struct psess *ps, const struct sign_key *sk, i
 	 */
 	if (ps->ncopy >= PCOPY_MAX)
 		return sk->priv;
+	pthread_rwlock_rdlock(&m->copy_lock);
 	rv = m->f->C_CopyObject(ps->h, sk->priv, tmpl, 1, &copy);
+	pthread_rwlock_unlock(&m->copy_lock);
 	if (rv == CKR_FUNCTION_NOT_SUPPORTED) {
 		atomic_store(&m->key_copies, 0);
 		log_debug("module %s has no C_CopyObject: signing with token objects", m->name);
@@ -2642,11 +2677,6 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 				raw_len = sizeof(raw);
 				rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw,
 					       &raw_len, &what);
-			} else {
-				/* Logged out meanwhile: private objects hide (SoftHSM2 says so this way). */
-				CK_SESSION_INFO si;
-				if (m->f->C_GetSessionInfo(h, &si) == CKR_OK && !state_logged_in(si.state))
-					rv = CKR_USER_NOT_LOGGED_IN;
 			}
 		}
 		if (plan->mech.mechanism == CKM_RSA_PKCS_PSS && (sk.mechs & MECH_RSA_X509) &&
@@ -2664,6 +2694,24 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 				rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw,
 					       &raw_len, &what);
 			}
+		}
+	}
+	if (have_session && rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL &&
+	    rv != CKR_USER_NOT_LOGGED_IN && !rv_token_gone(rv) && !rv_session_gone(rv) &&
+	    sk.logged_in) {
+		/*
+		 * A LOCK (C_Logout) between our look-up and C_Sign: the copy is
+		 * gone, private objects hide, and modules say so in their own
+		 * words (CKR_KEY_HANDLE_INVALID, CKR_GENERAL_ERROR, ...).  The
+		 * session's state tells the truth: the client hears LOCKED.
+		 */
+		CK_SESSION_INFO si;
+		char nb[48];
+
+		if (m->f->C_GetSessionInfo(h, &si) == CKR_OK && !state_logged_in(si.state)) {
+			log_debug("token '%s': %s failed with %s after a logout: locked", sk.token_label,
+				  what, ckr_name(rv, nb, sizeof(nb)));
+			rv = CKR_USER_NOT_LOGGED_IN;
 		}
 	}
 	if (have_session) {

@@ -90,10 +90,12 @@ int token_inventory(struct token_module *m, struct p11a_list_reply *out);
  * Errors: -P11A_E_URI, -P11A_E_NO_SUCH_TOKEN, -P11A_E_AMBIGUOUS,
  * -P11A_E_TOKEN_NOT_PRESENT, -P11A_E_PIN_INCORRECT (message names the
  * token and "PIN count low" / "final try"), -P11A_E_PIN_LOCKED,
- * -P11A_E_PIN_INVALID, -P11A_E_TOKEN, -P11A_E_TIMEOUT.
+ * -P11A_E_PIN_INVALID, -P11A_E_TOKEN, -P11A_E_TIMEOUT.  *tried is set
+ * to 1 when C_Login was called (the token's state may have changed: a
+ * login, or a PIN counter), 0 when nothing was asked of the token.
  */
 int token_unlock(struct token_module *m, const char *token_uri,
-		 const char *pin, size_t pin_len, char *msg, size_t msg_size);
+		 const char *pin, size_t pin_len, int *tried, char *msg, size_t msg_size);
 
 /*
  * C_Logout on every token token_uri matches ("" = every token).  Not

@@ -568,6 +568,76 @@ p11a_msg_clear(struct p11a_msg *m)
 	p11a_wipe(m, sizeof(*m));
 }
 
+int
+p11a_utf8_valid(const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+
+	while (*p != 0) {
+		unsigned c = *p, n, i;
+		uint32_t cp;
+
+		if (c < 0x80) {
+			p++;
+			continue;
+		}
+		if (c >= 0xC2 && c <= 0xDF) {
+			n = 1;
+			cp = c & 0x1F;
+		} else if (c >= 0xE0 && c <= 0xEF) {
+			n = 2;
+			cp = c & 0x0F;
+		} else if (c >= 0xF0 && c <= 0xF4) {
+			n = 3;
+			cp = c & 0x07;
+		} else {
+			return 0;       /* a continuation byte first, C0/C1, or over U+10FFFF */
+		}
+		for (i = 1; i <= n; i++) {
+			if ((p[i] & 0xC0) != 0x80)
+				return 0;       /* cut short (the NUL ends up here too) */
+			cp = cp << 6 | (p[i] & 0x3F);
+		}
+		if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+		    (cp >= 0xD800 && cp <= 0xDFFF))
+			return 0;       /* overlong, out of range, or a surrogate */
+		p += n + 1;
+	}
+	return 1;
+}
+
+const char *
+p11a_msg_bad_text(const struct p11a_msg *m)
+{
+	const char *s = NULL, *what = NULL;
+
+	switch (m->type) {
+	case P11A_MSG_HELLO:
+		s = m->u.hello.client;
+		what = "client name";
+		break;
+	case P11A_MSG_UNLOCK:
+		s = m->u.unlock.token_uri;
+		what = "token URI";
+		break;
+	case P11A_MSG_LOCK:
+		s = m->u.lock.token_uri;
+		what = "token URI";
+		break;
+	case P11A_MSG_OPEN_CHANNEL:
+		s = m->u.open_channel.key_uri;
+		what = "key URI";
+		break;
+	case P11A_MSG_SIGN:
+		s = m->u.sign.key_uri;
+		what = "key URI";
+		break;
+	default:
+		break;
+	}
+	return s != NULL && !p11a_utf8_valid(s) ? what : NULL;
+}
+
 /* Cuts s to at most max bytes without splitting a UTF-8 sequence. */
 static void
 utf8_truncate(char *s, size_t max)

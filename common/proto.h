@@ -171,6 +171,16 @@ int p11a_msg_encode(const struct p11a_msg *m, struct p11a_buf *out);
  */
 int p11a_msg_decode(const uint8_t *body, size_t len, struct p11a_msg *m);
 
+/* 1 when s is well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF). */
+int p11a_utf8_valid(const char *s);
+/*
+ * The name of a text field of request m that is not UTF-8 ("key URI",
+ * "token URI", "client name"), or NULL when every one is.  protocol.md
+ * says text is UTF-8: such a request is answered BAD_REQUEST, and the
+ * text is never echoed back.
+ */
+const char *p11a_msg_bad_text(const struct p11a_msg *m);
+
 /* Frees what m owns, wipes the PIN, and zeroes m.  NULL is fine. */
 void p11a_msg_clear(struct p11a_msg *m);
 

@@ -469,6 +469,38 @@ test_unknown_type(void **state)
 }
 
 static void
+test_utf8(void **state)
+{
+	static const char *good[] = {
+		"", "pkcs11:token=abc", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x94\x91",
+		"\xed\x9f\xbf", "\xf4\x8f\xbf\xbf",
+	};
+	static const char *bad[] = {
+		"\x80", "\xc3", "caf\xc3(", "\xc0\xaf", "\xe0\x80\xaf", "\xed\xa0\x80",
+		"\xf4\x90\x80\x80", "\xf5\x80\x80\x80", "\xff", "pkcs11:object=\xe9t\xe9",
+	};
+	struct p11a_msg m;
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+		assert_int_equal(p11a_utf8_valid(good[i]), 1);
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		assert_int_equal(p11a_utf8_valid(bad[i]), 0);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_OPEN_CHANNEL;
+	m.u.open_channel.key_uri = (char *)"pkcs11:object=\xe9";
+	assert_string_equal(p11a_msg_bad_text(&m), "key URI");
+	m.u.open_channel.key_uri = (char *)"pkcs11:object=%E9";
+	assert_null(p11a_msg_bad_text(&m));
+	m.type = P11A_MSG_SIGN;
+	m.u.sign.key_uri = (char *)"\xc3";
+	assert_string_equal(p11a_msg_bad_text(&m), "key URI");
+	m.type = P11A_MSG_STATUS;
+	assert_null(p11a_msg_bad_text(&m));
+}
+
+static void
 test_empty_and_fieldless(void **state)
 {
 	static const uint8_t fieldless[] = {
@@ -2463,6 +2495,7 @@ main(void)
 		cmocka_unit_test(test_truncated_every_offset),
 		cmocka_unit_test(test_leftover_bytes),
 		cmocka_unit_test(test_unknown_type),
+		cmocka_unit_test(test_utf8),
 		cmocka_unit_test(test_empty_and_fieldless),
 		cmocka_unit_test(test_decode_oversize),
 		cmocka_unit_test(test_decode_bad_values),
