@@ -469,6 +469,27 @@ watchdog_main(void *arg)
 }
 
 /*
+ * Signing channels this process may hold: the descriptor limit less a
+ * reserve for the module and the token (a quarter, at least
+ * FD_RESERVE_MIN), at most CHANNELS_MAX.
+ */
+static int
+channels_max_for_nofile(void)
+{
+	struct rlimit rl;
+	rlim_t n, reserve;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+		return CHANNELS_MAX;
+	n = rl.rlim_cur;
+	reserve = n / 4 > FD_RESERVE_MIN ? n / 4 : FD_RESERVE_MIN;
+	if (n <= reserve + 16)
+		return 16;
+	n -= reserve;
+	return n > CHANNELS_MAX ? CHANNELS_MAX : (int)n;
+}
+
+/*
  * Refuses a channel that would pass a cap (BUSY, text in msg); counts
  * under h->wlock.  The per-connection and per-process caps keep one
  * runaway client from taking every channel; the helper-wide cap keeps the
@@ -478,7 +499,9 @@ static int
 chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size_t msg_size)
 {
 	int nconn = 0, npid = 0, n = atomic_load(&h->channels);
+	int max = channels_max_for_nofile();    /* the limit may be changed under us (prlimit) */
 
+	h->channels_max = max;
 	if (n >= h->channels_max) {
 		snprintf(msg, msg_size, "token helper for module %s has %d signing channels open, "
 			 "as many as its descriptor limit allows; close some and try again",
@@ -655,27 +678,6 @@ ctrl_handle(struct helper *h, struct p11a_buf *in)
 
 /* Static: detached channel threads may still look at it while the process exits. */
 static struct helper the_helper;
-
-/*
- * Signing channels this process may hold: the descriptor limit less a
- * reserve for the module and the token (a quarter, at least
- * FD_RESERVE_MIN), at most CHANNELS_MAX.
- */
-static int
-channels_max_for_nofile(void)
-{
-	struct rlimit rl;
-	rlim_t n, reserve;
-
-	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
-		return CHANNELS_MAX;
-	n = rl.rlim_cur;
-	reserve = n / 4 > FD_RESERVE_MIN ? n / 4 : FD_RESERVE_MIN;
-	if (n <= reserve + 16)
-		return 16;
-	n -= reserve;
-	return n > CHANNELS_MAX ? CHANNELS_MAX : (int)n;
-}
 
 int
 helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_config *cfg)

@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -38,6 +39,7 @@
 #define HELPER_STABLE_MS       60000
 /* How long a request that needs the inventory waits for starting helpers. */
 #define HELPER_START_WAIT_MS   10000
+#define ACCEPT_PAUSE_MS        200     /* out of descriptors: how long accept() rests */
 
 /* ------------------------------------------------------------ out queue */
 
@@ -273,6 +275,8 @@ struct server {
 	struct pending *pending;
 	uint32_t next_id;
 	size_t open_clients;
+	size_t max_clients;        /* max-connections, within RLIMIT_NOFILE */
+	int64_t accept_paused_until;       /* out of descriptors: listen again at this time */
 };
 
 static void client_close(struct server *s, size_t i);
@@ -1080,8 +1084,14 @@ client_accept(struct server *s)
 		if (fd < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno != EAGAIN && errno != EWOULDBLOCK)
+			if (errno == EMFILE || errno == ENFILE) {
+				/* The backlog stays readable: without a pause, poll() spins. */
+				log_warn("accept: %s; not accepting for %d ms", strerror(errno),
+					 ACCEPT_PAUSE_MS);
+				s->accept_paused_until = now_ms() + ACCEPT_PAUSE_MS;
+			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
 				log_warn("accept: %s", strerror(errno));
+			}
 			return;
 		}
 		struct ucred cred;
@@ -1097,7 +1107,7 @@ client_accept(struct server *s)
 			close(fd);
 			continue;
 		}
-		if (s->open_clients >= (size_t)s->cfg->max_connections) {
+		if (s->open_clients >= s->max_clients) {
 			log_warn("refused a connection from pid %ld: %zu connections open (max-connections)",
 				 (long)cred.pid, s->open_clients);
 			close(fd);
@@ -1170,6 +1180,25 @@ handle_signals(struct server *s)
 	return 0;
 }
 
+/*
+ * Connections we can hold: max-connections, less what RLIMIT_NOFILE
+ * cannot give (a reserve for helpers, signals, channel set-up and logs).
+ */
+static size_t
+max_clients_for_nofile(const struct agent_config *cfg)
+{
+	struct rlimit rl;
+	size_t want = (size_t)cfg->max_connections, reserve = 32 + 2 * cfg->nmodules;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
+	    rl.rlim_cur >= want + reserve)
+		return want;
+	want = rl.rlim_cur > reserve + 16 ? rl.rlim_cur - reserve : 16;
+	log_warn("max-connections %d is more than the descriptor limit (%lu) allows: %zu",
+		 cfg->max_connections, (unsigned long)rl.rlim_cur, want);
+	return want;
+}
+
 int
 server_run(const struct agent_config *cfg, int listen_fd)
 {
@@ -1194,6 +1223,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	}
 
 	s->nhelpers = cfg->nmodules;
+	s->max_clients = max_clients_for_nofile(cfg);
 	s->helpers = calloc(s->nhelpers ? s->nhelpers : 1, sizeof(*s->helpers));
 	if (!s->helpers) {
 		log_err("out of memory");
@@ -1225,7 +1255,13 @@ server_run(const struct agent_config *cfg, int listen_fd)
 		int64_t now = now_ms();
 		int64_t next = now + 1000;
 		pfd[n++] = (struct pollfd){ s->sig_fd, POLLIN, 0 };
-		pfd[n++] = (struct pollfd){ s->listen_fd, POLLIN, 0 };
+		if (s->accept_paused_until > now) {
+			pfd[n++] = (struct pollfd){ -1, 0, 0 };
+			if (s->accept_paused_until < next)
+				next = s->accept_paused_until;
+		} else {
+			pfd[n++] = (struct pollfd){ s->listen_fd, POLLIN, 0 };
+		}
 		for (size_t i = 0; i < s->nhelpers; i++) {
 			struct helper *h = &s->helpers[i];
 			short ev = 0;

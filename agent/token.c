@@ -38,6 +38,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -1470,6 +1471,26 @@ slot_add(struct token_module *m, CK_SLOT_ID id)
 	return s;
 }
 
+/*
+ * 1 when this process has (nearly) no descriptor left: a few must open.
+ * Decisions about the token are not made on what a module says then.
+ */
+static int
+fds_exhausted(void)
+{
+	int fds[4], n, bad = 0;
+
+	for (n = 0; n < 4; n++) {
+		if ((fds[n] = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
+			bad = errno == EMFILE || errno == ENFILE;
+			break;
+		}
+	}
+	while (n > 0)
+		close(fds[--n]);
+	return bad;
+}
+
 /* The token left the slot: keep listing it (and its keys) as not present. */
 static void
 slot_gone(struct token_module *m, struct tok_slot *s)
@@ -1528,10 +1549,13 @@ slot_scan(struct token_module *m, struct tok_slot *s)
 	CK_RV rv;
 
 	rv = m->f->C_GetTokenInfo(s->id, &ti);
-	if (rv != CKR_OK || !(ti.flags & CKF_TOKEN_INITIALIZED)) {
+	if (rv_token_gone(rv) || (rv == CKR_OK && !(ti.flags & CKF_TOKEN_INITIALIZED))) {
 		slot_gone(m, s);
-		return rv_token_gone(rv) || rv == CKR_OK ? CKR_OK : rv;
+		return CKR_OK;
 	}
+	/* Any other failure says nothing about the card: keep what we know. */
+	if (rv != CKR_OK)
+		return rv;
 	if (!s->present || !s->known || !same_token(&s->ti, &ti))
 		slot_reset_sessions(m, s);
 	slot_configure_pool(s, &ti);
@@ -1756,6 +1780,15 @@ token_refresh(struct token_module *m)
 	CK_RV rv;
 	size_t j;
 
+	/*
+	 * Out of descriptors, a module fails in its own words (SoftHSM2:
+	 * CKR_GENERAL_ERROR, or no token in a directory it cannot open) and
+	 * may not recover: look again once descriptors are back.
+	 */
+	if (fds_exhausted()) {
+		log_warn("out of file descriptors: token state not read now");
+		return -P11A_E_BUSY;
+	}
 	rv = slot_list(m, &ids, &n);
 	if (rv != CKR_OK) {
 		log_err("C_GetSlotList: %s", ckr_name(rv, nb, sizeof(nb)));
@@ -1798,7 +1831,7 @@ token_check(struct token_module *m)
 	int changed = 0, logged_in;
 	CK_RV rv;
 
-	if (slot_list(m, &ids, &n) != CKR_OK)
+	if (fds_exhausted() || slot_list(m, &ids, &n) != CKR_OK)
 		return 0;
 	for (i = 0; i < n && !changed; i++) {
 		if ((s = slot_find(m, ids[i])) == NULL) {
