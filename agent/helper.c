@@ -18,6 +18,7 @@
 #include "proto.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -39,6 +40,7 @@
 #define CHANNELS_MAX         4096    /* signing channels (threads) at once, at most */
 #define CHANNEL_STACK_SIZE   (512 * 1024)
 #define CHANNEL_BUF_KEEP     (16 * 1024)     /* an idle channel keeps at most this per buffer */
+#define CHANNEL_BUF_MMAP     (64 * 1024)     /* blocks this large come from mmap */
 /*
  * Descriptors kept free for the module and the token (sessions, files,
  * pcscd or daemon sockets) and for our own control traffic: channels never
@@ -693,6 +695,13 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	signal(SIGPIPE, SIG_IGN);
 
+	/*
+	 * A fixed threshold (glibc otherwise raises it after the first free
+	 * of a large block): buffers that grew for a large frame come from
+	 * mmap and go back to the system when a channel trims them, instead
+	 * of staying in a thread's arena.
+	 */
+	(void)mallopt(M_MMAP_THRESHOLD, CHANNEL_BUF_MMAP);
 	memset(h, 0, sizeof(*h));
 	h->ctrl_fd = ctrl_fd;
 	h->sign_timeout_ms = sign_timeout_ms > 0 ? sign_timeout_ms : 30000;

@@ -2704,6 +2704,9 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 			/* The token renumbered its objects: look the key up once more. */
 			notify(m);
 			key = key_refind(m, h, &sk);
+			/* Logged out, and maybe in again, meanwhile: look once more. */
+			if (key == CK_INVALID_HANDLE && atomic_load(&sk.s->kgen) != sk.kgen)
+				key = key_refind(m, h, &sk);
 			log_debug("token '%s': handle of key '%s' went stale; %s", sk.token_label,
 				  sk.label, key != CK_INVALID_HANDLE ? "found it again" : "key is gone");
 			if (key != CK_INVALID_HANDLE) {
@@ -2797,6 +2800,13 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 		goto out;
 	case CKR_KEY_HANDLE_INVALID:
 	case CKR_OBJECT_HANDLE_INVALID:
+		if (atomic_load(&sk.s->kgen) != sk.kgen && sk.logged_in) {
+			/* A LOCK (and maybe an UNLOCK) came between look-up and C_Sign. */
+			set_msg(msg, msg_size, "token '%s' was locked while signing: run 'p11agent "
+				"unlock' if it still is, and try again", sk.token_label);
+			r = -P11A_E_LOCKED;
+			goto out;
+		}
 		/* Still stale after looking again: the key left the token. */
 		set_msg(msg, msg_size, "key '%s' is no longer on token '%s'", sk.label, sk.token_label);
 		r = -P11A_E_NO_SUCH_KEY;

@@ -411,6 +411,27 @@ key_attr() {
 
 # ---------------------------------------------------------------- agent
 
+# hostile CMD ARGS...: runs hostile.py (hostile clients, see its header)
+# and turns its lines into TAP checks.
+hostile() {
+	local line st=0
+	"$PYTHON3" "$lib_dir/hostile.py" "$@" >"$T/hostile.out" 2>"$T/hostile.err" || st=$?
+	while IFS= read -r line; do
+		case $line in
+		"ok	"*) ok "${line#ok	}" ;;
+		"not ok	"*)
+			line=${line#not ok	}
+			not_ok "${line%%	*}"
+			diag "${line#*	}"
+			;;
+		"#	"*) diag "${line#\#	}" ;;
+		esac
+	done <"$T/hostile.out"
+	if [ "$st" -ne 0 ] && ! grep -q '^not ok' "$T/hostile.out"; then
+		not_ok "hostile.py $1 exited $st"
+		diag_file "$T/hostile.err"
+	fi
+}
 # p11a ARGS...: the CLI against this test's agent, bounded in time.
 p11a() {
 	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" "$@"

@@ -375,6 +375,33 @@ sleep 0.3
 set_ctl ""
 sign_ok "C_Sign released: the token signs"
 
+# ---------------------------------------------------------------- UNLOCK past the deadline
+# The agent answers TIMEOUT at sign-timeout while the helper is still in
+# C_Login: the answer must not claim a plain failure, and the login that
+# ends later shows in the token's state.
+check "lock before the slow unlock" p11a lock --token "pkcs11:token=$TOKEN_LABEL"
+set_ctl "C_Login=delay:$(((SIGN_TIMEOUT + 2) * 1000)) once"
+write_pin "$T/pin" "$USER_PIN"
+run p11a unlock --token "pkcs11:token=$TOKEN_LABEL" --pin-file "$T/pin"
+rc_is 1 "UNLOCK whose C_Login takes longer than sign-timeout fails at the deadline"
+stderr_has "still in progress and may yet succeed" "UNLOCK past the deadline says it may still complete"
+if wait_tok logged_in true 10; then
+	ok "the unlock that timed out completed later: the token is listed as logged in"
+else
+	not_ok "the unlock that timed out completed later: the token is listed as logged in"
+fi
+set_ctl ""
+sign_ok "after the slow unlock: the token signs"
+
+# ---------------------------------------------------------------- a client that never reads, and a hang
+# The watchdog answers the stuck channel without writing under the lock
+# that every other channel of the helper needs (hostile.py stall).
+set_ctl ""
+hostile stall "$SOCK" "$KEY_A" "$CTL"
+set_ctl ""
+still_serving "a stalled reader and a hung C_Sign"
+sign_ok "after the stalled reader: the token signs"
+
 # ---------------------------------------------------------------- C_Sign aborts the process
 helpers_before=$(helpers_now)
 init_before=$(calls C_Initialize)
