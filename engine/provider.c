@@ -422,24 +422,14 @@ p11agent_raise_ambiguous(struct p11agent_prov *p, const char *uri,
 			 size_t nidx, size_t n, int certs)
 {
 	/* Room for a few whole URIs; the raised text is capped at 1024 bytes. */
-	char names[600], more[48] = "";
-	size_t used = 0, named = 0, i;
+	char names[600] = "", more[48] = "";
+	size_t named = 0, i;
 
-	names[0] = '\0';
 	for (i = 0; i < nidx && i < n; i++) {
 		const struct p11a_key *k = &l->keys[idx[i]];
-		const char *u = certs ? k->cert_uri : k->uri;
-		int w;
 
-		if (u == NULL || *u == '\0')
-			continue;
-		w = snprintf(names + used, sizeof(names) - used, "%s%s", named > 0 ? ", " : "", u);
-		if (w < 0 || (size_t)w >= sizeof(names) - used) {
-			names[used] = '\0';    /* only whole URIs */
-			break;
-		}
-		used += (size_t)w;
-		named++;
+		if (p11a_uri_list_add(names, sizeof(names), certs ? k->cert_uri : k->uri) == 0)
+			named++;
 	}
 	if (named < n)
 		snprintf(more, sizeof(more), "%s%zu more", named > 0 ? " and " : "", n - named);
