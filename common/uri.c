@@ -7,6 +7,7 @@
 #include "config.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -660,5 +661,23 @@ p11a_list_match_keys(const struct p11a_list_reply *l, const char *uri,
 		(*n)++;
 	}
 	p11a_uri_matcher_free(m);
+	return 0;
+}
+
+int
+p11a_uri_list_add(char *buf, size_t size, const char *uri)
+{
+	size_t used, n;
+	int w;
+
+	if (buf == NULL || size == 0 || uri == NULL || *uri == '\0')
+		return -1;
+	used = strnlen(buf, size - 1);
+	n = size - used;
+	w = snprintf(buf + used, n, "%s%s", used > 0 ? ", " : "", uri);
+	if (w < 0 || (size_t)w >= n) {
+		buf[used] = '\0';
+		return -1;
+	}
 	return 0;
 }

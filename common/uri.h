@@ -54,4 +54,12 @@ const struct p11a_token *p11a_list_find_token(const struct p11a_list_reply *l,
 int p11a_list_match_keys(const struct p11a_list_reply *l, const char *uri,
 			 uint32_t *idx, size_t max, size_t *n);
 
+/*
+ * For errors that name a few of the objects a URI matches: appends uri to
+ * the list in buf (size bytes, NUL-terminated), after ", " unless the
+ * list is empty, when it fits whole.  0 if it did; -1 if not (buf is then
+ * unchanged), or for a NULL or empty uri.
+ */
+int p11a_uri_list_add(char *buf, size_t size, const char *uri);
+
 #endif

@@ -248,6 +248,32 @@ read_element(struct dec_ctx *d, OSSL_CORE_BIO *in, uint8_t **out, size_t *out_le
 	*out_len = total;
 }
 
+/*
+ * 0 (raised) when uri names several of the agent's keys.  export-key
+ * writes the agent's own URI of one key, but a file can say anything, and
+ * a reference carrying its public key would otherwise reach the agent
+ * only when signing, after a TLS client has sent the certificate.  When
+ * the agent cannot be asked now or knows no such key, the reference
+ * stands: signing reports that, as for any reference.
+ */
+static int
+ref_names_one_key(struct p11agent_prov *p, const char *uri)
+{
+	struct p11a_msg reply;
+	const struct p11a_key *k;
+	int r;
+
+	ERR_set_mark();
+	r = p11agent_agent_find_key(p, uri, &reply, &k);
+	p11a_msg_clear(&reply);
+	if (r == P11AGENT_R_AMBIGUOUS_URI) {
+		ERR_clear_last_mark();
+		return 0;
+	}
+	ERR_pop_to_mark();
+	return 1;
+}
+
 static int
 key_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
 	   void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
@@ -282,6 +308,10 @@ key_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
 	}
 	if (key->type != d->type)
 		goto out;       /* the decoder for that key type takes it */
+	if (ref.spki != NULL && !ref_names_one_key(d->prov, ref.uri)) {
+		ok = 0;
+		goto out;
+	}
 	memset(&oref, 0, sizeof(oref));
 	memcpy(oref.magic, P11AGENT_OBJREF_MAGIC, sizeof(P11AGENT_OBJREF_MAGIC));
 	oref.key = key;

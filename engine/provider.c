@@ -407,36 +407,68 @@ p11agent_agent_sign(struct p11agent_prov *p, const struct p11a_sign *req,
 	return r == 0;
 }
 
+void
+p11agent_raise_ambiguous(struct p11agent_prov *p, const char *uri,
+			 const struct p11a_list_reply *l, const uint32_t *idx,
+			 size_t nidx, size_t n, int certs)
+{
+	/* Room for a few whole URIs; the raised text is capped at 1024 bytes. */
+	char names[600] = "", more[48] = "";
+	size_t named = 0, i;
+
+	for (i = 0; i < nidx && i < n; i++) {
+		const struct p11a_key *k = &l->keys[idx[i]];
+
+		if (p11a_uri_list_add(names, sizeof(names), certs ? k->cert_uri : k->uri) == 0)
+			named++;
+	}
+	if (named < n)
+		snprintf(more, sizeof(more), "%s%zu more", named > 0 ? " and " : "", n - named);
+	p11agent_raise(p, P11AGENT_R_AMBIGUOUS_URI,
+		       "p11agent: %.256s matches %zu %s (%s%s); name one: add object= or id= "
+		       "('p11agent list' shows every URI)",
+		       uri, n, certs ? "certificates" : "keys", names, more);
+}
+
+int
+p11agent_agent_find_key(struct p11agent_prov *p, const char *uri, struct p11a_msg *reply,
+			const struct p11a_key **key)
+{
+	uint32_t idx[P11AGENT_NAMED_MATCHES];
+	size_t n = 0;
+
+	*key = NULL;
+	if (!p11agent_agent_list(p, reply))
+		return P11AGENT_R_AGENT_ERROR;
+	if (p11a_list_match_keys(&reply->u.list, uri, idx, P11AGENT_NAMED_MATCHES, &n) != 0) {
+		p11agent_raise(p, P11AGENT_R_BAD_URI, "p11agent: not a valid pkcs11: URI: %s", uri);
+		return P11AGENT_R_BAD_URI;
+	}
+	if (n == 0) {
+		p11agent_raise(p, P11AGENT_R_NO_SUCH_KEY, "p11agent: no such key: %s", uri);
+		return P11AGENT_R_NO_SUCH_KEY;
+	}
+	if (n > 1) {
+		p11agent_raise_ambiguous(p, uri, &reply->u.list, idx, P11AGENT_NAMED_MATCHES, n, 0);
+		return P11AGENT_R_AMBIGUOUS_URI;
+	}
+	*key = &reply->u.list.keys[idx[0]];
+	return 0;
+}
+
 int
 p11agent_agent_spki(struct p11agent_prov *p, const char *uri,
 		    uint8_t **spki, size_t *spki_len, char **key_uri)
 {
 	struct p11a_msg reply;
 	const struct p11a_key *k;
-	uint32_t idx[2];
-	size_t n;
-	int r, ok = 0;
+	int ok = 0;
 
 	*spki = NULL;
 	*spki_len = 0;
 	*key_uri = NULL;
-	if (!p11agent_agent_list(p, &reply))
-		return 0;
-	r = p11a_list_match_keys(&reply.u.list, uri, idx, 2, &n);
-	if (r != 0) {
-		p11agent_raise(p, P11AGENT_R_BAD_URI, "p11agent: not a valid pkcs11: URI: %s", uri);
+	if (p11agent_agent_find_key(p, uri, &reply, &k) != 0)
 		goto out;
-	}
-	if (n == 0) {
-		p11agent_raise(p, P11AGENT_R_NO_SUCH_KEY, "p11agent: no such key: %s", uri);
-		goto out;
-	}
-	if (n > 1) {
-		p11agent_raise(p, P11AGENT_R_AMBIGUOUS_URI,
-			       "p11agent: %s matches %zu keys; name one (add object= or id=)", uri, n);
-		goto out;
-	}
-	k = &reply.u.list.keys[idx[0]];
 	if (k->spki == NULL || k->spki_len == 0) {
 		p11agent_raise(p, P11AGENT_R_NO_SUCH_KEY,
 			       "p11agent: the agent knows no public key for %s", uri);

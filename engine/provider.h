@@ -134,11 +134,35 @@ int p11agent_agent_sign(struct p11agent_prov *p, const struct p11a_sign *req,
 			uint8_t **sig, size_t *sig_len);
 
 /*
+ * The one key the agent lists under uri: LISTs into *reply (which the
+ * caller clears, whatever the result) and points *key into it.  0 on
+ * success; else a reason raised: P11AGENT_R_BAD_URI, P11AGENT_R_NO_SUCH_KEY,
+ * P11AGENT_R_AMBIGUOUS_URI (several keys match: the error names a few), or
+ * P11AGENT_R_AGENT_ERROR for any failure to LIST (the precise reason is the
+ * one raised).
+ */
+int p11agent_agent_find_key(struct p11agent_prov *p, const char *uri,
+			    struct p11a_msg *reply, const struct p11a_key **key);
+
+/*
  * The SPKI of the one key the agent lists under uri (for a key reference
  * without one).  0 on failure (raised).
  */
 int p11agent_agent_spki(struct p11agent_prov *p, const char *uri,
 			uint8_t **spki, size_t *spki_len, char **key_uri);
+
+/*
+ * Raises P11AGENT_R_AMBIGUOUS_URI for uri, which matches n keys of l: names
+ * the first of them (idx[0..nidx), as many as fit; their certificates' URIs
+ * when certs is set) and says how to name one.  A TLS client must never
+ * present an identity the user did not name, so every way into the
+ * provider refuses such a URI rather than take the first match.
+ */
+void p11agent_raise_ambiguous(struct p11agent_prov *p, const char *uri,
+			      const struct p11a_list_reply *l, const uint32_t *idx,
+			      size_t nidx, size_t n, int certs);
+/* How many matches an ambiguity error names (its nidx). */
+#define P11AGENT_NAMED_MATCHES  3
 
 /* ---------------------------------------------------------------- reply.c (pure) */
 

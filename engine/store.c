@@ -5,6 +5,12 @@
  * Private keys are handed over as references to keys of this provider;
  * certificates and public keys as DER, which OpenSSL decodes itself.
  * Other schemes are not ours: open() declines them without an error.
+ *
+ * The URI must name one of the agent's keys: its private key, public key
+ * and certificate together are one identity, but objects of two keys are
+ * an error that names them.  Callers (openssl's apps, curl, OSSL_STORE
+ * users generally) take the first key or certificate a store yields, and
+ * a TLS client must never present an identity the user did not name.
  */
 #include "config.h"
 
@@ -114,6 +120,23 @@ may_have_private(const struct p11a_list_reply *l, const struct p11a_key *k)
 	return t != NULL && (t->flags & P11A_TOKEN_LOGGED_IN) == 0;
 }
 
+#define WANT(kind)      (1u << (kind))
+
+/* The objects of key k (WANT() bits) that a selection asking for want yields. */
+static unsigned
+objs_of(const struct p11a_list_reply *l, const struct p11a_key *k, unsigned want)
+{
+	unsigned have = 0;
+
+	if (k->spki_len > 0 && may_have_private(l, k))
+		have |= WANT(OBJ_KEY);
+	if (k->spki_len > 0)
+		have |= WANT(OBJ_PUBKEY);
+	if (k->cert_len > 0)
+		have |= WANT(OBJ_CERT);
+	return have & want;
+}
+
 static int
 add_obj(struct store_ctx *s, enum obj_kind kind, uint32_t key)
 {
@@ -128,14 +151,18 @@ add_obj(struct store_ctx *s, enum obj_kind kind, uint32_t key)
 	return 1;
 }
 
-/* LIST once, and pick the objects this URI and the expected type ask for. */
+/*
+ * LIST once, and pick the objects this URI and the expected type ask for:
+ * those of one key, or an error when they belong to several.
+ */
 static int
 store_select(struct store_ctx *s)
 {
 	const struct p11a_list_reply *l;
 	uint32_t *idx = NULL;
-	size_t n = 0, i;
-	int cls, want_key, want_pub, want_cert, r;
+	size_t n = 0, nsel = 0, i;
+	unsigned want;
+	int cls, r;
 
 	if (!p11agent_agent_list(s->prov, &s->list))
 		return 0;
@@ -151,36 +178,60 @@ store_select(struct store_ctx *s)
 		return 0;
 	}
 	cls = p11agent_uri_class(s->uri);
-	want_key = cls == P11AGENT_URI_ANY || cls == P11AGENT_URI_PRIVATE;
-	want_pub = cls == P11AGENT_URI_PUBLIC;
-	want_cert = cls == P11AGENT_URI_ANY || cls == P11AGENT_URI_CERT;
+	switch (cls) {
+	case P11AGENT_URI_ANY:
+		want = WANT(OBJ_KEY) | WANT(OBJ_CERT);
+		break;
+	case P11AGENT_URI_PRIVATE:
+		want = WANT(OBJ_KEY);
+		break;
+	case P11AGENT_URI_PUBLIC:
+		want = WANT(OBJ_PUBKEY);
+		break;
+	case P11AGENT_URI_CERT:
+		want = WANT(OBJ_CERT);
+		break;
+	default:
+		want = 0;
+		break;
+	}
 	switch (s->expect) {
 	case OSSL_STORE_INFO_PKEY:
-		want_pub = want_cert = 0;
+		want &= WANT(OBJ_KEY);
 		break;
 	case OSSL_STORE_INFO_PUBKEY:
 		/* The public half of whatever key the URI names. */
-		want_pub = cls != P11AGENT_URI_CERT && cls != P11AGENT_URI_OTHER;
-		want_key = want_cert = 0;
+		want = cls != P11AGENT_URI_CERT && cls != P11AGENT_URI_OTHER ? WANT(OBJ_PUBKEY) : 0;
 		break;
 	case OSSL_STORE_INFO_CERT:
-		want_key = want_pub = 0;
+		want &= WANT(OBJ_CERT);
 		break;
 	case 0:
 		break;
 	default:
-		want_key = want_pub = want_cert = 0;
+		want = 0;
 		break;
 	}
+	/* Keep the matches that have an object to yield, compacting idx. */
 	for (i = 0; i < n && i < l->nkeys; i++) {
-		const struct p11a_key *k = &l->keys[idx[i]];
+		if (objs_of(l, &l->keys[idx[i]], want) != 0)
+			idx[nsel++] = idx[i];
+	}
+	if (nsel > 1) {
+		p11agent_raise_ambiguous(s->prov, s->uri, l, idx, P11AGENT_NAMED_MATCHES, nsel,
+					 want == WANT(OBJ_CERT));
+		free(idx);
+		return 0;
+	}
+	for (i = 0; i < nsel; i++) {
+		unsigned objs = objs_of(l, &l->keys[idx[i]], want);
 		int ok = 1;
 
-		if (want_key && k->spki_len > 0 && may_have_private(l, k))
+		if ((objs & WANT(OBJ_KEY)) != 0)
 			ok = add_obj(s, OBJ_KEY, idx[i]);
-		if (ok && want_pub && k->spki_len > 0)
+		if (ok && (objs & WANT(OBJ_PUBKEY)) != 0)
 			ok = add_obj(s, OBJ_PUBKEY, idx[i]);
-		if (ok && want_cert && k->cert_len > 0)
+		if (ok && (objs & WANT(OBJ_CERT)) != 0)
 			ok = add_obj(s, OBJ_CERT, idx[i]);
 		if (!ok) {
 			free(idx);

@@ -30,6 +30,7 @@
 #include "p11m.h"
 #include "client.h"
 #include "sigenc.h"
+#include "uri.h"
 
 #define P11M_EXPORT __attribute__((visibility("default")))
 #define REFRESH_MS   200
@@ -41,6 +42,7 @@
  * SIGN and UNLOCK may wait on the token: the library's default.
  */
 #define LIST_TIMEOUT_MS 5000
+#define NAMED_KEYS      3     /* keys a refusal names */
 
 struct slot {
 	CK_SLOT_ID id;
@@ -54,8 +56,17 @@ struct sess {
 	CK_FLAGS flags;
 	/* C_FindObjects */
 	int find_active;
+	int find_named;              /* the template has CKA_ID or CKA_LABEL */
 	CK_OBJECT_HANDLE *found;
 	size_t nfound, pos;
+	/*
+	 * The last search that returned a private key, when it looked keys
+	 * up by CKA_ID or CKA_LABEL, matched several private keys and was
+	 * ended before returning them all: its matches, of which the first
+	 * npicked were returned.  See vague_pick().
+	 */
+	CK_OBJECT_HANDLE *vague;
+	size_t nvague, npicked;
 	/* C_Sign* */
 	int sign_active;
 	int sign_multi;              /* C_SignUpdate was called */
@@ -175,6 +186,7 @@ sess_free(struct sess *s)
 		return;
 	sess_reset_sign(s);
 	free(s->found);
+	free(s->vague);
 	free(s);
 }
 
@@ -964,6 +976,18 @@ obj_matches(const struct p11m_obj *o, const CK_ATTRIBUTE *t, CK_ULONG n)
 	return 1;
 }
 
+static int
+template_names(const CK_ATTRIBUTE *t, CK_ULONG n)
+{
+	CK_ULONG i;
+
+	for (i = 0; i < n; i++) {
+		if (t[i].type == CKA_ID || t[i].type == CKA_LABEL)
+			return 1;
+	}
+	return 0;
+}
+
 static CK_RV
 m_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n)
 {
@@ -989,6 +1013,7 @@ m_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n)
 		if (o->live && o->slot == s->slot && obj_matches(o, t, n))
 			s->found[s->nfound++] = o->handle;
 	}
+	s->find_named = template_names(t, n);
 	s->find_active = 1;
 	UNLOCK_RETURN(CKR_OK);
 }
@@ -1012,6 +1037,47 @@ m_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR out, CK_ULONG max, CK_UL
 	UNLOCK_RETURN(CKR_OK);
 }
 
+static int
+is_private(CK_OBJECT_HANDLE h)
+{
+	return h != 0 && h <= g.nobjs && g.objs[h - 1].cls == CKO_PRIVATE_KEY;
+}
+
+/*
+ * Ends s's search.  One that returned a private key becomes the
+ * session's latest choice of a key: kept in s->vague when it was vague,
+ * i.e. named keys (CKA_ID, CKA_LABEL), matched several private keys and
+ * was ended before returning them all.
+ */
+static void
+search_end_locked(struct sess *s)
+{
+	size_t i, nret = 0, nrest = 0;
+
+	for (i = 0; i < s->nfound; i++) {
+		if (!is_private(s->found[i]))
+			continue;
+		if (i < s->pos)
+			nret++;
+		else
+			nrest++;
+	}
+	if (nret > 0) {
+		free(s->vague);
+		s->vague = NULL;
+		s->nvague = s->npicked = 0;
+		if (s->find_named && nrest > 0) {
+			s->vague = s->found;
+			s->nvague = s->nfound;
+			s->npicked = s->pos;
+			s->found = NULL;
+		}
+	}
+	free(s->found);
+	s->found = NULL;
+	s->nfound = s->pos = 0;
+}
+
 static CK_RV
 m_FindObjectsFinal(CK_SESSION_HANDLE h)
 {
@@ -1022,9 +1088,7 @@ m_FindObjectsFinal(CK_SESSION_HANDLE h)
 		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
 	if (!s->find_active)
 		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
-	free(s->found);
-	s->found = NULL;
-	s->nfound = s->pos = 0;
+	search_end_locked(s);
 	s->find_active = 0;
 	UNLOCK_RETURN(CKR_OK);
 }
@@ -1055,6 +1119,40 @@ gone_rv(CK_OBJECT_HANDLE h, CK_SLOT_ID slot)
 	return CKR_KEY_HANDLE_INVALID;
 }
 
+/*
+ * 1 (and says so on stderr) when key came from s's latest vague search:
+ * GnuTLS resolves a URI such as pkcs11:token=T;object=L;type=private
+ * itself and takes the first object C_FindObjects returns, so a URI that
+ * names several keys signs with whichever the module listed first.  The
+ * module never sees the URI; this search pattern is the one trace of it
+ * (docs/pkcs11-module.md, "URIs that match several keys").
+ */
+static int
+vague_pick(const struct sess *s, CK_OBJECT_HANDLE key)
+{
+	char names[600] = "";
+	size_t i, nkeys = 0, named = 0;
+	int picked = 0;
+
+	for (i = 0; i < s->npicked && !picked; i++)
+		picked = s->vague[i] == key;
+	if (!picked)
+		return 0;
+	for (i = 0; i < s->nvague; i++) {
+		if (!is_private(s->vague[i]))
+			continue;
+		nkeys++;
+		if (named < NAMED_KEYS &&
+		    p11a_uri_list_add(names, sizeof(names), g.objs[s->vague[i] - 1].key_uri) == 0)
+			named++;
+	}
+	fprintf(stderr, "p11agent-pkcs11: not signing: the key was picked from %zu private keys "
+		"that the caller's search by id= or object= matched (%s%s); name one: add id= and "
+		"object= ('p11agent list' shows every URI)\n",
+		nkeys, names, named < nkeys ? ", ..." : "");
+	return 1;
+}
+
 /* Optional CK_EDDSA_PARAMS (PKCS#11 3.0); p11-kit's header lacks it. */
 struct eddsa_params {
 	CK_BBOOL ph_flag;
@@ -1083,6 +1181,8 @@ m_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 		UNLOCK_RETURN(gone_rv(key, s->slot));
 	if (o->cls != CKO_PRIVATE_KEY)
 		UNLOCK_RETURN(CKR_KEY_FUNCTION_NOT_PERMITTED);
+	if (vague_pick(s, key))
+		UNLOCK_RETURN(CKR_KEY_HANDLE_INVALID);
 	if ((m = p11m_mech_find(mech->mechanism)) == NULL)
 		UNLOCK_RETURN(CKR_MECHANISM_INVALID);
 	if (m->keytype != o->keytype)

@@ -3,8 +3,10 @@
 # real agent and SoftHSM2 token behind it: slots and objects as pkcs11-tool
 # and p11tool see them, login forwarded as UNLOCK, every signing
 # mechanism checked with openssl, pkcs11-tool --test, gnutls-cli client
-# authentication (EC, RSA, Ed25519; TLS 1.2 and 1.3), and a client process
-# that lives through lock, agent stop and agent restart.
+# authentication (EC, RSA, Ed25519; TLS 1.2 and 1.3), a client process
+# that lives through lock, agent stop and agent restart, and what becomes
+# of URIs that match several keys (GnuTLS refuses some itself; the module
+# refuses to sign with a key a lookup by id=/object= picked from several).
 . "$(dirname "$0")/lib.sh"
 # shellcheck source=tests/integration/pkcs11_lib.sh
 . "$lib_dir/pkcs11_lib.sh"
@@ -209,5 +211,104 @@ if wait "$PK_PID_"; then st=0; else st=$?; fi
 forget_pid "$PK_PID_"
 is "$st" 0 "the client's C_Finalize and exit are clean"
 diag_file "$T/pkclient.err" 10
+
+# ---------------------------------------------------------------- URIs that match several keys
+# The module never sees a URI: GnuTLS parses it, matches its token part
+# against C_GetTokenInfo itself and searches each token with CKA_CLASS
+# plus the URI's id= and object=, taking the first object C_FindObjects
+# returns.  GnuTLS 3.7 refuses a URL without id= or object= before it
+# searches.  A search by id= or object= that matches several private keys
+# and is ended after the first is the one trace of a vague URI the module
+# gets: it then refuses to sign with the key so picked in that session
+# (docs/pkcs11-module.md, "URIs that match several keys").
+SPY=${PKCS11_SPY:-/usr/lib/x86_64-linux-gnu/pkcs11-spy.so}
+require_file "$SPY"
+VAGUE="pkcs11:token=$TOKEN_LABEL"
+# server_certs: client certificates s_server has verified so far.
+server_certs() {
+	awk '/^depth=0 / { n++ } END { print n + 0 }' "$T/s_server.log"
+}
+# gnutls_get CERT KEY OUT [MODULE]: one GET with gnutls-cli; sets st.
+gnutls_get() {
+	st=0
+	printf 'GET / HTTP/1.0\r\n\r\n' | pk_client timeout 30 gnutls-cli --provider "${4:-$M}" \
+		--x509cafile "$T/server.pem" --x509certfile "$1" --x509keyfile "$2" \
+		-p "$S_PORT" localhost >"$3" 2>&1 || st=$?
+}
+# refused DESC OUT TEXT: gnutls-cli failed (no timeout) saying TEXT.
+refused() {
+	if [ "$st" -ne 0 ] && [ "$st" -ne 124 ]; then
+		ok "$1: gnutls-cli fails (exit status $st)"
+	else
+		not_ok "$1: gnutls-cli fails (exit status $st)"
+		diag_file "$2" 10
+	fi
+	file_has "$2" "$3" "$1: it says \"$3\""
+}
+
+seen=$(server_certs)
+rm -f "$T/spy-vague.log"
+PKCS11SPY=$M PKCS11SPY_OUTPUT=$T/spy-vague.log gnutls_get "$TOKDIR/ec256.cert.pem" "$VAGUE" \
+	"$T/gnutls-vague-key.out" "$SPY"
+refused "key URL without id= or object= (pkcs11:token=...)" "$T/gnutls-vague-key.out" "Error loading url"
+is "$(server_certs)" "$seen" "key URL without id= or object=: the server saw no client certificate"
+if [ -s "$T/spy-vague.log" ] && ! grep -q C_FindObjectsInit "$T/spy-vague.log"; then
+	ok "GnuTLS refuses that URL itself: the module got no C_FindObjectsInit"
+else
+	not_ok "GnuTLS refuses that URL itself: the module got no C_FindObjectsInit"
+	diag_file "$T/spy-vague.log" 20
+fi
+seen=$(server_certs)
+gnutls_get "$VAGUE;type=cert" "$(key_uri_of ec256 private)" "$T/gnutls-vague-cert.out"
+refused "certificate URL without id= or object= (pkcs11:token=...;type=cert)" \
+	"$T/gnutls-vague-cert.out" "Error loading cert file"
+is "$(server_certs)" "$seen" "certificate URL without id= or object=: the server saw no client certificate"
+
+# A second key labelled ec256 (id 21, certificate CN=ec256-dup) on the
+# same token: pkcs11:token=...;object=ec256 now names two keys.
+stop_agent
+dup=$T/ec256-dup
+printf 'basicConstraints = critical,CA:false\nkeyUsage = critical,digitalSignature\nextendedKeyUsage = clientAuth\n' \
+	>"$dup.ext"
+if openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dup.key" 2>"$dup.log" &&
+	openssl req -new -key "$dup.key" -subj "/O=p11agent test/CN=ec256-dup" -out "$dup.csr" 2>>"$dup.log" &&
+	openssl x509 -req -in "$dup.csr" -CA "$TOKDIR/ca.pem" -CAkey "$TOKDIR/ca.key" -set_serial 9100 \
+		-days 2 -extfile "$dup.ext" -outform DER -out "$dup.cert.der" 2>>"$dup.log" &&
+	openssl pkey -in "$dup.key" -outform DER -out "$dup.key.der" 2>>"$dup.log" &&
+	pkcs11-tool --module "$SOFTHSM2_MODULE" --token-label "$TOKEN_LABEL" --login --pin "$USER_PIN" \
+		--write-object "$dup.key.der" --type privkey --id 21 --label ec256 --usage-sign >>"$dup.log" 2>&1 &&
+	pkcs11-tool --module "$SOFTHSM2_MODULE" --token-label "$TOKEN_LABEL" --login --pin "$USER_PIN" \
+		--write-object "$dup.cert.der" --type cert --id 21 --label ec256 >>"$dup.log" 2>&1; then
+	ok "a second key labelled ec256, with its certificate, on the token"
+else
+	not_ok "a second key labelled ec256, with its certificate, on the token"
+	diag_file "$dup.log"
+fi
+start_agent || bail_out "agent restarted with the second ec256 key"
+unlock_token >/dev/null
+list_json
+is "$("$PYTHON3" -c 'import json, sys; print(sum(k.get("label") == "ec256" for k in json.load(open(sys.argv[1]))["keys"]))' "$T/list.json")" \
+	2 "the agent lists two keys labelled ec256"
+
+NAMED2="$VAGUE;object=ec256"
+run p11a export-key "$NAMED2;type=private"
+rc_is 1 "p11agent export-key refuses a URI naming both ec256 keys"
+seen=$(server_certs)
+gnutls_get "$NAMED2;type=cert" "$NAMED2;type=private" "$T/gnutls-two.out"
+refused "URLs naming two keys by object= (GnuTLS takes the first match)" "$T/gnutls-two.out" \
+	"p11agent-pkcs11: not signing: the key was picked from 2 private keys"
+is "$(server_certs)" "$seen" "URLs naming two keys by object=: the server saw no client certificate"
+file_has "$T/gnutls-two.out" "id=%21;object=ec256;type=private" \
+	"URLs naming two keys by object=: the module names the matching keys"
+file_has "$T/gnutls-two.out" "add id= and object=" "URLs naming two keys by object=: the module says how to name one"
+gnutls_get "$NAMED2;id=%02;type=cert" "$NAMED2;id=%02;type=private" "$T/gnutls-one.out"
+if grep -q "Subject: O=p11agent test, CN=ec256\$" "$T/gnutls-one.out"; then
+	ok "a URL naming one of them by id= and object= still authenticates (the server saw CN=ec256)"
+else
+	not_ok "a URL naming one of them by id= and object= still authenticates (the server saw CN=ec256)"
+	diag_file "$T/gnutls-one.out" 20
+fi
+run "${P11T[@]}" --test
+stdout_has "No errors" "pkcs11-tool --test (keys walked by CKA_CLASS alone) still passes with both keys"
 
 done_testing

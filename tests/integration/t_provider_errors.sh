@@ -5,7 +5,12 @@
 #     reference, curl, python);
 #   - token locked: the error says to run 'p11agent unlock';
 #   - unknown key: "no such key" (URI, and a key reference without a public
-#     key, which the provider looks up); a URI that names several keys;
+#     key, which the provider looks up);
+#   - a URI or key reference that names several keys (or certificates):
+#     refused by the store and the decoder with the matches named
+#     (s_client -key/-cert, pkeyutl, curl, nginx -t); the server sees no
+#     client certificate, the agent no signing request; a key with its
+#     certificate is not ambiguous;
 #   - a broken key-reference file; a key that does not match the certificate.
 set -eu
 # shellcheck source=tests/integration/lib.sh
@@ -13,7 +18,7 @@ set -eu
 # shellcheck source=tests/integration/tls_lib.sh
 . "$lib_dir/tls_lib.sh"
 
-require_cmd openssl curl timeout awk base64 "$PYTHON3" softhsm2-util pkcs11-tool
+require_cmd openssl curl nginx timeout awk base64 "$PYTHON3" softhsm2-util pkcs11-tool
 require_agent_binaries
 require_provider
 make_token
@@ -58,12 +63,17 @@ client_fails() {
 	file_has "$out" "$text" "$desc: the error says \"$text\""
 }
 
-# attempt CLIENT KEY OUT: runs one client; sets st and secs.
+# attempt CLIENT KEY OUT [CERT]: runs one client (pkeyutl signs $T/msg);
+# sets st and secs.
 attempt() {
 	local start=$SECONDS
 	st=0
 	case $1 in
-	s_client) tls_s_client "${PORT[any]}" 1.3 "$CERT" "$2" "$3" || st=$? ;;
+	s_client) tls_s_client "${PORT[any]}" 1.3 "${4:-$CERT}" "$2" "$3" || st=$? ;;
+	pkeyutl)
+		provider_env timeout "$TLS_TIMEOUT" openssl pkeyutl -sign -inkey "$2" -in "$T/msg" \
+			-out "$T/pkeyutl.sig" >"$3" 2>&1 || st=$?
+		;;
 	curl)
 		if [ -n "$CURL_SKIP" ]; then
 			st=skip
@@ -124,18 +134,47 @@ keyref_file() {
 			echo "-----END P11AGENT KEY-----"
 		} >"$2"
 }
-# A key reference to a key the token no longer has: signing says so.
-# (References written by export-key carry the public key, so the agent is
-# first asked when signing; its answer reaches the client.)
-"$PYTHON3" - "$T/ec256.key.pem" "$T/gone.key.pem" <<'PYEOF'
+# keyref_with_uri IN URI OUT: the key reference IN (as export-key writes
+# it, with the public key) naming URI instead.
+keyref_with_uri() {
+	"$PYTHON3" - "$@" <<'PYEOF'
 import base64, re, sys
-pem = open(sys.argv[1]).read()
-b64 = re.search(r"-----BEGIN P11AGENT KEY-----\n(.*?)-----END", pem, re.S).group(1)
-der = base64.b64decode(b64).replace(b"object=ec256", b"object=ec999")
-out = base64.encodebytes(der).decode()
-open(sys.argv[2], "w").write("-----BEGIN P11AGENT KEY-----\n" + out + "-----END P11AGENT KEY-----\n")
+
+def tlv(tag, body):
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(b)]) + b + body
+
+def element(d, i):
+    """The contents of the DER element at i, and the index after it."""
+    n = d[i + 1]
+    i += 2
+    if n & 0x80:
+        k = n & 0x7f
+        n = int.from_bytes(d[i:i + k], "big")
+        i += k
+    return d[i:i + n], i + n
+
+src, uri, dst = sys.argv[1:4]
+pem = open(src).read()
+der = base64.b64decode(re.search(r"-----BEGIN P11AGENT KEY-----\n(.*?)-----END", pem, re.S).group(1))
+body, _ = element(der, 0)
+version, i = element(body, 0)
+_, i = element(body, i)                 # the URI it had
+out = tlv(0x30, tlv(0x02, version) + tlv(0x0c, uri.encode()) + body[i:])
+with open(dst, "w") as f:
+    f.write("-----BEGIN P11AGENT KEY-----\n" + base64.encodebytes(out).decode() +
+            "-----END P11AGENT KEY-----\n")
 PYEOF
-GONE=$(openssl asn1parse -in "$T/gone.key.pem" | sed -n 's/.*UTF8STRING *://p')
+}
+# A key reference to a key the token no longer has: signing says so.
+# (References written by export-key carry the public key; the provider
+# asks the agent while reading one only whether its URI names several
+# keys, so a key that is gone is first reported when signing.)
+GONE=${URI_EC/object=ec256/object=ec999}
+check "a key reference to a key the token lacks" keyref_with_uri "$T/ec256.key.pem" "$GONE" "$T/gone.key.pem"
 attempt s_client "$T/gone.key.pem" "$T/gone.s_client-ref"
 client_fails "key reference to a key the token lacks, s_client" "$st" "$T/gone.s_client-ref" "$secs" \
 	"no such key: $GONE"
@@ -157,6 +196,118 @@ check "a key reference with the URI only" keyref_file "pkcs11:token=p11agent-tes
 attempt s_client "$T/uri-only.key.pem" "$T/uri-only.out"
 result "$st" "key reference without a public key: s_client succeeds"
 server_saw "$T/uri-only.out" ec256 "key reference without a public key: server saw CN=ec256"
+
+# ---------------------------------------------------------------- URIs naming several keys
+# A TLS client must never present an identity the user did not name: a
+# URI or key reference that matches several keys (or, for a certificate,
+# several certificates) is refused where it is read, with an error that
+# names some of the matches and says how to name one.  The server then
+# sees no client certificate and the agent is never asked to sign.
+VAGUE="pkcs11:token=$TOKEN_LABEL"
+NKEYS=$(key_labels | wc -l)
+URI_RSA=$(json_key rsa2048 uri)
+CERT_URI_RSA=$(json_key rsa2048 cert_uri)
+# server_certs: how many client certificates the server has verified so far.
+server_certs() {
+	awk '/^depth=0 / { n++ } END { print n + 0 }' "$T/server-any.log"
+}
+# channel_requests URI: how many signing channels the agent was asked to
+# open for exactly URI (opened, or refused as naming several keys).
+channel_requests() {
+	awk -v u="$1" '
+		index($0, "signing channel to helper") && substr($0, length($0) - length(u) + 1) == u { n++ }
+		index($0, "keys match " u "; ") { n++ }
+		END { print n + 0 }' "$AGENT_LOG"
+}
+# names_matches OUT URI WHAT DESC: the error counts URI's matches (WHAT:
+# keys, certificates) and says how to name one.
+names_matches() {
+	file_has "$1" "$2 matches $NKEYS $3" "$4: the error counts the matching $3"
+	file_has "$1" "add object= or id=" "$4: the error says how to name one"
+}
+
+seen=$(server_certs)
+attempt s_client "$VAGUE" "$T/vague.s_client-key"
+client_fails "URI naming several keys, s_client -key" "$st" "$T/vague.s_client-key" "$secs" \
+	"URI matches several keys"
+names_matches "$T/vague.s_client-key" "$VAGUE" keys "URI naming several keys, s_client -key"
+file_has "$T/vague.s_client-key" "$URI_RSA" "URI naming several keys, s_client -key: the error names a matching key's URI"
+is "$(server_certs)" "$seen" "URI naming several keys, s_client -key: the server saw no client certificate"
+
+seen=$(server_certs)
+attempt s_client "$VAGUE" "$T/vague.s_client-both" "$VAGUE;type=cert"
+client_fails "URIs naming several keys and certificates, s_client -cert and -key" "$st" \
+	"$T/vague.s_client-both" "$secs" "URI matches several keys"
+is "$(server_certs)" "$seen" \
+	"URIs naming several keys and certificates, s_client -cert and -key: the server saw no client certificate"
+
+seen=$(server_certs)
+attempt s_client "$URI_EC" "$T/vague.s_client-cert" "$VAGUE;type=cert"
+client_fails "URI naming several certificates, s_client -cert" "$st" "$T/vague.s_client-cert" "$secs" \
+	"URI matches several keys"
+names_matches "$T/vague.s_client-cert" "$VAGUE;type=cert" certificates "URI naming several certificates, s_client -cert"
+file_has "$T/vague.s_client-cert" "$CERT_URI_RSA" \
+	"URI naming several certificates, s_client -cert: the error names a matching certificate's URI"
+is "$(server_certs)" "$seen" "URI naming several certificates, s_client -cert: the server saw no client certificate"
+
+printf 'p11agent: sign me\n' >"$T/msg"
+rm -f "$T/pkeyutl.sig"
+attempt pkeyutl "$VAGUE" "$T/vague.pkeyutl"
+client_fails "URI naming several keys, pkeyutl -sign" "$st" "$T/vague.pkeyutl" "$secs" \
+	"URI matches several keys"
+names_matches "$T/vague.pkeyutl" "$VAGUE" keys "URI naming several keys, pkeyutl -sign"
+if [ -s "$T/pkeyutl.sig" ]; then
+	not_ok "URI naming several keys, pkeyutl -sign: no signature written"
+else
+	ok "URI naming several keys, pkeyutl -sign: no signature written"
+fi
+is "$(channel_requests "$VAGUE")" 0 "URIs naming several keys: the agent was never asked to sign with one"
+
+# One key with its certificate is one identity, not two matches.
+st=0
+tls_s_client "${PORT[any]}" 1.3 "$VAGUE;object=ec256" "$VAGUE;object=ec256" "$T/pair.out" || st=$?
+result "$st" "a URI naming one key and its certificate (no type=) is not ambiguous: s_client succeeds"
+server_saw "$T/pair.out" ec256 "a URI naming one key and its certificate: server saw CN=ec256"
+
+# Key references: the decoder asks the agent whether the URI names one key,
+# also when the reference carries the public key.  OpenSSL 3.0's store and
+# curl drop a decoder's reason; nginx prints it.
+check "a key reference (with the public key) naming several keys" \
+	keyref_with_uri "$T/ec256.key.pem" "$VAGUE" "$T/vague-pub.key.pem"
+seen=$(server_certs)
+attempt s_client "$T/vague-pub.key.pem" "$T/vague-ref.s_client"
+client_fails "key reference naming several keys, s_client" "$st" "$T/vague-ref.s_client" "$secs" \
+	"Could not read client certificate private key"
+is "$(server_certs)" "$seen" "key reference naming several keys, s_client: the server saw no client certificate"
+attempt curl "$T/vague-pub.key.pem" "$T/vague-ref.curl"
+client_fails "key reference naming several keys (with the public key), curl" "$st" "$T/vague-ref.curl" \
+	"$secs" "unable to set private key file"
+is "$(channel_requests "$VAGUE")" 0 "key reference naming several keys: the agent was never asked to sign with it"
+
+# nginx_t KEY OUT: `nginx -t` with KEY as its certificate key, through the provider.
+nginx_t() {
+	local n=$T/nginx-t
+	mkdir -p "$n"
+	printf 'daemon off;\npid %s/nginx.pid;\nerror_log %s/error.log;\nevents { }\nhttp {\n  access_log off;\n  server {\n    listen 127.0.0.1:%s ssl;\n    ssl_certificate %s;\n    ssl_certificate_key %s;\n  }\n}\n' \
+		"$n" "$n" "$(free_port)" "$TOKDIR/ec256.cert.pem" "$1" >"$n/nginx.conf"
+	provider_env timeout "$TLS_TIMEOUT" nginx -t -p "$n" -c "$n/nginx.conf" >"$2" 2>&1
+}
+# nginx_refuses KEY OUT DESC: `nginx -t` refuses KEY, counting the matches.
+nginx_refuses() {
+	st=0
+	nginx_t "$1" "$2" || st=$?
+	result $((st == 0)) "$3: refused"
+	names_matches "$2" "$VAGUE" keys "$3"
+}
+check "nginx -t takes a key reference that names one key" nginx_t "$T/ec256.key.pem" "$T/nginx-t.one"
+nginx_refuses "$T/vague-pub.key.pem" "$T/nginx-t.vague-pub" \
+	"key reference (with the public key) naming several keys, nginx -t"
+file_has "$T/nginx-t.vague-pub" "$URI_RSA" \
+	"key reference (with the public key) naming several keys, nginx -t: the error names a matching key's URI"
+nginx_refuses "$T/all.key.pem" "$T/nginx-t.all" \
+	"key reference (without the public key) naming several keys, nginx -t"
+file_has "$T/nginx-t.all" "$URI_RSA" \
+	"key reference (without the public key) naming several keys, nginx -t: the error names a matching key's URI"
 
 # ---------------------------------------------------------------- broken files, wrong keys
 {

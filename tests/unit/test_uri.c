@@ -1191,6 +1191,29 @@ test_uri_list(void **state)
 	assert_int_equal(n, 0);
 }
 
+/* p11a_uri_list_add: whole URIs only, ", " between them, buf untouched when one does not fit. */
+static void
+test_uri_list_add(void **state)
+{
+	char buf[24] = "";
+
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), "pkcs11:object=a"), 0);
+	assert_string_equal(buf, "pkcs11:object=a");
+	/* ", pkcs11:object=b" would need 40 bytes with the NUL. */
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), "pkcs11:object=b"), -1);
+	assert_string_equal(buf, "pkcs11:object=a");
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), "x"), 0);
+	assert_string_equal(buf, "pkcs11:object=a, x");
+	/* Exactly full: 23 characters and the NUL. */
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), "yyy"), 0);
+	assert_string_equal(buf, "pkcs11:object=a, x, yyy");
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), "z"), -1);
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), ""), -1);
+	assert_int_equal(p11a_uri_list_add(buf, sizeof(buf), NULL), -1);
+	assert_string_equal(buf, "pkcs11:object=a, x, yyy");
+	assert_int_equal(p11a_uri_list_add(buf, 0, "a"), -1);
+}
+
 int
 main(void)
 {
@@ -1202,6 +1225,7 @@ main(void)
 		cmocka_unit_test(test_uri_version_deviation),
 		cmocka_unit_test(test_uri_limits),
 		cmocka_unit_test(test_uri_list),
+		cmocka_unit_test(test_uri_list_add),
 	};
 
 	return cmocka_run_group_tests_name("uri", tests, NULL, NULL);
