@@ -27,7 +27,12 @@ hostile caps "$SOCK" "$KEY" "$P11AGENT"
 hostile badtext "$SOCK" "$KEY"
 
 # ---------------------------------------------------------------- memory of idle channels
-hostile bufmem "$SOCK" "$KEY" "$(helper_pid)"
+# ASan's allocator keeps freed blocks in quarantine: RSS says nothing there.
+if ldd "$P11AGENTD" 2>/dev/null | grep -q libasan; then
+	ok "200 idle channels that each sent 200 KiB hold less than 16 MiB # SKIP sanitizer build (freed memory is quarantined)"
+else
+	hostile bufmem "$SOCK" "$KEY" "$(helper_pid)"
+fi
 
 # ---------------------------------------------------------------- signers, LIST, LOCK/UNLOCK
 TOKEN_URI=$(list_json && json_token uri)
