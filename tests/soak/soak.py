@@ -726,10 +726,13 @@ class Soak:
         while not self.stop.is_set():
             held = []
             conn = None
-            why = "limit 4096 reached"
+            why = "its own limit, 4096"
             try:
                 conn = self.connect("hog")
-                while len(held) < 4096 and not self.stop.is_set():
+                while len(held) < 4096:
+                    if self.stop.is_set():
+                        why = "the end of the soak"
+                        break
                     held.append(conn.open_channel(keys[len(held) % len(keys)].uri))
             except P.AgentError as e:
                 why = "%s: %s" % (e.name, e.message[:120])
