@@ -27,7 +27,9 @@ top_srcdir=${top_srcdir:-$(cd "$lib_dir/../.." && pwd)}
 top_builddir=${top_builddir:-$top_srcdir}
 SOFTHSM2_MODULE=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 PYTHON3=${PYTHON3:-/usr/bin/python3}
-export top_srcdir top_builddir SOFTHSM2_MODULE PYTHON3
+# The tests' Python imports p11a_proto (the wire protocol) from here.
+PYTHONPATH=$lib_dir${PYTHONPATH:+:$PYTHONPATH}
+export top_srcdir top_builddir SOFTHSM2_MODULE PYTHON3 PYTHONPATH
 
 P11AGENTD=$top_builddir/p11agentd
 P11AGENT=$top_builddir/p11agent
