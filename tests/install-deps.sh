@@ -16,7 +16,7 @@ set -u
 build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openssl
 	libp11-kit-dev p11-kit"
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
-test="$demo libcmocka-dev python3 procps gdb nginx-light gnutls-bin fcgiwrap git wget
+test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr"
 ci="$test valgrind clang libclang-rt-14-dev"
 

@@ -39,6 +39,7 @@
  * CONTROL.calls ("C_Login rv=0x000000a0"), so a test can count them
  * (e.g. prove that a wrong PIN is sent once).  Never a PIN.
  */
+#define _GNU_SOURCE     /* PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP */
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -55,6 +56,18 @@
 #define CTL_MAX 4096
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+/*
+ * Removal closes every session of the real module (removal_track) while
+ * other threads may be inside it with one of those sessions, and SoftHSM2
+ * then frees a session, its operation and its session objects under a
+ * caller still using them (it crashed in C_Sign under t_soak).  A real
+ * module handles its own token's removal; here every call that takes a
+ * session into the real module holds this lock shared (real_enter/leave)
+ * and the close-all holds it exclusively, writers first so that a stream
+ * of signatures cannot hold off a removal.  Hangs and delays happen before
+ * the lock is taken.
+ */
+static pthread_rwlock_t real_lock = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP;
 static void *real_dl;
 static CK_FUNCTION_LIST_PTR real;
 static CK_FUNCTION_LIST fl;
@@ -240,9 +253,23 @@ removal_track(const struct state *st)
 	was_removed = st->removed;
 	pthread_mutex_unlock(&lock);
 	if (close_all && real && real->C_GetSlotList(CK_FALSE, ids, &n) == CKR_OK) {
+		pthread_rwlock_wrlock(&real_lock);
 		for (CK_ULONG i = 0; i < n; i++)
 			(void)real->C_CloseAllSessions(ids[i]);
+		pthread_rwlock_unlock(&real_lock);
 	}
+}
+
+static void
+real_enter(void)
+{
+	pthread_rwlock_rdlock(&real_lock);
+}
+
+static void
+real_leave(void)
+{
+	pthread_rwlock_unlock(&real_lock);
 }
 
 /*
@@ -436,7 +463,10 @@ w_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR si)
 
 	if (fault("C_GetSessionInfo", 1, 0, &rv))
 		return rv;
-	return real->C_GetSessionInfo(h, si);
+	real_enter();
+	rv = real->C_GetSessionInfo(h, si);
+	real_leave();
+	return rv;
 }
 
 static CK_RV
@@ -444,8 +474,11 @@ w_Login(CK_SESSION_HANDLE h, CK_USER_TYPE ut, CK_UTF8CHAR_PTR pin, CK_ULONG len)
 {
 	CK_RV rv;
 
-	if (!fault("C_Login", 1, 0, &rv))
+	if (!fault("C_Login", 1, 0, &rv)) {
+		real_enter();
 		rv = real->C_Login(h, ut, pin, len);
+		real_leave();
+	}
 	calls_log("C_Login", rv);
 	return rv;
 }
@@ -457,7 +490,10 @@ w_Logout(CK_SESSION_HANDLE h)
 
 	if (fault("C_Logout", 1, 0, &rv))
 		return rv;
-	return real->C_Logout(h);
+	real_enter();
+	rv = real->C_Logout(h);
+	real_leave();
+	return rv;
 }
 
 static CK_RV
@@ -467,7 +503,10 @@ w_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n)
 
 	if (fault("C_FindObjectsInit", 1, 0, &rv))
 		return rv;
-	return real->C_FindObjectsInit(h, t, n);
+	real_enter();
+	rv = real->C_FindObjectsInit(h, t, n);
+	real_leave();
+	return rv;
 }
 
 static CK_RV
@@ -477,7 +516,10 @@ w_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG max, CK_ULON
 
 	if (fault("C_FindObjects", 1, 0, &rv))
 		return rv;
-	return real->C_FindObjects(h, o, max, n);
+	real_enter();
+	rv = real->C_FindObjects(h, o, max, n);
+	real_leave();
+	return rv;
 }
 
 static CK_RV
@@ -487,7 +529,10 @@ w_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t,
 
 	if (fault("C_GetAttributeValue", 1, 0, &rv))
 		return rv;
-	return real->C_GetAttributeValue(h, o, t, n);
+	real_enter();
+	rv = real->C_GetAttributeValue(h, o, t, n);
+	real_leave();
+	return rv;
 }
 
 static CK_RV
@@ -497,7 +542,10 @@ w_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k)
 
 	if (fault("C_SignInit", 1, 0, &rv))
 		return rv;
-	return real->C_SignInit(h, m, k);
+	real_enter();
+	rv = real->C_SignInit(h, m, k);
+	real_leave();
+	return rv;
 }
 
 static CK_RV
@@ -506,7 +554,9 @@ w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_
 	CK_RV rv;
 
 	if (!fault("C_Sign", 1, 0, &rv)) {
+		real_enter();
 		rv = real->C_Sign(h, d, dl, s, sl);
+		real_leave();
 	} else if (rv != CKR_OK && !fault_leave_active) {
 		/*
 		 * A failed C_Sign ends the signing operation (PKCS#11 5.13);
@@ -515,9 +565,46 @@ w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_
 		 */
 		CK_BYTE scratch[2048];
 		CK_ULONG n = sizeof(scratch);
+		real_enter();
 		(void)real->C_Sign(h, d, dl, scratch, &n);
+		real_leave();
 	}
 	calls_log("C_Sign", rv);
+	return rv;
+}
+
+/* Session calls without faults of their own: only the lock (see real_lock). */
+static CK_RV
+w_CloseSession(CK_SESSION_HANDLE h)
+{
+	CK_RV rv;
+
+	real_enter();
+	rv = real->C_CloseSession(h);
+	real_leave();
+	return rv;
+}
+
+static CK_RV
+w_FindObjectsFinal(CK_SESSION_HANDLE h)
+{
+	CK_RV rv;
+
+	real_enter();
+	rv = real->C_FindObjectsFinal(h);
+	real_leave();
+	return rv;
+}
+
+static CK_RV
+w_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+	     CK_OBJECT_HANDLE_PTR out)
+{
+	CK_RV rv;
+
+	real_enter();
+	rv = real->C_CopyObject(h, o, t, n, out);
+	real_leave();
 	return rv;
 }
 
@@ -557,6 +644,9 @@ C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
 		fl.C_GetAttributeValue = w_GetAttributeValue;
 		fl.C_SignInit = w_SignInit;
 		fl.C_Sign = w_Sign;
+		fl.C_CloseSession = w_CloseSession;
+		fl.C_FindObjectsFinal = w_FindObjectsFinal;
+		fl.C_CopyObject = w_CopyObject;
 		fl.C_GetFunctionList = C_GetFunctionList;
 	}
 	pthread_mutex_unlock(&lock);

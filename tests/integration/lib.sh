@@ -27,7 +27,9 @@ top_srcdir=${top_srcdir:-$(cd "$lib_dir/../.." && pwd)}
 top_builddir=${top_builddir:-$top_srcdir}
 SOFTHSM2_MODULE=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 PYTHON3=${PYTHON3:-/usr/bin/python3}
-export top_srcdir top_builddir SOFTHSM2_MODULE PYTHON3
+# The tests' Python imports p11a_proto (the wire protocol) from here.
+PYTHONPATH=$lib_dir${PYTHONPATH:+:$PYTHONPATH}
+export top_srcdir top_builddir SOFTHSM2_MODULE PYTHON3 PYTHONPATH
 
 P11AGENTD=$top_builddir/p11agentd
 P11AGENT=$top_builddir/p11agent
@@ -407,6 +409,53 @@ key_attr() {
 	esac
 	awk -F '\t' -v l="$1" -v c="$col" '$1 == l { v = $c; if (v == "-") v = ""; print v }' \
 		"$TOKDIR/keys.tsv"
+}
+
+# ---------------------------------------------------------------- fault module
+
+# fault_setup "TYPE ID LABEL"...: an agent configuration with two instances
+# of the fault module (tests/fault/libp11afault.so, see docs/reliability.md)
+# over the test's token store, as t_faults and t_soak run it.  Makes a second
+# token $TWO_LABEL with these key pairs generated on it (pkcs11-tool
+# --key-type TYPE); copies the module to $T/faulty.so (shows token
+# $TOKEN_LABEL, obeys control file $CTL) and $T/steady.so (shows $TWO_LABEL,
+# obeys $CTL_B): the agent names a module by its file name; writes
+# $T/agent.conf with both, socket $SOCK and sign-timeout $SIGN_TIMEOUT (the
+# caller may append settings); exports P11A_FAULT_MODULE.  After make_token.
+TWO_LABEL=p11agent-two
+CTL=$T/ctl-faulty
+CTL_B=$T/ctl-steady
+SIGN_TIMEOUT=3
+fault_setup() {
+	local la=$top_builddir/tests/fault/.libs/libp11afault.so
+	require_file "$la"
+	: >"$CTL"
+	: >"$CTL_B"
+	if ! token_two "$@" >"$T/two.log" 2>&1; then
+		diag_file "$T/two.log"
+		bail_out "second SoftHSM2 token made"
+	fi
+	cp "$la" "$T/faulty.so"
+	cp "$la" "$T/steady.so"
+	cat >"$T/agent.conf" <<EOF
+socket $SOCK
+sign-timeout $SIGN_TIMEOUT
+module $T/faulty.so
+module-init-args control=$CTL label=$TOKEN_LABEL
+module $T/steady.so
+module-init-args control=$CTL_B label=$TWO_LABEL
+EOF
+	export P11A_FAULT_MODULE=$SOFTHSM2_MODULE
+}
+
+token_two() {
+	local spec ktype kid klabel
+	softhsm2-util --init-token --free --label "$TWO_LABEL" --pin "$USER_PIN" --so-pin "$SO_PIN" || return 1
+	for spec in "$@"; do
+		read -r ktype kid klabel <<<"$spec"
+		pkcs11-tool --module "$SOFTHSM2_MODULE" --token-label "$TWO_LABEL" --login --pin "$USER_PIN" \
+			--keypairgen --key-type "$ktype" --id "$kid" --label "$klabel" || return 1
+	done
 }
 
 # ---------------------------------------------------------------- agent

@@ -13,7 +13,9 @@ Codec (no I/O):
                                   raises Malformed like the agent would
                                   (truncated, leftover bytes, limits, NUL in
                                   text), or UnknownType
+  error_code(body)                the code of an ERROR body, else None
 I/O:
+  read_frame(sock)                a frame body off a plain socket, None at EOF
   Conn                            a blocking stream socket with a frame
                                   reader that collects SCM_RIGHTS
                                   descriptors (recvmsg); connect(),
@@ -23,7 +25,6 @@ I/O:
                                   Conn), sign().  An ERROR reply raises
                                   AgentError(code, message).
 """
-import errno
 import os
 import socket
 import struct
@@ -374,7 +375,38 @@ def decode(body):
     return m
 
 
+def error_code(body):
+    """The code of an ERROR body, else None (also for None: no reply)."""
+    if body is None or len(body) < 5 or body[0] != ERROR:
+        return None
+    return struct.unpack(">I", body[1:5])[0]
+
+
 # ---------------------------------------------------------------- I/O
+
+def read_frame(sock):
+    """The next frame body from a plain socket (no descriptors), or None when
+    the peer closes or resets it, even mid-frame; Malformed for a length of 0
+    or over the cap.  For tests that look at raw bytes; Conn is the client."""
+    def exact(n):
+        buf = b""
+        while len(buf) < n:
+            try:
+                d = sock.recv(n - len(buf))
+            except ConnectionResetError:
+                d = b""
+            if not d:
+                return None
+            buf += d
+        return buf
+    h = exact(4)
+    if h is None:
+        return None
+    (n,) = struct.unpack(">I", h)
+    if n == 0 or n > FRAME_MAX:
+        raise Malformed("frame length %d" % n)
+    return exact(n)
+
 
 _FDS_MAX = 8        # descriptors taken per recvmsg, as common/proto.c
 
@@ -558,9 +590,3 @@ def client(path, name="p11a_proto.py", timeout=30.0):
         raise
     return c
 
-
-def is_disconnect(exc):
-    """True for the errors a peer's close or reset gives a writer or reader."""
-    if isinstance(exc, (Closed, BrokenPipeError, ConnectionResetError)):
-        return True
-    return isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET)

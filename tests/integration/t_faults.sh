@@ -16,40 +16,11 @@ set -eu
 
 require_cmd openssl pkcs11-tool softhsm2-util timeout "$PYTHON3"
 require_agent_binaries
-FAULT_LA_DIR=$top_builddir/tests/fault/.libs
-require_file "$FAULT_LA_DIR/libp11afault.so"
 make_token
-
-TWO_LABEL=p11agent-two
-SIGN_TIMEOUT=3
-CTL=$T/ctl-faulty
-CTL_B=$T/ctl-steady
-: >"$CTL"
-: >"$CTL_B"
-
-# ---------------------------------------------------------------- a second token
-if ! { softhsm2-util --init-token --free --label "$TWO_LABEL" --pin "$USER_PIN" --so-pin "$SO_PIN" &&
-	pkcs11-tool --module "$SOFTHSM2_MODULE" --token-label "$TWO_LABEL" --login --pin "$USER_PIN" \
-		--keypairgen --key-type EC:prime256v1 --id 21 --label two-ec; } >"$T/two.log" 2>&1; then
-	diag_file "$T/two.log"
-	bail_out "second SoftHSM2 token made"
-fi
+fault_setup "EC:prime256v1 21 two-ec"
+echo "debug yes" >>"$T/agent.conf"
 pkcs11-tool --module "$SOFTHSM2_MODULE" --token-label "$TWO_LABEL" --read-object --type pubkey \
 	--id 21 -o "$T/two.pub.der" >/dev/null 2>&1 || bail_out "second token's public key read"
-
-# Two copies of the module: the agent names each module by its file name.
-cp "$FAULT_LA_DIR/libp11afault.so" "$T/faulty.so"
-cp "$FAULT_LA_DIR/libp11afault.so" "$T/steady.so"
-cat >"$T/agent.conf" <<EOF
-socket $SOCK
-sign-timeout $SIGN_TIMEOUT
-debug yes
-module $T/faulty.so
-module-init-args control=$CTL label=$TOKEN_LABEL
-module $T/steady.so
-module-init-args control=$CTL_B label=$TWO_LABEL
-EOF
-export P11A_FAULT_MODULE=$SOFTHSM2_MODULE
 
 # ---------------------------------------------------------------- helpers
 

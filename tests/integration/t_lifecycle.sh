@@ -100,17 +100,18 @@ rc_is 0 "status answers"
 
 # Hold a client connection open across SIGTERM: it must not delay the exit.
 "$PYTHON3" -c '
-import socket, struct, sys, time
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(sys.argv[1])
-c = b"held"
-b = bytes([1]) + struct.pack(">HHI", 1, 1, len(c)) + c
-s.sendall(struct.pack(">I", len(b)) + b)
-s.recv(4096)
-time.sleep(60)' "$SOCK" &
+import sys, time
+import p11a_proto as P
+c = P.client(sys.argv[1], "held")
+open(sys.argv[2], "w").close()
+time.sleep(60)' "$SOCK" "$T/held.ready" &
 held=$!
 remember_pid "$held"
-sleep 0.5
+for _ in $(seq 1 100); do
+	[ ! -e "$T/held.ready" ] || break
+	sleep 0.1
+done
+check "a client holds a connection (HELLO answered)" test -e "$T/held.ready"
 
 t0=$(date +%s)
 stop_agent

@@ -56,11 +56,13 @@ diag "baseline: agent $base_fds fds, ${base_rss} kB RSS; helpers $base_hfds fds"
 cat >"$T/load.py" <<'EOF'
 # Load driver for t_load: prints "ok<TAB>desc", "not ok<TAB>desc<TAB>why",
 # "figure<TAB>name<TAB>value" lines.
-import os, resource, socket, struct, sys, threading, time
+import os, resource, socket, sys, threading, time
+
+import p11a_proto as P
 
 SOCK, KEY, AGENT_PID = sys.argv[1], sys.argv[2], int(sys.argv[3])
 IDLE, SIGNERS, SIGNS_EACH, CYCLES, HALF = (int(x) for x in sys.argv[4:9])
-FRAME_MAX = 262144
+FRAME_MAX = P.FRAME_MAX
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -71,54 +73,21 @@ def out(good, desc, why=""):
 def figure(name, value):
     print("figure\t%s\t%s" % (name, value), flush=True)
 
-def text(s):
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack(">I", len(b)) + b
-
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-
-HELLO = frame(bytes([0x01]) + struct.pack(">HH", 1, 1) + text("t_load"))
-
-def read_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        d = s.recv(n - len(buf))
-        if not d:
-            return None
-        buf += d
-    return buf
-
-def read_frame(s):
-    h = read_exact(s, 4)
-    if h is None:
-        return None
-    (n,) = struct.unpack(">I", h)
-    if n == 0 or n > FRAME_MAX:
-        raise ValueError("bad length %d" % n)
-    return read_exact(s, n)
+text, frame, read_frame, err_code = P.text, P.frame, P.read_frame, P.error_code
+HELLO = frame(P.hello("t_load"))
 
 def connect(timeout=30):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(SOCK)
-    return s
+    return P.Conn.connect(SOCK, timeout).sock
 
 def hello(s):
     s.sendall(HELLO)
     r = read_frame(s)
-    if r is None or r[0] != 0x82:
+    if r is None or r[0] != P.HELLO_REPLY:
         raise ValueError("HELLO answered %r" % (r[:8] if r else r))
 
 def status_connections():
-    s = connect()
-    hello(s)
-    s.sendall(frame(bytes([0x02])))
-    r = read_frame(s)
-    s.close()
-    (n,) = struct.unpack(">I", r[1:5])
-    off = 5 + n + 12
-    return struct.unpack(">I", r[off:off + 4])[0] - 1   # not counting this one
+    with P.client(SOCK, "t_load") as c:
+        return c.status().connections - 1   # not counting this one
 
 def rss_kb(pid):
     with open("/proc/%d/status" % pid) as f:
@@ -137,19 +106,16 @@ def request(s, body):
     s.sendall(frame(body))
     return read_frame(s)
 
-def err_code(r):
-    return struct.unpack(">I", r[1:5])[0] if r is not None and r[0] == 0x81 else None
-
 # A frame of exactly the cap is read whole and decoded (SIGN is not allowed
 # on a main connection: ERROR PROTOCOL, connection kept).
 s = connect()
 hello(s)
 pad = FRAME_MAX - (1 + 4 + len(KEY.encode()) + 4 + 4 + 4)
-body = bytes([0x07]) + text(KEY) + bytes([3, 3, 0, 0]) + struct.pack(">I", 0) + text(b"c" * pad)
+body = P.sign(KEY, P.SCHEME_ECDSA, P.HASH_SHA256, b"c" * pad)
 assert len(body) == FRAME_MAX
 r = request(s, body)
-r2 = request(s, bytes([0x02]))
-out(err_code(r) == 24 and r2 is not None and r2[0] == 0x83,
+r2 = request(s, P.status())
+out(err_code(r) == P.E_PROTOCOL and r2 is not None and r2[0] == P.STATUS_REPLY,
     "a frame of exactly the cap (262144 bytes) is read and answered; the connection stays usable",
     "answered %r, then %r" % (r[:8] if r else r, r2[:8] if r2 else r2))
 s.close()
@@ -169,15 +135,16 @@ s = connect()
 hello(s)
 codes = []
 for u in uris:
-    codes.append(err_code(request(s, bytes([0x06]) + text(u))))
+    codes.append(err_code(request(s, P.open_channel(u))))
     # A token URI with no token attribute names every token (UNLOCK would
     # log in, LOCK log out): those only as OPEN_CHANNEL.
     if "token=" in u or not u.startswith("pkcs11:"):
-        codes.append(err_code(request(s, bytes([0x04]) + text(u) + text("1234"))))
-        codes.append(err_code(request(s, bytes([0x05]) + text(u))))
-r2 = request(s, bytes([0x02]))
+        codes.append(err_code(request(s, P.unlock(u, "1234"))))
+        codes.append(err_code(request(s, P.lock(u))))
+r2 = request(s, P.status())
 s.close()
-out(all(c in (11, 12, 13, 25) for c in codes) and r2 is not None and r2[0] == 0x83,
+out(all(c in (P.E_NO_SUCH_KEY, P.E_NO_SUCH_TOKEN, P.E_AMBIGUOUS, P.E_URI) for c in codes) and
+    r2 is not None and r2[0] == P.STATUS_REPLY,
     "odd and module-naming URIs in OPEN_CHANNEL, UNLOCK, LOCK get NO_SUCH_KEY/NO_SUCH_TOKEN/URI errors; connection stays usable",
     "error codes %r" % codes)
 
@@ -190,7 +157,7 @@ for i in range(CYCLES):
         if i % 3 == 1:
             hello(s)
         elif i % 3 == 2:
-            s.sendall(struct.pack(">I", 100) + b"\x03")
+            s.sendall(P.u32(100) + P.list_())
         s.close()
     except OSError as e:
         errors += 1
@@ -230,24 +197,15 @@ half_t0 = time.monotonic()
 for i in range(HALF):
     s = connect()
     hello(s)
-    s.sendall(struct.pack(">I", 100) + bytes([0x03]) + b"z" * 20)
+    s.sendall(P.u32(100) + P.list_() + b"z" * 20)
     half.append(s)
 
 def open_channel():
-    s = connect()
-    hello(s)
-    s.sendall(frame(bytes([0x06]) + text(KEY)))
-    msg, fds, _f, _a = socket.recv_fds(s, 4 + FRAME_MAX, 4)
-    if len(msg) < 5 or msg[4] != 0x85 or len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("OPEN_CHANNEL answered %r" % msg[:8])
-    ch = socket.socket(fileno=fds[0])
-    ch.settimeout(60)
-    return s, ch
+    c = P.client(SOCK, "t_load", 30)
+    return c.sock, c.open_channel(KEY, timeout=60).sock
 
 def sign_body(data):
-    return bytes([0x07]) + text(KEY) + bytes([3, 3, 0, 0]) + struct.pack(">I", 0) + text(data)
+    return P.sign(KEY, P.SCHEME_ECDSA, P.HASH_SHA256, data)
 
 sig_ok = [0]
 sig_bad = []
@@ -265,7 +223,7 @@ def signer(k):
             r = read_frame(ch)
             d = time.monotonic() - t
             with lock:
-                if r is not None and r[0] == 0x86:
+                if r is not None and r[0] == P.SIGNATURE:
                     sig_ok[0] += 1
                     lat.append(d)
                 else:
@@ -322,9 +280,9 @@ figure("half_frame_drop_seconds", "%.1f" % max(c for c in closed_at if c is not 
 bad = 0
 for s in idle[::50]:
     try:
-        s.sendall(frame(bytes([0x02])))
+        s.sendall(frame(P.status()))
         r = read_frame(s)
-        if r is None or r[0] != 0x83:
+        if r is None or r[0] != P.STATUS_REPLY:
             bad += 1
     except OSError:
         bad += 1

@@ -163,19 +163,16 @@ rc_is 0 "nobody's connect() fails with EACCES at the filesystem"
 chmod 0711 "$XDG/p11agent"
 chmod 0666 "$SOCK"
 run as_nobody "$PYTHON3" -c '
-import socket, struct, sys
+import socket, sys
+import p11a_proto as P
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(10)
 s.connect(sys.argv[1])
 print("connected")
-client = b"t_security nobody"
-hello = bytes([1]) + struct.pack(">HHI", 1, 1, len(client)) + client
 try:
-    s.sendall(struct.pack(">I", len(hello)) + hello)
+    s.sendall(P.frame(P.hello("t_security nobody")))
     data = s.recv(4096)
-except ConnectionResetError:
-    data = b""
-except BrokenPipeError:
+except (ConnectionResetError, BrokenPipeError):
     data = b""
 print("reply bytes:", len(data))
 sys.exit(0 if data == b"" else 1)' "$SOCK"
@@ -203,8 +200,10 @@ cat >"$T/proto.py" <<'EOF'
 # "not ok<TAB>desc<TAB>why".
 import os, socket, struct, sys, threading, time
 
+import p11a_proto as P
+
 SOCK, KEY_URI = sys.argv[1], sys.argv[2]
-FRAME_MAX = 262144
+FRAME_MAX = P.FRAME_MAX
 
 cases_run = 0
 
@@ -213,47 +212,16 @@ def out(good, desc, why=""):
     cases_run += 1
     print(("ok\t%s" if good else "not ok\t%s\t" + why.replace("\t", " ")) % desc, flush=True)
 
-def text(s):
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack(">I", len(b)) + b
-
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-
-HELLO = bytes([0x01]) + struct.pack(">HH", 1, 1) + text("t_security proto.py")
+text, frame, read_frame, error_code = P.text, P.frame, P.read_frame, P.error_code
+HELLO = P.hello("t_security proto.py")
 
 def connect(timeout=20):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(SOCK)
-    return s
-
-def read_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        try:
-            d = s.recv(n - len(buf))
-        except ConnectionResetError:
-            d = b""
-        if not d:
-            return None
-        buf += d
-    return buf
-
-def read_frame(s):
-    """The next frame body, or None on EOF."""
-    h = read_exact(s, 4)
-    if h is None:
-        return None
-    (n,) = struct.unpack(">I", h)
-    if n == 0 or n > FRAME_MAX:
-        raise ValueError("agent sent a bad frame length %d" % n)
-    return read_exact(s, n)
+    return P.Conn.connect(SOCK, timeout).sock
 
 def hello(s):
     s.sendall(frame(HELLO))
     r = read_frame(s)
-    if r is None or r[0] != 0x82:
+    if r is None or r[0] != P.HELLO_REPLY:
         raise ValueError("HELLO answered with %r" % (r[:8] if r else r))
     return r
 
@@ -261,10 +229,8 @@ def request(s, body):
     s.sendall(frame(body))
     return read_frame(s)
 
-def error_code(r):
-    if r is None or r[0] != 0x81 or len(r) < 5:
-        return None
-    return struct.unpack(">I", r[1:5])[0]
+def sign_body(data):
+    return P.sign(KEY_URI, P.SCHEME_ECDSA, P.HASH_SHA256, data)
 
 def wait_eof(s, limit):
     """True when the peer closes within limit seconds; skips ERROR frames."""
@@ -275,7 +241,7 @@ def wait_eof(s, limit):
             r = read_frame(s)
             if r is None:
                 return True, time.monotonic() - t0
-            if r[0] != 0x81:
+            if r[0] != P.ERROR:
                 return False, "got a non-ERROR reply type 0x%02x" % r[0]
     except socket.timeout:
         return False, "still open after %d s" % limit
@@ -293,8 +259,8 @@ def held_client():
         s = connect()
         hello(s)
         while not stop.is_set():
-            r = request(s, bytes([0x03]))
-            if r is None or r[0] != 0x84:
+            r = request(s, P.list_())
+            if r is None or r[0] != P.LIST_REPLY:
                 held_errors.append("LIST answered %r" % (r[:8] if r else r))
                 return
             held_ok += 1
@@ -336,11 +302,11 @@ case("frame of length 0xffffffff after HELLO is dropped",
 
 # (3) garbage after a valid HELLO
 case("LIST with leftover bytes after HELLO is dropped (malformed)",
-     dropped(frame(bytes([0x03]) + b"garbage"), after_hello=True))
+     dropped(frame(P.list_() + b"garbage"), after_hello=True))
 case("UNLOCK whose string runs past the frame is dropped",
-     dropped(frame(bytes([0x04]) + struct.pack(">I", 1000) + b"pkcs11:"), after_hello=True))
+     dropped(frame(P.u8(P.UNLOCK) + P.u32(1000) + b"pkcs11:"), after_hello=True))
 case("OPEN_CHANNEL with a 4 GiB string length is dropped",
-     dropped(frame(bytes([0x06]) + b"\xff\xff\xff\xff"), after_hello=True))
+     dropped(frame(P.u8(P.OPEN_CHANNEL) + b"\xff\xff\xff\xff"), after_hello=True))
 rnd = bytearray(os.urandom(4096))
 rnd[0] = 0x7f  # a length over the cap: refused before buffering anything
 case("4 KiB of random bytes after HELLO are dropped", dropped(bytes(rnd), after_hello=True))
@@ -352,20 +318,20 @@ case("4 KiB of random bytes after HELLO, then EOF, are dropped",
 def truncated():
     s = connect()
     hello(s)
-    s.sendall(struct.pack(">I", 100) + bytes([0x03]) + b"x" * 9)
+    s.sendall(P.u32(100) + P.list_() + b"x" * 9)
     s.close()
     s2 = connect()
     hello(s2)
-    r = request(s2, bytes([0x02]))
+    r = request(s2, P.status())
     s2.close()
-    return (r is not None and r[0] == 0x83), "STATUS after a truncated frame: %r" % (r[:8] if r else r)
+    return (r is not None and r[0] == P.STATUS_REPLY), "STATUS after a truncated frame: %r" % (r[:8] if r else r)
 case("truncated frame then close: agent answers the next client", truncated)
 
 # (5) half a frame, then silence: dropped at the 10 s half-frame deadline
 def half_frame():
     s = connect()
     hello(s)
-    s.sendall(struct.pack(">I", 100) + bytes([0x03]) + b"y" * 49)
+    s.sendall(P.u32(100) + P.list_() + b"y" * 49)
     good, why = wait_eof(s, 25)
     s.close()
     if not good:
@@ -376,15 +342,15 @@ case("half a frame then silence is dropped by the deadline (<= 25 s)", half_fram
 # HELLO must come first; versions must overlap
 def not_hello_first():
     s = connect()
-    r = request(s, bytes([0x03]))
+    r = request(s, P.list_())
     s.close()
-    return error_code(r) == 24, "LIST before HELLO answered %r" % (r[:8] if r else r)
+    return error_code(r) == P.E_PROTOCOL, "LIST before HELLO answered %r" % (r[:8] if r else r)
 case("LIST before HELLO gets ERROR PROTOCOL (24)", not_hello_first)
 
 def bad_version():
     s = connect()
-    r = request(s, bytes([0x01]) + struct.pack(">HH", 7, 9) + text("future"))
-    if error_code(r) != 6:
+    r = request(s, P.hello("future", 7, 9))
+    if error_code(r) != P.E_VERSION:
         return False, "HELLO 7..9 answered %r" % (r[:8] if r else r)
     good, why = wait_eof(s, 5)
     s.close()
@@ -396,52 +362,38 @@ def unknown_type():
     s = connect()
     hello(s)
     r = request(s, bytes([0x3f]) + b"whatever")
-    if r is None or r[0] != 0x81:
+    if r is None or r[0] != P.ERROR:
         return False, "unknown type answered %r" % (r[:8] if r else r)
-    if error_code(r) != 5:
+    if error_code(r) != P.E_UNKNOWN_TYPE:
         return False, "ERROR code %r, expected 5 (UNKNOWN_TYPE)" % error_code(r)
-    r = request(s, bytes([0x03]))
+    r = request(s, P.list_())
     s.close()
-    return (r is not None and r[0] == 0x84), "LIST after the ERROR answered %r" % (r[:8] if r else r)
+    return (r is not None and r[0] == P.LIST_REPLY), "LIST after the ERROR answered %r" % (r[:8] if r else r)
 case("unknown message type 0x3f after HELLO gets ERROR 0x81 UNKNOWN_TYPE; connection still usable",
      unknown_type)
 
 def sign_on_main():
     s = connect()
     hello(s)
-    body = bytes([0x07]) + text(KEY_URI) + bytes([3, 3, 0, 0]) + struct.pack(">I", 0) + text(b"msg")
-    r = request(s, body)
-    if error_code(r) != 24:
+    r = request(s, sign_body(b"msg"))
+    if error_code(r) != P.E_PROTOCOL:
         return False, "SIGN on the main connection answered %r" % (r[:8] if r else r)
-    r = request(s, bytes([0x02]))
+    r = request(s, P.status())
     s.close()
-    return (r is not None and r[0] == 0x83), "STATUS afterwards answered %r" % (r[:8] if r else r)
+    return (r is not None and r[0] == P.STATUS_REPLY), "STATUS afterwards answered %r" % (r[:8] if r else r)
 case("SIGN on a main connection gets ERROR PROTOCOL (24); connection still usable", sign_on_main)
 
 # ---- signing channel: a valid SIGN works, garbage drops only that channel
 def open_channel():
-    s = connect()
-    hello(s)
-    body = bytes([0x06]) + text(KEY_URI)
-    s.sendall(frame(body))
-    msg, fds, _flags, _addr = socket.recv_fds(s, 4 + FRAME_MAX, 4)
-    if len(msg) < 5 or msg[4] != 0x85 or len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("OPEN_CHANNEL answered %r with %d fds" % (msg[:8], len(fds)))
-    ch = socket.socket(fileno=fds[0])
-    ch.settimeout(20)
-    return s, ch
-
-def sign_body(data):
-    return bytes([0x07]) + text(KEY_URI) + bytes([3, 3, 0, 0]) + struct.pack(">I", 0) + text(data)
+    c = P.client(SOCK, "t_security proto.py", 20)
+    return c.sock, c.open_channel(KEY_URI).sock
 
 def channel_sign():
     s, ch = open_channel()
     r = request(ch, sign_body(b"hello channel"))
     ch.close()
     s.close()
-    return (r is not None and r[0] == 0x86), "SIGN answered %r" % (r[:8] if r else r)
+    return (r is not None and r[0] == P.SIGNATURE), "SIGN answered %r" % (r[:8] if r else r)
 case("OPEN_CHANNEL + SIGN on the channel gives a SIGNATURE", channel_sign)
 
 def channel_garbage():
@@ -457,7 +409,7 @@ def channel_garbage():
     r = request(ch2, sign_body(b"after garbage"))
     ch2.close()
     s2.close()
-    return (r is not None and r[0] == 0x86), "SIGN on a new channel answered %r" % (r[:8] if r else r)
+    return (r is not None and r[0] == P.SIGNATURE), "SIGN on a new channel answered %r" % (r[:8] if r else r)
 case("malformed SIGN drops that channel; a new channel still signs", channel_garbage)
 
 def channel_zero_len():
@@ -471,10 +423,10 @@ case("frame of length 0 on a signing channel drops the channel", channel_zero_le
 
 def channel_unknown():
     s, ch = open_channel()
-    r = request(ch, bytes([0x03]))
+    r = request(ch, P.list_())
     ch.close()
     s.close()
-    return (r is not None and r[0] == 0x81) or r is None, "LIST on a channel answered %r" % (r[:8] if r else r)
+    return (r is not None and r[0] == P.ERROR) or r is None, "LIST on a channel answered %r" % (r[:8] if r else r)
 case("a non-SIGN request on a channel gets an ERROR or a close, not a hang", channel_unknown)
 
 # ---- many clients at once
@@ -486,11 +438,11 @@ def many():
             hello(s)
             socks.append(s)
         for s in socks:
-            s.sendall(frame(bytes([0x03])))
+            s.sendall(frame(P.list_()))
         bad = 0
         for s in socks:
             r = read_frame(s)
-            if r is None or r[0] != 0x84:
+            if r is None or r[0] != P.LIST_REPLY:
                 bad += 1
         return bad == 0, "%d of 64 LISTs failed" % bad
     finally:
@@ -509,13 +461,11 @@ print("# held connection answered %d LISTs" % held_ok)
 def connections_count():
     s = connect()
     hello(s)
-    r = request(s, bytes([0x02]))
+    r = request(s, P.status())
     s.close()
-    if r is None or r[0] != 0x83:
+    if r is None or r[0] != P.STATUS_REPLY:
         raise ValueError("STATUS answered %r" % (r[:8] if r else r))
-    (n,) = struct.unpack(">I", r[1:5])
-    off = 5 + n + 4 + 4 + 4
-    return struct.unpack(">I", r[off:off + 4])[0]
+    return P.decode(r).connections
 deadline = time.monotonic() + 5
 n = None
 while time.monotonic() < deadline:
