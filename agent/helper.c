@@ -688,6 +688,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	struct helper *h = &the_helper;
 	struct p11a_buf *in = NULL;
 	struct pollfd pfd[2];
+	int64_t next_check;
 	int n;
 
 	/* Die with the agent; no core dumps or ptrace of a process that sees PINs. */
@@ -747,25 +748,36 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	if (send_inventory(h, 0, 1) != 0)
 		goto out;
 
+	next_check = p11a_now_ms() + CHECK_INTERVAL_MS;
 	for (;;) {
+		int64_t now = p11a_now_ms();
+
+		/*
+		 * Look for token changes every CHECK_INTERVAL_MS whatever the
+		 * traffic: a client opening a channel every second must not
+		 * keep a removal or a reinsertion from being seen.
+		 */
+		if (now >= next_check) {
+			next_check = now + CHECK_INTERVAL_MS;
+			if (token_check(h->tm) && refresh_and_push(h, 0) != 0)
+				break;
+			continue;
+		}
 		pfd[0].fd = ctrl_fd;
 		pfd[0].events = POLLIN;
 		pfd[0].revents = 0;
 		pfd[1].fd = token_event_fd(h->tm);
 		pfd[1].events = POLLIN;
 		pfd[1].revents = 0;
-		n = poll(pfd, 2, CHECK_INTERVAL_MS);
+		n = poll(pfd, 2, (int)(next_check - now));
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			log_err("poll: %s", strerror(errno));
 			break;
 		}
-		if (n == 0) {
-			if (token_check(h->tm) && refresh_and_push(h, 0) != 0)
-				break;
+		if (n == 0)
 			continue;
-		}
 		if (pfd[1].revents & POLLIN) {
 			token_event_clear(h->tm);
 			if (refresh_and_push(h, 0) != 0)

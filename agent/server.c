@@ -155,14 +155,6 @@ struct inframe {
 	int passed_fd;             /* descriptor received with the frame (helpers never send one) */
 };
 
-static int64_t
-now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void
 inframe_reset(struct inframe *in)
 {
@@ -188,7 +180,7 @@ inframe_read(struct inframe *in, int fd)
 			if (n < 0)
 				return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
 			if (in->started_ms == 0)
-				in->started_ms = now_ms();
+				in->started_ms = p11a_now_ms();
 			in->hdr_got += (size_t)n;
 			if (in->hdr_got < 4)
 				continue;
@@ -375,7 +367,7 @@ helper_spawn(struct server *s, size_t hi)
 	int sv[2];
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
 		log_err("helper %s: socketpair: %s", h->mod->name, strerror(errno));
-		h->restart_at = now_ms() + RESTART_DELAY_MAX_MS;
+		h->restart_at = p11a_now_ms() + RESTART_DELAY_MAX_MS;
 		return;
 	}
 	pid_t pid = fork();
@@ -383,7 +375,7 @@ helper_spawn(struct server *s, size_t hi)
 		log_err("helper %s: fork: %s", h->mod->name, strerror(errno));
 		close(sv[0]);
 		close(sv[1]);
-		h->restart_at = now_ms() + RESTART_DELAY_MAX_MS;
+		h->restart_at = p11a_now_ms() + RESTART_DELAY_MAX_MS;
 		return;
 	}
 	if (pid == 0) {
@@ -419,7 +411,7 @@ helper_spawn(struct server *s, size_t hi)
 	h->fd = sv[0];
 	h->up = 0;
 	h->restart_at = 0;
-	h->started_ms = now_ms();
+	h->started_ms = p11a_now_ms();
 	memset(&h->in, 0, sizeof(h->in));
 	log_info("helper %s started (pid %ld) for %s", h->mod->name, (long)pid, h->mod->path);
 }
@@ -455,7 +447,7 @@ helper_down(struct server *s, size_t hi, const char *why)
 		log_err("module %s could not be loaded or initialized; not using it", h->mod->path);
 		h->dead_for_good = 1;
 	} else {
-		if (now_ms() - h->started_ms > HELPER_STABLE_MS)
+		if (p11a_now_ms() - h->started_ms > HELPER_STABLE_MS)
 			h->restart_delay_ms = RESTART_DELAY_MIN_MS;
 		if (WIFSIGNALED(st))
 			log_err("helper %s (pid %ld) died of signal %d (%s); restarting in %d ms",
@@ -463,7 +455,7 @@ helper_down(struct server *s, size_t hi, const char *why)
 		else
 			log_err("helper %s (pid %ld) exited (%s); restarting in %d ms",
 				h->mod->name, (long)h->pid, why, h->restart_delay_ms);
-		h->restart_at = now_ms() + h->restart_delay_ms;
+		h->restart_at = p11a_now_ms() + h->restart_delay_ms;
 		h->restart_delay_ms *= 2;
 		if (h->restart_delay_ms > RESTART_DELAY_MAX_MS)
 			h->restart_delay_ms = RESTART_DELAY_MAX_MS;
@@ -494,7 +486,7 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	p->serial = s->clients[ci].serial;
 	p->helper = hi;
 	p->type = type;
-	p->deadline = now_ms() + s->cfg->sign_timeout_ms;
+	p->deadline = p11a_now_ms() + s->cfg->sign_timeout_ms;
 	p->what = strdup(what ? what : "");
 	p->channel_fd = -1;
 	s->npending++;
@@ -978,7 +970,7 @@ client_request(struct server *s, size_t ci)
 		 * "no token".  The PIN of a parked UNLOCK stays in the fixed
 		 * array of the decoded message.
 		 */
-		if (helpers_starting(s, now_ms())) {
+		if (helpers_starting(s, p11a_now_ms())) {
 			c->parked = m;
 			c->has_parked = 1;
 			log_debug("client %d: request 0x%02x waits for token helpers to start",
@@ -1088,7 +1080,7 @@ client_accept(struct server *s)
 				/* The backlog stays readable: without a pause, poll() spins. */
 				log_warn("accept: %s; not accepting for %d ms", strerror(errno),
 					 ACCEPT_PAUSE_MS);
-				s->accept_paused_until = now_ms() + ACCEPT_PAUSE_MS;
+				s->accept_paused_until = p11a_now_ms() + ACCEPT_PAUSE_MS;
 			} else if (errno != EAGAIN && errno != EWOULDBLOCK) {
 				log_warn("accept: %s", strerror(errno));
 			}
@@ -1252,7 +1244,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			cpfd = need;
 		}
 		size_t n = 0;
-		int64_t now = now_ms();
+		int64_t now = p11a_now_ms();
 		int64_t next = now + 1000;
 		pfd[n++] = (struct pollfd){ s->sig_fd, POLLIN, 0 };
 		if (s->accept_paused_until > now) {
@@ -1333,7 +1325,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 					client_close(s, i);
 			}
 		}
-		now = now_ms();
+		now = p11a_now_ms();
 		for (size_t i = 0; i < s->nclients; i++) {
 			struct client *c = &s->clients[i];
 			if (c->fd < 0)
@@ -1369,9 +1361,9 @@ out:
 			close(h->fd);   /* EOF tells the helper to finish */
 			h->fd = -1;
 			int st;
-			int64_t until = now_ms() + 2000;
+			int64_t until = p11a_now_ms() + 2000;
 			while (waitpid(h->pid, &st, WNOHANG) == 0) {
-				if (now_ms() > until) {
+				if (p11a_now_ms() > until) {
 					kill(h->pid, SIGKILL);
 					waitpid(h->pid, &st, 0);
 					break;

@@ -93,15 +93,6 @@ p11a_default_socket_path(char *out, size_t out_size)
 	return 0;
 }
 
-static int64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void
 fd_close(int *fd)
 {
@@ -336,7 +327,7 @@ exchange(struct p11a_client *c, int fd, struct p11a_reader *rd, const struct p11
 	 struct p11a_msg *reply, int *fd_received, enum xstate *how)
 {
 	struct p11a_buf *out = NULL, *in = NULL;
-	int64_t deadline = c->timeout_ms < 0 ? -1 : now_ms() + c->timeout_ms;
+	int64_t deadline = c->timeout_ms < 0 ? -1 : p11a_now_ms() + c->timeout_ms;
 	int rfd = -1, left, r;
 
 	memset(reply, 0, sizeof(*reply));
@@ -362,7 +353,7 @@ exchange(struct p11a_client *c, int fd, struct p11a_reader *rd, const struct p11
 	if (deadline < 0) {
 		left = -1;
 	} else {
-		int64_t l = deadline - now_ms();
+		int64_t l = deadline - p11a_now_ms();
 
 		left = l < 0 ? 0 : (int)l;
 	}

@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include <string.h>
+#include <time.h>
 #include <strings.h>
 
 #include <openssl/crypto.h>
@@ -156,4 +157,13 @@ p11a_wipe(void *p, size_t n)
 #else
 	OPENSSL_cleanse(p, n);
 #endif
+}
+
+int64_t
+p11a_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }

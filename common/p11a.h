@@ -116,5 +116,7 @@ const char *p11a_keytype_name(int type);          /* "RSA", "EC", "Ed25519" */
 
 /* Wipe memory that held a secret; never optimised away. */
 void p11a_wipe(void *p, size_t n);
+/* Milliseconds on CLOCK_MONOTONIC: the one clock of every deadline. */
+int64_t p11a_now_ms(void);
 
 #endif

@@ -762,18 +762,9 @@ p11a_key_copy(struct p11a_key *dst, const struct p11a_key *src)
 #define FD_PASS_MAX 8   /* descriptors we take per recvmsg; extras are closed */
 
 static int64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t
 deadline_from(int timeout_ms)
 {
-	return timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+	return timeout_ms < 0 ? -1 : p11a_now_ms() + timeout_ms;
 }
 
 /* Waits until fd is ready for events or the deadline (-1: none) passes. */
@@ -788,7 +779,7 @@ wait_fd(int fd, short events, int64_t deadline)
 		if (deadline < 0) {
 			left = -1;
 		} else {
-			left = deadline - now_ms();
+			left = deadline - p11a_now_ms();
 			if (left < 0)
 				left = 0;
 		}
@@ -802,7 +793,7 @@ wait_fd(int fd, short events, int64_t deadline)
 			return -P11A_E_IO;
 		}
 		if (n == 0) {
-			if (deadline >= 0 && now_ms() >= deadline) {
+			if (deadline >= 0 && p11a_now_ms() >= deadline) {
 				errno = ETIMEDOUT;
 				return -P11A_E_TIMEOUT;
 			}
@@ -1218,7 +1209,7 @@ frame_deadline(int64_t deadline, int frame_ms)
 
 	if (frame_ms < 0)
 		return deadline;
-	d = now_ms() + frame_ms;
+	d = p11a_now_ms() + frame_ms;
 	return deadline < 0 || d < deadline ? d : deadline;
 }
 

@@ -172,7 +172,7 @@ fz_start(struct fz *z, int with_inventory, int hello_done)
 	h->fd = hv[0];
 	h->pid = FAKE_HELPER_PID;
 	h->up = with_inventory;
-	h->started_ms = now_ms() - HELPER_START_WAIT_MS - 1;
+	h->started_ms = p11a_now_ms() - HELPER_START_WAIT_MS - 1;
 	h->restart_delay_ms = RESTART_DELAY_MIN_MS;
 	if (with_inventory)
 		fz_inventory(&h->inv);
@@ -316,7 +316,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			pending_expire(s, INT64_MAX);
 			fz_flush(&z);
 		}
-		clients_unpark(s, now_ms());
+		clients_unpark(s, p11a_now_ms());
 		fz_flush(&z);
 	}
 	fz_stop(&z);
