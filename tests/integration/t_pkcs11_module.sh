@@ -237,7 +237,11 @@ gnutls_get() {
 }
 # refused DESC OUT TEXT: gnutls-cli failed (no timeout) saying TEXT.
 refused() {
-	if [ "$st" -ne 0 ] && [ "$st" -ne 124 ]; then
+	if [ "$st" -eq 124 ] && [ -n "$PK_SAN_SKIP" ]; then
+		# Seen only with libasan preloaded: gnutls-cli prints its error,
+		# then does not exit; the message and the server are checked below.
+		skip "$1: gnutls-cli fails" "$PK_SAN_SKIP: gnutls-cli hangs after the error"
+	elif [ "$st" -ne 0 ] && [ "$st" -ne 124 ]; then
 		ok "$1: gnutls-cli fails (exit status $st)"
 	else
 		not_ok "$1: gnutls-cli fails (exit status $st)"
