@@ -20,6 +20,8 @@ for diagnostics.
       never reads, then one C_Sign that hangs: the watchdog answers it
       while a healthy channel of the same helper keeps signing without a
       single error.
+  hostile.py unlocks SOCK TOKEN_URI N
+      N UNLOCKs sent on the wire for a token that is logged in.
   hostile.py badtext SOCK KEY
       URIs that are not UTF-8 in OPEN_CHANNEL, LOCK, UNLOCK and SIGN: a
       BAD_REQUEST that does not echo them, the connection kept.
@@ -345,6 +347,15 @@ def cmd_badtext(sock, key):
         ch.close()
 
 
+# ------------------------------------------------------------------ unlocks
+def cmd_unlocks(sock, token_uri, n):
+    """n UNLOCKs on the wire (the CLI skips a token LIST shows unlocked)."""
+    with P.client(sock, "hostile.py unlocks") as c:
+        for _ in range(n):
+            c.unlock(token_uri, PIN)
+    out(True, "%d UNLOCKs of a logged-in token answered OK" % n)
+
+
 # ------------------------------------------------------------------ race
 def cmd_race(sock, token_uri, keys, seconds, with_locker):
     stop = time.time() + seconds
@@ -460,6 +471,8 @@ def main():
             cmd_fdcap(args[0], args[1], args[2], int(args[3]))
         elif cmd == "bufmem":
             cmd_bufmem(args[0], args[1], int(args[2]))
+        elif cmd == "unlocks":
+            cmd_unlocks(args[0], args[1], int(args[2]))
         elif cmd == "badtext":
             cmd_badtext(args[0], args[1])
         elif cmd == "stall":

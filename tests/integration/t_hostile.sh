@@ -34,8 +34,15 @@ else
 	hostile bufmem "$SOCK" "$KEY" "$(helper_pid)"
 fi
 
-# ---------------------------------------------------------------- signers, LIST, LOCK/UNLOCK
+# ---------------------------------------------------------------- UNLOCK of a logged-in token
+# It asks nothing of the token: no rescan, no inventory pushed.
 TOKEN_URI=$(list_json && json_token uri)
+inv_before=$(grep -c "inventory sent" "$AGENT_LOG")
+hostile unlocks "$SOCK" "$TOKEN_URI" 10
+inv_after=$(grep -c "inventory sent" "$AGENT_LOG")
+is "$((inv_after - inv_before))" 0 "10 UNLOCKs of a logged-in token made the helper rescan 0 times"
+
+# ---------------------------------------------------------------- signers, LIST, LOCK/UNLOCK
 RACE_KEYS=("$KEY" "$(key_uri ec384)" "$(key_uri ec521)")
 hostile race-unlock "$SOCK" "$TOKEN_URI" "${RACE_KEYS[@]}" "${RACE_SECONDS:-8}"
 hostile race "$SOCK" "$TOKEN_URI" "${RACE_KEYS[@]}" "${RACE_SECONDS:-8}"
