@@ -59,13 +59,15 @@ AGENT_HELPERS=$(child_pid_list "$AGENT_PID")
 is "$(awk '/^Max open files/ { print $4 }' "/proc/$AGENT_PID/limits")" "$SOAK_NOFILE" \
 	"the agent runs with RLIMIT_NOFILE $SOAK_NOFILE"
 
+SAN_ARGS=()
+! ldd "$P11AGENTD" 2>/dev/null | grep -q libasan || SAN_ARGS=(--no-rss)
 t0=$(date +%s)
 # SOAK_ARGS: more soak.py options (e.g. --no-hostile, --seed N), split at spaces.
 # shellcheck disable=SC2086
 # soak.py bounds its own run; timeout is the backstop for a harness that hangs.
 if timeout $((SOAK_SECONDS * 3 + 240)) "$PYTHON3" "$SOAK_PY" --socket "$SOCK" --agent-pid "$AGENT_PID" \
 	--seconds "$SOAK_SECONDS" --sign-timeout "$SIGN_TIMEOUT" --pin "$USER_PIN" \
-	--faulty "$TOKEN_LABEL" --faulty-control "$CTL" --steady "$TWO_LABEL" ${SOAK_ARGS:-} \
+	--faulty "$TOKEN_LABEL" --faulty-control "$CTL" --steady "$TWO_LABEL" ${SAN_ARGS[@]+"${SAN_ARGS[@]}"} ${SOAK_ARGS:-} \
 	>"$T/soak.out" 2>"$T/soak.err"; then
 	soak_rc=0
 else
