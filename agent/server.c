@@ -10,6 +10,7 @@
 #include "server.h"
 #include "helper.h"
 #include "log.h"
+#include "systemd.h"
 #include "p11a.h"
 #include "proto.h"
 #include "uri.h"
@@ -230,6 +231,10 @@ struct helper {
 	int64_t restart_at;        /* 0 = not scheduled */
 	int64_t started_ms;
 	int restart_delay_ms;
+	unsigned starts;           /* times the helper was started */
+	int init_error;            /* this run's helper reported why it could not start */
+	char last_error[512];      /* the module's latest failure, for HEALTH; "" = none */
+	time_t error_time;
 };
 
 struct client {
@@ -276,6 +281,7 @@ struct server {
 	uint32_t next_id;
 	size_t open_clients;
 	size_t max_clients;        /* max-connections, within RLIMIT_NOFILE */
+	size_t notified_up;        /* modules up in the last STATUS= sent to systemd */
 	int64_t accept_paused_until;       /* out of descriptors: listen again at this time */
 };
 
@@ -418,6 +424,8 @@ helper_spawn(struct server *s, size_t hi)
 	h->pid = pid;
 	h->fd = sv[0];
 	h->up = 0;
+	h->starts++;
+	h->init_error = 0;
 	h->restart_at = 0;
 	h->started_ms = now_ms();
 	memset(&h->in, 0, sizeof(h->in));
@@ -425,6 +433,34 @@ helper_spawn(struct server *s, size_t hi)
 }
 
 static void pending_fail_helper(struct server *s, size_t hi);
+
+/* Keeps a module's latest failure for HEALTH (`p11agent status`). */
+static void __attribute__((format(printf, 2, 3)))
+helper_note_error(struct helper *h, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(h->last_error, sizeof(h->last_error), fmt, ap);
+	va_end(ap);
+	h->error_time = time(NULL);
+}
+
+/* Tells systemd (STATUS=) how many modules are up, when that changed. */
+static void
+notify_status(struct server *s)
+{
+	size_t up = 0, tokens = 0;
+
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		up += s->helpers[i].up;
+		tokens += s->helpers[i].inv.ntokens;
+	}
+	if (up == s->notified_up)
+		return;
+	s->notified_up = up;
+	sysd_notify("STATUS=%zu of %zu modules up, %zu tokens", up, s->nhelpers, tokens);
+}
 
 /* The helper's socket closed or failed: reap, fail its requests, schedule a restart. */
 static void
@@ -452,17 +488,22 @@ helper_down(struct server *s, size_t hi, const char *why)
 		nanosleep(&ts, NULL);
 	}
 	if (WIFEXITED(st) && WEXITSTATUS(st) == HELPER_EXIT_INIT) {
-		log_err("module %s could not be loaded or initialized; not using it", h->mod->path);
+		if (!h->init_error)
+			helper_note_error(h, "could not be loaded or initialized (the helper's log "
+					  "says why)");
+		log_err("module %s could not be loaded or initialized (%s); not using it",
+			h->mod->path, h->last_error);
 		h->dead_for_good = 1;
 	} else {
 		if (now_ms() - h->started_ms > HELPER_STABLE_MS)
 			h->restart_delay_ms = RESTART_DELAY_MIN_MS;
 		if (WIFSIGNALED(st))
-			log_err("helper %s (pid %ld) died of signal %d (%s); restarting in %d ms",
-				h->mod->name, (long)h->pid, WTERMSIG(st), why, h->restart_delay_ms);
+			helper_note_error(h, "helper (pid %ld) died of signal %d (%s, %s)",
+					  (long)h->pid, WTERMSIG(st), strsignal(WTERMSIG(st)), why);
 		else
-			log_err("helper %s (pid %ld) exited (%s); restarting in %d ms",
-				h->mod->name, (long)h->pid, why, h->restart_delay_ms);
+			helper_note_error(h, "helper (pid %ld) exited (%s)", (long)h->pid, why);
+		log_err("module %s: %s; restarting in %d ms", h->mod->name, h->last_error,
+			h->restart_delay_ms);
 		h->restart_at = now_ms() + h->restart_delay_ms;
 		h->restart_delay_ms *= 2;
 		if (h->restart_delay_ms > RESTART_DELAY_MAX_MS)
@@ -470,6 +511,7 @@ helper_down(struct server *s, size_t hi, const char *why)
 	}
 	h->pid = 0;
 	pending_fail_helper(s, hi);
+	notify_status(s);
 }
 
 /* ------------------------------------------------------------ pending */
@@ -603,6 +645,13 @@ helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 			log_debug("helper %s: inventory %u token(s), %u key(s)", h->mod->name,
 				  h->inv.ntokens, h->inv.nkeys);
 		h->up = 1;
+		notify_status(s);
+		return;
+	}
+	if (m->type == P11A_MSG_ERROR && id == 0) {
+		/* The helper says why it cannot go on (it exits next). */
+		helper_note_error(h, "%s", m->u.error.message ? m->u.error.message : "");
+		h->init_error = 1;
 		return;
 	}
 	for (size_t i = 0; i < s->npending; i++) {
@@ -1237,6 +1286,9 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	}
 	if (s->nhelpers == 0)
 		log_warn("no PKCS#11 module to use: give --module PATH or register one with p11-kit");
+	/* Clients can connect from now on; requests wait for starting helpers themselves. */
+	sysd_notify("READY=1\nSTATUS=listening on %s, %zu module(s) starting", cfg->socket_path,
+		    s->nhelpers);
 
 	struct pollfd *pfd = NULL;
 	size_t cpfd = 0;
@@ -1356,6 +1408,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	}
 	rc = 0;
 	free(pfd);
+	sysd_notify("STOPPING=1\nSTATUS=shutting down");
 out:
 	for (size_t i = 0; i < s->nclients; i++)
 		client_close(s, i);
@@ -1386,7 +1439,8 @@ out:
 	}
 	free(s->helpers);
 	close(s->sig_fd);
-	if (unlink(cfg->socket_path) != 0 && errno != ENOENT)
+	/* systemd's socket stays: the next connection starts the agent again. */
+	if (!cfg->socket_activated && unlink(cfg->socket_path) != 0 && errno != ENOENT)
 		log_warn("cannot remove %s: %s", cfg->socket_path, strerror(errno));
 	log_info("stopped");
 	return rc;
