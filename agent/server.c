@@ -241,6 +241,7 @@ struct client {
 	int fd;
 	uint64_t serial;           /* tells a reused slot apart */
 	int hello_done;
+	uint16_t version;          /* protocol version chosen at HELLO */
 	int closing;               /* close once the out queue is empty */
 	int waiting;               /* replies still expected from helpers */
 	int wait_error;            /* first error code among them, 0 = none */
@@ -730,6 +731,7 @@ handle_hello(struct server *s, size_t ci, const struct p11a_hello *hello)
 	log_debug("client %d: hello from '%s' (pid %ld), version %u", c->fd,
 		  hello->client ? hello->client : "", (long)c->pid, hi);
 	c->hello_done = 1;
+	c->version = hi;
 	struct p11a_msg m = { .type = P11A_MSG_HELLO_REPLY };
 	m.u.hello_reply.version = hi;
 	m.u.hello_reply.agent = (char *)"p11agentd " PACKAGE_VERSION;
@@ -787,6 +789,46 @@ handle_list(struct server *s, size_t ci, int with_keys)
 	send_msg(s, ci, &m, -1);
 	free(tokens);
 	free(keys);
+}
+
+/* HEALTH: every module's state and last error, and the latest warnings of this process. */
+static void
+handle_health(struct server *s, size_t ci)
+{
+	const struct agent_config *cfg = s->cfg;
+	size_t n = s->nhelpers + cfg->ndropped, k = 0;
+	struct p11a_module_health *mods = calloc(n ? n : 1, sizeof(*mods));
+	const char *recent[LOG_RECENT_MAX];
+	struct p11a_msg m;
+
+	if (!mods) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	for (size_t i = 0; i < s->nhelpers; i++, k++) {
+		const struct helper *h = &s->helpers[i];
+		mods[k].name = h->mod->name;
+		mods[k].path = h->mod->path;
+		mods[k].state = h->dead_for_good ? P11A_MODULE_FAILED : h->up ? P11A_MODULE_UP :
+		    h->fd >= 0 ? P11A_MODULE_STARTING : P11A_MODULE_RESTARTING;
+		mods[k].restarts = h->starts > 1 ? h->starts - 1 : 0;
+		mods[k].error_time = (uint32_t)h->error_time;
+		mods[k].error = (char *)h->last_error;
+	}
+	for (size_t i = 0; i < cfg->ndropped; i++, k++) {
+		mods[k].name = cfg->dropped[i].name;
+		mods[k].path = cfg->dropped[i].path;
+		mods[k].state = P11A_MODULE_NOT_USED;
+		mods[k].error = cfg->dropped[i].why;
+	}
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_HEALTH_REPLY;
+	m.u.health.nmodules = (uint32_t)n;
+	m.u.health.modules = mods;
+	m.u.health.nrecent = (uint32_t)log_recent(recent, LOG_RECENT_MAX);
+	m.u.health.recent = (char **)recent;
+	send_msg(s, ci, &m, -1);
+	free(mods);
 }
 
 /* Tokens matching uri ("" = all): calls fn for each; returns matches or a negative error. */
@@ -1058,6 +1100,13 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 		break;
 	case P11A_MSG_STATUS:
 		handle_list(s, ci, 0);
+		break;
+	case P11A_MSG_HEALTH:
+		if (s->clients[ci].version < 2)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 2", m.type);
+		else
+			handle_health(s, ci);
 		break;
 	case P11A_MSG_LIST:
 		handle_list(s, ci, 1);
