@@ -575,9 +575,10 @@ config_load_file(struct agent_config *cfg, const char *file, enum conf_layer lay
 		if ((rc = parse_line(&p, line)) != 0)
 			break;
 	}
+	int err = errno;
 	free(line);
 	if (rc == 0 && ferror(f)) {
-		fprintf(stderr, "p11agentd: %s: read error\n", file);
+		fprintf(stderr, "p11agentd: %s: %s\n", file, strerror(err));
 		rc = -1;
 	}
 	fclose(f);

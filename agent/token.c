@@ -542,6 +542,7 @@ slot_configure_pool(struct tok_slot *s, const CK_TOKEN_INFO *ti, unsigned pool_m
 		cap = max - 1 > pool_max ? pool_max : (unsigned)(max - 1);
 	}
 	pthread_mutex_lock(&s->plock);
+	unsigned before = s->cap;
 	if (s->shared != shared) {
 		s->shared = shared;
 		s->cap = cap;
@@ -549,7 +550,11 @@ slot_configure_pool(struct tok_slot *s, const CK_TOKEN_INFO *ti, unsigned pool_m
 		/* Raise the cap only while nothing is open: CKR_SESSION_COUNT may have lowered it. */
 		s->cap = cap;
 	}
+	cap = s->cap;
 	pthread_mutex_unlock(&s->plock);
+	if (cap != before)
+		log_debug("slot %lu: up to %u signing session%s%s", (unsigned long)s->id, cap,
+			  cap == 1 ? "" : "s", shared ? " (one-session token: shared with control)" : "");
 }
 
 /* The control thread's session: the kept one, or the pool's only one. */
