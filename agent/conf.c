@@ -329,6 +329,20 @@ set_int(struct parse *p, enum conf_setting s, const char *val, int min, int max,
 	return 0;
 }
 
+/* Replaces *field with a copy of val and records the line it came from. */
+static int
+set_text(struct parse *p, char **field, struct conf_origin *origin, const char *val)
+{
+	char *copy = strdup(val);
+
+	if (!copy)
+		return perr(p, "out of memory");
+	free(*field);
+	*field = copy;
+	*origin = p->at;
+	return 0;
+}
+
 static int
 section_begin(struct parse *p, char *s)
 {
@@ -376,11 +390,7 @@ section_setting(struct parse *p, const char *key, const char *val)
 	if (strcmp(key, "init-args") == 0) {
 		if (check_lock(p->cfg, SET_MODULE, key, &p->at) != 0)
 			return -1;
-		free(sec->init_args);
-		if (!(sec->init_args = strdup(val)))
-			return perr(p, "out of memory");
-		sec->init_origin = p->at;
-		return 0;
+		return set_text(p, &sec->init_args, &sec->init_origin, val);
 	}
 	if (strcmp(key, "session-pool") == 0) {
 		if (check_lock(p->cfg, SET_SESSION_POOL, key, &p->at) != 0)
@@ -425,11 +435,7 @@ global_setting(struct parse *p, const char *key, char *val)
 			return perr(p, "socket path must be absolute: %s", val);
 		if (strlen(val) >= sizeof(((struct sockaddr_un *)0)->sun_path))
 			return perr(p, "socket path is too long for a Unix socket: %s", val);
-		free(cfg->socket_path);
-		if (!(cfg->socket_path = strdup(val)))
-			return perr(p, "out of memory");
-		cfg->origin[SET_SOCKET] = p->at;
-		return 0;
+		return set_text(p, &cfg->socket_path, &cfg->origin[SET_SOCKET], val);
 	}
 	if (strcmp(key, "module") == 0) {
 		if (check_lock(cfg, SET_MODULE, key, &p->at) != 0)
@@ -446,11 +452,7 @@ global_setting(struct parse *p, const char *key, char *val)
 			return perr(p, "module-init-args must follow a module line of this file "
 				    "(for a registered module use [module NAME] and init-args)");
 		struct module_conf *m = &cfg->modules[p->last_module];
-		free(m->init_args);
-		if (!(m->init_args = strdup(val)))
-			return perr(p, "out of memory");
-		m->init_origin = p->at;
-		return 0;
+		return set_text(p, &m->init_args, &m->init_origin, val);
 	}
 	if (strcmp(key, "module-skip") == 0) {
 		if (check_lock(cfg, SET_MODULE_SKIP, key, &p->at) != 0)
