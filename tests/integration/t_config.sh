@@ -79,7 +79,9 @@ bad_user_file() {
 # (Not LD_DEBUG_OUTPUT: the linker's descriptor for that file does not
 # survive a helper's descriptor clean-up, and its lines would land on the
 # helper's control socket.)
-LD_WRAPPER="env LD_DEBUG=files"
+# A wrapper from outside (valgrind, tests/run-valgrind.sh) stays in place.
+OUTER_WRAPPER=${P11AGENTD_WRAPPER:-}
+LD_WRAPPER="env LD_DEBUG=files $OUTER_WRAPPER"
 loaded_by_agent() {
 	grep -F "file=" "$AGENT_LOG" | grep -qF "/$1"
 }
@@ -88,7 +90,7 @@ stop_and_reset() {
 	stop_agent
 	AGENT_ARGS=()
 	AGENT_REGISTRY=no
-	P11AGENTD_WRAPPER=
+	P11AGENTD_WRAPPER=$OUTER_WRAPPER
 	: >"$AGENT_LOG"
 }
 

@@ -171,7 +171,8 @@ JLOG=$T/journal.log
 : >"$JLOG"
 SOCK=$T/j.sock
 AGENT_LOG=$JLOG
-P11AGENTD_WRAPPER="env JOURNAL_STREAM=$(stat -c '%d:%i' "$JLOG")"
+OUTER_WRAPPER=${P11AGENTD_WRAPPER:-}
+P11AGENTD_WRAPPER="env JOURNAL_STREAM=$(stat -c '%d:%i' "$JLOG") $OUTER_WRAPPER"
 if start_agent; then
 	ok "an agent whose stderr is a journal stream starts"
 else
@@ -182,7 +183,7 @@ file_has "$JLOG" "<6>listening on $SOCK" "journal stream: priority prefix, no ti
 file_has "$JLOG" "<6>p11agentd[helper libsofthsm2.so][" "journal stream: a helper's lines name the helper and its pid"
 file_lacks "$JLOG" "info: listening" "journal stream: not the terminal format"
 AGENT_LOG=$T/agent.log
-P11AGENTD_WRAPPER=
+P11AGENTD_WRAPPER=$OUTER_WRAPPER
 
 # ---------------------------------------------------------------- the units
 U=$T/units
