@@ -185,7 +185,8 @@ config_add_module(struct agent_config *cfg, const char *path, const char *name,
 		return origin_err(o, "out of memory");
 	}
 	m->origin = *o;
-	m->init_origin = *o;
+	/* Without init args the module's init-args is still a default. */
+	m->init_origin = init_args ? *o : (struct conf_origin){ .layer = CONF_DEFAULT };
 	cfg->nmodules++;
 	if (o->layer != CONF_REGISTRY)
 		cfg->origin[SET_MODULE] = *o;

@@ -163,6 +163,18 @@ allowed(const struct agent_config *cfg, const char *real)
 	return 0;
 }
 
+/* Layers in the order they override each other; a registry value is a default. */
+static int
+rank(enum conf_layer l)
+{
+	return l == CONF_REGISTRY ? CONF_DEFAULT : (int)l;
+}
+
+/*
+ * A later layer wins over an earlier one, global setting or section alike;
+ * within a layer a section wins over the global setting, and of two
+ * sections the later.
+ */
 static int
 apply_sections(struct agent_config *cfg, struct module_conf *m)
 {
@@ -172,13 +184,13 @@ apply_sections(struct agent_config *cfg, struct module_conf *m)
 		const struct conf_section *sec = &cfg->sections[k];
 		if (!names_module(sec->match, m, m->load_path))
 			continue;
-		if (sec->init_args) {
+		if (sec->init_args && rank(sec->init_origin.layer) >= rank(m->init_origin.layer)) {
 			free(m->init_args);
 			if (!(m->init_args = strdup(sec->init_args)))
 				return -1;
 			m->init_origin = sec->init_origin;
 		}
-		if (sec->session_pool) {
+		if (sec->session_pool && rank(sec->pool_origin.layer) >= rank(m->pool_origin.layer)) {
 			m->session_pool = sec->session_pool;
 			m->pool_origin = sec->pool_origin;
 		}

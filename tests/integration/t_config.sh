@@ -54,6 +54,25 @@ pc_line() {
 	fi
 }
 
+# pc_module_line DESC MODULE KEY VALUE SOURCE: as pc_line, within the
+# "[module MODULE]" part of the output (up to the next section).
+pc_module_line() {
+	awk -v m="[module $2]" '$0 == m { on = 1; next } /^\[/ { on = 0 } on' "$T/stdout" >"$T/section"
+	local want="$3 $4$TAB# $5" line found=no
+	while IFS= read -r line; do
+		case $line in
+		"$want" | "$want; locked at "*) found=yes ;;
+		esac
+	done <"$T/section"
+	if [ "$found" = yes ]; then
+		ok "$1"
+	else
+		not_ok "$1"
+		diag "[module $2] lacks: $3 $4<TAB># $5"
+		diag_last
+	fi
+}
+
 # refused DESC WANT: the agent, started for real with the files and flags
 # given after WANT, exits 1 before listening and says WANT on stderr.
 refused() {
@@ -138,7 +157,7 @@ pc
 rc_is 0 "a file with every user setting is accepted"
 pc_line "socket" socket "$T/u.sock" "$U:2"
 pc_line "module" module "$SOFTHSM2_MODULE" "$U:3"
-pc_line "module-init-args" init-args flags=softhsm "$U:4"
+pc_module_line "module-init-args" libsofthsm2.so init-args flags=softhsm "$U:4"
 pc_line "module-skip" module-skip "$SOFTOKN" "$U:6"
 pc_line "session-pool" session-pool 5 "$U:7"
 pc_line "sign-timeout" sign-timeout 20 "$U:8"
@@ -146,7 +165,7 @@ pc_line "max-connections" max-connections 300 "$U:9"
 pc_line "max-channels-per-connection" max-channels-per-connection 16 "$U:10"
 pc_line "max-channels-per-process" max-channels-per-process 48 "$U:11"
 pc_line "debug" debug yes "$U:12"
-pc_line "[module] session-pool" session-pool 3 "$U:15"
+pc_module_line "[module] session-pool" libsofthsm2.so session-pool 3 "$U:15"
 stdout_has "# not used: libsoftokn3.so ($SOFTOKN, $U:5): skipped by module-skip $SOFTOKN ($U:6)" \
 	"a skipped module is listed with the line that skipped it"
 if grep -qF "# loaded as $SOFTHSM_REAL" "$T/stdout" || [ "$SOFTHSM_REAL" = "$SOFTHSM2_MODULE" ]; then
@@ -163,6 +182,20 @@ pc --socket "$T/x.sock"
 pc_line "the user's value over the administrator's" sign-timeout 25 "$U:1"
 pc_line "the administrator's value where the user sets none" max-connections 500 "$A:2"
 stdout_has "# administrator's file: $A (read)" "--print-config says the administrator's file was read"
+# A later layer wins, global setting or section alike.
+admin_file "[module libsofthsm2.so]" "session-pool 2" "init-args from=admin"
+user_file "session-pool 5" "module $SOFTHSM2_MODULE" "module-init-args from=user"
+pc --socket "$T/x.sock"
+pc_module_line "the user's global session-pool over the administrator's [module] section" \
+	libsofthsm2.so session-pool 5 "$U:1"
+pc_module_line "the user's module-init-args over the administrator's [module] init-args" \
+	libsofthsm2.so init-args from=user "$U:3"
+admin_file "session-pool 5"
+user_file "[module libsofthsm2.so]" "session-pool 3"
+pc --socket "$T/x.sock" --module "$SOFTHSM2_MODULE"
+pc_module_line "the user's [module] section over the administrator's global setting" \
+	libsofthsm2.so session-pool 3 "$U:2"
+admin_file "sign-timeout 40" "max-connections 500" "debug yes"
 user_file "module $SOFTOKN" "debug no"
 pc --module "$SOFTHSM2_MODULE" --debug --socket "$T/x.sock"
 pc_line "--module replaces the file's modules" module "$SOFTHSM2_MODULE" --module
@@ -321,9 +354,9 @@ stop_and_reset
 
 user_file "session-pool 4" "[module libsoftokn3.so]" "init-args $NSS_ARGS" "[module $SOFTHSM2_MODULE]" "session-pool 2"
 pc --module "$SOFTHSM2_MODULE" --module "$SOFTOKN"
-pc_line "[module NAME] init-args" init-args "$NSS_ARGS" "$U:3"
-pc_line "[module PATH] session-pool" session-pool 2 "$U:5"
-pc_line "global session-pool for a module without its own" session-pool 4 "$U:1"
+pc_module_line "[module NAME] init-args" libsoftokn3.so init-args "$NSS_ARGS" "$U:3"
+pc_module_line "[module PATH] session-pool" libsofthsm2.so session-pool 2 "$U:5"
+pc_module_line "global session-pool for a module without its own" libsoftokn3.so session-pool 4 "$U:1"
 AGENT_ARGS=(--config "$U" --module "$SOFTOKN")
 if start_agent; then
 	run p11a status
