@@ -7,7 +7,8 @@
 # agent's processes load); module-skip; [module] sections (NSS softokn's
 # init-args, session-pool); each kind of bad file: FILE:LINE and no start;
 # `p11agent status` naming a failed module and why; the private socket
-# directory without XDG_RUNTIME_DIR.
+# directory without XDG_RUNTIME_DIR; the p11-kit registry read without
+# loading (a user's registry, overrides, enable-in/disable-in, user-config).
 set -eu
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -439,6 +440,46 @@ else
 	else
 		not_ok "the agent printed P11AGENT_PID"
 	fi
+
+	# ---------------------------------------------------------------- the user's p11-kit registry
+	# (p11-kit reads no user registry for root: this part runs as nobody too.)
+	NH=$T/nobody-home
+	RD=$NH/.config/pkcs11/modules
+	mkdir -p "$RD"
+	# (Not p11-kit-trust.so: a module of that name is trust-only whatever its file says.)
+	printf 'module: %s\n' "$SOFTOKN" >"$RD/mine.module"
+	printf 'module: %s\nx-init-reserved: from-registry\n' "$SOFTOKN" >"$RD/softhsm2.module"
+	printf 'module: %s\ndisable-in: p11agentd other\n' "$SOFTOKN" >"$RD/off.module"
+	printf 'module: %s\nenable-in: firefox\n' "$SOFTOKN" >"$RD/elsewhere.module"
+	printf 'this is no module file\n' >"$RD/bad.module"
+	printf 'module: %s\n' "$SOFTOKN" >"$RD/README"
+	chown -R 65534:65534 "$NH"
+	nobody_pc() {
+		run env -i PATH=/usr/bin:/bin HOME="$NH" P11AGENT_SYSCONFDIR="$T/etc" \
+			setpriv --reuid=65534 --regid=65534 --clear-groups "$P11AGENTD" --print-config
+	}
+	nobody_pc
+	rc_is 0 "--print-config as nobody with a registry of their own"
+	stdout_has "module $SOFTOKN$TAB# p11-kit registry $RD/mine.module" "a module of the user's registry"
+	stdout_has "module $SOFTOKN$TAB# p11-kit registry $RD/softhsm2.module" \
+		"the user's file of the same name overrides the system's module path"
+	pc_module_line "x-init-reserved of a registered module" softhsm2 init-args from-registry \
+		"p11-kit registry $RD/softhsm2.module"
+	stdout_has "# not used: off ($SOFTOKN, p11-kit registry $RD/off.module): disabled for p11agentd" \
+		"disable-in: p11agentd leaves the module out"
+	stdout_has "# not used: elsewhere ($SOFTOKN, p11-kit registry $RD/elsewhere.module): disabled for p11agentd" \
+		"enable-in without p11agentd leaves the module out"
+	stderr_has "$RD/bad.module:1: not a 'name: value' line; ignoring the file" "a broken module file is named and skipped"
+	stdout_has "p11-kit registry $OPENSC_MODULE_FILE" "with user-config merge, the system's modules are there too"
+	file_lacks "$T/stdout" "README" "files not named NAME.module are not module files"
+	printf 'user-config: only\n' >"$NH/.config/pkcs11/pkcs11.conf"
+	chown 65534:65534 "$NH/.config/pkcs11/pkcs11.conf"
+	nobody_pc
+	file_lacks "$T/stdout" "$OPENSC_MODULE_FILE" "user-config: only leaves the system's modules out"
+	stdout_has "module $SOFTOKN$TAB# p11-kit registry $RD/mine.module" "user-config: only keeps the user's"
+	# As root, p11-kit reads no user registry; neither does the agent.
+	run env HOME="$NH" "$P11AGENTD" --config /dev/null --print-config
+	file_lacks "$T/stdout" "$RD" "root: the user's registry is not read"
 fi
 
 done_testing
