@@ -135,8 +135,8 @@ default_socket(struct agent_config *cfg, int make_tmpdir)
 		o->note = "$XDG_RUNTIME_DIR";
 	} else {
 		snprintf(rundir, sizeof(rundir), "/run/user/%lu", (unsigned long)getuid());
-		if (lstat(rundir, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == getuid() &&
-		    !(st.st_mode & 077)) {
+		int there = lstat(rundir, &st) == 0;
+		if (there && S_ISDIR(st.st_mode) && st.st_uid == getuid() && !(st.st_mode & 077)) {
 			n = snprintf(path, sizeof(path), "%s/p11agent/agent.sock", rundir);
 			o->note = "XDG_RUNTIME_DIR is not set; /run/user/UID";
 		} else if (!make_tmpdir) {
@@ -153,18 +153,20 @@ default_socket(struct agent_config *cfg, int make_tmpdir)
 				tmp = "/tmp";
 			snprintf(dir, sizeof(dir), "%s/p11agent-XXXXXX", tmp);
 			if (!mkdtemp(dir)) {
-				fprintf(stderr, "p11agentd: XDG_RUNTIME_DIR is not set and %s does not "
-					"exist, and no private directory could be made in %s: %s\n",
-					rundir, tmp, strerror(errno));
+				fprintf(stderr, "p11agentd: XDG_RUNTIME_DIR is not set, %s %s, and no "
+					"private directory could be made in %s: %s\n", rundir,
+					there ? "is not a private directory of ours" : "does not exist",
+					tmp, strerror(errno));
 				return -1;
 			}
 			if (!(cfg->socket_tmpdir = strdup(dir)))
 				goto nomem;
 			n = snprintf(path, sizeof(path), "%s/agent.sock", dir);
 			o->note = "XDG_RUNTIME_DIR is not set; a private directory";
-			fprintf(stderr, "p11agentd: XDG_RUNTIME_DIR is not set and %s does not exist: "
-				"using the private directory %s (clients find the socket through "
-				"P11AGENT_SOCK)\n", rundir, dir);
+			fprintf(stderr, "p11agentd: XDG_RUNTIME_DIR is not set and %s %s: using the "
+				"private directory %s (clients find the socket through "
+				"P11AGENT_SOCK)\n", rundir,
+				there ? "is not a private directory of ours" : "does not exist", dir);
 		}
 	}
 	if (n < 0 || (size_t)n >= sizeof(struct sockaddr_un) - offsetof(struct sockaddr_un, sun_path)) {
@@ -342,6 +344,9 @@ main(int argc, char **argv)
 out:
 	if (lfd >= 0)
 		close(lfd);
+	/* A private socket directory made for an agent that did not start. */
+	if (rc != 0 && cfg.socket_tmpdir)
+		(void)rmdir(cfg.socket_tmpdir);
 	free(module_opts);
 	config_free(&cfg);
 	return rc;
