@@ -1,3 +1,4 @@
+/* Agent configuration: layered files and flags, locks, and where each value came from. */
 #include "config.h"
 #include "conf.h"
 #include "p11a.h"
@@ -5,59 +6,288 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <pwd.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+static const char *const setting_names[SET_COUNT] = {
+	[SET_SOCKET] = "socket",
+	[SET_MODULE] = "module",
+	[SET_MODULE_SKIP] = "module-skip",
+	[SET_SESSION_POOL] = "session-pool",
+	[SET_SIGN_TIMEOUT] = "sign-timeout",
+	[SET_MAX_CONNECTIONS] = "max-connections",
+	[SET_MAX_CHANNELS_PER_CONNECTION] = "max-channels-per-connection",
+	[SET_MAX_CHANNELS_PER_PROCESS] = "max-channels-per-process",
+	[SET_DEBUG] = "debug",
+};
+
+const char *
+config_setting_name(enum conf_setting s)
+{
+	return (unsigned)s < SET_COUNT ? setting_names[s] : "?";
+}
 
 void
 config_init(struct agent_config *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
+	cfg->session_pool = CONFIG_POOL_MAX;
 	cfg->sign_timeout_ms = 30000;
 	cfg->max_connections = 1024;
 	cfg->max_channels_per_connection = 64;
 	cfg->max_channels_per_process = 256;
+	for (int i = 0; i < SET_COUNT; i++)
+		cfg->origin[i].layer = CONF_DEFAULT;
+	cfg->modules_layer = CONF_DEFAULT;
+}
+
+static void
+module_conf_clear(struct module_conf *m)
+{
+	free(m->path);
+	free(m->load_path);
+	free(m->name);
+	free(m->init_args);
+	memset(m, 0, sizeof(*m));
 }
 
 void
 config_free(struct agent_config *cfg)
 {
 	free(cfg->socket_path);
-	for (size_t i = 0; i < cfg->nmodules; i++) {
-		free(cfg->modules[i].path);
-		free(cfg->modules[i].name);
-		free(cfg->modules[i].init_args);
+	free(cfg->socket_tmpdir);
+	for (size_t i = 0; i < cfg->nmodules; i++)
+		module_conf_clear(&cfg->modules[i]);
+	for (size_t i = 0; i < cfg->nallow; i++)
+		free(cfg->allow[i].text);
+	free(cfg->allow);
+	for (size_t i = 0; i < cfg->nskip; i++)
+		free(cfg->skip[i].text);
+	free(cfg->skip);
+	for (size_t i = 0; i < cfg->nsections; i++) {
+		free(cfg->sections[i].match);
+		free(cfg->sections[i].init_args);
 	}
+	free(cfg->sections);
+	for (size_t i = 0; i < cfg->ndropped; i++) {
+		free(cfg->dropped[i].name);
+		free(cfg->dropped[i].path);
+		free(cfg->dropped[i].why);
+	}
+	free(cfg->dropped);
+	free(cfg->admin_file);
+	free(cfg->user_file);
+	for (size_t i = 0; i < cfg->ninterned; i++)
+		free(cfg->interned[i]);
+	free(cfg->interned);
 	memset(cfg, 0, sizeof(*cfg));
+}
+
+const char *
+config_intern(struct agent_config *cfg, const char *s)
+{
+	for (size_t i = 0; i < cfg->ninterned; i++)
+		if (strcmp(cfg->interned[i], s) == 0)
+			return cfg->interned[i];
+	char **n = realloc(cfg->interned, (cfg->ninterned + 1) * sizeof(*n));
+	if (!n)
+		return NULL;
+	cfg->interned = n;
+	if (!(n[cfg->ninterned] = strdup(s)))
+		return NULL;
+	return n[cfg->ninterned++];
+}
+
+void
+config_origin_format(const struct conf_origin *o, char *out, size_t out_size)
+{
+	switch (o->layer) {
+	case CONF_DEFAULT:
+		if (o->note)
+			snprintf(out, out_size, "default (%s)", o->note);
+		else
+			snprintf(out, out_size, "default");
+		break;
+	case CONF_ADMIN:
+	case CONF_USER:
+		if (o->line > 0)
+			snprintf(out, out_size, "%s:%d", o->file ? o->file : "?", o->line);
+		else
+			snprintf(out, out_size, "%s", o->file ? o->file : "?");
+		break;
+	case CONF_FLAG:
+		snprintf(out, out_size, "%s", o->note ? o->note : "command line");
+		break;
+	case CONF_REGISTRY:
+		snprintf(out, out_size, "p11-kit registry %s", o->file ? o->file : "");
+		break;
+	}
+}
+
+/* "p11agentd: WHERE: why" on stderr; returns -1. */
+static int __attribute__((format(printf, 2, 3)))
+origin_err(const struct conf_origin *o, const char *fmt, ...)
+{
+	char where[PATH_MAX + 64], why[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	config_origin_format(o, where, sizeof(where));
+	fprintf(stderr, "p11agentd: %s: %s\n", where, why);
+	return -1;
+}
+
+/* -1 (printed) when a layer above the administrator's touches a locked setting. */
+static int
+check_lock(const struct agent_config *cfg, enum conf_setting s, const char *key,
+	   const struct conf_origin *o)
+{
+	char where[PATH_MAX + 64];
+
+	if (o->layer == CONF_ADMIN || o->layer == CONF_DEFAULT || !cfg->locked[s])
+		return 0;
+	config_origin_format(&cfg->lock_origin[s], where, sizeof(where));
+	return origin_err(o, "'%s' is locked by the administrator (%s)", key, where);
 }
 
 int
 config_add_module(struct agent_config *cfg, const char *path, const char *name,
-		  const char *init_args)
+		  const char *init_args, const struct conf_origin *o)
 {
-	if (cfg->nmodules >= CONFIG_MAX_MODULES) {
-		fprintf(stderr, "p11agentd: too many modules (at most %d)\n", CONFIG_MAX_MODULES);
-		return -1;
+	if (path[0] != '/')
+		return origin_err(o, "module path '%s' is not absolute (write the full path of "
+				  "the .so file; to use modules registered with p11-kit, give no "
+				  "module line and name unwanted ones with module-skip)", path);
+	if (o->layer != CONF_REGISTRY && o->layer > cfg->modules_layer) {
+		/* The module lines of a higher layer replace those below it. */
+		for (size_t i = 0; i < cfg->nmodules; i++)
+			module_conf_clear(&cfg->modules[i]);
+		cfg->nmodules = 0;
+		cfg->modules_layer = o->layer;
 	}
-	if (path[0] != '/') {
-		fprintf(stderr, "p11agentd: module path '%s' is not absolute\n", path);
-		return -1;
-	}
+	if (cfg->nmodules >= CONFIG_MAX_MODULES)
+		return origin_err(o, "too many modules (at most %d)", CONFIG_MAX_MODULES);
 	struct module_conf *m = &cfg->modules[cfg->nmodules];
 	const char *base = strrchr(path, '/');
+	memset(m, 0, sizeof(*m));
 	m->path = strdup(path);
-	m->name = strdup(name ? name : (base ? base + 1 : path));
+	m->name = strdup(name && *name ? name : base + 1);
 	m->init_args = init_args ? strdup(init_args) : NULL;
 	if (!m->path || !m->name || (init_args && !m->init_args)) {
-		free(m->path);
-		free(m->name);
-		free(m->init_args);
-		memset(m, 0, sizeof(*m));
-		fprintf(stderr, "p11agentd: out of memory\n");
+		module_conf_clear(m);
+		return origin_err(o, "out of memory");
+	}
+	m->origin = *o;
+	/* Without init args the module's init-args is still a default. */
+	m->init_origin = init_args ? *o : (struct conf_origin){ .layer = CONF_DEFAULT };
+	cfg->nmodules++;
+	if (o->layer != CONF_REGISTRY)
+		cfg->origin[SET_MODULE] = *o;
+	return 0;
+}
+
+int
+config_add_dropped(struct agent_config *cfg, const char *name, const char *path,
+		   const char *why, const struct conf_origin *o)
+{
+	struct conf_dropped *n = realloc(cfg->dropped, (cfg->ndropped + 1) * sizeof(*n));
+	if (!n)
+		return -1;
+	cfg->dropped = n;
+	n += cfg->ndropped;
+	memset(n, 0, sizeof(*n));
+	n->name = strdup(name ? name : "");
+	n->path = strdup(path ? path : "");
+	n->why = strdup(why);
+	n->origin = *o;
+	if (!n->name || !n->path || !n->why) {
+		free(n->name);
+		free(n->path);
+		free(n->why);
 		return -1;
 	}
-	cfg->nmodules++;
+	cfg->ndropped++;
 	return 0;
+}
+
+static int
+add_pattern(struct conf_pattern **list, size_t *n, const char *text, const struct conf_origin *o)
+{
+	struct conf_pattern *l = realloc(*list, (*n + 1) * sizeof(*l));
+	if (!l)
+		return -1;
+	*list = l;
+	if (!(l[*n].text = strdup(text)))
+		return -1;
+	l[*n].origin = *o;
+	(*n)++;
+	return 0;
+}
+
+/* ------------------------------------------------------------ paths */
+
+int
+config_admin_path(char *out, size_t out_size)
+{
+	const char *dir = secure_getenv("P11AGENT_SYSCONFDIR");
+	int n;
+
+	if (!dir || !*dir)
+		dir = SYSCONFDIR;
+	n = snprintf(out, out_size, "%s/p11agent/p11agentd.conf", dir);
+	return n < 0 || (size_t)n >= out_size ? -1 : 0;
+}
+
+int
+config_user_path(char *out, size_t out_size)
+{
+	const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
+	int n;
+
+	/* The XDG base directory spec ignores a relative XDG_CONFIG_HOME. */
+	if (xdg && xdg[0] == '/')
+		n = snprintf(out, out_size, "%s/p11agent/p11agentd.conf", xdg);
+	else {
+		if (!home || home[0] != '/') {
+			struct passwd *pw = getpwuid(getuid());
+			home = pw ? pw->pw_dir : NULL;
+		}
+		if (!home || home[0] != '/')
+			return -1;
+		n = snprintf(out, out_size, "%s/.config/p11agent/p11agentd.conf", home);
+	}
+	return n < 0 || (size_t)n >= out_size ? -1 : 0;
+}
+
+/* ------------------------------------------------------------ files */
+
+#define CONF_LINE_MAX 4095
+
+struct parse {
+	struct agent_config *cfg;
+	enum conf_layer layer;
+	struct conf_origin at;   /* file and current line */
+	long section;            /* index into cfg->sections, or -1 before any section */
+	long last_module;        /* index of this file's latest module line, or -1 */
+};
+
+static int __attribute__((format(printf, 2, 3)))
+perr(const struct parse *p, const char *fmt, ...)
+{
+	char why[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	return origin_err(&p->at, "%s", why);
 }
 
 static char *
@@ -83,97 +313,404 @@ parse_int(const char *v, int min, int max, int *out)
 	return 0;
 }
 
-int
-config_load_file(struct agent_config *cfg, const char *file)
+/* An integer setting: checked, lock-checked, stored with its origin. */
+static int
+set_int(struct parse *p, enum conf_setting s, const char *val, int min, int max, int scale,
+	int *field, const char *unit)
 {
+	int v;
+
+	if (check_lock(p->cfg, s, setting_names[s], &p->at) != 0)
+		return -1;
+	if (parse_int(val, min, max, &v) != 0)
+		return perr(p, "%s must be %d..%d%s%s, not '%s'", setting_names[s], min, max,
+			    unit ? " " : "", unit ? unit : "", val);
+	*field = v * scale;
+	p->cfg->origin[s] = p->at;
+	return 0;
+}
+
+/* Replaces *field with a copy of val and records the line it came from. */
+static int
+set_text(struct parse *p, char **field, struct conf_origin *origin, const char *val)
+{
+	char *copy = strdup(val);
+
+	if (!copy)
+		return perr(p, "out of memory");
+	free(*field);
+	*field = copy;
+	*origin = p->at;
+	return 0;
+}
+
+static int
+section_begin(struct parse *p, char *s)
+{
+	struct agent_config *cfg = p->cfg;
+	size_t n = strlen(s);
+
+	if (n < 2 || s[n - 1] != ']')
+		return perr(p, "a section header is [module NAME-or-PATH]; this line has no "
+			    "closing ']'");
+	s[n - 1] = '\0';
+	char *body = trim(s + 1);
+	char *arg = body;
+	while (*arg && !isspace((unsigned char)*arg))
+		arg++;
+	if (*arg)
+		*arg++ = '\0';
+	arg = trim(arg);
+	if (strcmp(body, "key") == 0)
+		return perr(p, "[key ...] sections (per-key policy) are not supported by this "
+			    "version");
+	if (strcmp(body, "module") != 0)
+		return perr(p, "unknown section [%s%s%s]; the known one is [module NAME-or-PATH]",
+			    body, *arg ? " " : "", arg);
+	if (!*arg)
+		return perr(p, "[module] needs a module name (as p11-kit names it) or an "
+			    "absolute path");
+	struct conf_section *l = realloc(cfg->sections, (cfg->nsections + 1) * sizeof(*l));
+	if (!l)
+		return perr(p, "out of memory");
+	cfg->sections = l;
+	l += cfg->nsections;
+	memset(l, 0, sizeof(*l));
+	if (!(l->match = strdup(arg)))
+		return perr(p, "out of memory");
+	l->origin = p->at;
+	p->section = (long)cfg->nsections++;
+	return 0;
+}
+
+static int
+section_setting(struct parse *p, const char *key, const char *val)
+{
+	struct conf_section *sec = &p->cfg->sections[p->section];
+
+	if (strcmp(key, "init-args") == 0) {
+		if (check_lock(p->cfg, SET_MODULE, key, &p->at) != 0)
+			return -1;
+		return set_text(p, &sec->init_args, &sec->init_origin, val);
+	}
+	if (strcmp(key, "session-pool") == 0) {
+		if (check_lock(p->cfg, SET_SESSION_POOL, key, &p->at) != 0)
+			return -1;
+		if (parse_int(val, 1, CONFIG_POOL_MAX, &sec->session_pool) != 0)
+			return perr(p, "session-pool must be 1..%d, not '%s'", CONFIG_POOL_MAX, val);
+		sec->pool_origin = p->at;
+		return 0;
+	}
+	return perr(p, "'%s' is not a [module] setting (init-args, session-pool); global "
+		    "settings go before the first section", key);
+}
+
+static int
+lock_settings(struct parse *p, char *val)
+{
+	char *save = NULL;
+
+	for (char *w = strtok_r(val, " \t,", &save); w; w = strtok_r(NULL, " \t,", &save)) {
+		int s;
+		for (s = 0; s < SET_COUNT; s++)
+			if (strcmp(w, setting_names[s]) == 0)
+				break;
+		if (s == SET_COUNT)
+			return perr(p, "cannot lock '%s': not a setting that can be locked", w);
+		p->cfg->locked[s] = 1;
+		p->cfg->lock_origin[s] = p->at;
+	}
+	return 0;
+}
+
+static int
+global_setting(struct parse *p, const char *key, char *val)
+{
+	struct agent_config *cfg = p->cfg;
+	int admin = p->layer == CONF_ADMIN;
+
+	if (strcmp(key, "socket") == 0) {
+		if (check_lock(cfg, SET_SOCKET, key, &p->at) != 0)
+			return -1;
+		if (val[0] != '/')
+			return perr(p, "socket path must be absolute: %s", val);
+		if (strlen(val) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+			return perr(p, "socket path is too long for a Unix socket: %s", val);
+		return set_text(p, &cfg->socket_path, &cfg->origin[SET_SOCKET], val);
+	}
+	if (strcmp(key, "module") == 0) {
+		if (check_lock(cfg, SET_MODULE, key, &p->at) != 0)
+			return -1;
+		if (config_add_module(cfg, val, NULL, NULL, &p->at) != 0)
+			return -1;
+		p->last_module = (long)cfg->nmodules - 1;
+		return 0;
+	}
+	if (strcmp(key, "module-init-args") == 0) {
+		if (check_lock(cfg, SET_MODULE, key, &p->at) != 0)
+			return -1;
+		if (p->last_module < 0)
+			return perr(p, "module-init-args must follow a module line of this file "
+				    "(for a registered module use [module NAME] and init-args)");
+		struct module_conf *m = &cfg->modules[p->last_module];
+		return set_text(p, &m->init_args, &m->init_origin, val);
+	}
+	if (strcmp(key, "module-skip") == 0) {
+		if (check_lock(cfg, SET_MODULE_SKIP, key, &p->at) != 0)
+			return -1;
+		if (add_pattern(&cfg->skip, &cfg->nskip, val, &p->at) != 0)
+			return perr(p, "out of memory");
+		cfg->origin[SET_MODULE_SKIP] = p->at;
+		return 0;
+	}
+	if (strcmp(key, "module-allow") == 0) {
+		if (!admin)
+			return perr(p, "module-allow belongs in the administrator's file (%s) only",
+				    cfg->admin_file ? cfg->admin_file : SYSCONFDIR "/p11agent/p11agentd.conf");
+		if (val[0] != '/')
+			return perr(p, "module-allow needs an absolute path or pattern: %s", val);
+		if (add_pattern(&cfg->allow, &cfg->nallow, val, &p->at) != 0)
+			return perr(p, "out of memory");
+		return 0;
+	}
+	if (strcmp(key, "lock") == 0) {
+		if (!admin)
+			return perr(p, "lock belongs in the administrator's file (%s) only",
+				    cfg->admin_file ? cfg->admin_file : SYSCONFDIR "/p11agent/p11agentd.conf");
+		return lock_settings(p, val);
+	}
+	if (strcmp(key, "session-pool") == 0)
+		return set_int(p, SET_SESSION_POOL, val, 1, CONFIG_POOL_MAX, 1, &cfg->session_pool,
+			       NULL);
+	if (strcmp(key, "sign-timeout") == 0)
+		return set_int(p, SET_SIGN_TIMEOUT, val, 1, 3600, 1000, &cfg->sign_timeout_ms,
+			       "seconds");
+	if (strcmp(key, "max-connections") == 0)
+		return set_int(p, SET_MAX_CONNECTIONS, val, 1, 65536, 1, &cfg->max_connections,
+			       NULL);
+	if (strcmp(key, "max-channels-per-connection") == 0)
+		return set_int(p, SET_MAX_CHANNELS_PER_CONNECTION, val, 1, 4096, 1,
+			       &cfg->max_channels_per_connection, NULL);
+	if (strcmp(key, "max-channels-per-process") == 0)
+		return set_int(p, SET_MAX_CHANNELS_PER_PROCESS, val, 1, 4096, 1,
+			       &cfg->max_channels_per_process, NULL);
+	if (strcmp(key, "debug") == 0) {
+		if (check_lock(cfg, SET_DEBUG, key, &p->at) != 0)
+			return -1;
+		if (strcmp(val, "yes") == 0)
+			cfg->debug = 1;
+		else if (strcmp(val, "no") == 0)
+			cfg->debug = 0;
+		else
+			return perr(p, "debug must be yes or no, not '%s'", val);
+		cfg->origin[SET_DEBUG] = p->at;
+		return 0;
+	}
+	if (strcmp(key, "init-args") == 0)
+		return perr(p, "init-args belongs in a [module NAME-or-PATH] section (or use "
+			    "module-init-args after a module line)");
+	return perr(p, "unknown setting '%s'", key);
+}
+
+static int
+parse_line(struct parse *p, char *line)
+{
+	char *hash = strchr(line, '#');
+	if (hash)
+		*hash = '\0';
+	char *s = trim(line);
+	if (!*s)
+		return 0;
+	if (*s == '[')
+		return section_begin(p, s);
+	char *val = s;
+	while (*val && !isspace((unsigned char)*val))
+		val++;
+	if (*val)
+		*val++ = '\0';
+	val = trim(val);
+	if (!*val)
+		return perr(p, "'%s' needs a value", s);
+	if (p->section >= 0)
+		return section_setting(p, s, val);
+	return global_setting(p, s, val);
+}
+
+int
+config_load_file(struct agent_config *cfg, const char *file, enum conf_layer layer,
+		 int must_exist)
+{
+	struct parse p = { .cfg = cfg, .layer = layer, .section = -1, .last_module = -1 };
+	int *state = layer == CONF_ADMIN ? &cfg->admin_state : &cfg->user_state;
+	char **name = layer == CONF_ADMIN ? &cfg->admin_file : &cfg->user_file;
+
+	free(*name);
+	if (!(*name = strdup(file)) || !(p.at.file = config_intern(cfg, file))) {
+		fprintf(stderr, "p11agentd: out of memory\n");
+		return -1;
+	}
+	p.at.layer = layer;
 	FILE *f = fopen(file, "re");
 	if (!f) {
+		if (errno == ENOENT && !must_exist) {
+			*state = CONF_FILE_MISSING;
+			return 0;
+		}
+		/* An administrator's file we cannot read must not be skipped: it may lock things. */
 		fprintf(stderr, "p11agentd: %s: %s\n", file, strerror(errno));
 		return -1;
 	}
-	char line[4096];
-	int lineno = 0, rc = 0, secs;
-	while (fgets(line, sizeof(line), f)) {
-		lineno++;
-		if (!strchr(line, '\n') && !feof(f)) {
-			fprintf(stderr, "p11agentd: %s:%d: line too long\n", file, lineno);
-			rc = -1;
+	*state = CONF_FILE_READ;
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
+	int rc = 0;
+	while ((len = getline(&line, &cap, f)) >= 0) {
+		p.at.line++;
+		if (len - (line[len - 1] == '\n') > CONF_LINE_MAX) {
+			rc = perr(&p, "line too long (at most %d bytes)", CONF_LINE_MAX);
 			break;
 		}
-		char *hash = strchr(line, '#');
-		if (hash)
-			*hash = '\0';
-		char *s = trim(line);
-		if (!*s)
-			continue;
-		char *val = s;
-		while (*val && !isspace((unsigned char)*val))
-			val++;
-		if (*val)
-			*val++ = '\0';
-		val = trim(val);
-		if (!*val) {
-			fprintf(stderr, "p11agentd: %s:%d: '%s' needs a value\n", file, lineno, s);
-			rc = -1;
+		if (memchr(line, '\0', (size_t)len)) {
+			rc = perr(&p, "NUL byte in line");
 			break;
 		}
-		if (strcmp(s, "socket") == 0) {
-			if (!cfg->socket_path && !(cfg->socket_path = strdup(val)))
-				rc = -1;
-		} else if (strcmp(s, "module") == 0) {
-			if (config_add_module(cfg, val, NULL, NULL) != 0)
-				rc = -1;
-		} else if (strcmp(s, "module-init-args") == 0) {
-			if (cfg->nmodules == 0) {
-				fprintf(stderr, "p11agentd: %s:%d: module-init-args before any module\n",
-					file, lineno);
-				rc = -1;
-			} else {
-				struct module_conf *m = &cfg->modules[cfg->nmodules - 1];
-				free(m->init_args);
-				if (!(m->init_args = strdup(val)))
-					rc = -1;
-			}
-		} else if (strcmp(s, "sign-timeout") == 0) {
-			if (parse_int(val, 1, 3600, &secs) != 0) {
-				fprintf(stderr, "p11agentd: %s:%d: sign-timeout must be 1..3600 seconds\n",
-					file, lineno);
-				rc = -1;
-			} else {
-				cfg->sign_timeout_ms = secs * 1000;
-			}
-		} else if (strcmp(s, "max-connections") == 0) {
-			if (parse_int(val, 1, 65536, &cfg->max_connections) != 0) {
-				fprintf(stderr, "p11agentd: %s:%d: max-connections must be 1..65536\n",
-					file, lineno);
-				rc = -1;
-			}
-		} else if (strcmp(s, "max-channels-per-connection") == 0) {
-			if (parse_int(val, 1, 4096, &cfg->max_channels_per_connection) != 0) {
-				fprintf(stderr, "p11agentd: %s:%d: max-channels-per-connection must be "
-					"1..4096\n", file, lineno);
-				rc = -1;
-			}
-		} else if (strcmp(s, "max-channels-per-process") == 0) {
-			if (parse_int(val, 1, 4096, &cfg->max_channels_per_process) != 0) {
-				fprintf(stderr, "p11agentd: %s:%d: max-channels-per-process must be "
-					"1..4096\n", file, lineno);
-				rc = -1;
-			}
-		} else if (strcmp(s, "debug") == 0) {
-			if (strcmp(val, "yes") == 0)
-				cfg->debug = 1;
-			else if (strcmp(val, "no") != 0) {
-				fprintf(stderr, "p11agentd: %s:%d: debug must be yes or no\n", file, lineno);
-				rc = -1;
-			}
-		} else {
-			fprintf(stderr, "p11agentd: %s:%d: unknown setting '%s'\n", file, lineno, s);
-			rc = -1;
-		}
-		if (rc)
+		if ((rc = parse_line(&p, line)) != 0)
 			break;
+	}
+	int err = errno;
+	free(line);
+	if (rc == 0 && ferror(f)) {
+		fprintf(stderr, "p11agentd: %s: %s\n", file, strerror(err));
+		rc = -1;
 	}
 	fclose(f);
 	return rc;
+}
+
+/* ------------------------------------------------------------ flags */
+
+int
+config_flag_socket(struct agent_config *cfg, const char *path, const char *flag)
+{
+	struct conf_origin o = { .layer = CONF_FLAG, .note = flag };
+
+	if (check_lock(cfg, SET_SOCKET, "socket", &o) != 0)
+		return -1;
+	if (path[0] != '/')
+		return origin_err(&o, "socket path must be absolute: %s", path);
+	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+		return origin_err(&o, "socket path is too long for a Unix socket: %s", path);
+	free(cfg->socket_path);
+	if (!(cfg->socket_path = strdup(path)))
+		return origin_err(&o, "out of memory");
+	cfg->origin[SET_SOCKET] = o;
+	return 0;
+}
+
+int
+config_flag_debug(struct agent_config *cfg, const char *flag)
+{
+	struct conf_origin o = { .layer = CONF_FLAG, .note = flag };
+
+	if (check_lock(cfg, SET_DEBUG, "debug", &o) != 0)
+		return -1;
+	cfg->debug = 1;
+	cfg->origin[SET_DEBUG] = o;
+	return 0;
+}
+
+int
+config_flag_module(struct agent_config *cfg, const char *path, const char *flag)
+{
+	struct conf_origin o = { .layer = CONF_FLAG, .note = flag };
+
+	if (check_lock(cfg, SET_MODULE, "module", &o) != 0)
+		return -1;
+	return config_add_module(cfg, path, NULL, NULL, &o);
+}
+
+/* ------------------------------------------------------------ --print-config */
+
+static void
+print_value(FILE *out, const char *key, const char *val, const struct conf_origin *o,
+	    const struct agent_config *cfg, int s)
+{
+	char where[PATH_MAX + 64];
+
+	config_origin_format(o, where, sizeof(where));
+	fprintf(out, "%s %s\t# %s", key, val, where);
+	if (s >= 0 && cfg->locked[s]) {
+		char lw[PATH_MAX + 64];
+		config_origin_format(&cfg->lock_origin[s], lw, sizeof(lw));
+		fprintf(out, "; locked at %s", lw);
+	}
+	fputc('\n', out);
+}
+
+static const char *
+file_state(int st)
+{
+	return st == CONF_FILE_READ ? "read" : st == CONF_FILE_MISSING ? "not present" : "not read";
+}
+
+void
+config_print(const struct agent_config *cfg, FILE *out)
+{
+	char v[64];
+
+	fprintf(out, "# p11agentd %s: effective configuration; after '#', where each value "
+		"comes from\n", PACKAGE_VERSION);
+	fprintf(out, "# administrator's file: %s (%s)\n", cfg->admin_file ? cfg->admin_file : "-",
+		file_state(cfg->admin_state));
+	fprintf(out, "# user's file: %s (%s)\n", cfg->user_file ? cfg->user_file : "-",
+		file_state(cfg->user_state));
+	print_value(out, "socket", cfg->socket_path ? cfg->socket_path : "(none)",
+		    &cfg->origin[SET_SOCKET], cfg, SET_SOCKET);
+	snprintf(v, sizeof(v), "%d", cfg->session_pool);
+	print_value(out, "session-pool", v, &cfg->origin[SET_SESSION_POOL], cfg, SET_SESSION_POOL);
+	snprintf(v, sizeof(v), "%d", cfg->sign_timeout_ms / 1000);
+	print_value(out, "sign-timeout", v, &cfg->origin[SET_SIGN_TIMEOUT], cfg, SET_SIGN_TIMEOUT);
+	snprintf(v, sizeof(v), "%d", cfg->max_connections);
+	print_value(out, "max-connections", v, &cfg->origin[SET_MAX_CONNECTIONS], cfg,
+		    SET_MAX_CONNECTIONS);
+	snprintf(v, sizeof(v), "%d", cfg->max_channels_per_connection);
+	print_value(out, "max-channels-per-connection", v,
+		    &cfg->origin[SET_MAX_CHANNELS_PER_CONNECTION], cfg,
+		    SET_MAX_CHANNELS_PER_CONNECTION);
+	snprintf(v, sizeof(v), "%d", cfg->max_channels_per_process);
+	print_value(out, "max-channels-per-process", v, &cfg->origin[SET_MAX_CHANNELS_PER_PROCESS],
+		    cfg, SET_MAX_CHANNELS_PER_PROCESS);
+	print_value(out, "debug", cfg->debug ? "yes" : "no", &cfg->origin[SET_DEBUG], cfg,
+		    SET_DEBUG);
+	for (int s = 0; s < SET_COUNT; s++)
+		if (cfg->locked[s])
+			print_value(out, "lock", setting_names[s], &cfg->lock_origin[s], cfg, -1);
+	for (size_t i = 0; i < cfg->nallow; i++)
+		print_value(out, "module-allow", cfg->allow[i].text, &cfg->allow[i].origin, cfg, -1);
+	for (size_t i = 0; i < cfg->nskip; i++)
+		print_value(out, "module-skip", cfg->skip[i].text, &cfg->skip[i].origin, cfg,
+			    SET_MODULE_SKIP);
+	fprintf(out, "# modules: %s\n", cfg->modules_from_registry ?
+		"those registered with p11-kit (no module line or --module)" :
+		"named by module lines or --module");
+	for (size_t i = 0; i < cfg->nmodules; i++)
+		print_value(out, "module", cfg->modules[i].path, &cfg->modules[i].origin, cfg,
+			    cfg->modules_from_registry ? -1 : SET_MODULE);
+	for (size_t i = 0; i < cfg->nmodules; i++) {
+		const struct module_conf *m = &cfg->modules[i];
+		fprintf(out, "[module %s]\n", m->name);
+		if (m->load_path && strcmp(m->load_path, m->path) != 0)
+			fprintf(out, "# loaded as %s\n", m->load_path);
+		if (m->init_args)
+			print_value(out, "init-args", m->init_args, &m->init_origin, cfg, SET_MODULE);
+		snprintf(v, sizeof(v), "%d", m->session_pool);
+		print_value(out, "session-pool", v, &m->pool_origin, cfg, SET_SESSION_POOL);
+	}
+	for (size_t i = 0; i < cfg->ndropped; i++) {
+		char where[PATH_MAX + 64];
+		const struct conf_dropped *d = &cfg->dropped[i];
+		config_origin_format(&d->origin, where, sizeof(where));
+		fprintf(out, "# not used: %s (%s, %s): %s\n", d->name, d->path, where, d->why);
+	}
 }

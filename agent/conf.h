@@ -1,48 +1,179 @@
 /*
- * Agent configuration: command line and an optional config file.
+ * Agent configuration, in layers (docs/p11agentd.conf.5 is the reference):
  *
- * Config file syntax: one "key value" per line, '#' comments.
- *   socket PATH
- *   module PATH            (repeatable; replaces the p11-kit registry)
- *   module-init-args TEXT  (for the preceding module: CK_C_INITIALIZE_ARGS.pReserved)
- *   sign-timeout SECONDS   (per-request deadline, default 30)
- *   max-connections N      (default 1024)
- *   max-channels-per-connection N  (signing channels one connection may hold per module, default 64)
- *   max-channels-per-process N     (the same per client process, default 256)
- *   debug yes|no
- * Command-line options override the file.
+ *   built-in defaults
+ *   < the administrator's file   SYSCONFDIR/p11agent/p11agentd.conf
+ *   < the user's file            $XDG_CONFIG_HOME/p11agent/p11agentd.conf,
+ *                                 or the file given with --config
+ *   < command-line flags.
+ *
+ * The administrator's file alone may restrict modules (module-allow) and
+ * lock settings (lock): a later layer that tries to change a locked
+ * setting is an error naming its file and line, or its flag.  Every
+ * effective value remembers where it came from, for --print-config.
+ *
+ * Errors are printed to stderr as "p11agentd: FILE:LINE: reason" (or
+ * "p11agentd: --flag: reason"); a caller that gets -1 must not start.
  */
 #ifndef AGENT_CONF_H
 #define AGENT_CONF_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #define CONFIG_MAX_MODULES 32
+#define CONFIG_POOL_MAX 32       /* = TOKEN_POOL_MAX, the most sessions a pool holds */
+
+enum conf_layer {
+	CONF_DEFAULT,
+	CONF_ADMIN,
+	CONF_USER,
+	CONF_FLAG,
+	CONF_REGISTRY            /* a module found in p11-kit's registry */
+};
+
+/* The settings a layer sets and the administrator can lock. */
+enum conf_setting {
+	SET_SOCKET,
+	SET_MODULE,              /* module lines, module-init-args, --module, init-args */
+	SET_MODULE_SKIP,
+	SET_SESSION_POOL,        /* session-pool, globally and in [module] sections */
+	SET_SIGN_TIMEOUT,
+	SET_MAX_CONNECTIONS,
+	SET_MAX_CHANNELS_PER_CONNECTION,
+	SET_MAX_CHANNELS_PER_PROCESS,
+	SET_DEBUG,
+	SET_COUNT
+};
+
+struct conf_origin {
+	enum conf_layer layer;
+	const char *file;        /* owned by the agent_config (interned), or NULL */
+	int line;                /* 0 when not from a file line */
+	const char *note;        /* a flag ("--socket") or what a default came from; static */
+};
 
 struct module_conf {
-	char *path;          /* absolute path of the PKCS#11 module */
-	char *name;          /* short name for logs (p11-kit name or basename) */
-	char *init_args;     /* pReserved string for C_Initialize, or NULL */
+	char *path;              /* absolute path, as configured or registered */
+	char *load_path;         /* what the helper dlopen()s: the real path that was checked */
+	char *name;              /* short name for logs (p11-kit name or basename) */
+	char *init_args;         /* pReserved string for C_Initialize, or NULL */
+	int session_pool;        /* signing sessions per token at most, 1..CONFIG_POOL_MAX */
+	struct conf_origin origin, init_origin, pool_origin;
+};
+
+/* module-allow and module-skip lines. */
+struct conf_pattern {
+	char *text;
+	struct conf_origin origin;
+};
+
+/* A [module NAME-or-PATH] section. */
+struct conf_section {
+	char *match;
+	char *init_args;         /* NULL = not set here */
+	int session_pool;        /* 0 = not set here */
+	struct conf_origin origin, init_origin, pool_origin;
+};
+
+/* A module that was found but is not used, and why (--print-config, status). */
+struct conf_dropped {
+	char *name;
+	char *path;
+	char *why;
+	struct conf_origin origin;   /* where it was found */
 };
 
 struct agent_config {
 	char *socket_path;
+	char *socket_tmpdir;     /* private directory the agent made for its socket, or NULL */
+	int socket_activated;    /* the listening socket came from systemd: never unlink it */
 	int foreground;
 	int debug;
+	int session_pool;
 	int sign_timeout_ms;
 	int max_connections;
 	int max_channels_per_connection;
 	int max_channels_per_process;
+	struct conf_origin origin[SET_COUNT];
+	int locked[SET_COUNT];
+	struct conf_origin lock_origin[SET_COUNT];
+
 	size_t nmodules;
 	struct module_conf modules[CONFIG_MAX_MODULES];
-	int modules_from_registry;  /* no module given: use p11-kit's registry */
+	enum conf_layer modules_layer;   /* the layer whose module lines are in modules[] */
+	int modules_from_registry;       /* no module given: p11-kit's registry */
+
+	struct conf_pattern *allow, *skip;
+	size_t nallow, nskip;
+	struct conf_section *sections;
+	size_t nsections;
+	struct conf_dropped *dropped;
+	size_t ndropped;
+
+	char *admin_file, *user_file;    /* the paths looked at */
+	int admin_state, user_state;     /* CONF_FILE_* */
+	char **interned;
+	size_t ninterned;
 };
 
+enum { CONF_FILE_NONE, CONF_FILE_MISSING, CONF_FILE_READ };
+
 void config_init(struct agent_config *cfg);
-/* Reads FILE; returns 0 or -1 after printing "p11agentd: FILE:LINE: why" to stderr. */
-int config_load_file(struct agent_config *cfg, const char *file);
-/* Adds a module (path copied); -1 with a message when full or not absolute. */
-int config_add_module(struct agent_config *cfg, const char *path, const char *name, const char *init_args);
 void config_free(struct agent_config *cfg);
+
+/*
+ * The administrator's file: $P11AGENT_SYSCONFDIR/p11agent/p11agentd.conf
+ * when that variable is set (tests; ignored in a setuid process), else
+ * SYSCONFDIR/p11agent/p11agentd.conf.  The user's file:
+ * $XDG_CONFIG_HOME/p11agent/p11agentd.conf (absolute XDG_CONFIG_HOME
+ * only), else ~/.config/p11agent/p11agentd.conf.  0, or -1 when the path
+ * does not fit or there is no home directory (the user's file is then
+ * not read).
+ */
+int config_admin_path(char *out, size_t out_size);
+int config_user_path(char *out, size_t out_size);
+
+/*
+ * Reads FILE as the given layer (CONF_ADMIN or CONF_USER).  A missing
+ * file is no error unless must_exist; any other problem is, printed as
+ * "p11agentd: FILE:LINE: reason".  Returns 0 or -1.
+ */
+int config_load_file(struct agent_config *cfg, const char *file, enum conf_layer layer,
+		     int must_exist);
+
+/*
+ * A command-line flag: flag is its name for messages ("--socket").
+ * config_flag_module() collects --module paths (the first replaces the
+ * modules of every file).  -1 (printed) when the setting is locked or the
+ * value is bad.
+ */
+int config_flag_socket(struct agent_config *cfg, const char *path, const char *flag);
+int config_flag_debug(struct agent_config *cfg, const char *flag);
+int config_flag_module(struct agent_config *cfg, const char *path, const char *flag);
+
+/*
+ * Adds a module (strings copied).  o says where it came from; a module
+ * line of a higher layer than those already listed replaces them.
+ * -1 with a message naming o when full or the path is not absolute.
+ */
+int config_add_module(struct agent_config *cfg, const char *path, const char *name,
+		      const char *init_args, const struct conf_origin *o);
+
+/* Records a module that is not used (copied). */
+int config_add_dropped(struct agent_config *cfg, const char *name, const char *path,
+		       const char *why, const struct conf_origin *o);
+
+/* Copies s into the configuration; the copy lives as long as cfg.  NULL when out of memory. */
+const char *config_intern(struct agent_config *cfg, const char *s);
+
+/* "default", "FILE:LINE", "--socket", "p11-kit registry FILE"... */
+void config_origin_format(const struct conf_origin *o, char *out, size_t out_size);
+
+/* Prints every effective value with its source, in the file's syntax. */
+void config_print(const struct agent_config *cfg, FILE *out);
+
+/* The name of a setting as written in files ("sign-timeout"). */
+const char *config_setting_name(enum conf_setting s);
 
 #endif

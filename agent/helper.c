@@ -723,16 +723,22 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		pthread_cond_init(&h->wd_cond, &ca);
 		pthread_condattr_destroy(&ca);
 	}
-	if (token_module_load(mod, h->sign_timeout_ms, &h->tm) != 0) {
-		log_err("module %s: not usable, helper exits", mod->path);
-		_exit(HELPER_EXIT_INIT);
-	}
 	in = p11a_buf_new(P11A_FRAME_MAX);
 	h->out = p11a_buf_new(P11A_FRAME_MAX);
 	h->last_inv = p11a_buf_new(P11A_FRAME_MAX);
 	if (in == NULL || h->out == NULL || h->last_inv == NULL) {
 		log_err("out of memory");
 		_exit(HELPER_EXIT_INIT);
+	}
+	{
+		char why[TOKEN_MSG_MAX];
+
+		if (token_module_load(mod, h->sign_timeout_ms, &h->tm, why, sizeof(why)) != 0) {
+			/* The agent keeps the reason for `p11agent status` (ERROR with id 0). */
+			(void)ctrl_send_error(h, 0, P11A_E_TOKEN, why);
+			log_err("module %s: not usable, helper exits", mod->path);
+			_exit(HELPER_EXIT_INIT);
+		}
 	}
 	{
 		pthread_attr_t attr;

@@ -10,6 +10,7 @@
 #include "server.h"
 #include "helper.h"
 #include "log.h"
+#include "systemd.h"
 #include "p11a.h"
 #include "proto.h"
 #include "uri.h"
@@ -222,12 +223,17 @@ struct helper {
 	int64_t restart_at;        /* 0 = not scheduled */
 	int64_t started_ms;
 	int restart_delay_ms;
+	unsigned starts;           /* times the helper was started */
+	int init_error;            /* this run's helper reported why it could not start */
+	char last_error[512];      /* the module's latest failure, for HEALTH; "" = none */
+	time_t error_time;
 };
 
 struct client {
 	int fd;
 	uint64_t serial;           /* tells a reused slot apart */
 	int hello_done;
+	uint16_t version;          /* protocol version chosen at HELLO */
 	int closing;               /* close once the out queue is empty */
 	int waiting;               /* replies still expected from helpers */
 	int wait_error;            /* first error code among them, 0 = none */
@@ -268,6 +274,7 @@ struct server {
 	uint32_t next_id;
 	size_t open_clients;
 	size_t max_clients;        /* max-connections, within RLIMIT_NOFILE */
+	size_t notified_up;        /* modules up in the last STATUS= sent to systemd */
 	int64_t accept_paused_until;       /* out of descriptors: listen again at this time */
 };
 
@@ -410,6 +417,8 @@ helper_spawn(struct server *s, size_t hi)
 	h->pid = pid;
 	h->fd = sv[0];
 	h->up = 0;
+	h->starts++;
+	h->init_error = 0;
 	h->restart_at = 0;
 	h->started_ms = p11a_now_ms();
 	memset(&h->in, 0, sizeof(h->in));
@@ -417,6 +426,34 @@ helper_spawn(struct server *s, size_t hi)
 }
 
 static void pending_fail_helper(struct server *s, size_t hi);
+
+/* Keeps a module's latest failure for HEALTH (`p11agent status`). */
+static void __attribute__((format(printf, 2, 3)))
+helper_note_error(struct helper *h, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(h->last_error, sizeof(h->last_error), fmt, ap);
+	va_end(ap);
+	h->error_time = time(NULL);
+}
+
+/* Tells systemd (STATUS=) how many modules are up, when that changed. */
+static void
+notify_status(struct server *s)
+{
+	size_t up = 0, tokens = 0;
+
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		up += s->helpers[i].up;
+		tokens += s->helpers[i].inv.ntokens;
+	}
+	if (up == s->notified_up)
+		return;
+	s->notified_up = up;
+	sysd_notify("STATUS=%zu of %zu modules up, %zu tokens", up, s->nhelpers, tokens);
+}
 
 /* The helper's socket closed or failed: reap, fail its requests, schedule a restart. */
 static void
@@ -444,17 +481,22 @@ helper_down(struct server *s, size_t hi, const char *why)
 		nanosleep(&ts, NULL);
 	}
 	if (WIFEXITED(st) && WEXITSTATUS(st) == HELPER_EXIT_INIT) {
-		log_err("module %s could not be loaded or initialized; not using it", h->mod->path);
+		if (!h->init_error)
+			helper_note_error(h, "could not be loaded or initialized (the helper's log "
+					  "says why)");
+		log_err("module %s could not be loaded or initialized (%s); not using it",
+			h->mod->path, h->last_error);
 		h->dead_for_good = 1;
 	} else {
 		if (p11a_now_ms() - h->started_ms > HELPER_STABLE_MS)
 			h->restart_delay_ms = RESTART_DELAY_MIN_MS;
 		if (WIFSIGNALED(st))
-			log_err("helper %s (pid %ld) died of signal %d (%s); restarting in %d ms",
-				h->mod->name, (long)h->pid, WTERMSIG(st), why, h->restart_delay_ms);
+			helper_note_error(h, "helper (pid %ld) died of signal %d (%s, %s)",
+					  (long)h->pid, WTERMSIG(st), strsignal(WTERMSIG(st)), why);
 		else
-			log_err("helper %s (pid %ld) exited (%s); restarting in %d ms",
-				h->mod->name, (long)h->pid, why, h->restart_delay_ms);
+			helper_note_error(h, "helper (pid %ld) exited (%s)", (long)h->pid, why);
+		log_err("module %s: %s; restarting in %d ms", h->mod->name, h->last_error,
+			h->restart_delay_ms);
 		h->restart_at = p11a_now_ms() + h->restart_delay_ms;
 		h->restart_delay_ms *= 2;
 		if (h->restart_delay_ms > RESTART_DELAY_MAX_MS)
@@ -462,6 +504,7 @@ helper_down(struct server *s, size_t hi, const char *why)
 	}
 	h->pid = 0;
 	pending_fail_helper(s, hi);
+	notify_status(s);
 }
 
 /* ------------------------------------------------------------ pending */
@@ -595,6 +638,13 @@ helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 			log_debug("helper %s: inventory %u token(s), %u key(s)", h->mod->name,
 				  h->inv.ntokens, h->inv.nkeys);
 		h->up = 1;
+		notify_status(s);
+		return;
+	}
+	if (m->type == P11A_MSG_ERROR && id == 0) {
+		/* The helper says why it cannot go on (it exits next). */
+		helper_note_error(h, "%s", m->u.error.message ? m->u.error.message : "");
+		h->init_error = 1;
 		return;
 	}
 	for (size_t i = 0; i < s->npending; i++) {
@@ -673,6 +723,7 @@ handle_hello(struct server *s, size_t ci, const struct p11a_hello *hello)
 	log_debug("client %d: hello from '%s' (pid %ld), version %u", c->fd,
 		  hello->client ? hello->client : "", (long)c->pid, hi);
 	c->hello_done = 1;
+	c->version = hi;
 	struct p11a_msg m = { .type = P11A_MSG_HELLO_REPLY };
 	m.u.hello_reply.version = hi;
 	m.u.hello_reply.agent = (char *)"p11agentd " PACKAGE_VERSION;
@@ -730,6 +781,46 @@ handle_list(struct server *s, size_t ci, int with_keys)
 	send_msg(s, ci, &m, -1);
 	free(tokens);
 	free(keys);
+}
+
+/* HEALTH: every module's state and last error, and the latest warnings of this process. */
+static void
+handle_health(struct server *s, size_t ci)
+{
+	const struct agent_config *cfg = s->cfg;
+	size_t n = s->nhelpers + cfg->ndropped, k = 0;
+	struct p11a_module_health *mods = calloc(n ? n : 1, sizeof(*mods));
+	const char *recent[LOG_RECENT_MAX];
+	struct p11a_msg m;
+
+	if (!mods) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	for (size_t i = 0; i < s->nhelpers; i++, k++) {
+		const struct helper *h = &s->helpers[i];
+		mods[k].name = h->mod->name;
+		mods[k].path = h->mod->path;
+		mods[k].state = h->dead_for_good ? P11A_MODULE_FAILED : h->up ? P11A_MODULE_UP :
+		    h->fd >= 0 ? P11A_MODULE_STARTING : P11A_MODULE_RESTARTING;
+		mods[k].restarts = h->starts > 1 ? h->starts - 1 : 0;
+		mods[k].error_time = (uint32_t)h->error_time;
+		mods[k].error = (char *)h->last_error;
+	}
+	for (size_t i = 0; i < cfg->ndropped; i++, k++) {
+		mods[k].name = cfg->dropped[i].name;
+		mods[k].path = cfg->dropped[i].path;
+		mods[k].state = P11A_MODULE_NOT_USED;
+		mods[k].error = cfg->dropped[i].why;
+	}
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_HEALTH_REPLY;
+	m.u.health.nmodules = (uint32_t)n;
+	m.u.health.modules = mods;
+	m.u.health.nrecent = (uint32_t)log_recent(recent, LOG_RECENT_MAX);
+	m.u.health.recent = (char **)recent;
+	send_msg(s, ci, &m, -1);
+	free(mods);
 }
 
 /* Tokens matching uri ("" = all): calls fn for each; returns matches or a negative error. */
@@ -1002,6 +1093,13 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 	case P11A_MSG_STATUS:
 		handle_list(s, ci, 0);
 		break;
+	case P11A_MSG_HEALTH:
+		if (s->clients[ci].version < 2)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 2", m.type);
+		else
+			handle_health(s, ci);
+		break;
 	case P11A_MSG_LIST:
 		handle_list(s, ci, 1);
 		break;
@@ -1229,6 +1327,9 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	}
 	if (s->nhelpers == 0)
 		log_warn("no PKCS#11 module to use: give --module PATH or register one with p11-kit");
+	/* Clients can connect from now on; requests wait for starting helpers themselves. */
+	sysd_notify("READY=1\nSTATUS=listening on %s, %zu module(s) starting", cfg->socket_path,
+		    s->nhelpers);
 
 	struct pollfd *pfd = NULL;
 	size_t cpfd = 0;
@@ -1348,6 +1449,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	}
 	rc = 0;
 	free(pfd);
+	sysd_notify("STOPPING=1\nSTATUS=shutting down");
 out:
 	for (size_t i = 0; i < s->nclients; i++)
 		client_close(s, i);
@@ -1378,7 +1480,8 @@ out:
 	}
 	free(s->helpers);
 	close(s->sig_fd);
-	if (unlink(cfg->socket_path) != 0 && errno != ENOENT)
+	/* systemd's socket stays: the next connection starts the agent again. */
+	if (!cfg->socket_activated && unlink(cfg->socket_path) != 0 && errno != ENOENT)
 		log_warn("cannot remove %s: %s", cfg->socket_path, strerror(errno));
 	log_info("stopped");
 	return rc;

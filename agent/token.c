@@ -121,6 +121,7 @@ struct token_module {
 	void *dl;
 	CK_FUNCTION_LIST_PTR f;
 	int wait_ms;
+	unsigned pool_max;              /* session-pool: signing sessions per token at most */
 	int event_fd;
 	atomic_int inflight;            /* threads inside token_sign's PKCS#11 calls */
 	atomic_int key_copies;          /* 0 once the module refused C_CopyObject outright */
@@ -522,9 +523,9 @@ slot_reset_sessions(struct token_module *m, struct tok_slot *s)
 	s->mechs_read = 0;
 }
 
-/* Sizes the pool from ulMaxSessionCount; the kept session takes one. */
+/* Sizes the pool from ulMaxSessionCount (the kept session takes one) and session-pool. */
 static void
-slot_configure_pool(struct tok_slot *s, const CK_TOKEN_INFO *ti)
+slot_configure_pool(struct tok_slot *s, const CK_TOKEN_INFO *ti, unsigned pool_max)
 {
 	CK_ULONG max = ti->ulMaxSessionCount;
 	unsigned cap;
@@ -532,15 +533,16 @@ slot_configure_pool(struct tok_slot *s, const CK_TOKEN_INFO *ti)
 
 	if (max == CK_EFFECTIVELY_INFINITE || max == CK_UNAVAILABLE_INFORMATION) {
 		shared = 0;
-		cap = TOKEN_POOL_MAX;
+		cap = pool_max;
 	} else if (max <= 1) {
 		shared = 1;
 		cap = 1;
 	} else {
 		shared = 0;
-		cap = max - 1 > TOKEN_POOL_MAX ? TOKEN_POOL_MAX : (unsigned)(max - 1);
+		cap = max - 1 > pool_max ? pool_max : (unsigned)(max - 1);
 	}
 	pthread_mutex_lock(&s->plock);
+	unsigned before = s->cap;
 	if (s->shared != shared) {
 		s->shared = shared;
 		s->cap = cap;
@@ -548,7 +550,11 @@ slot_configure_pool(struct tok_slot *s, const CK_TOKEN_INFO *ti)
 		/* Raise the cap only while nothing is open: CKR_SESSION_COUNT may have lowered it. */
 		s->cap = cap;
 	}
+	cap = s->cap;
 	pthread_mutex_unlock(&s->plock);
+	if (cap != before)
+		log_debug("slot %lu: up to %u signing session%s%s", (unsigned long)s->id, cap,
+			  cap == 1 ? "" : "s", shared ? " (one-session token: shared with control)" : "");
 }
 
 /* The control thread's session: the kept one, or the pool's only one. */
@@ -1558,7 +1564,7 @@ slot_scan(struct token_module *m, struct tok_slot *s)
 		return rv;
 	if (!s->present || !s->known || !same_token(&s->ti, &ti))
 		slot_reset_sessions(m, s);
-	slot_configure_pool(s, &ti);
+	slot_configure_pool(s, &ti, m->pool_max);
 	if ((rv = ctl_session_state(m, s, &h, &gen, &logged_in)) != CKR_OK)
 		goto fail;
 	if (!s->mechs_read) {
@@ -1619,8 +1625,16 @@ key_copies_wanted(void)
 	return v == NULL || strcmp(v, "0") != 0;
 }
 
+/* Says why loading failed, in msg and in the log, and gives up. */
+#define LOAD_FAIL(...) do { \
+		snprintf(msg, msg_size, __VA_ARGS__); \
+		log_err("%s", msg); \
+		goto fail; \
+	} while (0)
+
 int
-token_module_load(const struct module_conf *mod, int wait_ms, struct token_module **out)
+token_module_load(const struct module_conf *mod, int wait_ms, struct token_module **out,
+		  char *msg, size_t msg_size)
 {
 	struct token_module *m;
 	CK_C_GetFunctionList get_list;
@@ -1630,46 +1644,38 @@ token_module_load(const struct module_conf *mod, int wait_ms, struct token_modul
 
 	*out = NULL;
 	if ((m = calloc(1, sizeof(*m))) == NULL) {
+		snprintf(msg, msg_size, "out of memory");
 		log_err("out of memory");
 		return -P11A_E_TOKEN;
 	}
 	m->event_fd = -1;
 	m->wait_ms = wait_ms > 0 ? wait_ms : 30000;
 	atomic_init(&m->key_copies, key_copies_wanted());
-	m->path = strdup(mod->path);
+	/* The real path modules_resolve() checked, not one a link could redirect. */
+	m->path = strdup(mod->load_path != NULL ? mod->load_path : mod->path);
+	m->pool_max = mod->session_pool > 0 && mod->session_pool < TOKEN_POOL_MAX ?
+	    (unsigned)mod->session_pool : TOKEN_POOL_MAX;
 	m->name = strdup(mod->name != NULL ? mod->name : mod->path);
 	pthread_mutex_init(&m->lock, NULL);
 	pthread_rwlock_init(&m->copy_lock, NULL);
 	atomic_init(&m->inflight, 0);
-	if (m->path == NULL || m->name == NULL) {
-		log_err("out of memory");
-		goto fail;
-	}
+	if (m->path == NULL || m->name == NULL)
+		LOAD_FAIL("out of memory");
 	m->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (m->event_fd < 0) {
-		log_err("eventfd: %s", strerror(errno));
-		goto fail;
-	}
+	if (m->event_fd < 0)
+		LOAD_FAIL("eventfd: %s", strerror(errno));
 	m->dl = dlopen(m->path, RTLD_NOW | RTLD_LOCAL);
-	if (m->dl == NULL) {
-		log_err("cannot load module %s: %s", m->path, dlerror());
-		goto fail;
-	}
+	if (m->dl == NULL)
+		LOAD_FAIL("cannot load module %s: %s", m->path, dlerror());
 	*(void **)&get_list = dlsym(m->dl, "C_GetFunctionList");
-	if (get_list == NULL) {
-		log_err("module %s has no C_GetFunctionList: not a PKCS#11 module", m->path);
-		goto fail;
-	}
+	if (get_list == NULL)
+		LOAD_FAIL("module %s has no C_GetFunctionList: not a PKCS#11 module", m->path);
 	rv = get_list(&m->f);
-	if (rv != CKR_OK || m->f == NULL) {
-		log_err("module %s: C_GetFunctionList: %s", m->path, ckr_name(rv, nb, sizeof(nb)));
-		goto fail;
-	}
-	if (m->f->version.major < 2) {
-		log_err("module %s: PKCS#11 version %u.%u is too old", m->path,
-			m->f->version.major, m->f->version.minor);
-		goto fail;
-	}
+	if (rv != CKR_OK || m->f == NULL)
+		LOAD_FAIL("module %s: C_GetFunctionList: %s", m->path, ckr_name(rv, nb, sizeof(nb)));
+	if (m->f->version.major < 2)
+		LOAD_FAIL("module %s: PKCS#11 version %u.%u is too old", m->path,
+			  m->f->version.major, m->f->version.minor);
 	memset(&args, 0, sizeof(args));
 	args.flags = CKF_OS_LOCKING_OK;
 	args.pReserved = mod->init_args;
@@ -1677,8 +1683,7 @@ token_module_load(const struct module_conf *mod, int wait_ms, struct token_modul
 	if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		log_warn("module %s was initialized already", m->path);
 	} else if (rv != CKR_OK) {
-		log_err("module %s: C_Initialize: %s", m->path, ckr_name(rv, nb, sizeof(nb)));
-		goto fail;
+		LOAD_FAIL("module %s: C_Initialize: %s", m->path, ckr_name(rv, nb, sizeof(nb)));
 	}
 	log_debug("module %s loaded (PKCS#11 %u.%u)", m->path, m->f->version.major,
 		  m->f->version.minor);
@@ -1693,6 +1698,7 @@ token_module_load(const struct module_conf *mod, int wait_ms, struct token_modul
 	free(m);
 	return -P11A_E_TOKEN;
 }
+#undef LOAD_FAIL
 
 void
 token_module_close(struct token_module *m)

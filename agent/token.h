@@ -35,14 +35,17 @@
 struct token_module;
 
 /*
- * dlopen()s mod->path (RTLD_NOW | RTLD_LOCAL), gets its function list and
- * calls C_Initialize with CKF_OS_LOCKING_OK and pReserved = mod->init_args.
- * wait_ms bounds how long the control thread queues for the session of a
- * one-session token that is busy signing.  Logs why on failure and
- * returns -P11A_E_TOKEN (nothing to free); *out is set on success.
- * Does not enumerate: call token_refresh() next.
+ * dlopen()s mod->load_path (else mod->path; RTLD_NOW | RTLD_LOCAL), gets
+ * its function list and calls C_Initialize with CKF_OS_LOCKING_OK and
+ * pReserved = mod->init_args.  Each token's signing pool holds at most
+ * mod->session_pool sessions (TOKEN_POOL_MAX when 0).  wait_ms bounds how
+ * long the control thread queues for the session of a one-session token
+ * that is busy signing.  On failure logs why, writes it to msg too (for
+ * the agent's status) and returns -P11A_E_TOKEN (nothing to free); *out
+ * is set on success.  Does not enumerate: call token_refresh() next.
  */
-int token_module_load(const struct module_conf *mod, int wait_ms, struct token_module **out);
+int token_module_load(const struct module_conf *mod, int wait_ms, struct token_module **out,
+		      char *msg, size_t msg_size);
 
 /*
  * Stops signing (later token_sign() calls fail with -P11A_E_HELPER),

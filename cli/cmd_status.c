@@ -6,15 +6,17 @@
 #include <getopt.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "cli.h"
 
 static const char status_usage[] =
 	"Usage: p11agent status\n"
 	"\n"
-	"Shows the agent's version and pid, the socket, how many PKCS#11\n"
-	"modules are configured and running, open connections, and every\n"
-	"token with its state and URI.\n"
+	"Shows the agent's version and pid, the socket, each PKCS#11 module\n"
+	"with its state and last error (and the modules the configuration\n"
+	"leaves out, with the reason), open connections, every token with its\n"
+	"state and URI, and the agent's latest warnings.\n"
 	"\n"
 	"Options:\n"
 	"  -h, --help  show this help\n";
@@ -40,6 +42,53 @@ token_state(uint32_t flags, char *out, size_t out_size)
 		 (flags & P11A_TOKEN_PROTECTED_PATH) ? ", PIN pad" : "");
 }
 
+static const char *
+module_state(uint8_t state)
+{
+	switch (state) {
+	case P11A_MODULE_UP:
+		return "up";
+	case P11A_MODULE_STARTING:
+		return "starting";
+	case P11A_MODULE_RESTARTING:
+		return "restarting";
+	case P11A_MODULE_FAILED:
+		return "failed";
+	case P11A_MODULE_NOT_USED:
+		return "not used";
+	default:
+		return "?";
+	}
+}
+
+/* One line per module; the last error (or why it is not used) under it. */
+static void
+print_modules(const struct p11a_health_reply *h)
+{
+	for (uint32_t i = 0; i < h->nmodules; i++) {
+		struct p11a_module_health *m = &h->modules[i];
+		cli_sanitize(m->name);
+		cli_sanitize(m->path);
+		cli_sanitize(m->error);
+		printf("  %-20s %-10s %s\n", m->name ? m->name : "", module_state(m->state),
+		       m->path ? m->path : "");
+		if (m->restarts)
+			printf("  %-20s restarted %u time%s\n", "", (unsigned)m->restarts,
+			       m->restarts == 1 ? "" : "s");
+		if (m->error && *m->error) {
+			char when[64] = "";
+			if (m->error_time) {
+				time_t t = (time_t)m->error_time;
+				struct tm tm;
+				gmtime_r(&t, &tm);
+				strftime(when, sizeof(when), " (%Y-%m-%d %H:%M:%S UTC)", &tm);
+			}
+			printf("  %-20s %s%s: %s\n", "",
+			       m->state == P11A_MODULE_NOT_USED ? "why" : "last error", when, m->error);
+		}
+	}
+}
+
 int
 cmd_status(struct cli_ctx *ctx, int argc, char **argv)
 {
@@ -48,12 +97,13 @@ cmd_status(struct cli_ctx *ctx, int argc, char **argv)
 		{ NULL, 0, NULL, 0 }
 	};
 	struct p11a_client *c = NULL;
-	struct p11a_msg reply;
+	struct p11a_msg reply, health;
 	struct p11a_status_reply *st;
 	uint32_t i;
 	int ch, r, rc;
 
 	memset(&reply, 0, sizeof(reply));
+	memset(&health, 0, sizeof(health));
 	while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'h':
@@ -80,12 +130,20 @@ cmd_status(struct cli_ctx *ctx, int argc, char **argv)
 		goto out;
 	}
 	st = &reply.u.status;
+	/* An agent of protocol version 1 has no HEALTH: the counts only. */
+	r = p11a_client_health(c, &health);
+	if (r != 0 && r != -P11A_E_UNSUPPORTED) {
+		rc = cli_fail(c, r, "status");
+		goto out;
+	}
 	cli_sanitize(st->agent);
 	printf("agent:        %s\n", st->agent ? st->agent : "");
 	printf("pid:          %u\n", (unsigned)st->pid);
 	printf("socket:       %s\n", p11a_client_path(c));
 	printf("modules:      %u up, %u configured\n",
 	       (unsigned)st->modules_up, (unsigned)st->modules);
+	if (health.type == P11A_MSG_HEALTH_REPLY)
+		print_modules(&health.u.health);
 	printf("connections:  %u\n", (unsigned)st->connections);
 	printf("tokens:       %u\n", (unsigned)st->ntokens);
 	for (i = 0; i < st->ntokens; i++) {
@@ -99,8 +157,16 @@ cmd_status(struct cli_ctx *ctx, int argc, char **argv)
 			printf("  module: %s\n", t->module);
 		printf("  URI:    %s\n", t->uri ? t->uri : "");
 	}
+	if (health.type == P11A_MSG_HEALTH_REPLY && health.u.health.nrecent) {
+		printf("\nrecent warnings:\n");
+		for (i = 0; i < health.u.health.nrecent; i++) {
+			cli_sanitize(health.u.health.recent[i]);
+			printf("  %s\n", health.u.health.recent[i]);
+		}
+	}
 	rc = cli_finish_stdout(CLI_EXIT_OK);
 out:
+	p11a_msg_clear(&health);
 	p11a_msg_clear(&reply);
 	p11a_client_free(c);
 	return rc;

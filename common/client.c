@@ -40,6 +40,7 @@ struct p11a_client {
 	char *name;
 	int timeout_ms;     /* -1: no deadline */
 	uint64_t tick;
+	uint16_t version;   /* protocol version the agent chose at HELLO */
 	struct chan chans[CHAN_CACHE];
 	char last_error[512];
 };
@@ -420,6 +421,8 @@ client_hello(struct p11a_client *c)
 		set_error(c, "agent chose protocol version %u, we speak %u..%u",
 		    reply.u.hello_reply.version, P11A_PROTO_VERSION_MIN, P11A_PROTO_VERSION);
 		r = -P11A_E_VERSION;
+	} else {
+		c->version = reply.u.hello_reply.version;
 	}
 	p11a_msg_clear(&reply);
 	return r;
@@ -600,6 +603,22 @@ p11a_client_status(struct p11a_client *c, struct p11a_msg *reply)
 	memset(&req, 0, sizeof(req));
 	req.type = P11A_MSG_STATUS;
 	return call_expect(c, &req, P11A_MSG_STATUS_REPLY, reply);
+}
+
+int
+p11a_client_health(struct p11a_client *c, struct p11a_msg *reply)
+{
+	struct p11a_msg req;
+
+	memset(reply, 0, sizeof(*reply));
+	if (c->version < 2) {
+		set_error(c, "the agent speaks protocol version %u, which has no HEALTH request "
+		    "(an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_HEALTH;
+	return call_expect(c, &req, P11A_MSG_HEALTH_REPLY, reply);
 }
 
 int

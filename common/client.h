@@ -63,6 +63,12 @@ int p11a_client_call(struct p11a_client *c, const struct p11a_msg *req,
 
 /* Convenience requests; replies owned by the caller (p11a_msg_clear). */
 int p11a_client_status(struct p11a_client *c, struct p11a_msg *reply);
+/*
+ * HEALTH (protocol version 2): each module's state and last error, and the
+ * agent's latest warnings.  -P11A_E_UNSUPPORTED, without a round trip,
+ * when the agent chose version 1.
+ */
+int p11a_client_health(struct p11a_client *c, struct p11a_msg *reply);
 int p11a_client_list(struct p11a_client *c, struct p11a_msg *reply);
 /* token_uri NULL or "" = the only token that needs a login; pin is not kept. */
 int p11a_client_unlock(struct p11a_client *c, const char *token_uri,

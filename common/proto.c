@@ -21,6 +21,8 @@
 /* Smallest encodings of list items: every string empty. */
 #define TOKEN_MIN_WIRE	(6 * 4 + 4)
 #define KEY_MIN_WIRE	(4 * 4 + 1 + 4 + 4 * 5 + 4)
+#define MODULE_MIN_WIRE	(4 + 4 + 1 + 4 + 4 + 4)
+#define TEXT_MIN_WIRE	4
 
 /* ------------------------------------------------------------ encoding */
 
@@ -120,6 +122,36 @@ put_keys(struct p11a_buf *b, uint32_t n, const struct p11a_key *keys)
 }
 
 static int
+put_health(struct p11a_buf *b, const struct p11a_health_reply *h)
+{
+	uint32_t i;
+	int r;
+
+	if (h->nmodules > P11A_LIST_MAX || h->nrecent > P11A_LIST_MAX)
+		return -P11A_E_TOO_LARGE;
+	if ((h->nmodules != 0 && h->modules == NULL) || (h->nrecent != 0 && h->recent == NULL))
+		return -P11A_E_INTERNAL;
+	if ((r = p11a_buf_put_u32(b, h->nmodules)) != 0)
+		return r;
+	for (i = 0; i < h->nmodules; i++) {
+		const struct p11a_module_health *m = &h->modules[i];
+		if ((r = put_text(b, m->name, P11A_TEXT_MAX)) != 0 ||
+		    (r = put_text(b, m->path, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->state)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->restarts)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->error_time)) != 0 ||
+		    (r = put_text(b, m->error, P11A_TEXT_MAX)) != 0)
+			return r;
+	}
+	if ((r = p11a_buf_put_u32(b, h->nrecent)) != 0)
+		return r;
+	for (i = 0; i < h->nrecent; i++)
+		if ((r = put_text(b, h->recent[i], P11A_TEXT_MAX)) != 0)
+			return r;
+	return 0;
+}
+
+static int
 encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 {
 	int r;
@@ -129,6 +161,7 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 	switch (m->type) {
 	case P11A_MSG_STATUS:
 	case P11A_MSG_LIST:
+	case P11A_MSG_HEALTH:
 	case P11A_MSG_H_REFRESH:
 	case P11A_MSG_OK:
 	case P11A_MSG_CHANNEL:
@@ -185,6 +218,8 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		    (r = put_tokens(b, m->u.status.ntokens, m->u.status.tokens)) != 0)
 			return r;
 		return 0;
+	case P11A_MSG_HEALTH_REPLY:
+		return put_health(b, &m->u.health);
 	case P11A_MSG_LIST_REPLY:
 	case P11A_MSG_H_INVENTORY:
 		if ((r = put_tokens(b, m->u.list.ntokens, m->u.list.tokens)) != 0 ||
@@ -342,6 +377,42 @@ get_keys(struct p11a_buf *b, uint32_t *np, struct p11a_key **out)
 }
 
 static int
+get_health(struct p11a_buf *b, struct p11a_health_reply *h)
+{
+	uint32_t n, i;
+	int r;
+
+	if ((r = get_count(b, &n, MODULE_MIN_WIRE)) != 0)
+		return r;
+	if (n != 0) {
+		if ((h->modules = calloc(n, sizeof(*h->modules))) == NULL)
+			return -P11A_E_NOMEM;
+		h->nmodules = n;    /* from here on, clear() frees whatever was decoded */
+		for (i = 0; i < n; i++) {
+			struct p11a_module_health *m = &h->modules[i];
+			if ((r = p11a_buf_get_cstring(b, &m->name, P11A_TEXT_MAX)) != 0 ||
+			    (r = p11a_buf_get_cstring(b, &m->path, P11A_TEXT_MAX)) != 0 ||
+			    (r = p11a_buf_get_u8(b, &m->state)) != 0 ||
+			    (r = p11a_buf_get_u32(b, &m->restarts)) != 0 ||
+			    (r = p11a_buf_get_u32(b, &m->error_time)) != 0 ||
+			    (r = p11a_buf_get_cstring(b, &m->error, P11A_TEXT_MAX)) != 0)
+				return r;
+		}
+	}
+	if ((r = get_count(b, &n, TEXT_MIN_WIRE)) != 0)
+		return r;
+	if (n == 0)
+		return 0;
+	if ((h->recent = calloc(n, sizeof(*h->recent))) == NULL)
+		return -P11A_E_NOMEM;
+	h->nrecent = n;
+	for (i = 0; i < n; i++)
+		if ((r = p11a_buf_get_cstring(b, &h->recent[i], P11A_TEXT_MAX)) != 0)
+			return r;
+	return 0;
+}
+
+static int
 decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 {
 	const uint8_t *pin;
@@ -351,10 +422,13 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 	switch (m->type) {
 	case P11A_MSG_STATUS:
 	case P11A_MSG_LIST:
+	case P11A_MSG_HEALTH:
 	case P11A_MSG_H_REFRESH:
 	case P11A_MSG_OK:
 	case P11A_MSG_CHANNEL:
 		return 0;
+	case P11A_MSG_HEALTH_REPLY:
+		return get_health(b, &m->u.health);
 	case P11A_MSG_H_ADOPT:
 		if ((r = p11a_buf_get_u64(b, &m->u.adopt.conn)) != 0)
 			return r;
@@ -539,6 +613,17 @@ p11a_msg_clear(struct p11a_msg *m)
 	case P11A_MSG_STATUS_REPLY:
 		free(m->u.status.agent);
 		tokens_free(m->u.status.tokens, m->u.status.ntokens);
+		break;
+	case P11A_MSG_HEALTH_REPLY:
+		for (uint32_t i = 0; i < m->u.health.nmodules; i++) {
+			free(m->u.health.modules[i].name);
+			free(m->u.health.modules[i].path);
+			free(m->u.health.modules[i].error);
+		}
+		free(m->u.health.modules);
+		for (uint32_t i = 0; i < m->u.health.nrecent; i++)
+			free(m->u.health.recent[i]);
+		free(m->u.health.recent);
 		break;
 	case P11A_MSG_LIST_REPLY:
 	case P11A_MSG_H_INVENTORY:

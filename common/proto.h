@@ -24,6 +24,8 @@ enum p11a_msg_type {
 	P11A_MSG_OPEN_CHANNEL = 0x06,
 	/* request on a signing channel (client -> token helper) */
 	P11A_MSG_SIGN = 0x07,
+	/* protocol version 2 */
+	P11A_MSG_HEALTH = 0x08,
 
 	/* internal, agent main process <-> token helper only */
 	P11A_MSG_H_ADOPT = 0x40,     /* main -> helper: a signing channel fd is attached */
@@ -37,7 +39,17 @@ enum p11a_msg_type {
 	P11A_MSG_STATUS_REPLY = 0x83,
 	P11A_MSG_LIST_REPLY = 0x84,
 	P11A_MSG_CHANNEL = 0x85,     /* a signing channel fd is attached (SCM_RIGHTS) */
-	P11A_MSG_SIGNATURE = 0x86
+	P11A_MSG_SIGNATURE = 0x86,
+	P11A_MSG_HEALTH_REPLY = 0x87     /* version 2 */
+};
+
+/* The state of a module in HEALTH_REPLY. */
+enum p11a_module_state {
+	P11A_MODULE_UP = 1,          /* helper running, tokens reported */
+	P11A_MODULE_STARTING = 2,    /* helper started, no inventory yet */
+	P11A_MODULE_RESTARTING = 3,  /* helper died; it will be started again */
+	P11A_MODULE_FAILED = 4,      /* could not be loaded or initialized; not restarted */
+	P11A_MODULE_NOT_USED = 5     /* found but left out by the configuration */
 };
 
 struct p11a_hello {                 /* HELLO */
@@ -94,6 +106,22 @@ struct p11a_status_reply {          /* STATUS_REPLY */
 	struct p11a_token *tokens;
 };
 
+struct p11a_module_health {
+	char *name;
+	char *path;
+	uint8_t state;              /* enum p11a_module_state */
+	uint32_t restarts;          /* times the helper was started again */
+	uint32_t error_time;        /* Unix time of error, 0 when there is none */
+	char *error;                /* the module's last error, or why it is not used; "" = none */
+};
+
+struct p11a_health_reply {          /* HEALTH_REPLY (version 2) */
+	uint32_t nmodules;
+	struct p11a_module_health *modules;
+	uint32_t nrecent;
+	char **recent;              /* the agent's latest warnings and errors, oldest first */
+};
+
 struct p11a_list_reply {            /* LIST_REPLY and H_INVENTORY */
 	uint32_t ntokens;
 	struct p11a_token *tokens;
@@ -143,6 +171,7 @@ struct p11a_msg {
 		struct p11a_hello_reply hello_reply;
 		struct p11a_error error;
 		struct p11a_status_reply status;
+		struct p11a_health_reply health;
 		struct p11a_list_reply list;        /* LIST_REPLY, H_INVENTORY */
 		struct p11a_unlock unlock;
 		struct p11a_lock lock;
@@ -151,7 +180,7 @@ struct p11a_msg {
 		struct p11a_sign sign;
 		struct p11a_signature signature;
 	} u;
-	/* STATUS, LIST, OK, CHANNEL, H_REFRESH carry no fields. */
+	/* STATUS, LIST, HEALTH, OK, CHANNEL, H_REFRESH carry no fields. */
 };
 
 /*

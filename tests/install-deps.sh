@@ -5,7 +5,8 @@
 #
 #   tests/install-deps.sh build   build the tree (autotools, compilers, libraries)
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
-#   tests/install-deps.sh test    demo + what the test suite uses
+#   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
+#                                 systemd-socket-activate and systemd-analyze)
 #   tests/install-deps.sh ci      test + valgrind, clang (fuzzers, ASan)
 #   --list                        print the packages instead of installing
 #
@@ -14,10 +15,10 @@
 set -u
 
 build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openssl
-	libp11-kit-dev p11-kit"
+	libp11-kit-dev p11-kit libsystemd-dev"
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
-	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr"
+	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd"
 ci="$test valgrind clang libclang-rt-14-dev"
 
 list=0

@@ -46,17 +46,19 @@ fz_setup(void)
 		return;
 	fz_ready = 1;
 	signal(SIGPIPE, SIG_IGN);
+	static const struct conf_origin fz_origin = { .layer = CONF_FLAG, .note = "--module" };
+
 	config_init(&fz_cfg);
 	fz_cfg.socket_path = strdup("/nonexistent/fuzz.sock");
 	fz_cfg.sign_timeout_ms = 1000;
 	fz_cfg.max_connections = 16;
-	if (config_add_module(&fz_cfg, "/nonexistent/fuzz-module.so", "fuzz", NULL) != 0)
+	if (config_add_module(&fz_cfg, "/nonexistent/fuzz-module.so", "fuzz", NULL, &fz_origin) != 0)
 		abort();
 #ifdef FUZZING_LIBFUZZER
 	/* Millions of "malformed message" warnings: keep them off the fuzzer's stderr. */
-	log_init("fuzz", 1, 0);
+	log_init("fuzz", LOG_MODE_SYSLOG, 0);
 #else
-	log_init("fuzz", 0, getenv("FUZZ_DEBUG") != NULL);
+	log_init("fuzz", LOG_MODE_STDERR, getenv("FUZZ_DEBUG") != NULL);
 #endif
 }
 

@@ -102,6 +102,8 @@ req = {
     "huge-count": H + frame(u8(0x06) + b"\xff\xff\xff\xff"),
     "pin-too-long": H + frame(u8(0x04) + s("") + s("1" * 257)),
     "text-with-nul": H + frame(u8(0x06) + s(b"pkcs11:object=a\x00b")),
+    "health-v2": frame(hello(1, 2)) + frame(u8(0x08)) + frame(u8(0x02)),
+    "health-on-v1": H + frame(u8(0x08)) + frame(u8(0x03)),
     "many-requests": H + b"".join(frame(u8(t)) for t in (2, 3, 2, 3)) +
                      frame(u8(0x05) + s("")) + frame(u8(0x04) + s("") + s("0000")),
 }
@@ -127,6 +129,8 @@ intl = {
     "unknown-reply": internal(0, inv) + internal(1, u8(0x86) + s(b"\x01" * 64)),
     "len-zero": internal(0, inv) + u32(0),
     "orphan-id": internal(0, inv) + internal(77, u8(0x80)),
+    "module-error": internal(0, error(19, "module /x.so: C_Initialize: CKR_ARGUMENTS_BAD")) +
+                    internal(0, inv),
 }
 for n, d in intl.items():
     write("fuzz_internal", n, d)

@@ -59,6 +59,12 @@ tmp_base=${TMPDIR:-/tmp}
 T=$(mktemp -d "$tmp_base/p11agent-$test_name.XXXXXX")
 SOCK=$T/agent.sock
 AGENT_LOG=$T/agent.log
+# The machine's administrator's file (SYSCONFDIR/p11agent/p11agentd.conf)
+# must not change a test: every agent reads $T/etc/p11agent/p11agentd.conf
+# instead (absent unless a test writes it); start_agent also points the
+# user's file at $T/config.  See p11agentd.conf(5).
+P11AGENT_SYSCONFDIR=$T/etc
+export P11AGENT_SYSCONFDIR
 
 # ---------------------------------------------------------------- TAP
 
@@ -487,7 +493,8 @@ p11a() {
 }
 
 # start_agent: p11agentd in the foreground on $SOCK with the SoftHSM2
-# module (plus the arguments in the array AGENT_ARGS), logging to
+# module (plus the arguments in the array AGENT_ARGS; its user's file is
+# $T/config/p11agent/p11agentd.conf), logging to
 # $AGENT_LOG; returns once `p11agent status` answers and `p11agent list`
 # shows the test token (at most 20 s): the agent answers before its
 # helpers have reported their tokens, and these tests are not about that
@@ -495,14 +502,17 @@ p11a() {
 # With AGENT_DEFAULT_SOCKET=yes the agent gets no --socket and picks its
 # default path, which the caller has put in $SOCK.  P11AGENTD_WRAPPER, when
 # set, is a command line put before the agent (e.g. valgrind, see
-# docs/reliability.md).
+# docs/reliability.md).  With AGENT_REGISTRY=yes the agent gets no --module
+# and uses the p11-kit registry.
 AGENT_ARGS=()
 AGENT_DEFAULT_SOCKET=no
+AGENT_REGISTRY=no
 start_agent() {
-	local sockarg=(--socket "$SOCK")
+	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE")
 	[ "$AGENT_DEFAULT_SOCKET" != yes ] || sockarg=()
+	[ "$AGENT_REGISTRY" != yes ] || modarg=()
 	# shellcheck disable=SC2086 # P11AGENTD_WRAPPER is a command line, e.g. "valgrind -q"
-	${P11AGENTD_WRAPPER:-} "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} --module "$SOFTHSM2_MODULE" --debug \
+	XDG_CONFIG_HOME=$T/config ${P11AGENTD_WRAPPER:-} "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} ${modarg[@]+"${modarg[@]}"} --debug \
 		${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} >>"$AGENT_LOG" 2>&1 &
 	AGENT_PID=$!
 	remember_pid "$AGENT_PID"

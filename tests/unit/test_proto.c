@@ -64,7 +64,16 @@ static struct p11a_key sample_keys[] = {
 	  "", spki, sizeof(spki), NULL, 0, "", "", 0 },
 };
 
-#define NSAMPLES 17
+static struct p11a_module_health sample_modules[] = {
+	{ "softhsm2", "/usr/lib/softhsm/libsofthsm2.so", P11A_MODULE_UP, 0, 0, "" },
+	{ "broken", "/opt/x.so", P11A_MODULE_FAILED, 3, 1700000000u,
+	  "module /opt/x.so: C_Initialize: CKR_ARGUMENTS_BAD" },
+};
+static char recent_a[] = "2025-01-01 00:00:00 UTC module broken failed";
+static char recent_b[] = "";
+static char *sample_recent[] = { recent_a, recent_b };
+
+#define NSAMPLES 19
 
 /* Fills m with sample i; every message type appears once or more. */
 static void
@@ -152,6 +161,14 @@ sample(size_t i, struct p11a_msg *m)
 		m->type = P11A_MSG_SIGNATURE;
 		m->u.signature.sig = sig_bytes;
 		m->u.signature.sig_len = sizeof(sig_bytes);
+		break;
+	case 17: m->type = P11A_MSG_HEALTH; break;
+	case 18:
+		m->type = P11A_MSG_HEALTH_REPLY;
+		m->u.health.nmodules = 2;
+		m->u.health.modules = sample_modules;
+		m->u.health.nrecent = 2;
+		m->u.health.recent = sample_recent;
 		break;
 	default:
 		fail();
@@ -268,6 +285,22 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 	case P11A_MSG_SIGNATURE:
 		assert_bytes_same(a->u.signature.sig, a->u.signature.sig_len,
 		    b->u.signature.sig, b->u.signature.sig_len);
+		break;
+	case P11A_MSG_HEALTH_REPLY:
+		assert_int_equal(a->u.health.nmodules, b->u.health.nmodules);
+		for (i = 0; i < a->u.health.nmodules; i++) {
+			const struct p11a_module_health *x = &a->u.health.modules[i];
+			const struct p11a_module_health *y = &b->u.health.modules[i];
+			assert_str_same(x->name, y->name);
+			assert_str_same(x->path, y->path);
+			assert_int_equal(x->state, y->state);
+			assert_int_equal(x->restarts, y->restarts);
+			assert_int_equal(x->error_time, y->error_time);
+			assert_str_same(x->error, y->error);
+		}
+		assert_int_equal(a->u.health.nrecent, b->u.health.nrecent);
+		for (i = 0; i < a->u.health.nrecent; i++)
+			assert_str_same(a->u.health.recent[i], b->u.health.recent[i]);
 		break;
 	default:
 		break;
@@ -442,7 +475,7 @@ test_leftover_bytes(void **state)
 static void
 test_unknown_type(void **state)
 {
-	static const uint8_t types[] = { 0x00, 0x08, 0x3f, 0x43, 0x7f, 0x87, 0xff };
+	static const uint8_t types[] = { 0x00, 0x09, 0x3f, 0x43, 0x7f, 0x88, 0xff };
 	struct p11a_buf *b = p11a_buf_new(100);
 	struct p11a_msg m, d;
 	uint8_t body[8];
