@@ -42,6 +42,26 @@ int cmd_env(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_export_key(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_exec(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_setup(struct cli_ctx *ctx, int argc, char **argv);
+/* 'p11agent setup openssl' (cmd_setup_openssl.c); conf NULL: the installed snippet. */
+int cli_setup_openssl(const char *conf);
+
+/* ------------------------------------------------------------ OpenSSL configuration */
+
+/*
+ * Loads the OpenSSL configuration file conf into a private library
+ * context, as a program run with OPENSSL_CONF=conf would, and checks that
+ * it activates the p11agent and default providers.  Returns 0, or prints
+ * "VERB: the p11agent provider did not load from MODULE: why" and
+ * returns -1.  module only names the provider file in the message.
+ */
+int cli_ossl_check(const char *verb, const char *conf, const char *module);
+
+/*
+ * The "module" setting of the p11agent provider in configuration conf
+ * (openssl_conf -> providers -> p11agent -> module), malloc'd; NULL when
+ * the file does not set one.
+ */
+char *cli_ossl_module(const char *conf);
 
 /* ------------------------------------------------------------ messages */
 

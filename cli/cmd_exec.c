@@ -8,7 +8,10 @@
  * it and P11AGENT_SOCK at the agent; then execvp()s CMD.  The file goes
  * to a directory only this user can write ($XDG_RUNTIME_DIR/p11agent, else
  * $TMPDIR/p11agent-UID), named after a hash of its contents, so that
- * concurrent runs with different settings never share one.
+ * concurrent runs with different settings never share one.  Before it
+ * runs CMD it loads that file itself and checks that the provider is
+ * active: a module that does not load is an error here, not a key that
+ * CMD cannot find later.
  */
 #include "config.h"
 
@@ -30,6 +33,7 @@
 #include <openssl/evp.h>
 
 #include "cli.h"
+#include "paths.h"
 
 #define EXEC_INIT       "p11agent_exec_init"
 #define EXEC_PROVIDERS  "p11agent_exec_providers"
@@ -47,8 +51,8 @@ static const char exec_usage[] =
 	"(see 'p11agent export-key') sign through the agent.\n"
 	"\n"
 	"Options:\n"
-	"  -m, --module PATH  the provider module (default: p11agent.so in\n"
-	"                     OpenSSL's modules directory or $OPENSSL_MODULES)\n"
+	"  -m, --module PATH  the provider module (default: the one installed\n"
+	"                     with p11agent, " P11A_PROVIDER_MODULE ")\n"
 	"  -h, --help         show this help\n";
 
 /* Appends fmt to the growing configuration text. */
@@ -171,9 +175,8 @@ build_config(BIO *b, const char *base, CONF *conf, const char *module)
 	    !copy_section(b, conf, provs, skip_provs) ||
 	    !emit(b, "default = " EXEC_DEFAULT "\np11agent = " EXEC_P11AGENT "\n\n[" EXEC_DEFAULT "]\n") ||
 	    !copy_section(b, conf, deflt, skip_default) ||
-	    !emit(b, "activate = 1\n\n[" EXEC_P11AGENT "]\nactivate = 1\n"))
-		return 0;
-	if (module != NULL && (!emit(b, "module = ") || !emit_value(b, module)))
+	    !emit(b, "activate = 1\n\n[" EXEC_P11AGENT "]\nactivate = 1\nmodule = ") ||
+	    !emit_value(b, module))
 		return 0;
 	return 1;
 }
@@ -268,8 +271,8 @@ cmd_exec(struct cli_ctx *ctx, int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 }
 	};
-	const char *module = NULL, *env;
-	char *base = NULL, *text = NULL, *sock = NULL, *cwd = NULL;
+	const char *module = P11A_PROVIDER_MODULE, *env;
+	char *base = NULL, *text = NULL, *sock = NULL, *cwd = NULL, *conf_module = NULL;
 	char path[PATH_MAX + 64];
 	CONF *conf = NULL;
 	BIO *b = NULL;
@@ -317,6 +320,9 @@ cmd_exec(struct cli_ctx *ctx, int argc, char **argv)
 		if ((env = NCONF_get_string(conf, NULL, "openssl_conf")) != NULL &&
 		    strcmp(env, EXEC_INIT) == 0) {
 			snprintf(path, sizeof(path), "%s", base);
+			conf_module = cli_ossl_module(path);
+			if (cli_ossl_check("exec", path, conf_module != NULL ? conf_module : "its module") != 0)
+				goto out;
 			goto run;
 		}
 		ERR_clear_error();
@@ -326,7 +332,8 @@ cmd_exec(struct cli_ctx *ctx, int argc, char **argv)
 		cli_err("exec: cannot build the OpenSSL configuration");
 		goto out;
 	}
-	if (write_config(text, (size_t)n, path, sizeof(path)) != 0)
+	if (write_config(text, (size_t)n, path, sizeof(path)) != 0 ||
+	    cli_ossl_check("exec", path, module) != 0)
 		goto out;
 run:
 	/* The socket as an absolute path: COMMAND may change directory. */
@@ -360,5 +367,6 @@ out:
 	OPENSSL_free(base);
 	free(sock);
 	free(cwd);
+	free(conf_module);
 	return rc;
 }

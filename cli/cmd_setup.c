@@ -18,35 +18,40 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "paths.h"
 
-#ifndef P11AGENT_PKCS11_MODULE
-#define P11AGENT_PKCS11_MODULE "/usr/lib/pkcs11/p11agent-pkcs11.so"
-#endif
 #define NSS_NAME "p11agent"
 
 static const char setup_usage[] =
 	"Usage: p11agent setup nss [--db DIR] [--name NAME] [--module PATH] [--remove]\n"
 	"       p11agent setup firefox-policy [--name NAME] [--module PATH]\n"
+	"       p11agent setup openssl [--config FILE]\n"
 	"\n"
 	"Registers the PKCS#11 front-end module, through which NSS and GnuTLS\n"
-	"programs use the agent's keys without a PIN prompt.\n"
+	"programs use the agent's keys without a PIN prompt; checks the OpenSSL\n"
+	"provider's configuration.\n"
 	"\n"
 	"  nss             add the module to an NSS database with modutil\n"
 	"                  (Chromium reads ~/.pki/nssdb); the database is made\n"
 	"                  when it does not exist\n"
 	"  firefox-policy  print a policies.json fragment (SecurityDevices) for\n"
 	"                  Firefox; put it in /etc/firefox/policies/policies.json\n"
+	"  openssl         check that OpenSSL loads the p11agent provider through\n"
+	"                  the installed snippet, and print how to enable it\n"
 	"\n"
-	"git and wget (GnuTLS) load modules registered with p11-kit: install\n"
-	"p11agent-pkcs11.module in p11-kit's module directory, then use the URIs\n"
-	"that 'p11agent list' prints as http.sslKey / --private-key.\n"
+	"git and wget (GnuTLS) load the modules registered with p11-kit, by the file\n"
+	"  " P11A_P11KIT_MODULE_FILE "\n"
+	"(link it into ~/.config/pkcs11/modules if p11-kit does not read its\n"
+	"directory); give them the URIs that 'p11agent list' prints.\n"
 	"\n"
 	"Options:\n"
 	"  -d, --db DIR        NSS database directory (default ~/.pki/nssdb)\n"
 	"  -n, --name NAME     module name in NSS/Firefox (default " NSS_NAME ")\n"
 	"  -m, --module PATH   the module (default $P11AGENT_PKCS11_MODULE, else\n"
-	"                      " P11AGENT_PKCS11_MODULE ")\n"
+	"                      " P11A_PKCS11_MODULE ")\n"
 	"  -r, --remove        nss: remove the module instead of adding it\n"
+	"  -c, --config FILE   openssl: the snippet to check (default\n"
+	"                      " P11A_OPENSSL_SNIPPET ")\n"
 	"  -h, --help          show this help\n";
 
 /* Runs argv (no shell), output to stderr; returns its exit status or -1. */
@@ -88,7 +93,7 @@ module_path(const char *opt)
 	if (m == NULL)
 		m = getenv("P11AGENT_PKCS11_MODULE");
 	if (m == NULL || *m == '\0')
-		m = P11AGENT_PKCS11_MODULE;
+		m = P11A_PKCS11_MODULE;
 	if ((abs = realpath(m, NULL)) == NULL)
 		cli_err("module %s: %s", m, strerror(errno));
 	return abs;
@@ -227,14 +232,15 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		{ "name", required_argument, NULL, 'n' },
 		{ "module", required_argument, NULL, 'm' },
 		{ "remove", no_argument, NULL, 'r' },
+		{ "config", required_argument, NULL, 'c' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 }
 	};
-	const char *db = NULL, *name = NSS_NAME, *mod = NULL, *what;
+	const char *db = NULL, *name = NULL, *mod = NULL, *config = NULL, *what;
 	int ch, remove = 0;
 
 	(void)ctx;
-	while ((ch = getopt_long(argc, argv, "d:n:m:rh", opts, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "d:n:m:rc:h", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'd':
 			db = optarg;
@@ -250,6 +256,9 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		case 'r':
 			remove = 1;
 			break;
+		case 'c':
+			config = optarg;
+			break;
 		case 'h':
 			fputs(setup_usage, stdout);
 			return cli_finish_stdout(CLI_EXIT_OK);
@@ -262,6 +271,15 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 	what = argv[optind++];
 	if (optind < argc)
 		return cli_usage_err("setup", "unexpected argument '%s'", argv[optind]);
+	if (strcmp(what, "openssl") == 0) {
+		if (db != NULL || name != NULL || mod != NULL || remove)
+			return cli_usage_err("setup", "'setup openssl' takes --config only");
+		return cli_setup_openssl(config);
+	}
+	if (config != NULL)
+		return cli_usage_err("setup", "--config applies to 'setup openssl' only");
+	if (name == NULL)
+		name = NSS_NAME;
 	if (strcmp(what, "nss") == 0)
 		return setup_nss(db, name, mod, remove);
 	if (strcmp(what, "firefox-policy") == 0) {
@@ -269,5 +287,5 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 			return cli_usage_err("setup", "--db and --remove apply to 'setup nss' only");
 		return setup_firefox(name, mod);
 	}
-	return cli_usage_err("setup", "unknown target '%s' (nss or firefox-policy)", what);
+	return cli_usage_err("setup", "unknown target '%s' (nss, firefox-policy or openssl)", what);
 }

@@ -31,7 +31,7 @@ static const struct verb verbs[] = {
 	{ "env", cmd_env, "print shell commands that set P11AGENT_SOCK" },
 	{ "export-key", cmd_export_key, "write a key-reference file for OpenSSL programs" },
 	{ "exec", cmd_exec, "run a command with the OpenSSL provider enabled" },
-	{ "setup", cmd_setup, "register the PKCS#11 module with NSS or Firefox" },
+	{ "setup", cmd_setup, "register the PKCS#11 module (NSS, Firefox); check OpenSSL's setup" },
 };
 
 #define NVERBS (sizeof(verbs) / sizeof(verbs[0]))

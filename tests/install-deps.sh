@@ -7,7 +7,9 @@
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
 #                                 systemd-socket-activate and systemd-analyze)
-#   tests/install-deps.sh ci      test + valgrind, clang (fuzzers, ASan)
+#   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
+#                                 package test (tests/packages/run.sh) use
+#   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
 #   --list                        print the packages instead of installing
 #
 # Installs only what is missing; as non-root it names what is missing and
@@ -19,7 +21,10 @@ build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openss
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd"
-ci="$test valgrind clang libclang-rt-14-dev"
+# dpkg-buildpackage checks build-essential too (an implicit build dependency).
+pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"
+pkg="$demo $pkgtools"
+ci="$test $pkgtools valgrind clang libclang-rt-14-dev"
 
 list=0
 if [ "${1:-}" = "--list" ]; then list=1; shift; fi
@@ -27,8 +32,9 @@ case "${1:-test}" in
 build) pkgs=$build ;;
 demo) pkgs=$demo ;;
 test) pkgs=$test ;;
+pkg) pkgs=$pkg ;;
 ci) pkgs=$ci ;;
-*) echo "usage: $0 [--list] build|demo|test|ci" >&2; exit 2 ;;
+*) echo "usage: $0 [--list] build|demo|test|pkg|ci" >&2; exit 2 ;;
 esac
 # shellcheck disable=SC2086 # one word per package
 set -- $pkgs

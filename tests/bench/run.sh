@@ -145,8 +145,11 @@ PROV_CONF=$T/openssl-p11agent.cnf
 {
 	sys="$(openssl version -d | sed -n 's/^OPENSSLDIR: "\(.*\)"$/\1/p')/openssl.cnf"
 	[ ! -f "$sys" ] || printf '.include %s\n' "$sys"
-	printf '.include %s\n' "$top_srcdir/packaging/p11agent-openssl.cnf"
+	printf '.include %s\n' "$T/p11agent-openssl.cnf"
 } >"$PROV_CONF"
+# The shipped snippet, naming the module of the build tree.
+sed -e "s|@PROVIDER_MODULE@|$top_builddir/.libs/p11agent.so|g" \
+	"$top_srcdir/packaging/p11agent-openssl.cnf.in" >"$T/p11agent-openssl.cnf"
 PROV=(env OPENSSL_CONF="$PROV_CONF" OPENSSL_MODULES="$top_builddir/.libs" P11AGENT_SOCK="$SOCK")
 # libp11's engine, as an openssl.cnf engine section.
 ENGINE_CONF=$T/openssl-engine.cnf

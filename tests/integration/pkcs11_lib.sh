@@ -70,7 +70,7 @@ pk_registry() {
 	if [ ! -d "$dir" ]; then
 		mkdir -p "$dir"
 		# The shipped registration, pointed at the built module.
-		sed "s|^module:.*|module: $PK_MODULE|" "$top_srcdir/packaging/p11agent-pkcs11.module" \
+		sed "s|^module:.*|module: $PK_MODULE|" "$top_srcdir/packaging/p11agent-pkcs11.module.in" \
 			>"$dir/p11agent-pkcs11.module"
 		# p11-kit-trust's destructor deadlocks in freelocale() with
 		# libasan preloaded: leave it out of sanitizer runs.

@@ -69,7 +69,8 @@ run p11a exec --help
 rc_is 0 "exec --help"
 run p11a exec
 rc_is 2 "exec without a command is a usage error"
-run env -u XDG_RUNTIME_DIR TMPDIR="$T" "$P11AGENT" --socket "$SOCK" exec -- /nonexistent/program
+run env -u XDG_RUNTIME_DIR TMPDIR="$T" "$P11AGENT" --socket "$SOCK" exec \
+	--module "$PROVIDER_MODULE_DIR/p11agent.so" -- /nonexistent/program
 rc_is 127 "exec of a missing program exits 127"
 stderr_has "/nonexistent/program" "exec of a missing program names it"
 
@@ -99,6 +100,44 @@ run exec_env openssl list -providers
 rc_is 0 "exec: openssl list -providers"
 stdout_has "p11agent: keys on PKCS#11 tokens" "exec: the p11agent provider is active"
 stdout_has "OpenSSL Default Provider" "exec: the default provider is active"
+# exec loads the provider itself first: a module that does not load stops
+# it before the command runs.
+run env -u OPENSSL_CONF -u XDG_RUNTIME_DIR TMPDIR="$T" "$P11AGENT" --socket "$SOCK" \
+	exec --module /nonexistent/p11agent.so -- touch "$T/exec-ran"
+rc_is 1 "exec with a module that does not load fails"
+stderr_has "exec: the p11agent provider did not load from /nonexistent/p11agent.so: " \
+	"exec says the provider did not load, and from where"
+if [ -e "$T/exec-ran" ]; then not_ok "exec does not run the command then"; else ok "exec does not run the command then"; fi
+run env -u OPENSSL_CONF -u XDG_RUNTIME_DIR TMPDIR="$T" "$P11AGENT" --socket "$SOCK" \
+	exec --module "$PROVIDER_MODULE_DIR/p11agent-pkcs11.so" -- true
+rc_is 1 "exec with a library that is no provider (the PKCS#11 module) fails"
+stderr_has "is not an OpenSSL provider" "exec says that file is no provider"
+
+# The shipped snippet works both ways: as OPENSSL_CONF alone and included
+# from openssl.cnf (PROVIDER_CONF, see tls_lib.sh).
+run env -u OPENSSL_MODULES ${SAN_ENV[@]+"${SAN_ENV[@]}"} OPENSSL_CONF="$PROVIDER_SNIPPET" openssl list -providers
+stdout_has "p11agent: keys on PKCS#11 tokens" "the snippet as OPENSSL_CONF activates p11agent"
+stdout_has "OpenSSL Default Provider" "the snippet as OPENSSL_CONF activates the default provider"
+run env -u OPENSSL_MODULES ${SAN_ENV[@]+"${SAN_ENV[@]}"} OPENSSL_CONF="$PROVIDER_CONF" openssl list -providers
+stdout_has "p11agent: keys on PKCS#11 tokens" "the snippet included from openssl.cnf activates p11agent"
+stdout_has "OpenSSL Default Provider" "the snippet included from openssl.cnf activates the default provider"
+
+# setup openssl: the same check on the snippet, then the lines to add.
+run env -u OPENSSL_CONF "$P11AGENT" setup openssl --config "$PROVIDER_SNIPPET"
+rc_is 0 "setup openssl with a working snippet"
+stdout_has "OpenSSL loads the p11agent provider $PROVIDER_MODULE_DIR/p11agent.so" "setup openssl names the module it loaded"
+stdout_has "    .include $PROVIDER_SNIPPET" "setup openssl prints the .include line"
+stdout_has "    export OPENSSL_CONF=$PROVIDER_SNIPPET" "setup openssl prints the OPENSSL_CONF line"
+sed "s|^module = .*|module = /nonexistent/p11agent.so|" "$PROVIDER_SNIPPET" >"$T/broken-snippet.cnf"
+run env -u OPENSSL_CONF "$P11AGENT" setup openssl --config "$T/broken-snippet.cnf"
+rc_is 1 "setup openssl with a snippet whose module does not load fails"
+stderr_has "setup openssl: the p11agent provider did not load from /nonexistent/p11agent.so: " \
+	"setup openssl says the provider did not load, and from where"
+run "$P11AGENT" setup openssl --config "$T/nonexistent.cnf"
+rc_is 1 "setup openssl without the snippet fails"
+stderr_has "$T/nonexistent.cnf: No such file or directory" "setup openssl names the missing snippet"
+run "$P11AGENT" setup openssl --module /x
+rc_is 2 "setup openssl --module is a usage error"
 # The caller's own configuration is kept (here: it loads the legacy provider).
 cat >"$T/mine.cnf" <<'EOF'
 openssl_conf = my_init

@@ -5,8 +5,8 @@
 #   require_provider             the built module is there
 #   provider_env CMD...          CMD with the p11agent provider enabled the
 #                                way users enable it: the system openssl.cnf
-#                                plus packaging/p11agent-openssl.cnf
-#                                (.include), the module from the build tree,
+#                                plus the shipped snippet (.include) made
+#                                for the module of the build tree,
 #                                P11AGENT_SOCK=$SOCK
 #   make_server_cert             $T/server.pem and $T/server.key for
 #                                localhost / 127.0.0.1, issued by the test CA
@@ -27,7 +27,10 @@
 
 : "${top_srcdir:?}" "${top_builddir:?}" "${lib_dir:?}"
 PROVIDER_MODULE_DIR=${PROVIDER_MODULE_DIR:-$top_builddir/.libs}
-PROVIDER_SNIPPET=$top_srcdir/packaging/p11agent-openssl.cnf
+# packaging/p11agent-openssl.cnf.in as `make install` writes it, but naming
+# the module in $PROVIDER_MODULE_DIR (require_provider writes it).
+PROVIDER_SNIPPET_IN=$top_srcdir/packaging/p11agent-openssl.cnf.in
+PROVIDER_SNIPPET=$T/p11agent-openssl.cnf
 # How long one TLS client may take: a hang fails the check instead of the suite.
 TLS_TIMEOUT=${TLS_TIMEOUT:-30}
 declare -A PORT=()
@@ -67,7 +70,9 @@ san_env_for_module() {
 }
 
 require_provider() {
-	require_file "$PROVIDER_MODULE_DIR/p11agent.so" "$PROVIDER_SNIPPET"
+	require_file "$PROVIDER_MODULE_DIR/p11agent.so" "$PROVIDER_SNIPPET_IN"
+	sed -e "s|@PROVIDER_MODULE@|$PROVIDER_MODULE_DIR/p11agent.so|g" \
+		-e "s|@OPENSSL_SNIPPET@|$PROVIDER_SNIPPET|g" "$PROVIDER_SNIPPET_IN" >"$PROVIDER_SNIPPET"
 	PROVIDER_CONF=$T/openssl-p11agent.cnf
 	write_provider_conf "$PROVIDER_CONF"
 	san_env_for_module "$PROVIDER_MODULE_DIR/p11agent.so"
