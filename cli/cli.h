@@ -44,6 +44,13 @@ int cmd_exec(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_setup(struct cli_ctx *ctx, int argc, char **argv);
 /* 'p11agent setup openssl' (cmd_setup_openssl.c); conf NULL: the installed snippet. */
 int cli_setup_openssl(const char *conf);
+/* setup git / chromium-policy (cmd_setup_client.c); see 'p11agent setup --help'. */
+int cli_setup_git(const struct cli_ctx *ctx, const char *key_uri, const char *url, int system,
+		  int dry_run);
+int cli_setup_chromium(const struct cli_ctx *ctx, const char *key_uri, const char *url,
+		       int system, int dry_run);
+/* Runs argv (no shell), its output on stderr (none when quiet); its exit status or -1. */
+int cli_run_tool(char *const argv[], int quiet);
 
 /* ------------------------------------------------------------ OpenSSL configuration */
 

@@ -23,9 +23,11 @@
 #define NSS_NAME "p11agent"
 
 static const char setup_usage[] =
-	"Usage: p11agent setup nss [--db DIR] [--name NAME] [--module PATH] [--remove]\n"
+	"Usage: p11agent setup nss [--db DIR] [--name NAME] [--module PATH] [--remove] [--dry-run]\n"
 	"       p11agent setup firefox-policy [--name NAME] [--module PATH]\n"
 	"       p11agent setup openssl [--config FILE]\n"
+	"       p11agent setup git [--key URI] [--url URL] [--system] [--dry-run]\n"
+	"       p11agent setup chromium-policy --url PATTERN [--key URI] [--system] [--dry-run]\n"
 	"\n"
 	"Registers the PKCS#11 front-end module, through which NSS and GnuTLS\n"
 	"programs use the agent's keys without a PIN prompt; checks the OpenSSL\n"
@@ -38,6 +40,11 @@ static const char setup_usage[] =
 	"                  Firefox; put it in /etc/firefox/policies/policies.json\n"
 	"  openssl         check that OpenSSL loads the p11agent provider through\n"
 	"                  the installed snippet, and print how to enable it\n"
+	"  git             set http[.URL].sslCert and sslKey in your ~/.gitconfig\n"
+	"                  (/etc/gitconfig with --system) to the key's URIs\n"
+	"  chromium-policy print an AutoSelectCertificateForUrls policy that picks\n"
+	"                  the key's certificate (by its issuer) for PATTERN;\n"
+	"                  --system writes " "/etc/chromium/policies/managed/p11agent.json\n"
 	"\n"
 	"git and wget (GnuTLS) load the modules registered with p11-kit, by the file\n"
 	"  " P11A_P11KIT_MODULE_FILE "\n"
@@ -52,11 +59,15 @@ static const char setup_usage[] =
 	"  -r, --remove        nss: remove the module instead of adding it\n"
 	"  -c, --config FILE   openssl: the snippet to check (default\n"
 	"                      " P11A_OPENSSL_SNIPPET ")\n"
+	"  -k, --key URI       git, chromium-policy: the key (default: the only key\n"
+	"                      with a certificate)\n"
+	"  -u, --url URL       git: only for this URL; chromium-policy: the pattern\n"
+	"  -s, --system        edit the system's configuration instead of yours\n"
+	"      --dry-run       show what would be changed; change nothing\n"
 	"  -h, --help          show this help\n";
 
-/* Runs argv (no shell), output to stderr; returns its exit status or -1. */
-static int
-run_tool(char *const argv[], int quiet)
+int
+cli_run_tool(char *const argv[], int quiet)
 {
 	pid_t pid;
 	int st;
@@ -100,7 +111,7 @@ module_path(const char *opt)
 }
 
 static int
-setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
+setup_nss(const char *db, const char *name, const char *mod_opt, int remove, int dry_run)
 {
 	char *dbdir = NULL, *sqldb = NULL, *mod = NULL, *home_db = NULL;
 	struct stat st;
@@ -127,6 +138,16 @@ setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
 	}
 	if (!remove && (mod = module_path(mod_opt)) == NULL)
 		goto out;
+	if (dry_run) {
+		printf("# p11agent setup nss would run (nothing changed):\n");
+		if (!remove && access(dbdir, F_OK) != 0)
+			printf("mkdir -p -m 0700 '%s'\ncertutil -N -d '%s' --empty-password\n", dbdir, sqldb);
+		printf("modutil -dbdir '%s' -delete '%s' -force\n", sqldb, name);
+		if (!remove)
+			printf("modutil -dbdir '%s' -add '%s' -libfile '%s' -force\n", sqldb, name, mod);
+		rc = CLI_EXIT_OK;
+		goto out;
+	}
 
 	if (stat(dbdir, &st) != 0 || !S_ISDIR(st.st_mode)) {
 		char *mk[] = { "mkdir", "-p", "-m", "0700", dbdir, NULL };
@@ -135,7 +156,7 @@ setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
 			cli_err("NSS database %s does not exist", dbdir);
 			goto out;
 		}
-		if (run_tool(mk, 0) != 0)
+		if (cli_run_tool(mk, 0) != 0)
 			goto out;
 	}
 	if (stat(dbdir, &st) == 0) {
@@ -146,7 +167,7 @@ setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
 		if (!remove && access(path, F_OK) != 0) {
 			char *mk[] = { "certutil", "-N", "-d", sqldb, "--empty-password", NULL };
 
-			if (run_tool(mk, 0) != 0) {
+			if (cli_run_tool(mk, 0) != 0) {
 				cli_err("certutil could not create the NSS database %s (is libnss3-tools installed?)",
 					dbdir);
 				free(path);
@@ -158,7 +179,7 @@ setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
 	if (remove) {
 		char *del[] = { "modutil", "-dbdir", sqldb, "-delete", (char *)name, "-force", NULL };
 
-		if ((r = run_tool(del, 0)) != 0) {
+		if ((r = cli_run_tool(del, 0)) != 0) {
 			cli_err("modutil could not remove module '%s' from %s (exit %d)", name, dbdir, r);
 			goto out;
 		}
@@ -172,8 +193,8 @@ setup_nss(const char *db, const char *name, const char *mod_opt, int remove)
 		char *add[] = { "modutil", "-dbdir", sqldb, "-add", (char *)name,
 				"-libfile", mod, "-force", NULL };
 
-		(void)run_tool(del, 1);
-		if ((r = run_tool(add, 0)) != 0) {
+		(void)cli_run_tool(del, 1);
+		if ((r = cli_run_tool(add, 0)) != 0) {
 			cli_err("modutil could not add %s to %s (exit %d; is libnss3-tools installed?)",
 				mod, dbdir, r);
 			goto out;
@@ -233,14 +254,18 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		{ "module", required_argument, NULL, 'm' },
 		{ "remove", no_argument, NULL, 'r' },
 		{ "config", required_argument, NULL, 'c' },
+		{ "key", required_argument, NULL, 'k' },
+		{ "url", required_argument, NULL, 'u' },
+		{ "system", no_argument, NULL, 's' },
+		{ "dry-run", no_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 }
 	};
 	const char *db = NULL, *name = NULL, *mod = NULL, *config = NULL, *what;
-	int ch, remove = 0;
+	const char *key = NULL, *url = NULL;
+	int ch, remove = 0, system = 0, dry_run = 0;
 
-	(void)ctx;
-	while ((ch = getopt_long(argc, argv, "d:n:m:rc:h", opts, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "d:n:m:rc:k:u:sh", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'd':
 			db = optarg;
@@ -259,6 +284,18 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		case 'c':
 			config = optarg;
 			break;
+		case 'k':
+			key = optarg;
+			break;
+		case 'u':
+			url = optarg;
+			break;
+		case 's':
+			system = 1;
+			break;
+		case 'D':
+			dry_run = 1;
+			break;
 		case 'h':
 			fputs(setup_usage, stdout);
 			return cli_finish_stdout(CLI_EXIT_OK);
@@ -267,10 +304,22 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		}
 	}
 	if (optind >= argc)
-		return cli_usage_err("setup", "missing target: nss or firefox-policy");
+		return cli_usage_err("setup", "missing target: nss, firefox-policy, openssl, git or "
+				     "chromium-policy");
 	what = argv[optind++];
 	if (optind < argc)
 		return cli_usage_err("setup", "unexpected argument '%s'", argv[optind]);
+	if (strcmp(what, "git") == 0 || strcmp(what, "chromium-policy") == 0) {
+		if (db != NULL || name != NULL || mod != NULL || remove || config != NULL)
+			return cli_usage_err("setup", "'setup %s' takes --key, --url, --system and "
+					     "--dry-run", what);
+		if (what[0] == 'g')
+			return cli_setup_git(ctx, key, url, system, dry_run);
+		return cli_setup_chromium(ctx, key, url, system, dry_run);
+	}
+	if (key != NULL || url != NULL || system)
+		return cli_usage_err("setup", "--key, --url and --system apply to 'setup git' and "
+				     "'setup chromium-policy'");
 	if (strcmp(what, "openssl") == 0) {
 		if (db != NULL || name != NULL || mod != NULL || remove)
 			return cli_usage_err("setup", "'setup openssl' takes --config only");
@@ -281,11 +330,14 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 	if (name == NULL)
 		name = NSS_NAME;
 	if (strcmp(what, "nss") == 0)
-		return setup_nss(db, name, mod, remove);
+		return setup_nss(db, name, mod, remove, dry_run);
+	if (dry_run)
+		return cli_usage_err("setup", "'setup %s' changes nothing; --dry-run is not needed", what);
 	if (strcmp(what, "firefox-policy") == 0) {
 		if (db != NULL || remove)
 			return cli_usage_err("setup", "--db and --remove apply to 'setup nss' only");
 		return setup_firefox(name, mod);
 	}
-	return cli_usage_err("setup", "unknown target '%s' (nss, firefox-policy or openssl)", what);
+	return cli_usage_err("setup", "unknown target '%s' (nss, firefox-policy, openssl, git or "
+			     "chromium-policy)", what);
 }

@@ -100,6 +100,33 @@ run pk_registry timeout 60 "${git_env[@]}" git -C "$T/clone-rsa2048-1.3" -c http
 	-c http.sslCert="$cert" -c http.sslKey="$key" fetch -q origin
 rc_is 0 "git works again after 'p11agent unlock'"
 
+# ---------------------------------------------------------------- p11agent setup git
+# The user's git configuration (GIT_CONFIG_GLOBAL stands in for
+# ~/.gitconfig) gets the key's URIs; git then needs no -c for them.
+GITCFG=$T/gitconfig-setup
+KEY_EC=$(key_uri_of ec256 private)
+run env GIT_CONFIG_GLOBAL="$GITCFG" "$P11AGENT" --socket "$SOCK" setup git --key "$KEY_EC" \
+	--url "https://localhost:$P13/" --dry-run
+rc_is 0 "setup git --dry-run"
+stdout_has "git config --global http.https://localhost:$P13/.sslKey '$KEY_EC'" \
+	"setup git --dry-run shows the sslKey it would set"
+if [ ! -e "$GITCFG" ]; then ok "setup git --dry-run changed nothing"; else not_ok "setup git --dry-run changed nothing"; fi
+run env GIT_CONFIG_GLOBAL="$GITCFG" "$P11AGENT" --socket "$SOCK" setup git --key "$KEY_EC" \
+	--url "https://localhost:$P13/"
+rc_is 0 "setup git"
+is "$(git config --file "$GITCFG" "http.https://localhost:$P13/.sslcert")" "$(key_uri_of ec256 cert)" \
+	"setup git set sslCert to the key's certificate URI"
+: >"$T/nginx/access.log.mark"
+run pk_registry timeout 60 env GIT_CONFIG_GLOBAL="$GITCFG" GIT_CONFIG_NOSYSTEM=1 GIT_TERMINAL_PROMPT=0 \
+	git -c http.sslCAInfo="$T/server.pem" clone -q "https://localhost:$P13/git/repo.git" "$T/clone-setup"
+rc_is 0 "git clone with only what 'p11agent setup git' configured"
+if seen "TLSv1.3 \"CN=ec256,O=p11agent test\" SUCCESS" "/git/repo.git/info/refs"; then
+	ok "nginx saw ec256's certificate for the clone set up by 'p11agent setup git'"
+else
+	not_ok "nginx saw ec256's certificate for the clone set up by 'p11agent setup git'"
+	diag_file "$T/nginx/access.log" 5
+fi
+
 # ---------------------------------------------------------------- curl: engine + p11-kit-proxy
 # curl_case LABEL TLSVER
 curl_case() {
