@@ -1,6 +1,7 @@
 /* Agent configuration: layered files and flags, locks, and where each value came from. */
 #include "config.h"
 #include "conf.h"
+#include "paths.h"
 #include "p11a.h"
 
 #include <ctype.h>
@@ -240,7 +241,7 @@ config_admin_path(char *out, size_t out_size)
 	int n;
 
 	if (!dir || !*dir)
-		dir = SYSCONFDIR;
+		dir = P11A_SYSCONFDIR;
 	n = snprintf(out, out_size, "%s/p11agent/p11agentd.conf", dir);
 	return n < 0 || (size_t)n >= out_size ? -1 : 0;
 }
@@ -466,7 +467,7 @@ global_setting(struct parse *p, const char *key, char *val)
 	if (strcmp(key, "module-allow") == 0) {
 		if (!admin)
 			return perr(p, "module-allow belongs in the administrator's file (%s) only",
-				    cfg->admin_file ? cfg->admin_file : SYSCONFDIR "/p11agent/p11agentd.conf");
+				    cfg->admin_file ? cfg->admin_file : P11A_SYSCONFDIR "/p11agent/p11agentd.conf");
 		if (val[0] != '/')
 			return perr(p, "module-allow needs an absolute path or pattern: %s", val);
 		if (add_pattern(&cfg->allow, &cfg->nallow, val, &p->at) != 0)
@@ -476,7 +477,7 @@ global_setting(struct parse *p, const char *key, char *val)
 	if (strcmp(key, "lock") == 0) {
 		if (!admin)
 			return perr(p, "lock belongs in the administrator's file (%s) only",
-				    cfg->admin_file ? cfg->admin_file : SYSCONFDIR "/p11agent/p11agentd.conf");
+				    cfg->admin_file ? cfg->admin_file : P11A_SYSCONFDIR "/p11agent/p11agentd.conf");
 		return lock_settings(p, val);
 	}
 	if (strcmp(key, "session-pool") == 0)

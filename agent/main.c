@@ -1,6 +1,7 @@
 /* p11agentd: start-up, options, hardening, daemonizing. */
 #include "config.h"
 #include "conf.h"
+#include "paths.h"
 #include "log.h"
 #include "modules.h"
 #include "p11a.h"
@@ -40,7 +41,7 @@ usage(FILE *out)
 		"  -h, --help           show this help\n"
 		"  -V, --version        show the version\n"
 		"\n"
-		"Settings: " SYSCONFDIR "/p11agent/p11agentd.conf (administrator), then\n"
+		"Settings: " P11A_SYSCONFDIR "/p11agent/p11agentd.conf (administrator), then\n"
 		"~/.config/p11agent/p11agentd.conf, then options; see p11agentd.conf(5).\n"
 		"Without --foreground the agent detaches and prints shell commands that set\n"
 		"P11AGENT_SOCK, like ssh-agent -s:  eval \"$(p11agentd)\"\n"

@@ -32,13 +32,17 @@ command -v "$cc" >/dev/null || { echo "run.sh: $cc not found (install clang and 
 mkdir -p "$out/bin" "$out/corpus"
 
 # shellcheck disable=SC2207
-pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1))
+sd=
+! grep -q '^#define HAVE_SYSTEMD 1' "$top_builddir/config.h" || sd=libsystemd
+# shellcheck disable=SC2207
+pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 $sd))
 # shellcheck disable=SC2054 # the commas belong to -fsanitize=
 cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -DFUZZING_LIBFUZZER -D_GNU_SOURCE
 	-I"$top_builddir" -I"$src/common" -I"$src/agent" -I"$src/engine")
 common=("$src"/common/{p11a,buf,proto,sigenc,client,uri}.c)
-agent=("$src"/agent/{log,conf,modules,helper,token}.c)
+# The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
+agent=("$src"/agent/{log,conf,modules,registry,systemd,helper,token}.c)
 
 build() {
 	local t=$1 extra=()
