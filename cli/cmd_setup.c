@@ -43,7 +43,7 @@ static const char setup_usage[] =
 	"  git             set http[.URL].sslCert and sslKey in your ~/.gitconfig\n"
 	"                  (/etc/gitconfig with --system) to the key's URIs\n"
 	"  chromium-policy print an AutoSelectCertificateForUrls policy that picks\n"
-	"                  the key's certificate (by its issuer) for PATTERN;\n"
+	"                  the key's certificate (by issuer and subject) for PATTERN;\n"
 	"                  --system writes " "/etc/chromium/policies/managed/p11agent.json\n"
 	"\n"
 	"git and wget (GnuTLS) load the modules registered with p11-kit, by the file\n"

@@ -165,16 +165,37 @@ json_escape(char *b, size_t size, size_t *len, const char *s)
 	return 0;
 }
 
-/* The issuer's common name of a DER certificate into out; -1 without one. */
+/* Appends s to b as it is. */
 static int
-issuer_cn(const uint8_t *der, size_t len, char *out, size_t size)
+json_raw(char *b, size_t size, size_t *len, const char *s)
+{
+	int n = snprintf(b + *len, size - *len, "%s", s);
+
+	if (n < 0 || (size_t)n >= size - *len)
+		return -1;
+	*len += (size_t)n;
+	return 0;
+}
+
+/*
+ * The common names of a DER certificate's issuer and subject into the two
+ * buffers; -1 without an issuer CN.  A subject without a CN leaves "".
+ */
+static int
+cert_cns(const uint8_t *der, size_t len, char *issuer, size_t isize, char *subject, size_t ssize)
 {
 	const unsigned char *p = der;
 	X509 *x = d2i_X509(NULL, &p, (long)len);
 	int n = -1;
 
-	if (x != NULL)
-		n = X509_NAME_get_text_by_NID(X509_get_issuer_name(x), NID_commonName, out, (int)size);
+	subject[0] = '\0';
+	if (x != NULL) {
+		n = X509_NAME_get_text_by_NID(X509_get_issuer_name(x), NID_commonName, issuer,
+					      (int)isize);
+		if (X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, subject,
+					      (int)ssize) <= 0)
+			subject[0] = '\0';
+	}
 	X509_free(x);
 	return n > 0 ? 0 : -1;
 }
@@ -209,7 +230,7 @@ cli_setup_chromium(const struct cli_ctx *ctx, const char *key_uri, const char *u
 	struct p11a_client *c = NULL;
 	struct p11a_msg reply;
 	const struct p11a_key *k;
-	char cn[256], inner[2048], text[4096];
+	char cn[256], subj[256], inner[2048], text[4096];
 	size_t ilen = 0, tlen = 0;
 	int rc;
 
@@ -224,17 +245,24 @@ cli_setup_chromium(const struct cli_ctx *ctx, const char *key_uri, const char *u
 	if ((rc = pick_key(&reply.u.list, key_uri, &k)) != CLI_EXIT_OK)
 		goto out;
 	rc = CLI_EXIT_FAIL;
-	if (issuer_cn(k->cert, k->cert_len, cn, sizeof(cn)) != 0) {
+	if (cert_cns(k->cert, k->cert_len, cn, sizeof(cn), subj, sizeof(subj)) != 0) {
 		cli_err("the certificate of key '%s' has no issuer common name to select it by",
 			k->label ? k->label : "");
 		goto out;
 	}
-	/* The policy's list holds JSON objects as strings: escaped twice. */
-	if (json_escape(inner, sizeof(inner), &ilen, "{\"pattern\":\"") != 0 ||
+	/*
+	 * The policy's list holds JSON objects as strings: the values are
+	 * escaped in the object, and the whole object once more in the list.
+	 * Issuer and subject CN together: Chromium selects nothing when
+	 * several of the token's certificates match (one CA issues them all).
+	 */
+	if (json_raw(inner, sizeof(inner), &ilen, "{\"pattern\":\"") != 0 ||
 	    json_escape(inner, sizeof(inner), &ilen, url) != 0 ||
-	    json_escape(inner, sizeof(inner), &ilen, "\",\"filter\":{\"ISSUER\":{\"CN\":\"") != 0 ||
+	    json_raw(inner, sizeof(inner), &ilen, "\",\"filter\":{\"ISSUER\":{\"CN\":\"") != 0 ||
 	    json_escape(inner, sizeof(inner), &ilen, cn) != 0 ||
-	    json_escape(inner, sizeof(inner), &ilen, "\"}}}") != 0) {
+	    json_raw(inner, sizeof(inner), &ilen, subj[0] ? "\"},\"SUBJECT\":{\"CN\":\"" : "") != 0 ||
+	    json_escape(inner, sizeof(inner), &ilen, subj) != 0 ||
+	    json_raw(inner, sizeof(inner), &ilen, subj[0] ? "\"}}}" : "\"}}}") != 0) {
 		cli_err("--url or the issuer name is too long");
 		goto out;
 	}
@@ -264,8 +292,8 @@ cli_setup_chromium(const struct cli_ctx *ctx, const char *key_uri, const char *u
 		cli_err("cannot write %s: %s", CHROMIUM_POLICY_FILE, strerror(errno));
 		goto out;
 	}
-	printf("Wrote %s: Chromium presents key '%s' (certificate issued by '%s') to %s "
-	       "without asking.\n", CHROMIUM_POLICY_FILE, k->label ? k->label : "", cn, url);
+	printf("Wrote %s: Chromium presents key '%s' (certificate of '%s' issued by '%s') to %s "
+	       "without asking.\n", CHROMIUM_POLICY_FILE, k->label ? k->label : "", subj, cn, url);
 	rc = CLI_EXIT_OK;
  out:
 	p11a_msg_clear(&reply);

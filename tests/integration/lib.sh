@@ -31,8 +31,15 @@ PYTHON3=${PYTHON3:-/usr/bin/python3}
 PYTHONPATH=$lib_dir${PYTHONPATH:+:$PYTHONPATH}
 export top_srcdir top_builddir SOFTHSM2_MODULE PYTHON3 PYTHONPATH
 
-P11AGENTD=$top_builddir/p11agentd
-P11AGENT=$top_builddir/p11agent
+# P11A_INSTALLED=/usr (say): the tests run the installed programs instead
+# of the build tree's (tests/packages/run.sh runs the TLS tests that way).
+if [ -n "${P11A_INSTALLED:-}" ]; then
+	P11AGENTD=$P11A_INSTALLED/bin/p11agentd
+	P11AGENT=$P11A_INSTALLED/bin/p11agent
+else
+	P11AGENTD=$top_builddir/p11agentd
+	P11AGENT=$top_builddir/p11agent
+fi
 # Upper bound on any single CLI call, so a hung agent fails a test instead
 # of hanging the suite.
 CLI_TIMEOUT=${CLI_TIMEOUT:-60}

@@ -77,23 +77,26 @@ mkdir -p "$etc"
 [ ! -f /etc/chromium/master_preferences ] || cp /etc/chromium/master_preferences "$etc/"
 run pk_ns "$etc" /etc/chromium -- "$P11AGENT" --socket "$SOCK" setup chromium-policy --system \
 	--dry-run --key "$(key_uri_of ec256 private)" --url "https://localhost:$P13"
-stdout_has '\"filter\":{\"ISSUER\":{\"CN\":\"p11agent test CA\"}}' \
-	"setup chromium-policy --dry-run shows a policy selecting by the certificate's issuer"
+stdout_has '\"filter\":{\"ISSUER\":{\"CN\":\"p11agent test CA\"},\"SUBJECT\":{\"CN\":\"ec256\"}}' \
+	"setup chromium-policy --dry-run shows a policy selecting by the certificate's issuer and subject"
 if [ ! -e "$etc/policies/managed/p11agent.json" ]; then ok "setup chromium-policy --dry-run wrote nothing"; else not_ok "setup chromium-policy --dry-run wrote nothing"; fi
 run pk_ns "$etc" /etc/chromium -- "$P11AGENT" --socket "$SOCK" setup chromium-policy --system \
 	--key "$(key_uri_of ec256 private)" --url "https://localhost:$P13"
 rc_is 0 "setup chromium-policy --system"
 check "setup chromium-policy --system wrote policies/managed/p11agent.json" \
-	"$PYTHON3" -c 'import json, sys; json.load(open(sys.argv[1]))["AutoSelectCertificateForUrls"][0]' \
-	"$etc/policies/managed/p11agent.json"
+	"$PYTHON3" -c 'import json, sys
+p = json.loads(json.load(open(sys.argv[1]))["AutoSelectCertificateForUrls"][0])
+assert p == {"pattern": sys.argv[2],
+             "filter": {"ISSUER": {"CN": "p11agent test CA"}, "SUBJECT": {"CN": "ec256"}}}, p' \
+	"$etc/policies/managed/p11agent.json" "https://localhost:$P13"
 rm -rf "$T/chrome-profile"
 run pk_ns "$etc" /etc/chromium -- env HOME="$T/chome" timeout 90 "$CHROMIUM" --headless --no-sandbox \
 	--disable-gpu --disable-background-networking --disable-component-update --disable-sync \
 	--no-first-run --user-data-dir="$T/chrome-profile" --dump-dom "https://localhost:$P13/whoami"
-if grep -qE "subject=CN=[^,]+,O=p11agent test protocol=TLSv1.3" "$T/stdout"; then
-	ok "Chromium presents a token certificate under the policy 'p11agent setup chromium-policy' wrote"
+if grep -qF "subject=CN=ec256,O=p11agent test protocol=TLSv1.3" "$T/stdout"; then
+	ok "Chromium presents ec256 under the policy 'p11agent setup chromium-policy' wrote"
 else
-	not_ok "Chromium presents a token certificate under the policy 'p11agent setup chromium-policy' wrote"
+	not_ok "Chromium presents ec256 under the policy 'p11agent setup chromium-policy' wrote"
 	diag_last
 fi
 

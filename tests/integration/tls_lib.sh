@@ -70,9 +70,16 @@ san_env_for_module() {
 }
 
 require_provider() {
-	require_file "$PROVIDER_MODULE_DIR/p11agent.so" "$PROVIDER_SNIPPET_IN"
-	sed -e "s|@PROVIDER_MODULE@|$PROVIDER_MODULE_DIR/p11agent.so|g" \
-		-e "s|@OPENSSL_SNIPPET@|$PROVIDER_SNIPPET|g" "$PROVIDER_SNIPPET_IN" >"$PROVIDER_SNIPPET"
+	if [ -n "${P11A_INSTALLED_SNIPPET:-}" ]; then
+		# The installed snippet, naming the installed provider.
+		require_file "$P11A_INSTALLED_SNIPPET"
+		PROVIDER_SNIPPET=$P11A_INSTALLED_SNIPPET
+		PROVIDER_MODULE_DIR=$(dirname "$(awk '$1 == "module" { print $3; exit }' "$PROVIDER_SNIPPET")")
+	else
+		require_file "$PROVIDER_MODULE_DIR/p11agent.so" "$PROVIDER_SNIPPET_IN"
+		sed -e "s|@PROVIDER_MODULE@|$PROVIDER_MODULE_DIR/p11agent.so|g" \
+			-e "s|@OPENSSL_SNIPPET@|$PROVIDER_SNIPPET|g" "$PROVIDER_SNIPPET_IN" >"$PROVIDER_SNIPPET"
+	fi
 	PROVIDER_CONF=$T/openssl-p11agent.cnf
 	write_provider_conf "$PROVIDER_CONF"
 	san_env_for_module "$PROVIDER_MODULE_DIR/p11agent.so"

@@ -188,6 +188,21 @@ run client p11tool --test-sign "pkcs11:token=$TOKEN_LABEL;object=ec256"
 rc_is 0 "p11tool --test-sign with a key of the agent, through the packaged module"
 stop_agent
 
+# ---------------------------------------------------------------- the TLS tests, installed
+# t_provider_tls once more, with the installed agent, CLI, provider and
+# snippet instead of the build tree's.
+run env P11A_INSTALLED=/usr P11A_INSTALLED_SNIPPET="$snippet" bash "$src/tests/integration/t_provider_tls.sh"
+tls_pass=$(awk '/^ok / { n++ } END { print n + 0 }' "$T/stdout")
+tls_fail=$(awk '/^not ok / { n++ } END { print n + 0 }' "$T/stdout")
+diag "t_provider_tls against the installed packages: $tls_pass ok, $tls_fail not ok"
+if [ "$rc" -eq 0 ] && [ "$tls_fail" -eq 0 ] && [ "$tls_pass" -gt 100 ]; then
+	ok "t_provider_tls passes against the installed packages ($tls_pass checks)"
+else
+	not_ok "t_provider_tls passes against the installed packages"
+	grep '^not ok' "$T/stdout" | head -n 10 | sed 's/^/#   /'
+	diag_file "$T/stderr" 10
+fi
+
 # ---------------------------------------------------------------- purge
 # shellcheck disable=SC2086
 check "dpkg --purge $PKGS" dpkg --purge $PKGS
