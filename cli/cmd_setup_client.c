@@ -61,6 +61,23 @@ pick_key(const struct p11a_list_reply *l, const char *uri, const struct p11a_key
 	return CLI_EXIT_OK;
 }
 
+/*
+ * Connects, fetches LIST into *reply and picks the key (pick_key).  The
+ * caller frees *c and clears *reply whatever the result.
+ */
+static int
+setup_key(const struct cli_ctx *ctx, const char *uri, struct p11a_client **c,
+	  struct p11a_msg *reply, const struct p11a_key **out)
+{
+	int rc;
+
+	memset(reply, 0, sizeof(*reply));
+	if ((rc = cli_connect(ctx, c)) != CLI_EXIT_OK ||
+	    (rc = cli_list(*c, reply)) != CLI_EXIT_OK)
+		return rc;
+	return pick_key(&reply->u.list, uri, out);
+}
+
 /* Prints s as one shell word in single quotes. */
 static void
 shell_word(FILE *f, const char *s)
@@ -106,14 +123,9 @@ cli_setup_git(const struct cli_ctx *ctx, const char *key_uri, const char *url, i
 	char *cert_name = NULL, *key_name = NULL;
 	int rc;
 
-	memset(&reply, 0, sizeof(reply));
 	if (url != NULL && strncmp(url, "https://", 8) != 0)
 		return cli_usage_err("setup", "--url: '%s' is not an https:// URL", url);
-	if ((rc = cli_connect(ctx, &c)) != CLI_EXIT_OK)
-		return rc;
-	if ((rc = cli_list(c, &reply)) != CLI_EXIT_OK)
-		goto out;
-	if ((rc = pick_key(&reply.u.list, key_uri, &k)) != CLI_EXIT_OK)
+	if ((rc = setup_key(ctx, key_uri, &c, &reply, &k)) != CLI_EXIT_OK)
 		goto out;
 	rc = CLI_EXIT_FAIL;
 	if (asprintf(&cert_name, "http.%s%ssslCert", url ? url : "", url ? "." : "") < 0 ||
@@ -234,15 +246,10 @@ cli_setup_chromium(const struct cli_ctx *ctx, const char *key_uri, const char *u
 	size_t ilen = 0, tlen = 0;
 	int rc;
 
-	memset(&reply, 0, sizeof(reply));
 	if (url == NULL)
 		return cli_usage_err("setup", "chromium-policy needs --url PATTERN "
 				     "(e.g. https://[*.]example.com)");
-	if ((rc = cli_connect(ctx, &c)) != CLI_EXIT_OK)
-		return rc;
-	if ((rc = cli_list(c, &reply)) != CLI_EXIT_OK)
-		goto out;
-	if ((rc = pick_key(&reply.u.list, key_uri, &k)) != CLI_EXIT_OK)
+	if ((rc = setup_key(ctx, key_uri, &c, &reply, &k)) != CLI_EXIT_OK)
 		goto out;
 	rc = CLI_EXIT_FAIL;
 	if (cert_cns(k->cert, k->cert_len, cn, sizeof(cn), subj, sizeof(subj)) != 0) {

@@ -45,6 +45,15 @@ run pk_client env HOME="$T/chome" certutil -L -d "sql:$T/chome/.pki/nssdb" -h al
 stdout_has "$TOKEN_LABEL:ec256" "NSS sees the token's certificates through the module"
 
 # ---------------------------------------------------------------- Chromium
+# chromium_get ETC PORT: headless Chromium with ETC as /etc/chromium (its
+# policies) and a fresh profile fetches /whoami; as run.
+chromium_get() {
+	rm -rf "$T/chrome-profile"
+	run pk_ns "$1" /etc/chromium -- env HOME="$T/chome" timeout 90 "$CHROMIUM" --headless --no-sandbox \
+		--disable-gpu --disable-background-networking --disable-component-update --disable-sync \
+		--no-first-run --user-data-dir="$T/chrome-profile" --dump-dom "https://localhost:$2/whoami"
+}
+
 # chromium_case LABEL VERSION(1.2|1.3)
 chromium_case() {
 	local k=$1 v=$2 port etc=$T/etc-chromium-$1
@@ -53,10 +62,7 @@ chromium_case() {
 	[ ! -f /etc/chromium/master_preferences ] || cp /etc/chromium/master_preferences "$etc/"
 	printf '{"AutoSelectCertificateForUrls": ["{\\"pattern\\":\\"https://localhost:%s\\",\\"filter\\":{\\"SUBJECT\\":{\\"CN\\":\\"%s\\"}}}"]}\n' \
 		"$port" "$k" >"$etc/policies/managed/p11agent-test.json"
-	rm -rf "$T/chrome-profile"
-	run pk_ns "$etc" /etc/chromium -- env HOME="$T/chome" timeout 90 "$CHROMIUM" --headless --no-sandbox \
-		--disable-gpu --disable-background-networking --disable-component-update --disable-sync \
-		--no-first-run --user-data-dir="$T/chrome-profile" --dump-dom "https://localhost:$port/whoami"
+	chromium_get "$etc" "$port"
 	if grep -qF "subject=CN=$k,O=p11agent test protocol=TLSv$v" "$T/stdout"; then
 		ok "Chromium shows the page for $k over TLS $v (the server saw CN=$k)"
 	else
@@ -89,10 +95,7 @@ p = json.loads(json.load(open(sys.argv[1]))["AutoSelectCertificateForUrls"][0])
 assert p == {"pattern": sys.argv[2],
              "filter": {"ISSUER": {"CN": "p11agent test CA"}, "SUBJECT": {"CN": "ec256"}}}, p' \
 	"$etc/policies/managed/p11agent.json" "https://localhost:$P13"
-rm -rf "$T/chrome-profile"
-run pk_ns "$etc" /etc/chromium -- env HOME="$T/chome" timeout 90 "$CHROMIUM" --headless --no-sandbox \
-	--disable-gpu --disable-background-networking --disable-component-update --disable-sync \
-	--no-first-run --user-data-dir="$T/chrome-profile" --dump-dom "https://localhost:$P13/whoami"
+chromium_get "$etc" "$P13"
 if grep -qF "subject=CN=ec256,O=p11agent test protocol=TLSv1.3" "$T/stdout"; then
 	ok "Chromium presents ec256 under the policy 'p11agent setup chromium-policy' wrote"
 else
