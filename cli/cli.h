@@ -44,6 +44,9 @@ int cmd_exec(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_setup(struct cli_ctx *ctx, int argc, char **argv);
 /* 'p11agent setup openssl' (cmd_setup_openssl.c); conf NULL: the installed snippet. */
 int cli_setup_openssl(const char *conf);
+/* firefox-policy: print (file NULL, !system) or merge into policies.json. */
+int cli_setup_firefox(const char *name, const char *mod, const char *file, int system,
+		      int remove, int dry_run);
 /* setup git / chromium-policy (cmd_setup_client.c); see 'p11agent setup --help'. */
 int cli_setup_git(const struct cli_ctx *ctx, const char *key_uri, const char *url, int system,
 		  int dry_run);

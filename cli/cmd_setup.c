@@ -25,6 +25,7 @@
 static const char setup_usage[] =
 	"Usage: p11agent setup nss [--db DIR] [--name NAME] [--module PATH] [--remove] [--dry-run]\n"
 	"       p11agent setup firefox-policy [--name NAME] [--module PATH]\n"
+	"                      [--system | --file FILE] [--remove] [--dry-run]\n"
 	"       p11agent setup openssl [--config FILE]\n"
 	"       p11agent setup git [--key URI] [--url URL] [--system] [--dry-run]\n"
 	"       p11agent setup chromium-policy --url PATTERN [--key URI] [--system] [--dry-run]\n"
@@ -37,7 +38,10 @@ static const char setup_usage[] =
 	"                  (Chromium reads ~/.pki/nssdb); the database is made\n"
 	"                  when it does not exist\n"
 	"  firefox-policy  print a policies.json fragment (SecurityDevices) for\n"
-	"                  Firefox; put it in /etc/firefox/policies/policies.json\n"
+	"                  Firefox; --system merges it into the policies.json of\n"
+	"                  each installed Firefox (/etc/firefox-esr/policies,\n"
+	"                  /etc/firefox/policies), --file into FILE, keeping the\n"
+	"                  other policies\n"
 	"  openssl         check that OpenSSL loads the p11agent provider through\n"
 	"                  the installed snippet, and print how to enable it\n"
 	"  git             set http[.URL].sslCert and sslKey in your ~/.gitconfig\n"
@@ -56,13 +60,15 @@ static const char setup_usage[] =
 	"  -n, --name NAME     module name in NSS/Firefox (default " NSS_NAME ")\n"
 	"  -m, --module PATH   the module (default $P11AGENT_PKCS11_MODULE, else\n"
 	"                      " P11A_PKCS11_MODULE ")\n"
-	"  -r, --remove        nss: remove the module instead of adding it\n"
+	"  -r, --remove        nss, firefox-policy: remove the module instead of\n"
+	"                      adding it\n"
 	"  -c, --config FILE   openssl: the snippet to check (default\n"
 	"                      " P11A_OPENSSL_SNIPPET ")\n"
 	"  -k, --key URI       git, chromium-policy: the key (default: the only key\n"
 	"                      with a certificate)\n"
 	"  -u, --url URL       git: only for this URL; chromium-policy: the pattern\n"
 	"  -s, --system        edit the system's configuration instead of yours\n"
+	"  -f, --file FILE     firefox-policy: the policies.json to edit\n"
 	"      --dry-run       show what would be changed; change nothing\n"
 	"  -h, --help          show this help\n";
 
@@ -212,39 +218,6 @@ out:
 	return cli_finish_stdout(rc);
 }
 
-static void
-json_string(const char *s)
-{
-	putchar('"');
-	for (; *s != '\0'; s++) {
-		unsigned char ch = (unsigned char)*s;
-
-		if (ch == '"' || ch == '\\')
-			printf("\\%c", ch);
-		else if (ch < 0x20)
-			printf("\\u%04x", ch);
-		else
-			putchar(ch);
-	}
-	putchar('"');
-}
-
-static int
-setup_firefox(const char *name, const char *mod_opt)
-{
-	char *mod;
-
-	if ((mod = module_path(mod_opt)) == NULL)
-		return CLI_EXIT_FAIL;
-	printf("{\n  \"policies\": {\n    \"SecurityDevices\": {\n      \"Add\": {\n        ");
-	json_string(name);
-	printf(": ");
-	json_string(mod);
-	printf("\n      }\n    }\n  }\n}\n");
-	free(mod);
-	return cli_finish_stdout(CLI_EXIT_OK);
-}
-
 int
 cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 {
@@ -257,15 +230,16 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		{ "key", required_argument, NULL, 'k' },
 		{ "url", required_argument, NULL, 'u' },
 		{ "system", no_argument, NULL, 's' },
+		{ "file", required_argument, NULL, 'f' },
 		{ "dry-run", no_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 }
 	};
 	const char *db = NULL, *name = NULL, *mod = NULL, *config = NULL, *what;
-	const char *key = NULL, *url = NULL;
+	const char *key = NULL, *url = NULL, *file = NULL;
 	int ch, remove = 0, system = 0, dry_run = 0;
 
-	while ((ch = getopt_long(argc, argv, "d:n:m:rc:k:u:sh", opts, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "d:n:m:rc:k:u:sf:h", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'd':
 			db = optarg;
@@ -293,6 +267,9 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		case 's':
 			system = 1;
 			break;
+		case 'f':
+			file = optarg;
+			break;
 		case 'D':
 			dry_run = 1;
 			break;
@@ -310,16 +287,37 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 	if (optind < argc)
 		return cli_usage_err("setup", "unexpected argument '%s'", argv[optind]);
 	if (strcmp(what, "git") == 0 || strcmp(what, "chromium-policy") == 0) {
-		if (db != NULL || name != NULL || mod != NULL || remove || config != NULL)
+		if (db != NULL || name != NULL || mod != NULL || remove || config != NULL || file != NULL)
 			return cli_usage_err("setup", "'setup %s' takes --key, --url, --system and "
 					     "--dry-run", what);
 		if (what[0] == 'g')
 			return cli_setup_git(ctx, key, url, system, dry_run);
 		return cli_setup_chromium(ctx, key, url, system, dry_run);
 	}
+	if (strcmp(what, "firefox-policy") == 0) {
+		char *abs = NULL;
+		int rc;
+
+		if (db != NULL || key != NULL || url != NULL || config != NULL)
+			return cli_usage_err("setup", "'setup firefox-policy' takes --name, --module, "
+					     "--system, --file, --remove and --dry-run");
+		if (system && file != NULL)
+			return cli_usage_err("setup", "give --system or --file, not both");
+		if ((remove || dry_run) && !system && file == NULL)
+			return cli_usage_err("setup", "--remove and --dry-run need --system or --file "
+					     "(without them nothing is written)");
+		if (!remove && (abs = module_path(mod)) == NULL)
+			return CLI_EXIT_FAIL;
+		rc = cli_setup_firefox(name != NULL ? name : NSS_NAME, abs, file, system, remove,
+				       dry_run);
+		free(abs);
+		return rc;
+	}
+	if (file != NULL)
+		return cli_usage_err("setup", "--file applies to 'setup firefox-policy' only");
 	if (key != NULL || url != NULL || system)
-		return cli_usage_err("setup", "--key, --url and --system apply to 'setup git' and "
-				     "'setup chromium-policy'");
+		return cli_usage_err("setup", "--key, --url and --system apply to 'setup git', "
+				     "'setup chromium-policy' and 'setup firefox-policy'");
 	if (strcmp(what, "openssl") == 0) {
 		if (db != NULL || name != NULL || mod != NULL || remove)
 			return cli_usage_err("setup", "'setup openssl' takes --config only");
@@ -331,13 +329,6 @@ cmd_setup(struct cli_ctx *ctx, int argc, char **argv)
 		name = NSS_NAME;
 	if (strcmp(what, "nss") == 0)
 		return setup_nss(db, name, mod, remove, dry_run);
-	if (dry_run)
-		return cli_usage_err("setup", "'setup %s' changes nothing; --dry-run is not needed", what);
-	if (strcmp(what, "firefox-policy") == 0) {
-		if (db != NULL || remove)
-			return cli_usage_err("setup", "--db and --remove apply to 'setup nss' only");
-		return setup_firefox(name, mod);
-	}
 	return cli_usage_err("setup", "unknown target '%s' (nss, firefox-policy, openssl, git or "
 			     "chromium-policy)", what);
 }

@@ -17,7 +17,7 @@
 set -u
 
 build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openssl
-	libp11-kit-dev p11-kit libsystemd-dev"
+	libp11-kit-dev p11-kit libsystemd-dev libjson-c-dev"
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd"
