@@ -26,11 +26,12 @@
 #define POLICY_MAX (1024 * 1024)
 
 /*
- * Where Firefox reads a system policies.json: SysConfD/policies, and
- * SysConfD is /etc/<app name>: /etc/firefox-esr for Debian's firefox-esr,
- * /etc/firefox for Mozilla's builds and most distributions.
+ * Where Firefox reads the system's policies.json: SysConfD/policies.
+ * Mozilla's builds and Debian's firefox-esr alike look in /etc/firefox
+ * (strace of firefox-esr 128 on Debian 12: access("/etc/firefox/policies/
+ * policies.json"), then its distribution directory).
  */
-static const char *const ff_sysconf[] = { "/etc/firefox-esr", "/etc/firefox" };
+#define FF_SYSTEM_POLICY "/etc/firefox/policies/policies.json"
 
 /* Reads path into a NUL-terminated buffer; *text NULL when it does not exist. */
 static int
@@ -320,10 +321,6 @@ int
 cli_setup_firefox(const char *name, const char *mod, const char *file, int system, int remove,
 		  int dry_run)
 {
-	char path[4096];
-	size_t i;
-	int rc = CLI_EXIT_OK, any = 0;
-
 	if (file == NULL && !system) {
 		json_object *doc = json_object_new_object();
 		int changed;
@@ -338,23 +335,6 @@ cli_setup_firefox(const char *name, const char *mod, const char *file, int syste
 		json_object_put(doc);
 		return cli_finish_stdout(CLI_EXIT_OK);
 	}
-	if (file != NULL)
-		return cli_finish_stdout(update_one(file, name, mod, remove, dry_run));
-	/* Each installed Firefox's directory; Mozilla's /etc/firefox when none is. */
-	for (i = 0; i < sizeof(ff_sysconf) / sizeof(ff_sysconf[0]); i++) {
-		struct stat st;
-
-		if (stat(ff_sysconf[i], &st) != 0 || !S_ISDIR(st.st_mode))
-			continue;
-		snprintf(path, sizeof(path), "%s/policies/policies.json", ff_sysconf[i]);
-		if (update_one(path, name, mod, remove, dry_run) != CLI_EXIT_OK)
-			rc = CLI_EXIT_FAIL;
-		any = 1;
-	}
-	if (!any) {
-		snprintf(path, sizeof(path), "%s/policies/policies.json",
-			 ff_sysconf[sizeof(ff_sysconf) / sizeof(ff_sysconf[0]) - 1]);
-		rc = update_one(path, name, mod, remove, dry_run);
-	}
-	return cli_finish_stdout(rc);
+	return cli_finish_stdout(update_one(file != NULL ? file : FF_SYSTEM_POLICY, name, mod, remove,
+					    dry_run));
 }

@@ -5,7 +5,7 @@
 # flat, a Delete entry of the same name dropped, the file's mode kept,
 # --remove undoing it, --dry-run writing nothing, a bad file named with its
 # line and left byte for byte as it was.  --system runs in a private mount
-# namespace over /etc/firefox-esr (root only), never on the system's.
+# namespace with an overlay over /etc (root only), never on the system's.
 # Firefox itself reading the result: t_pkcs11_browser.
 set -u
 # shellcheck source=tests/integration/lib.sh
@@ -126,24 +126,39 @@ rc_is 1 "a directory as --file is refused"
 stderr_has "not a regular file" "the error says it is not a regular file"
 
 # ---------------------------------------------------------------- --system
-# In a private mount namespace, over an empty /etc/firefox-esr (Debian's
-# firefox-esr reads /etc/firefox-esr/policies/policies.json).
-if [ "$(id -u)" = 0 ] && [ -d /etc/firefox-esr ] && command -v unshare >/dev/null; then
-	mkdir -p "$T/etc-ff"
-	printf '{"policies": {"DisableAppUpdate": true}}\n' >"$T/pre.json"
+# In a private mount namespace with an overlay over /etc whose upper layer
+# is a tmpfs of that namespace: the system's /etc is never written.
+# ns_etc SCRIPT ARGS...: runs sh -c SCRIPT there (as run).
+ns_etc() {
+	local script=$1
+	shift
 	# shellcheck disable=SC2016 # expanded by the inner shell
-	run unshare -m sh -c 'mount --bind "$1" /etc/firefox-esr || exit 125
-		mkdir -p /etc/firefox-esr/policies && cp "$2" /etc/firefox-esr/policies/policies.json &&
-		"$3" setup firefox-policy --system --module "$4" --dry-run &&
-		cmp "$2" /etc/firefox-esr/policies/policies.json &&
-		"$3" setup firefox-policy --system --module "$4"' sh "$T/etc-ff" "$T/pre.json" "$P11AGENT" "$MOD"
-	rc_is 0 "setup firefox-policy --system (private /etc/firefox-esr)"
-	stdout_has "would write /etc/firefox-esr/policies/policies.json" "--system --dry-run names Debian's path"
-	stdout_has "Wrote /etc/firefox-esr/policies/policies.json" "--system writes Debian's firefox-esr policies.json"
-	jq_is "$T/etc-ff/policies/policies.json" "d['policies'] == {'DisableAppUpdate': True, 'SecurityDevices': {'Add': {'p11agent': '$MOD_ABS'}}}" \
+	run unshare -m sh -c 'mount -t tmpfs p11a-test "$1" && mkdir "$1/up" "$1/work" &&
+		mount -t overlay p11a-test -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc ||
+		exit 125
+		shift; '"$script" sh "$T/ovl" "$@"
+}
+if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
+	mkdir -p "$T/ovl"
+	etc_before=$(ls -laR /etc/firefox 2>&1)
+	printf '{"policies": {"DisableAppUpdate": true}}\n' >"$T/pre.json"
+	ns_etc 'mkdir -p /etc/firefox/policies && cp "$1" /etc/firefox/policies/policies.json &&
+		"$2" setup firefox-policy --system --module "$3" --dry-run &&
+		cmp "$1" /etc/firefox/policies/policies.json &&
+		"$2" setup firefox-policy --system --module "$3" &&
+		cp /etc/firefox/policies/policies.json "$4"' "$T/pre.json" "$P11AGENT" "$MOD" "$T/sys.json"
+	rc_is 0 "setup firefox-policy --system (private /etc)"
+	stdout_has "would write /etc/firefox/policies/policies.json" "--system --dry-run names /etc/firefox/policies/policies.json"
+	stdout_has "Wrote /etc/firefox/policies/policies.json" "--system writes /etc/firefox/policies/policies.json"
+	jq_is "$T/sys.json" "d['policies'] == {'DisableAppUpdate': True, 'SecurityDevices': {'Add': {'p11agent': '$MOD_ABS'}}}" \
 		"--system merged the module and kept the administrator's policy"
+	ns_etc '"$1" setup firefox-policy --system --module "$2" && ls -ld /etc/firefox/policies /etc/firefox/policies/policies.json' \
+		"$P11AGENT" "$MOD"
+	rc_is 0 "--system with no /etc/firefox makes it"
+	stdout_has "drwxr-xr-x" "the policies directory is world-readable"
+	is "$(ls -laR /etc/firefox 2>&1)" "$etc_before" "the system's /etc/firefox was not touched"
 else
-	ok "setup firefox-policy --system # SKIP needs root, unshare and /etc/firefox-esr"
+	ok "setup firefox-policy --system # SKIP needs root and unshare"
 fi
 
 done_testing
