@@ -140,8 +140,9 @@ ns_etc() {
 }
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
 	mkdir -p "$T/ovl"
-	etc_before=$(ls -laR /etc/firefox 2>&1)
+	etc_before=$(ls -laR /etc/firefox 2>&1; echo "exit $?")
 	printf '{"policies": {"DisableAppUpdate": true}}\n' >"$T/pre.json"
+	# shellcheck disable=SC2016 # expanded by the inner shell
 	ns_etc 'mkdir -p /etc/firefox/policies && cp "$1" /etc/firefox/policies/policies.json &&
 		"$2" setup firefox-policy --system --module "$3" --dry-run &&
 		cmp "$1" /etc/firefox/policies/policies.json &&
@@ -152,11 +153,12 @@ if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
 	stdout_has "Wrote /etc/firefox/policies/policies.json" "--system writes /etc/firefox/policies/policies.json"
 	jq_is "$T/sys.json" "d['policies'] == {'DisableAppUpdate': True, 'SecurityDevices': {'Add': {'p11agent': '$MOD_ABS'}}}" \
 		"--system merged the module and kept the administrator's policy"
+	# shellcheck disable=SC2016 # expanded by the inner shell
 	ns_etc '"$1" setup firefox-policy --system --module "$2" && ls -ld /etc/firefox/policies /etc/firefox/policies/policies.json' \
 		"$P11AGENT" "$MOD"
 	rc_is 0 "--system with no /etc/firefox makes it"
 	stdout_has "drwxr-xr-x" "the policies directory is world-readable"
-	is "$(ls -laR /etc/firefox 2>&1)" "$etc_before" "the system's /etc/firefox was not touched"
+	is "$(ls -laR /etc/firefox 2>&1; echo "exit $?")" "$etc_before" "the system's /etc/firefox was not touched"
 else
 	ok "setup firefox-policy --system # SKIP needs root and unshare"
 fi
