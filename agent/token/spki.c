@@ -150,7 +150,10 @@ tok_spki_rsa(const uint8_t *mod, size_t mod_len, const uint8_t *exp, size_t exp_
 	EVP_PKEY *pk = NULL;
 	int r = -1;
 
-	if (bld == NULL || n == NULL || e == NULL ||
+	*out = NULL;
+	*out_len = 0;
+	/* An empty or zero modulus or exponent is no key (OpenSSL would encode it). */
+	if (bld == NULL || n == NULL || e == NULL || BN_is_zero(n) || BN_is_zero(e) ||
 	    OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, n) != 1 ||
 	    OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e) != 1 ||
 	    (params = OSSL_PARAM_BLD_to_param(bld)) == NULL)

@@ -48,7 +48,10 @@ int tok_ec_point_raw(const struct tok_curve *c, const uint8_t *p, size_t n, cons
  */
 int tok_spki_of(EVP_PKEY *pk, uint8_t **out, size_t *out_len);
 
-/* SPKI of the RSA key with big-endian modulus and exponent; as tok_spki_of(). */
+/*
+ * SPKI of the RSA key with big-endian modulus and exponent; as
+ * tok_spki_of().  An empty or zero modulus or exponent is an error.
+ */
 int tok_spki_rsa(const uint8_t *mod, size_t mod_len, const uint8_t *exp, size_t exp_len,
 		 uint8_t **out, size_t *out_len);
 
