@@ -144,7 +144,7 @@ tok_dup_bytes(const uint8_t *p, size_t n)
 	return d;
 }
 
-/* ------------------------------------------------------------ enumeration */
+/* ------------------------------------------------------------ objects and pairing */
 
 struct obj {
 	CK_OBJECT_CLASS cls;
