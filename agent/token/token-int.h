@@ -171,7 +171,7 @@ void tok_ctl_session_put(struct token_module *m, struct tok_slot *s, CK_SESSION_
 
 /* Copy of p[0..n) (NULL when n is 0 or out of memory). */
 uint8_t *tok_dup_bytes(const uint8_t *p, size_t n);
-/* Handles of the objects tmpl matches (at most OBJ_MAX); *out freed by the caller. */
+/* Handles of the objects tmpl matches (at most P11A_LIST_MAX); *out freed by the caller. */
 CK_RV tok_find_objects(struct token_module *m, CK_SESSION_HANDLE h, CK_ATTRIBUTE *tmpl,
 		       CK_ULONG ntmpl, CK_OBJECT_HANDLE **out, size_t *count);
 /* The keys of the token in session h, sorted; free with tok_keys_free(). */
