@@ -12,7 +12,7 @@
  */
 #include "config.h"
 #include "helper.h"
-#include "token.h"
+#include "token/token.h"
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"

@@ -42,7 +42,8 @@ cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,unde
 	-I"$top_builddir" -I"$src/common" -I"$src/agent" -I"$src/engine")
 common=("$src"/common/{p11a,buf,proto,sigenc,client,uri}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
-agent=("$src"/agent/{log,conf,modules,registry,systemd,helper,token}.c)
+agent=("$src"/agent/{log,conf,modules,registry,systemd,helper}.c
+	"$src"/agent/token/{token,rv,pool,spki,object,slot,login,sign}.c)
 
 build() {
 	local t=$1 extra=()

@@ -1,8 +1,8 @@
 /*
  * PKCS#11 access for the token helper (agent/helper.c): module loading,
- * token and key enumeration, login/logout and signing.  This is the only
- * code in the project that calls a PKCS#11 function, and token.c holds the
- * only CK_RV -> P11A_E_* translation.
+ * token and key enumeration, login/logout and signing.  agent/token/ is
+ * the only code in the project that calls a PKCS#11 function, and
+ * agent/token/rv.c holds the only CK_RV -> P11A_E_* translation.
  *
  * Threads: token_module_load(), token_refresh(), token_check(),
  * token_unlock(), token_lock() and token_module_close() belong to the

@@ -1,0 +1,221 @@
+/*
+ * Login and lock: picking the tokens a URI names, C_Login once per
+ * UNLOCK (never retried), C_Logout per LOCK.
+ */
+#include "config.h"
+#include "token-int.h"
+#include "log.h"
+#include "uri.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+
+/*
+ * Tokens that uri names.  For "" and want_login: the one token that needs
+ * a login and lacks it (*n = 0 and 0 returned when all are logged in).
+ * For "" otherwise: every present token.
+ */
+static int
+tokens_pick(struct token_module *m, const char *uri, int want_login, struct tok_slot **sel,
+	    size_t *n, char *msg, size_t msg_size)
+{
+	struct p11a_uri_matcher *um;
+	struct tok_slot *absent = NULL;
+	size_t i, need = 0, login_tokens = 0;
+	int err = 0;
+
+	*n = 0;
+	if (uri == NULL || uri[0] == '\0') {
+		for (i = 0; i < m->nslots; i++) {
+			struct tok_slot *s = m->slots[i];
+			if (!s->present) {
+				if (s->known && (s->ti.flags & CKF_LOGIN_REQUIRED))
+					absent = s;
+				continue;
+			}
+			if (!want_login) {
+				sel[(*n)++] = s;
+				continue;
+			}
+			if (!(s->ti.flags & CKF_LOGIN_REQUIRED))
+				continue;
+			login_tokens++;
+			if (!s->logged_in) {
+				need++;
+				sel[0] = s;
+			}
+		}
+		if (!want_login)
+			return 0;
+		if (need > 1) {
+			tok_set_msg(msg, msg_size, "%zu tokens of module %s need a login; "
+				"name one with a pkcs11: URI", need, m->name);
+			return -P11A_E_AMBIGUOUS;
+		}
+		if (need == 0 && login_tokens == 0 && absent != NULL) {
+			tok_set_msg(msg, msg_size, "token '%s' is not present", absent->tok.label);
+			return -P11A_E_TOKEN_NOT_PRESENT;
+		}
+		if (need == 0 && login_tokens == 0) {
+			tok_set_msg(msg, msg_size, "no token of module %s needs a login", m->name);
+			return -P11A_E_NO_SUCH_TOKEN;
+		}
+		*n = need;
+		return 0;
+	}
+	if ((um = p11a_uri_matcher_new(uri, &err)) == NULL) {
+		tok_set_msg(msg, msg_size, "'%.200s' is not a valid pkcs11: URI", uri);
+		return err != 0 ? err : -P11A_E_URI;
+	}
+	for (i = 0; i < m->nslots; i++) {
+		struct tok_slot *s = m->slots[i];
+		if (s->known && p11a_uri_match_token(um, &s->tok) == 1)
+			sel[(*n)++] = s;
+	}
+	p11a_uri_matcher_free(um);
+	if (*n == 0) {
+		tok_set_msg(msg, msg_size, "no token of module %s matches %.200s", m->name, uri);
+		return -P11A_E_NO_SUCH_TOKEN;
+	}
+	if (want_login && *n > 1) {
+		tok_set_msg(msg, msg_size, "%zu tokens match %.200s", *n, uri);
+		return -P11A_E_AMBIGUOUS;
+	}
+	return 0;
+}
+
+int
+token_unlock(struct token_module *m, const char *token_uri, const char *pin, size_t pin_len,
+	     int *tried, char *msg, size_t msg_size)
+{
+	struct tok_slot *sel[SLOT_MAX], *s;
+	CK_SESSION_HANDLE h;
+	CK_TOKEN_INFO ti;
+	const char *label;
+	unsigned gen;
+	size_t n;
+	int r, logged_in = 0, drop = 0;
+	CK_RV rv;
+
+	*tried = 0;
+	if ((r = tokens_pick(m, token_uri, 1, sel, &n, msg, msg_size)) != 0)
+		return r;
+	if (n == 0)
+		return 0;       /* every token that needs a login has one */
+	s = sel[0];
+	label = s->tok.label;
+	if (!s->present) {
+		tok_set_msg(msg, msg_size, "token '%s' is not present", label);
+		return -P11A_E_TOKEN_NOT_PRESENT;
+	}
+	rv = tok_ctl_session_state(m, s, &h, &gen, &logged_in);
+	if (rv == CKR_FUNCTION_CANCELED) {
+		tok_set_msg(msg, msg_size, "token '%s' is busy; try again", label);
+		return -P11A_E_TIMEOUT;
+	}
+	if (rv != CKR_OK)
+		return tok_fail_rv(msg, msg_size, label, "cannot open a session", rv);
+	if (logged_in) {
+		tok_ctl_session_put(m, s, h, gen, 0);
+		return 0;
+	}
+	*tried = 1;
+	if ((s->ti.flags & CKF_PROTECTED_AUTHENTICATION_PATH) && pin_len == 0) {
+		log_info("token '%s': PIN entry on the reader's keypad", label);
+		rv = m->f->C_Login(h, CKU_USER, NULL, 0);
+	} else {
+		/* The module reads the PIN in place; no copy to wipe. */
+		rv = m->f->C_Login(h, CKU_USER, (CK_UTF8CHAR_PTR)(uintptr_t)pin, (CK_ULONG)pin_len);
+	}
+	switch (rv) {
+	case CKR_OK:
+	case CKR_USER_ALREADY_LOGGED_IN:
+		atomic_fetch_add(&s->kgen, 1);
+		log_info("token '%s' logged in", label);
+		r = 0;
+		break;
+	case CKR_PIN_INCORRECT: {
+		const char *note = "";
+		if (m->f->C_GetTokenInfo(s->id, &ti) == CKR_OK) {
+			if (ti.flags & CKF_USER_PIN_LOCKED)
+				note = " (the PIN is now locked)";
+			else if (ti.flags & CKF_USER_PIN_FINAL_TRY)
+				note = " (final try before the PIN locks)";
+			else if (ti.flags & CKF_USER_PIN_COUNT_LOW)
+				note = " (PIN count low)";
+		}
+		tok_set_msg(msg, msg_size, "PIN incorrect for token '%s'%s", label, note);
+		log_warn("token '%s': PIN incorrect%s", label, note);
+		r = tok_rv_err(rv);
+		break;
+	}
+	case CKR_PIN_LOCKED:
+		tok_set_msg(msg, msg_size, "the user PIN of token '%s' is locked", label);
+		r = tok_rv_err(rv);
+		break;
+	case CKR_PIN_LEN_RANGE:
+	case CKR_PIN_INVALID:
+		if (s->ti.ulMaxPinLen != CK_UNAVAILABLE_INFORMATION && s->ti.ulMaxPinLen != 0)
+			tok_set_msg(msg, msg_size, "PIN for token '%s' has an invalid length or "
+				"characters (%lu to %lu characters)", label,
+				(unsigned long)s->ti.ulMinPinLen, (unsigned long)s->ti.ulMaxPinLen);
+		else
+			tok_set_msg(msg, msg_size, "PIN for token '%s' has an invalid length or characters",
+				label);
+		r = tok_rv_err(rv);
+		break;
+	default:
+		drop = tok_rv_session_gone(rv);
+		r = tok_fail_rv(msg, msg_size, label, "C_Login", rv);
+		if (tok_rv_token_gone(rv))
+			tok_set_msg(msg, msg_size, "token '%s' is not present", label);
+		break;
+	}
+	tok_ctl_session_put(m, s, h, gen, drop);
+	return r;
+}
+
+int
+token_lock(struct token_module *m, const char *token_uri, char *msg, size_t msg_size)
+{
+	struct tok_slot *sel[SLOT_MAX], *s;
+	CK_SESSION_HANDLE h;
+	unsigned gen;
+	size_t n, i;
+	int r, first = 0, logged_in;
+	CK_RV rv;
+
+	if ((r = tokens_pick(m, token_uri, 0, sel, &n, msg, msg_size)) != 0)
+		return r;
+	for (i = 0; i < n; i++) {
+		s = sel[i];
+		if (!s->present)
+			continue;
+		rv = tok_ctl_session_state(m, s, &h, &gen, &logged_in);
+		if (rv != CKR_OK) {
+			/* No session left: nothing is logged in either. */
+			if (rv == CKR_FUNCTION_CANCELED && first == 0) {
+				tok_set_msg(msg, msg_size, "token '%s' is busy; try again", s->tok.label);
+				first = -P11A_E_TIMEOUT;
+			}
+			continue;
+		}
+		if (logged_in) {
+			/* Logging out destroys private session objects: the key copies. */
+			atomic_fetch_add(&s->kgen, 1);
+			rv = m->f->C_Logout(h);
+		} else {
+			rv = CKR_OK;
+		}
+		tok_ctl_session_put(m, s, h, gen, tok_rv_session_gone(rv));
+		if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN || tok_rv_session_gone(rv)) {
+			if (logged_in)
+				log_info("token '%s' logged out", s->tok.label);
+			continue;
+		}
+		if (first == 0)
+			first = tok_fail_rv(msg, msg_size, s->tok.label, "C_Logout", rv);
+	}
+	return first;
+}

@@ -1,0 +1,716 @@
+/*
+ * Signing: resolving a key URI (with a channel's key memo), the session
+ * copy of a key to sign with, the mechanism and input for a request, and
+ * C_SignInit/C_Sign with the recovery from stale handles, refused PSS
+ * parameters and a LOCK in between.
+ */
+#include "config.h"
+#include "token-int.h"
+#include "log.h"
+#include "p11a.h"
+#include "proto.h"
+#include "sigenc.h"
+#include "uri.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+
+/* What a signing thread needs of a key, copied out under m->lock. */
+struct sign_key {
+	struct tok_slot *s;
+	unsigned kgen;                  /* s->kgen when priv was read */
+	CK_OBJECT_HANDLE priv;
+	int type;
+	uint32_t bits;
+	uint32_t flags;
+	unsigned mechs;
+	int present, logged_in;
+	uint8_t *id;
+	size_t id_len;
+	char label[256];
+	char token_label[64];
+};
+
+struct token_keymemo {
+	char *uri;
+	unsigned igen;                  /* m->igen when resolved */
+	size_t slot, key;               /* m->slots[slot]->keys[key] */
+};
+
+void
+token_keymemo_free(struct token_keymemo *memo)
+{
+	if (memo == NULL)
+		return;
+	free(memo->uri);
+	free(memo);
+}
+
+/* Remembers that uri resolved to m->slots[si]->keys[ki] (under m->lock). */
+static void
+keymemo_store(struct token_module *m, struct token_keymemo **memo, const char *uri,
+	      size_t si, size_t ki)
+{
+	struct token_keymemo *km;
+	char *u;
+
+	if (memo == NULL)
+		return;
+	km = *memo;
+	if (km == NULL || strcmp(km->uri, uri) != 0) {
+		if ((u = strdup(uri)) == NULL)
+			return;         /* no memo: the next SIGN matches again */
+		if (km == NULL && (km = calloc(1, sizeof(*km))) == NULL) {
+			free(u);
+			return;
+		}
+		free(km->uri);
+		km->uri = u;
+		*memo = km;
+	}
+	km->igen = atomic_load(&m->igen);
+	km->slot = si;
+	km->key = ki;
+}
+
+/* The memo's key when it still stands for uri (under m->lock), else NULL. */
+static const struct tok_key *
+keymemo_hit(struct token_module *m, const struct token_keymemo *km, const char *uri,
+	    struct tok_slot **sp)
+{
+	struct tok_slot *s;
+
+	if (km == NULL || km->igen != atomic_load(&m->igen) || km->slot >= m->nslots ||
+	    strcmp(km->uri, uri) != 0)
+		return NULL;
+	s = m->slots[km->slot];
+	if (!s->known || km->key >= s->nkeys)
+		return NULL;
+	*sp = s;
+	return &s->keys[km->key];
+}
+
+static int
+key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
+	   struct sign_key *sk, char *msg, size_t msg_size)
+{
+	struct p11a_uri_matcher *um = NULL;
+	const struct tok_key *found = NULL;
+	struct tok_slot *fs = NULL;
+	size_t matches = 0, fsi = 0, fki = 0;
+	int err = 0, r = 0;
+
+	memset(sk, 0, sizeof(*sk));
+	pthread_mutex_lock(&m->lock);
+	if (m->closing) {
+		tok_set_msg(msg, msg_size, "token helper for module %s is shutting down", m->name);
+		r = -P11A_E_HELPER;
+		goto out;
+	}
+	if (memo != NULL && (found = keymemo_hit(m, *memo, uri, &fs)) != NULL)
+		goto fill;
+	pthread_mutex_unlock(&m->lock);
+
+	/* Parsed outside the lock; the inventory may change meanwhile, the match sees one state. */
+	if ((um = p11a_uri_matcher_new(uri, &err)) == NULL) {
+		tok_set_msg(msg, msg_size, "'%.200s' is not a valid pkcs11: URI", uri);
+		return err != 0 ? err : -P11A_E_URI;
+	}
+	pthread_mutex_lock(&m->lock);
+	if (m->closing) {
+		tok_set_msg(msg, msg_size, "token helper for module %s is shutting down", m->name);
+		r = -P11A_E_HELPER;
+		goto out;
+	}
+	for (size_t i = 0; i < m->nslots; i++) {
+		struct tok_slot *s = m->slots[i];
+		if (!s->known)
+			continue;
+		for (size_t j = 0; j < s->nkeys; j++) {
+			if (p11a_uri_match_key(um, &s->tok, &s->keys[j].k) == 1) {
+				matches++;
+				found = &s->keys[j];
+				fs = s;
+				fsi = i;
+				fki = j;
+			}
+		}
+	}
+	if (matches == 0) {
+		tok_set_msg(msg, msg_size, "no key matches %.300s", uri);
+		r = -P11A_E_NO_SUCH_KEY;
+		goto out;
+	}
+	if (matches > 1) {
+		tok_set_msg(msg, msg_size, "%zu keys match %.300s", matches, uri);
+		r = -P11A_E_AMBIGUOUS;
+		goto out;
+	}
+	keymemo_store(m, memo, uri, fsi, fki);
+ fill:
+	sk->s = fs;
+	sk->kgen = atomic_load(&fs->kgen);
+	sk->priv = found->priv;
+	sk->type = found->k.type;
+	sk->bits = found->k.bits;
+	sk->flags = found->k.flags;
+	sk->mechs = fs->mechs;
+	sk->present = fs->present;
+	sk->logged_in = fs->logged_in;
+	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
+	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
+	if (found->k.id_len > 0) {
+		if ((sk->id = tok_dup_bytes(found->k.id, found->k.id_len)) == NULL) {
+			r = -P11A_E_NOMEM;
+			goto out;
+		}
+		sk->id_len = found->k.id_len;
+	}
+	/* Counted before the lock drops, so token_module_close() cannot miss us. */
+	atomic_fetch_add(&m->inflight, 1);
+ out:
+	pthread_mutex_unlock(&m->lock);
+	if (um != NULL)
+		p11a_uri_matcher_free(um);
+	return r;
+}
+
+/*
+ * The key handle to sign with in session ps: this session's copy of the
+ * token key, made now if need be, or the token key itself when copies are
+ * off, refused, or of another key generation.  *is_copy says which.
+ */
+static CK_OBJECT_HANDLE
+psess_key(struct token_module *m, struct psess *ps, const struct sign_key *sk, int *is_copy)
+{
+	CK_BBOOL no = CK_FALSE;
+	CK_ATTRIBUTE tmpl[1] = { { CKA_TOKEN, &no, sizeof(no) } };
+	CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+	unsigned i, cur = atomic_load(&sk->s->kgen);
+	char nb[48];
+	CK_RV rv;
+
+	*is_copy = 0;
+	if (sk->kgen != cur || !atomic_load(&m->key_copies) || (sk->flags & P11A_KEY_ALWAYS_AUTH))
+		return sk->priv;
+	if (ps->kgen != cur) {
+		if (ps->ncopy > 0)
+			return sk->priv;        /* stale copies: the pool closes this session */
+		ps->kgen = cur;
+	}
+	for (i = 0; i < ps->ncopy; i++) {
+		if (ps->copy[i].priv == sk->priv) {
+			if (ps->copy[i].copy == CK_INVALID_HANDLE)
+				return sk->priv;
+			*is_copy = 1;
+			return ps->copy[i].copy;
+		}
+	}
+	/*
+	 * Full: sign with the token object.  Never C_DestroyObject here: a
+	 * handle gone stale meanwhile might name another object by then.
+	 */
+	if (ps->ncopy >= PCOPY_MAX)
+		return sk->priv;
+	pthread_rwlock_rdlock(&m->copy_lock);
+	rv = m->f->C_CopyObject(ps->h, sk->priv, tmpl, 1, &copy);
+	pthread_rwlock_unlock(&m->copy_lock);
+	if (rv == CKR_FUNCTION_NOT_SUPPORTED) {
+		atomic_store(&m->key_copies, 0);
+		log_debug("module %s has no C_CopyObject: signing with token objects", m->name);
+		return sk->priv;
+	}
+	if (rv != CKR_OK) {
+		/* E.g. CKA_COPYABLE false: remembered, so it is asked once per session. */
+		log_debug("token '%s': no session copy of key '%s' (%s)", sk->token_label, sk->label,
+			  tok_ckr_name(rv, nb, sizeof(nb)));
+		copy = CK_INVALID_HANDLE;
+	}
+	i = ps->ncopy++;
+	ps->copy[i].priv = sk->priv;
+	ps->copy[i].copy = copy;
+	if (copy == CK_INVALID_HANDLE)
+		return sk->priv;
+	log_debug("token '%s': session copy of key '%s' made", sk->token_label, sk->label);
+	*is_copy = 1;
+	return copy;
+}
+
+/* Errors after which a session copy is not trusted again: sign with the token key. */
+static int
+rv_copy_suspect(CK_RV rv)
+{
+	return rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID ||
+	    rv == CKR_KEY_TYPE_INCONSISTENT || rv == CKR_KEY_FUNCTION_NOT_PERMITTED;
+}
+
+/* The private key again, after the token said its handle went stale. */
+static CK_OBJECT_HANDLE
+key_refind(struct token_module *m, CK_SESSION_HANDLE h, const struct sign_key *sk)
+{
+	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+	CK_BBOOL on_token = CK_TRUE;
+	CK_ATTRIBUTE tmpl[3] = {
+		{ CKA_CLASS, &cls, sizeof(cls) },
+		{ CKA_TOKEN, &on_token, sizeof(on_token) },
+	};
+	CK_OBJECT_HANDLE *v = NULL, found = CK_INVALID_HANDLE;
+	size_t n = 0;
+
+	if (sk->id_len > 0) {
+		tmpl[2].type = CKA_ID;
+		tmpl[2].pValue = sk->id;
+		tmpl[2].ulValueLen = sk->id_len;
+	} else if (sk->label[0] != '\0') {
+		tmpl[2].type = CKA_LABEL;
+		tmpl[2].pValue = (void *)sk->label;
+		tmpl[2].ulValueLen = strlen(sk->label);
+	} else {
+		return CK_INVALID_HANDLE;
+	}
+	if (tok_find_objects(m, h, tmpl, 3, &v, &n) == CKR_OK && n == 1)
+		found = v[0];
+	free(v);
+	return found;
+}
+
+static CK_MECHANISM_TYPE
+hash_mech(int hash)
+{
+	switch (hash) {
+	case P11A_HASH_SHA1: return CKM_SHA_1;
+	case P11A_HASH_SHA224: return CKM_SHA224;
+	case P11A_HASH_SHA256: return CKM_SHA256;
+	case P11A_HASH_SHA384: return CKM_SHA384;
+	case P11A_HASH_SHA512: return CKM_SHA512;
+	default: return CK_UNAVAILABLE_INFORMATION;
+	}
+}
+
+static CK_RSA_PKCS_MGF_TYPE
+hash_mgf(int hash)
+{
+	switch (hash) {
+	case P11A_HASH_SHA1: return CKG_MGF1_SHA1;
+	case P11A_HASH_SHA224: return CKG_MGF1_SHA224;
+	case P11A_HASH_SHA256: return CKG_MGF1_SHA256;
+	case P11A_HASH_SHA384: return CKG_MGF1_SHA384;
+	case P11A_HASH_SHA512: return CKG_MGF1_SHA512;
+	default: return 0;
+	}
+}
+
+static const char *
+scheme_needs(int scheme)
+{
+	switch (scheme) {
+	case P11A_SCHEME_RSA_PKCS1:
+	case P11A_SCHEME_RSA_PSS:
+		return "an RSA key";
+	case P11A_SCHEME_ECDSA:
+		return "an EC key";
+	default:
+		return "an Ed25519 key";
+	}
+}
+
+static int
+scheme_fits(int scheme, int type)
+{
+	switch (scheme) {
+	case P11A_SCHEME_RSA_PKCS1:
+	case P11A_SCHEME_RSA_PSS:
+		return type == P11A_KEY_RSA;
+	case P11A_SCHEME_ECDSA:
+		return type == P11A_KEY_EC;
+	case P11A_SCHEME_EDDSA:
+		return type == P11A_KEY_ED25519;
+	default:
+		return 0;
+	}
+}
+
+/* The input the token signs, and the mechanism, for one request. */
+struct sign_plan {
+	CK_MECHANISM mech;
+	CK_RSA_PKCS_PSS_PARAMS pss;
+	const uint8_t *in;
+	size_t in_len;
+	uint8_t buf[P11A_SIG_MAX + 128];        /* DigestInfo or an EMSA-PSS block */
+	uint8_t digest[64];
+};
+
+/* pss_raw: encode EMSA-PSS here even when the token has CKM_RSA_PKCS_PSS. */
+static int
+sign_plan(const struct p11a_sign *req, const struct sign_key *sk, int pss_raw,
+	  struct sign_plan *p, char *msg, size_t msg_size)
+{
+	const char *scheme = p11a_scheme_name(req->scheme);
+	const uint8_t *dg;
+	size_t dg_len = 0, n;
+	int mgf1, r;
+	long salt;
+
+	memset(&p->mech, 0, sizeof(p->mech));
+	if (scheme == NULL || req->input > P11A_INPUT_RAW ||
+	    (req->hash != P11A_HASH_NONE && p11a_hash_len(req->hash) == 0)) {
+		tok_set_msg(msg, msg_size, "unknown scheme, hash or input kind");
+		return -P11A_E_BAD_REQUEST;
+	}
+	if (!scheme_fits(req->scheme, sk->type)) {
+		tok_set_msg(msg, msg_size, "key '%s' is %s; %s needs %s", sk->label,
+			p11a_keytype_name(sk->type) ? p11a_keytype_name(sk->type) : "of unknown type",
+			scheme, scheme_needs(req->scheme));
+		return -P11A_E_UNSUPPORTED;
+	}
+	if (req->scheme == P11A_SCHEME_EDDSA) {
+		if (req->input != P11A_INPUT_MESSAGE || req->hash != P11A_HASH_NONE) {
+			tok_set_msg(msg, msg_size, "eddsa signs the message itself (input message, hash none)");
+			return -P11A_E_BAD_REQUEST;
+		}
+		if (!(sk->mechs & MECH_EDDSA))
+			goto no_mech;
+		p->mech.mechanism = CKM_EDDSA;
+		p->in = req->data;
+		p->in_len = req->data_len;
+		return 0;
+	}
+	if (req->input == P11A_INPUT_RAW) {
+		if (req->scheme != P11A_SCHEME_RSA_PKCS1 || req->hash != P11A_HASH_NONE) {
+			tok_set_msg(msg, msg_size, "raw input is for rsa-pkcs1 with hash none only");
+			return -P11A_E_BAD_REQUEST;
+		}
+		if (sk->bits != 0 && req->data_len + 11 > (sk->bits + 7) / 8) {
+			tok_set_msg(msg, msg_size, "%zu bytes are too many for rsa-pkcs1 with a %u-bit key",
+				req->data_len, sk->bits);
+			return -P11A_E_BAD_REQUEST;
+		}
+		if (!(sk->mechs & MECH_RSA_PKCS))
+			goto no_mech;
+		p->mech.mechanism = CKM_RSA_PKCS;
+		p->in = req->data;
+		p->in_len = req->data_len;
+		return 0;
+	}
+	if (req->hash == P11A_HASH_NONE) {
+		tok_set_msg(msg, msg_size, "%s needs a hash (none is only for raw input)", scheme);
+		return -P11A_E_BAD_REQUEST;
+	}
+	if (req->input == P11A_INPUT_DIGEST) {
+		if (req->data_len != p11a_hash_len(req->hash)) {
+			tok_set_msg(msg, msg_size, "a %s digest is %zu bytes, not %zu",
+				p11a_hash_name(req->hash), p11a_hash_len(req->hash), req->data_len);
+			return -P11A_E_BAD_REQUEST;
+		}
+		dg = req->data;
+		dg_len = req->data_len;
+	} else {
+		if ((r = p11a_hash_data(req->hash, req->data, req->data_len, p->digest, &dg_len)) != 0) {
+			tok_set_msg(msg, msg_size, "cannot hash the message with %s", p11a_hash_name(req->hash));
+			return r;
+		}
+		dg = p->digest;
+	}
+	switch (req->scheme) {
+	case P11A_SCHEME_RSA_PKCS1:
+		if (!(sk->mechs & MECH_RSA_PKCS))
+			goto no_mech;
+		if ((r = p11a_digestinfo(req->hash, dg, dg_len, p->buf, sizeof(p->buf), &n)) != 0) {
+			tok_set_msg(msg, msg_size, "cannot encode the DigestInfo");
+			return r;
+		}
+		p->mech.mechanism = CKM_RSA_PKCS;
+		p->in = p->buf;
+		p->in_len = n;
+		return 0;
+	case P11A_SCHEME_RSA_PSS:
+		mgf1 = req->mgf1_hash != P11A_HASH_NONE ? req->mgf1_hash : req->hash;
+		if (p11a_hash_len(mgf1) == 0) {
+			tok_set_msg(msg, msg_size, "unknown MGF1 hash");
+			return -P11A_E_BAD_REQUEST;
+		}
+		if (sk->bits == 0) {
+			tok_set_msg(msg, msg_size, "the modulus size of key '%s' is unknown", sk->label);
+			return -P11A_E_UNSUPPORTED;
+		}
+		salt = p11a_pss_salt_len(req->hash, req->salt_len, sk->bits);
+		if (salt < 0) {
+			tok_set_msg(msg, msg_size, "a PSS salt of %u bytes does not fit a %u-bit key with %s",
+				req->salt_len, sk->bits, p11a_hash_name(req->hash));
+			return -P11A_E_BAD_REQUEST;
+		}
+		if ((sk->mechs & MECH_RSA_PSS) && !pss_raw) {
+			p->pss.hashAlg = hash_mech(req->hash);
+			p->pss.mgf = hash_mgf(mgf1);
+			p->pss.sLen = (CK_ULONG)salt;
+			p->mech.mechanism = CKM_RSA_PKCS_PSS;
+			p->mech.pParameter = &p->pss;
+			p->mech.ulParameterLen = sizeof(p->pss);
+			p->in = dg;
+			p->in_len = dg_len;
+			return 0;
+		}
+		if (!(sk->mechs & MECH_RSA_X509))
+			goto no_mech;
+		/* No CKM_RSA_PKCS_PSS: encode EMSA-PSS here and sign it raw. */
+		r = p11a_pss_encode(req->hash, mgf1, (uint32_t)salt, dg, dg_len, sk->bits,
+				    p->buf, sizeof(p->buf), &n);
+		if (r != 0) {
+			tok_set_msg(msg, msg_size, "cannot encode EMSA-PSS for a %u-bit key", sk->bits);
+			return r;
+		}
+		p->mech.mechanism = CKM_RSA_X_509;
+		p->in = p->buf;
+		p->in_len = n;
+		return 0;
+	case P11A_SCHEME_ECDSA:
+		if (!(sk->mechs & MECH_ECDSA))
+			goto no_mech;
+		p->mech.mechanism = CKM_ECDSA;
+		p->in = dg;
+		p->in_len = dg_len;
+		return 0;
+	default:
+		break;
+	}
+ no_mech:
+	tok_set_msg(msg, msg_size, "token '%s' cannot sign with %s", sk->token_label, scheme);
+	return -P11A_E_UNSUPPORTED;
+}
+
+/*
+ * C_SignInit + C_Sign into out (size *out_len in, length out).  A
+ * signature bigger than out is finished into a scratch buffer and
+ * reported as CKR_BUFFER_TOO_SMALL, so the session stays clean.
+ */
+static CK_RV
+sign_once(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OBJECT_HANDLE key,
+	  const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len, const char **what)
+{
+	CK_ULONG n = *out_len;
+	CK_RV rv;
+
+	*what = "C_SignInit";
+	rv = m->f->C_SignInit(h, mech, key);
+	if (rv != CKR_OK)
+		return rv;
+	*what = "C_Sign";
+	rv = m->f->C_Sign(h, (CK_BYTE_PTR)(uintptr_t)in, (CK_ULONG)in_len, out, &n);
+	if (rv == CKR_BUFFER_TOO_SMALL) {
+		/* Finish the operation (it stays active after this error) and drop the result. */
+		uint8_t *big = n > 0 && n <= 65536 ? malloc(n) : NULL;
+		if (big != NULL) {
+			(void)m->f->C_Sign(h, (CK_BYTE_PTR)(uintptr_t)in, (CK_ULONG)in_len, big, &n);
+			free(big);
+			return CKR_BUFFER_TOO_SMALL;
+		}
+		return CKR_OPERATION_ACTIVE;    /* the caller drops the session */
+	}
+	if (rv == CKR_OK)
+		*out_len = n;
+	return rv;
+}
+
+int
+token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11a_sign *req,
+	   const struct timespec *deadline,
+	   uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size)
+{
+	struct sign_key sk;
+	struct sign_plan *plan = NULL;
+	uint8_t raw[P11A_SIG_MAX];
+	size_t raw_len = sizeof(raw);
+	struct psess *ps = NULL;
+	CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+	CK_OBJECT_HANDLE key;
+	CK_RV rv = CKR_OK, prv;
+	const char *what = "C_Sign";
+	unsigned gen = 0;
+	int r, drop = 0, have_session = 0, is_copy = 0;
+
+	*sig_len = 0;
+	if (msg != NULL && msg_size > 0)
+		msg[0] = '\0';
+	if ((r = key_lookup(m, memo, req->key_uri, &sk, msg, msg_size)) != 0)
+		return r;
+	/* From here on this thread counts in m->inflight. */
+	if (!sk.present) {
+		tok_set_msg(msg, msg_size, "token '%s' is not present", sk.token_label);
+		r = -P11A_E_TOKEN_NOT_PRESENT;
+		goto out;
+	}
+	if (sk.priv == CK_INVALID_HANDLE) {
+		tok_set_msg(msg, msg_size, "token '%s' is locked: run 'p11agent unlock'", sk.token_label);
+		r = -P11A_E_LOCKED;
+		goto out;
+	}
+	if ((plan = malloc(sizeof(*plan))) == NULL) {
+		r = -P11A_E_NOMEM;
+		goto out;
+	}
+	if ((r = sign_plan(req, &sk, 0, plan, msg, msg_size)) != 0)
+		goto out;
+
+	r = tok_pool_get(m, sk.s, deadline, &ps, &gen, &prv);
+	if (r == -P11A_E_TIMEOUT) {
+		tok_set_msg(msg, msg_size, "token '%s' stayed busy until the deadline", sk.token_label);
+	} else if (r != 0) {
+		r = tok_fail_rv(msg, msg_size, sk.token_label, "cannot open a session", prv);
+		if (tok_rv_token_gone(prv))
+			tok_notify(m);
+	} else {
+		have_session = 1;
+		h = ps->h;
+		key = psess_key(m, ps, &sk, &is_copy);
+		rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+		if (is_copy && rv_copy_suspect(rv)) {
+			/* The copy misbehaves: sign with the token key; the session and its copies go. */
+			char nb[48];
+			log_debug("token '%s': session copy of key '%s' failed (%s); using the token key",
+				  sk.token_label, sk.label, tok_ckr_name(rv, nb, sizeof(nb)));
+			drop = 1;
+			key = sk.priv;
+			raw_len = sizeof(raw);
+			rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+		}
+		if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) {
+			/* The token renumbered its objects: look the key up once more. */
+			tok_notify(m);
+			key = key_refind(m, h, &sk);
+			/* Logged out, and maybe in again, meanwhile: look once more. */
+			if (key == CK_INVALID_HANDLE && atomic_load(&sk.s->kgen) != sk.kgen)
+				key = key_refind(m, h, &sk);
+			log_debug("token '%s': handle of key '%s' went stale; %s", sk.token_label,
+				  sk.label, key != CK_INVALID_HANDLE ? "found it again" : "key is gone");
+			if (key != CK_INVALID_HANDLE) {
+				raw_len = sizeof(raw);
+				rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw,
+					       &raw_len, &what);
+			}
+		}
+		if (plan->mech.mechanism == CKM_RSA_PKCS_PSS && (sk.mechs & MECH_RSA_X509) &&
+		    (rv == CKR_MECHANISM_PARAM_INVALID || rv == CKR_ARGUMENTS_BAD ||
+		     rv == CKR_MECHANISM_INVALID)) {
+			/*
+			 * Some tokens take only some PSS parameters (SoftHSM2: MGF1
+			 * hash = hash); the raw mechanism takes any.
+			 */
+			char nb[48];
+			log_debug("token '%s' refused CKM_RSA_PKCS_PSS (%s): encoding PSS here",
+				  sk.token_label, tok_ckr_name(rv, nb, sizeof(nb)));
+			if (sign_plan(req, &sk, 1, plan, msg, msg_size) == 0) {
+				raw_len = sizeof(raw);
+				rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw,
+					       &raw_len, &what);
+			}
+		}
+	}
+	if (have_session && rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL &&
+	    rv != CKR_USER_NOT_LOGGED_IN && !tok_rv_token_gone(rv) && !tok_rv_session_gone(rv) &&
+	    sk.logged_in) {
+		/*
+		 * A LOCK (C_Logout) between our look-up and C_Sign: the copy is
+		 * gone, private objects hide, and modules say so in their own
+		 * words (CKR_KEY_HANDLE_INVALID, CKR_GENERAL_ERROR, ...).  The
+		 * session's state tells the truth: the client hears LOCKED.
+		 */
+		CK_SESSION_INFO si;
+		char nb[48];
+
+		if (m->f->C_GetSessionInfo(h, &si) == CKR_OK && !tok_state_logged_in(si.state)) {
+			log_debug("token '%s': %s failed with %s after a logout: locked", sk.token_label,
+				  what, tok_ckr_name(rv, nb, sizeof(nb)));
+			rv = CKR_USER_NOT_LOGGED_IN;
+		}
+	}
+	if (have_session) {
+		drop = drop || tok_rv_session_gone(rv) || rv == CKR_OPERATION_ACTIVE;
+		/*
+		 * A failed C_Sign ends the operation (PKCS#11 5.13), but a module
+		 * that does not would fail every later C_SignInit on this session:
+		 * failures are rare, a new session is cheap.
+		 */
+		if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && strcmp(what, "C_Sign") == 0)
+			drop = 1;
+		/* A key that wants its PIN per signature may leave the operation open. */
+		if (rv == CKR_USER_NOT_LOGGED_IN && (sk.flags & P11A_KEY_ALWAYS_AUTH) && !tok_pool_shared(sk.s))
+			drop = 1;
+		tok_pool_put(m, sk.s, ps, gen, drop);
+	}
+	if (r != 0)
+		goto out;
+
+	switch (rv) {
+	case CKR_OK:
+		break;
+	case CKR_USER_NOT_LOGGED_IN:
+		if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && sk.logged_in) {
+			tok_set_msg(msg, msg_size, "key '%s' on token '%s' wants the PIN for every signature "
+				"(CKA_ALWAYS_AUTHENTICATE), which the agent does not support yet",
+				sk.label, sk.token_label);
+			r = -P11A_E_UNSUPPORTED;
+		} else {
+			tok_notify(m);
+			tok_set_msg(msg, msg_size, "token '%s' is locked: run 'p11agent unlock'", sk.token_label);
+			r = tok_rv_err(rv);
+		}
+		goto out;
+	case CKR_DEVICE_REMOVED:
+	case CKR_TOKEN_NOT_PRESENT:
+		tok_notify(m);
+		tok_set_msg(msg, msg_size, "token '%s' is not present", sk.token_label);
+		r = tok_rv_err(rv);
+		goto out;
+	case CKR_SESSION_HANDLE_INVALID:
+	case CKR_SESSION_CLOSED:
+		tok_notify(m);
+		r = tok_fail_rv(msg, msg_size, sk.token_label, "session lost; try again", rv);
+		goto out;
+	case CKR_BUFFER_TOO_SMALL:
+		tok_set_msg(msg, msg_size, "token '%s': signature larger than %d bytes", sk.token_label,
+			P11A_SIG_MAX);
+		r = -P11A_E_TOO_LARGE;
+		goto out;
+	case CKR_KEY_HANDLE_INVALID:
+	case CKR_OBJECT_HANDLE_INVALID:
+		if (atomic_load(&sk.s->kgen) != sk.kgen && sk.logged_in) {
+			/* A LOCK (and maybe an UNLOCK) came between look-up and C_Sign. */
+			tok_set_msg(msg, msg_size, "token '%s' was locked while signing: run 'p11agent "
+				"unlock' if it still is, and try again", sk.token_label);
+			r = -P11A_E_LOCKED;
+			goto out;
+		}
+		/* Still stale after looking again: the key left the token. */
+		tok_set_msg(msg, msg_size, "key '%s' is no longer on token '%s'", sk.label, sk.token_label);
+		r = -P11A_E_NO_SUCH_KEY;
+		goto out;
+	default:
+		r = tok_fail_rv(msg, msg_size, sk.token_label, what, rv);
+		goto out;
+	}
+
+	if (req->scheme == P11A_SCHEME_ECDSA) {
+		r = p11a_ecdsa_raw_to_der(raw, raw_len, sig, sig_size, sig_len);
+		if (r != 0)
+			tok_set_msg(msg, msg_size, "token '%s' returned a malformed ECDSA signature (%zu bytes)",
+				sk.token_label, raw_len);
+	} else if (raw_len > sig_size) {
+		tok_set_msg(msg, msg_size, "signature larger than %zu bytes", sig_size);
+		r = -P11A_E_TOO_LARGE;
+	} else {
+		memcpy(sig, raw, raw_len);
+		*sig_len = raw_len;
+	}
+ out:
+	atomic_fetch_sub(&m->inflight, 1);
+	if (plan != NULL) {
+		p11a_wipe(plan, sizeof(*plan));
+		free(plan);
+	}
+	free(sk.id);
+	return r;
+}
