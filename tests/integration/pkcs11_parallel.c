@@ -3,7 +3,7 @@
  * thread's signature?  Run by t_pkcs11_parallel.sh against the front-end
  * module with the agent signing through tests/fault/ (control file CTL).
  *
- *   pkcs11_parallel MODULE CTL TOKEN KEY_LABEL PIN
+ *   pkcs11_parallel MODULE CTL TOKEN KEY_LABEL PIN [AGENT_PID]
  *
  * Thread A signs with KEY_LABEL (ECDSA P-256) after "C_Sign=hang once" is
  * written to CTL, so its C_Sign hangs in the token.  Once the fault module
@@ -14,12 +14,24 @@
  * "unhang" written to CTL.  The check is an ordering, never a time: B's
  * calls all return while A is still inside C_Sign.
  *
+ * With AGENT_PID, a second part: the agent's main process is stopped
+ * (SIGSTOP), so a LIST gets no answer; thread X calls C_Login on a new
+ * session (a forced LIST) and, once X sleeps in that request (its state
+ * in /proc/self/task is 'S'; nothing else can put it to sleep), thread Y
+ * signs on A's session, which needs only its signing channel to the
+ * token's helper.  Y must return before X does; then the agent is
+ * continued (SIGCONT).
+ *
  * Prints one line per check: "ok<TAB>WHAT" or "not ok<TAB>WHAT<TAB>WHY";
  * exits 0 when it could run the checks at all.
  */
+#define _GNU_SOURCE     /* gettid */
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,7 +48,9 @@ static CK_SESSION_HANDLE sess_a;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static int a_done, b_done;
+static int a_done, b_done, x_done, y_done;
+static pid_t x_tid;
+static CK_RV x_rv, y_rv;
 static CK_RV a_rv;
 
 static const CK_BYTE digest[32] = {
@@ -204,6 +218,120 @@ thread_b(void *arg)
 	return NULL;
 }
 
+static void *
+thread_x(void *arg)
+{
+	CK_SESSION_HANDLE s;
+	CK_RV rv;
+
+	(void)arg;
+	pthread_mutex_lock(&mu);
+	x_tid = gettid();
+	pthread_mutex_unlock(&mu);
+	rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+	if (rv == CKR_OK) {
+		rv = p->C_Login(s, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+		(void)p->C_CloseSession(s);
+	}
+	pthread_mutex_lock(&mu);
+	x_rv = rv;
+	x_done = 1;
+	pthread_cond_broadcast(&cv);
+	pthread_mutex_unlock(&mu);
+	return NULL;
+}
+
+static void *
+thread_y(void *arg)
+{
+	CK_ULONG len = 0;
+	CK_RV rv = sign(sess_a, key_a, &len);
+	int x;
+
+	(void)arg;
+	pthread_mutex_lock(&mu);
+	x = x_done;
+	y_rv = rv == CKR_OK && len != 64 ? CKR_GENERAL_ERROR : rv;
+	y_done = 1;
+	pthread_cond_broadcast(&cv);
+	pthread_mutex_unlock(&mu);
+	if (y_rv != CKR_OK)
+		check(0, "while X waits for LIST, Y: C_SignInit + C_Sign", "CK_RV 0x%lx%s", y_rv,
+		      x ? " (after X came back)" : "");
+	else
+		check(!x, "while X waits for LIST, Y: C_SignInit + C_Sign", "%s",
+		      "returned only after X's C_Login came back: Y waited for X's LIST");
+	return NULL;
+}
+
+/* Thread tid's state letter from /proc (no stdio, no malloc: nothing X could wait for). */
+static char
+task_state(pid_t tid)
+{
+	char path[64], buf[512], *r;
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return '?';
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return '?';
+	buf[n] = '\0';
+	if ((r = strrchr(buf, ')')) == NULL || r[1] != ' ')
+		return '?';
+	return r[2];
+}
+
+/* The LIST part: a stopped agent main process stalls no signature. */
+static void
+list_part(pid_t agent)
+{
+	pthread_t tx, ty;
+	pid_t tid = 0;
+	int waited;
+
+	if (kill(agent, SIGSTOP) != 0) {
+		check(0, "stop the agent's main process", "kill: %s", strerror(errno));
+		return;
+	}
+	pthread_create(&tx, NULL, thread_x, NULL);
+	for (waited = 0; waited < 60000; waited += 1) {
+		struct timespec ts = { 0, 1000 * 1000 };
+
+		pthread_mutex_lock(&mu);
+		tid = x_tid;
+		pthread_mutex_unlock(&mu);
+		if ((tid != 0 && task_state(tid) == 'S'))
+			break;
+		nanosleep(&ts, NULL);
+	}
+	pthread_mutex_lock(&mu);
+	if (x_done) {
+		pthread_mutex_unlock(&mu);
+		check(0, "X's C_Login waits for the stopped agent's LIST", "X came back: CK_RV 0x%lx", x_rv);
+		kill(agent, SIGCONT);
+		pthread_join(tx, NULL);
+		return;
+	}
+	pthread_mutex_unlock(&mu);
+	check(tid != 0 && task_state(tid) == 'S', "X's C_Login waits for the stopped agent's LIST",
+	      "X never slept");
+	pthread_create(&ty, NULL, thread_y, NULL);
+	pthread_mutex_lock(&mu);
+	while (!y_done && !x_done)
+		pthread_cond_wait(&cv, &mu);
+	pthread_mutex_unlock(&mu);
+	check(!x_done, "Y's signature returned while X was still waiting for LIST", "%s",
+	      "X came back first: Y waited for X's LIST");
+	kill(agent, SIGCONT);
+	pthread_join(ty, NULL);
+	pthread_join(tx, NULL);
+	check(x_rv == CKR_OK, "X's C_Login returns OK once the agent answers LIST", "CK_RV 0x%lx", x_rv);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -217,8 +345,8 @@ main(int argc, char **argv)
 	void *h;
 	int i, waited;
 
-	if (argc != 6) {
-		fprintf(stderr, "usage: pkcs11_parallel MODULE CTL TOKEN KEY_LABEL PIN\n");
+	if (argc != 6 && argc != 7) {
+		fprintf(stderr, "usage: pkcs11_parallel MODULE CTL TOKEN KEY_LABEL PIN [AGENT_PID]\n");
 		return 2;
 	}
 	ctl = argv[2];
@@ -287,6 +415,8 @@ main(int argc, char **argv)
 	      "CK_RV 0x%lx", a_rv);
 	rv = sign(sess_a, key_a, &len);
 	check(rv == CKR_OK && len == 64, "A's session signs again afterwards", "CK_RV 0x%lx", rv);
+	if (argc == 7)
+		list_part((pid_t)atoi(argv[6]));
 	rv = p->C_Finalize(NULL);
 	check(rv == CKR_OK, "C_Finalize", "CK_RV 0x%lx", rv);
 	return 0;

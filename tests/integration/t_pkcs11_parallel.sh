@@ -4,8 +4,11 @@
 # (tests/fault/, "C_Sign=hang once"); meanwhile a second thread lists
 # slots, opens a session, logs in (a forced LIST), finds the key and signs
 # with it on its own session, and all of that returns before the first
-# thread's C_Sign is released.  tests/integration/pkcs11_parallel.c does
-# the calls and checks the order of events, never a time.  PK_MODULE=PATH
+# thread's C_Sign is released.  Then the agent's main process is stopped
+# (SIGSTOP) under a thread whose C_Login waits for LIST, and another
+# thread's signature (on its channel to the token's helper) must return
+# first.  tests/integration/pkcs11_parallel.c does the calls and checks
+# the order of events, never a time.  PK_MODULE=PATH
 # runs it against another build of the module.
 set -eu
 # shellcheck source=tests/integration/lib.sh
@@ -28,8 +31,10 @@ start_agent || bail_out "agent started with the fault module"
 
 # Up to the client's 35 s deadline when the module serializes (old code).
 st=0
-pk_client timeout 120 "$PARALLEL" "$PK_MODULE" "$CTL" "$TOKEN_LABEL" ec256 "$USER_PIN" \
+pk_client timeout 120 "$PARALLEL" "$PK_MODULE" "$CTL" "$TOKEN_LABEL" ec256 "$USER_PIN" "$AGENT_PID" \
 	>"$T/parallel.out" 2>"$T/parallel.err" || st=$?
+# The program continues the agent itself; this is for a program that died first.
+kill -CONT "$AGENT_PID" 2>/dev/null || true
 while IFS= read -r line; do
 	case $line in
 	"ok	"*) ok "${line#ok	}" ;;
