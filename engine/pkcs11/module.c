@@ -172,8 +172,8 @@ static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
 static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
 /*
  * The child keeps the module's state: sessions and handles are local
- * bookkeeping, and the client library drops the parent's descriptors on
- * its first call in the child.  A child that calls C_Initialize again
+ * bookkeeping, and the pools drop the parent's connections on their
+ * first use in the child.  A child that calls C_Initialize again
  * starts from scratch (see m_Initialize).
  */
 static void
