@@ -291,7 +291,7 @@ list_part(pid_t agent)
 {
 	pthread_t tx, ty;
 	pid_t tid = 0;
-	int waited;
+	int waited, x_first;
 
 	if (kill(agent, SIGSTOP) != 0) {
 		check(0, "stop the agent's main process", "kill: %s", strerror(errno));
@@ -323,8 +323,9 @@ list_part(pid_t agent)
 	pthread_mutex_lock(&mu);
 	while (!y_done && !x_done)
 		pthread_cond_wait(&cv, &mu);
+	x_first = x_done;
 	pthread_mutex_unlock(&mu);
-	check(!x_done, "Y's signature returned while X was still waiting for LIST", "%s",
+	check(!x_first, "Y's signature returned while X was still waiting for LIST", "%s",
 	      "X came back first: Y waited for X's LIST");
 	kill(agent, SIGCONT);
 	pthread_join(ty, NULL);
