@@ -2,15 +2,12 @@
  * p11agent OpenSSL 3 provider: initialisation, algorithm tables, errors,
  * keys, and the agent connections.
  *
- * Connections: a pool of idle p11a_client connections, filled lazily.  A
- * signing thread takes one (or opens a new one), signs, and puts it back,
- * so threads sign in parallel on their own connections.  The pool lock is
- * never held across I/O.  After fork() the child must not use the
- * parent's descriptors: the pool remembers the fork generation
- * (p11a_fork_generation(), no system call) that filled it and a child
- * drops (closes its copies of) everything it inherited; a
- * pthread_atfork() handler keeps the lock consistent.  The module is
- * linked -z nodelete so the handler can never point into an unloaded
+ * Connections: a pool of idle p11a_client connections (common/pool.h),
+ * filled lazily.  A signing thread takes one (or opens a new one), signs,
+ * and puts it back, so threads sign in parallel on their own connections;
+ * the pool's lock is never held across I/O and a forked child drops what
+ * it inherited.  The module is linked -z nodelete so the pthread_atfork()
+ * handlers (the pool's and g_lock's) can never point into an unloaded
  * library.  p11a_client itself reconnects once when the agent restarted.
  */
 #include "config.h"
@@ -34,19 +31,14 @@
 #include "p11a.h"
 #include "proto.h"
 #include "client.h"
+#include "pool.h"
 #include "uri.h"
 #include "provider.h"
 
 #define P11AGENT_CLIENT_NAME    "p11agent-provider " PACKAGE_VERSION
 #define POOL_MAX                16
 
-struct p11agent_pool {
-	struct p11a_client *idle[POOL_MAX];
-	size_t nidle;
-	uint64_t fork_gen;      /* p11a_fork_generation() of the process that opened them */
-};
-
-/* One lock for every pool and for the lazy library context: short holds, no I/O. */
+/* The lock of the lazy library context: short holds, no I/O. */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
@@ -318,57 +310,20 @@ raise_agent(struct p11agent_prov *p, struct p11a_client *c, int r, const char *w
 static int
 client_get(struct p11agent_prov *p, struct p11a_client **out)
 {
-	struct p11agent_pool *pool = p->pool;
-	struct p11a_client *c = NULL, *stale[POOL_MAX];
-	size_t nstale = 0, i;
-	uint64_t gen;
 	char why[1024];
 	int r;
 
-	*out = NULL;
-	gen = p11a_fork_generation();
-	pthread_mutex_lock(&g_lock);
-	if (pool->fork_gen != gen) {
-		/* Inherited across fork(): these descriptors are the parent's too. */
-		for (i = 0; i < pool->nidle; i++)
-			stale[nstale++] = pool->idle[i];
-		pool->nidle = 0;
-		pool->fork_gen = gen;
-	}
-	if (pool->nidle > 0)
-		c = pool->idle[--pool->nidle];
-	pthread_mutex_unlock(&g_lock);
-	for (i = 0; i < nstale; i++)
-		p11a_client_free(stale[i]);     /* closes only this process's copies */
-	if (c != NULL) {
-		*out = c;
-		return 1;
-	}
-	r = p11a_client_connect(p->socket_path, P11AGENT_CLIENT_NAME, 0, &c, why, sizeof(why));
-	if (r != 0) {
+	if ((r = p11a_pool_get(p->pool, out, why, sizeof(why))) != 0) {
 		raise_agent(p, NULL, r, why, "connecting");
 		return 0;
 	}
-	*out = c;
 	return 1;
 }
 
 static void
 client_put(struct p11agent_prov *p, struct p11a_client *c)
 {
-	struct p11agent_pool *pool = p->pool;
-	uint64_t gen;
-
-	if (c == NULL)
-		return;
-	gen = p11a_fork_generation();
-	pthread_mutex_lock(&g_lock);
-	if (pool->fork_gen == gen && pool->nidle < POOL_MAX) {
-		pool->idle[pool->nidle++] = c;
-		c = NULL;
-	}
-	pthread_mutex_unlock(&g_lock);
-	p11a_client_free(c);
+	p11a_pool_put(p->pool, c);
 }
 
 int
@@ -594,16 +549,9 @@ prov_reason_strings(void *provctx)
 static void
 prov_free(struct p11agent_prov *p)
 {
-	size_t i;
-
 	if (p == NULL)
 		return;
-	if (p->pool != NULL) {
-		/* After fork() the idle connections are this process's copies: closing them is right. */
-		for (i = 0; i < p->pool->nidle; i++)
-			p11a_client_free(p->pool->idle[i]);
-		free(p->pool);
-	}
+	p11a_pool_free(p->pool);
 	if (p->pub_default != NULL)
 		OSSL_PROVIDER_unload(p->pub_default);
 	OSSL_LIB_CTX_free(p->pub_libctx);
@@ -641,13 +589,9 @@ OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
 	OSSL_PARAM core_params[2];
 
 	*provctx = NULL;
-	if ((p = calloc(1, sizeof(*p))) == NULL ||
-	    (p->pool = calloc(1, sizeof(*p->pool))) == NULL) {
-		free(p);
+	if ((p = calloc(1, sizeof(*p))) == NULL)
 		return 0;
-	}
 	p->handle = handle;
-	p->pool->fork_gen = p11a_fork_generation();
 	for (; in != NULL && in->function_id != 0; in++) {
 		switch (in->function_id) {
 		case OSSL_FUNC_CORE_GET_PARAMS:
@@ -686,6 +630,10 @@ OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
 			prov_free(p);
 			return 0;
 		}
+	}
+	if ((p->pool = p11a_pool_new(p->socket_path, P11AGENT_CLIENT_NAME, 0, POOL_MAX)) == NULL) {
+		prov_free(p);
+		return 0;
 	}
 	snprintf(g_not_running_text, sizeof(g_not_running_text), "agent not running at %s",
 		 socket_path(p, buf, sizeof(buf)));

@@ -72,7 +72,7 @@ struct p11agent_prov {
 	OSSL_FUNC_BIO_gets_fn *c_bio_gets;
 	OSSL_LIB_CTX *pub_libctx;       /* default provider only; see p11agent_pub_libctx() */
 	OSSL_PROVIDER *pub_default;     /* the default provider loaded there */
-	struct p11agent_pool *pool;     /* idle agent connections */
+	struct p11a_pool *pool;         /* idle agent connections (common/pool.h) */
 };
 
 /* A key: immutable after creation, shared by reference count. */

@@ -1,22 +1,31 @@
 /*
  * p11agent-pkcs11.so entry points.
  *
- * State lives in one structure behind one mutex: slots (one per agent
- * token, ids never reused), objects (handles never reused), sessions,
- * and the connection to the agent.  Every agent request is made with the
- * mutex held; the client library is not thread-safe and a signature is
- * one short round trip.
+ * State lives in one structure behind one mutex, g_lock: slots (one per
+ * agent token, ids never reused), objects (handles never reused) and
+ * sessions.  g_lock is never held across I/O: every agent request (LIST,
+ * SIGN, UNLOCK) is made on a connection taken from a pool (common/pool.h)
+ * with the lock dropped, so a SIGN that waits on a token (up to the
+ * client's 35 s) or a slow LIST stalls no other thread of the caller, and
+ * threads sign in parallel, each on its own connection and channel.  What
+ * a request needs is copied out of the shared state first; whoever
+ * retakes the lock finds sessions, slots and objects again by handle.
+ * g.inflight counts requests on the wire; C_Finalize waits for them.
  *
  * The slot list and objects are refreshed from LIST at most every
  * REFRESH_MS (and always on C_Login), so `p11agent lock`, `unlock`, an
  * agent restart or a token removal show up in a running client without
- * restarting it.
+ * restarting it.  The LIST is fetched unlocked and applied under the lock
+ * (apply_list_locked keeps every slot id and object handle); a LIST that
+ * finishes after a newer one was applied is dropped, and while one is on
+ * the wire other threads use the inventory they have.
  */
 #include "config.h"
 
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +38,7 @@
 
 #include "p11m.h"
 #include "client.h"
+#include "pool.h"
 #include "sigenc.h"
 #include "uri.h"
 
@@ -43,6 +53,13 @@
  */
 #define LIST_TIMEOUT_MS 5000
 #define NAMED_KEYS      3     /* keys a refusal names */
+/*
+ * Idle agent connections kept: for SIGN and UNLOCK, as many as threads
+ * sign at once (each connection keeps a signing channel per key); for
+ * LIST, a few.  More are opened when needed and closed when put back.
+ */
+#define SIGN_POOL_MAX   64
+#define CTL_POOL_MAX    4
 
 struct slot {
 	CK_SLOT_ID id;
@@ -82,8 +99,13 @@ struct sess {
 static struct {
 	int initialized;
 	pid_t pid;
-	struct p11a_client *ctl;     /* LIST */
-	struct p11a_client *client;  /* SIGN, UNLOCK */
+	struct p11a_pool *ctl_pool;  /* LIST (LIST_TIMEOUT_MS) */
+	struct p11a_pool *sign_pool; /* SIGN, UNLOCK (the library's deadline) */
+	int inflight;                /* agent requests on the wire, g_lock dropped */
+	int finalizing;              /* C_Finalize waits for inflight == 0 */
+	int refreshing;              /* LISTs on the wire */
+	uint64_t list_seq;           /* LISTs started */
+	uint64_t list_applied;       /* the latest started LIST whose result is applied */
 	struct slot *slots;
 	size_t nslots;
 	struct p11m_obj *objs;       /* handle = index + 1 */
@@ -99,6 +121,7 @@ static struct {
 } g;
 
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_idle = PTHREAD_COND_INITIALIZER;   /* inflight reached 0, or finalizing ended */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -149,11 +172,20 @@ static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
 static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
 /*
  * The child keeps the module's state: sessions and handles are local
- * bookkeeping, and the client library drops the parent's descriptors on
- * its first call in the child.  A child that calls C_Initialize again
+ * bookkeeping, and the pools drop the parent's connections on their
+ * first use in the child.  A child that calls C_Initialize again
  * starts from scratch (see m_Initialize).
  */
-static void atfork_child(void) { pthread_mutex_unlock(&g_lock); }
+static void
+atfork_child(void)
+{
+	/* The threads with requests on the wire stayed in the parent. */
+	g.inflight = 0;
+	g.refreshing = 0;
+	g.finalizing = 0;
+	pthread_cond_init(&g_idle, NULL);
+	pthread_mutex_unlock(&g_lock);
+}
 
 static void
 once_init(void)
@@ -206,8 +238,8 @@ state_free_locked(void)
 	for (i = 0; i < g.nslots; i++)
 		p11a_token_clear(&g.slots[i].tok);
 	free(g.slots);
-	p11a_client_free(g.ctl);
-	p11a_client_free(g.client);
+	p11a_pool_free(g.ctl_pool);
+	p11a_pool_free(g.sign_pool);
 	memset(&g, 0, sizeof(g));
 }
 
@@ -356,62 +388,88 @@ apply_list_locked(const struct p11a_list_reply *l)
 	}
 }
 
-/* Connects *c (the socket from P11AGENT_SOCK or the default) if needed. */
+/*
+ * A connection from pool (to the socket from P11AGENT_SOCK or the
+ * default): an idle one or a new one.  Called without g_lock.
+ */
 static int
-client_get(struct p11a_client **c, int timeout_ms)
+agent_get(struct p11a_pool *pool, struct p11a_client **c)
 {
-	static int warned;
+	static _Atomic int warned;
 	char why[1024];
 	int r;
 
-	if (*c != NULL)
-		return 0;
-	r = p11a_client_connect(NULL, CLIENT_NAME, timeout_ms, c, why, sizeof(why));
+	r = p11a_pool_get(pool, c, why, sizeof(why));
 	if (r == 0)
 		return 0;
 	dbg("cannot reach the agent: %s", why);
 	/* A socket that belongs to someone else is worth one word, debug or not. */
-	if (r == -P11A_E_DENIED && !warned) {
-		warned = 1;
+	if (r == -P11A_E_DENIED && !atomic_exchange(&warned, 1)) {
 		fprintf(stderr, "p11agent-pkcs11: %s\n", why);
 	}
 	return r;
+}
+
+/* Ends an agent request started with g.inflight++ (g_lock held). */
+static void
+inflight_done_locked(void)
+{
+	if (--g.inflight == 0)
+		pthread_cond_broadcast(&g_idle);
 }
 
 /*
  * Brings slots and objects up to date with the agent's LIST, at most
  * every REFRESH_MS unless forced.  With the agent down every slot shows
  * no token and every object handle is invalid until it answers again.
+ * Called and returns with g_lock held, but drops it while LIST is on the
+ * wire: callers find sessions, slots and objects after it, not before.
+ * While another LIST is on the wire an unforced call keeps the inventory
+ * it has (unless none was ever applied).
  */
 static void
 refresh_locked(int force)
 {
+	struct p11a_pool *pool = g.ctl_pool;
+	struct p11a_client *c = NULL;
 	struct p11a_msg reply;
-	uint64_t now = now_ms();
+	uint64_t now = now_ms(), seq;
 	int r;
 
-	if (!force && g.refreshed && now - g.last_refresh < REFRESH_MS)
+	if (!force && g.refreshed &&
+	    (now - g.last_refresh < REFRESH_MS || (g.refreshing > 0 && g.list_applied > 0)))
 		return;
 	g.refreshed = 1;
 	g.last_refresh = now;
-	if ((r = client_get(&g.ctl, LIST_TIMEOUT_MS)) != 0) {
-		agent_down_locked();
-		return;
-	}
+	seq = ++g.list_seq;
+	g.refreshing++;
+	g.inflight++;
+	pthread_mutex_unlock(&g_lock);
+
 	memset(&reply, 0, sizeof(reply));
-	if ((r = p11a_client_list(g.ctl, &reply)) != 0) {
-		dbg("LIST failed: %s", p11a_client_last_error(g.ctl));
-		agent_down_locked();
-		return;
+	if ((r = agent_get(pool, &c)) == 0 && (r = p11a_client_list(c, &reply)) != 0)
+		dbg("LIST failed: %s", p11a_client_last_error(c));
+	p11a_pool_put(pool, c);
+
+	pthread_mutex_lock(&g_lock);
+	g.refreshing--;
+	/* A LIST started later may have been applied meanwhile: it is newer. */
+	if (seq > g.list_applied) {
+		g.list_applied = seq;
+		if (r != 0) {
+			agent_down_locked();
+		} else {
+			apply_list_locked(&reply.u.list);
+			g.agent_up = 1;
+			if (g.nslots == 0) {
+				/* a placeholder slot: clients that scan slots once find it later */
+				if ((g.slots = calloc(1, sizeof(*g.slots))) != NULL)
+					g.nslots = 1;
+			}
+		}
 	}
-	apply_list_locked(&reply.u.list);
+	inflight_done_locked();
 	p11a_msg_clear(&reply);
-	g.agent_up = 1;
-	if (g.nslots == 0) {
-		/* a placeholder slot: clients that scan slots once find it later */
-		if ((g.slots = calloc(1, sizeof(*g.slots))) != NULL)
-			g.nslots = 1;
-	}
 }
 
 /* ------------------------------------------------------------ general */
@@ -462,6 +520,8 @@ m_Initialize(CK_VOID_PTR pInitArgs)
 	}
 	pthread_once(&g_once, once_init);
 	pthread_mutex_lock(&g_lock);
+	while (g.finalizing)
+		pthread_cond_wait(&g_idle, &g_lock);
 	if (g.initialized && g.pid == getpid()) {
 		rv = CKR_CRYPTOKI_ALREADY_INITIALIZED;
 		goto out;
@@ -473,9 +533,12 @@ m_Initialize(CK_VOID_PTR pInitArgs)
 	g.next_sess = 1;
 	g.debug = getenv("P11AGENT_PKCS11_DEBUG") != NULL;
 	g.key_types = key_types_from_env();
+	g.ctl_pool = p11a_pool_new(NULL, CLIENT_NAME, LIST_TIMEOUT_MS, CTL_POOL_MAX);
+	g.sign_pool = p11a_pool_new(NULL, CLIENT_NAME, 0, SIGN_POOL_MAX);
 	/* one slot from the start, so that even a first scan finds a slot */
-	if ((g.slots = calloc(1, sizeof(*g.slots))) == NULL) {
-		g.initialized = 0;
+	if (g.ctl_pool == NULL || g.sign_pool == NULL ||
+	    (g.slots = calloc(1, sizeof(*g.slots))) == NULL) {
+		state_free_locked();
 		rv = CKR_HOST_MEMORY;
 		goto out;
 	}
@@ -491,11 +554,20 @@ m_Finalize(CK_VOID_PTR pReserved)
 	if (pReserved != NULL)
 		return CKR_ARGUMENTS_BAD;
 	pthread_mutex_lock(&g_lock);
-	if (!g.initialized) {
+	if (!g.initialized || g.finalizing) {
 		pthread_mutex_unlock(&g_lock);
 		return CKR_CRYPTOKI_NOT_INITIALIZED;
 	}
-	state_free_locked();
+	/*
+	 * Requests on the wire hold connections of the pools and come back
+	 * to this state: wait for them (PKCS#11 leaves C_Finalize during
+	 * other calls undefined; new calls fail meanwhile).
+	 */
+	g.finalizing = 1;
+	while (g.inflight > 0)
+		pthread_cond_wait(&g_idle, &g_lock);
+	state_free_locked();        /* clears finalizing */
+	pthread_cond_broadcast(&g_idle);
 	pthread_mutex_unlock(&g_lock);
 	return CKR_OK;
 }
@@ -521,7 +593,7 @@ m_GetInfo(CK_INFO_PTR info)
 /* Takes the lock; fails when the module is not initialized. */
 #define LOCK_OR_FAIL() do { \
 	pthread_mutex_lock(&g_lock); \
-	if (!g.initialized) { \
+	if (!g.initialized || g.finalizing) { \
 		pthread_mutex_unlock(&g_lock); \
 		return CKR_CRYPTOKI_NOT_INITIALIZED; \
 	} \
@@ -799,15 +871,20 @@ static CK_RV
 m_Login(CK_SESSION_HANDLE h, CK_USER_TYPE type, CK_UTF8CHAR_PTR pin, CK_ULONG len)
 {
 	char buf[P11A_PIN_MAX + 1];
+	struct p11a_pool *pool;
+	struct p11a_client *c = NULL;
 	struct sess *s;
 	struct slot *sl;
 	char *token_uri;
-	int r;
+	int r = 0, connected;
 
 	LOCK_OR_FAIL();
-	if ((s = sess_get(h)) == NULL)
+	if (sess_get(h) == NULL)
 		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
 	refresh_locked(1);
+	/* The lock was dropped for LIST: the session may be gone. */
+	if ((s = sess_get(h)) == NULL)
+		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
 	sl = slot_get(s->slot);
 	if (sl == NULL || !sl->present)
 		UNLOCK_RETURN(CKR_DEVICE_REMOVED);
@@ -830,19 +907,27 @@ m_Login(CK_SESSION_HANDLE h, CK_USER_TYPE type, CK_UTF8CHAR_PTR pin, CK_ULONG le
 		UNLOCK_RETURN(CKR_ARGUMENTS_BAD);
 	if (len == 0 || len > P11A_PIN_MAX)
 		UNLOCK_RETURN(CKR_PIN_LEN_RANGE);
-	if (client_get(&g.client, 0) != 0)
-		UNLOCK_RETURN(CKR_DEVICE_ERROR);
+	if ((token_uri = strdup(sl->tok.uri)) == NULL)
+		UNLOCK_RETURN(CKR_HOST_MEMORY);
 	memcpy(buf, pin, len);
 	buf[len] = '\0';
-	if ((token_uri = strdup(sl->tok.uri)) == NULL) {
-		p11a_wipe(buf, sizeof(buf));
-		UNLOCK_RETURN(CKR_HOST_MEMORY);
+	/* UNLOCK may wait on the token: not under the lock. */
+	pool = g.sign_pool;
+	g.inflight++;
+	pthread_mutex_unlock(&g_lock);
+	if ((connected = agent_get(pool, &c) == 0)) {
+		r = p11a_client_unlock(c, token_uri, buf, len);
+		if (r != 0)
+			dbg("UNLOCK failed: %s", p11a_client_last_error(c));
+		p11a_pool_put(pool, c);
 	}
-	r = p11a_client_unlock(g.client, token_uri, buf, len);
 	p11a_wipe(buf, sizeof(buf));
 	free(token_uri);
+	pthread_mutex_lock(&g_lock);
+	inflight_done_locked();
+	if (!connected)
+		UNLOCK_RETURN(CKR_DEVICE_ERROR);
 	if (r != 0) {
-		dbg("UNLOCK failed: %s", p11a_client_last_error(g.client));
 		if (r == -P11A_E_TOKEN_NOT_PRESENT)
 			UNLOCK_RETURN(CKR_DEVICE_REMOVED);
 		UNLOCK_RETURN(p11m_rv_from_err(r));
@@ -997,11 +1082,11 @@ m_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n)
 	if (t == NULL && n > 0)
 		return CKR_ARGUMENTS_BAD;
 	LOCK_OR_FAIL();
+	refresh_locked(0);      /* may drop the lock: before finding anything */
 	if ((s = sess_get(h)) == NULL)
 		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
 	if (s->find_active)
 		UNLOCK_RETURN(CKR_OPERATION_ACTIVE);
-	refresh_locked(0);
 	free(s->found);
 	s->found = NULL;
 	s->nfound = s->pos = 0;
@@ -1172,11 +1257,11 @@ m_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 	if (mech == NULL)
 		return CKR_ARGUMENTS_BAD;
 	LOCK_OR_FAIL();
+	refresh_locked(0);      /* may drop the lock: before finding anything */
 	if ((s = sess_get(h)) == NULL)
 		UNLOCK_RETURN(CKR_SESSION_HANDLE_INVALID);
 	if (s->sign_active)
 		UNLOCK_RETURN(CKR_OPERATION_ACTIVE);
-	refresh_locked(0);
 	if ((o = obj_get(key, s->slot)) == NULL)
 		UNLOCK_RETURN(gone_rv(key, s->slot));
 	if (o->cls != CKO_PRIVATE_KEY)
@@ -1267,33 +1352,40 @@ sign_feed(struct sess *s, const uint8_t *p, size_t n)
 
 /*
  * Ends a sign operation: length query and CKR_BUFFER_TOO_SMALL leave it
- * active (PKCS#11 5.2), anything else ends it.
+ * active (PKCS#11 5.2), anything else ends it.  Called with g_lock held;
+ * returns with it released.  The operation is ended and the request
+ * copied out before the lock is dropped for SIGN, so nothing of s is
+ * touched while the agent signs.
  */
 static CK_RV
-sign_finish(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
+sign_finish_unlock(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 {
 	struct p11a_sign req;
 	struct p11m_obj *o;
+	struct p11a_pool *pool;
+	struct p11a_client *c = NULL;
 	uint8_t digest[EVP_MAX_MD_SIZE];
 	unsigned dlen = 0;
-	uint8_t *sig = NULL;
-	size_t sig_len = 0, raw_len;
+	uint8_t *sig = NULL, *data = NULL;
+	char *uri = NULL;
+	size_t sig_len = 0, raw_len, data_len = 0, want_len, field_len;
+	int keytype;
 	CK_RV rv;
 	int r;
 
+	memset(&req, 0, sizeof(req));
 	if ((o = obj_get(s->key, s->slot)) == NULL) {
 		rv = gone_rv(s->key, s->slot);
-		goto out;
+		goto out_locked;
 	}
 	if (out == NULL) {
 		*out_len = o->sig_len;
-		return CKR_OK;
+		UNLOCK_RETURN(CKR_OK);
 	}
 	if (*out_len < o->sig_len) {
 		*out_len = o->sig_len;
-		return CKR_BUFFER_TOO_SMALL;
+		UNLOCK_RETURN(CKR_BUFFER_TOO_SMALL);
 	}
-	memset(&req, 0, sizeof(req));
 	req.key_uri = o->key_uri;
 	req.scheme = s->mech->scheme;
 	req.input = s->mech->input;
@@ -1305,7 +1397,7 @@ sign_finish(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 	if (s->md != NULL) {
 		if (EVP_DigestFinal_ex(s->md, digest, &dlen) != 1) {
 			rv = CKR_FUNCTION_FAILED;
-			goto out;
+			goto out_locked;
 		}
 		req.input = P11A_INPUT_DIGEST;
 		req.data = digest;
@@ -1315,36 +1407,55 @@ sign_finish(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 		/* CKM_ECDSA: the digest's length names its hash */
 		if ((r = p11m_hash_from_len(req.data_len)) < 0) {
 			rv = CKR_DATA_LEN_RANGE;
-			goto out;
+			goto out_locked;
 		}
 		req.hash = (uint8_t)r;
 	}
 	if (req.input == P11A_INPUT_DIGEST && req.data_len != p11a_hash_len(req.hash)) {
 		rv = CKR_DATA_LEN_RANGE;
-		goto out;
+		goto out_locked;
 	}
 	if (req.data_len == 0 && req.input != P11A_INPUT_MESSAGE) {
 		rv = CKR_DATA_LEN_RANGE;
-		goto out;
+		goto out_locked;
 	}
-	if ((r = client_get(&g.client, 0)) != 0) {
+	/* Copies of what the round trip needs: the lock is dropped for it. */
+	data_len = req.data_len;
+	if ((uri = strdup(o->key_uri)) == NULL ||
+	    (data_len > 0 && (data = malloc(data_len)) == NULL)) {
+		rv = CKR_HOST_MEMORY;
+		goto out_locked;
+	}
+	if (data_len > 0)
+		memcpy(data, req.data, data_len);
+	req.data = data;
+	req.key_uri = uri;
+	keytype = o->keytype;
+	want_len = o->sig_len;
+	field_len = o->field_len;
+	sess_reset_sign(s);
+	pool = g.sign_pool;
+	g.inflight++;
+	pthread_mutex_unlock(&g_lock);
+
+	if ((r = agent_get(pool, &c)) != 0) {
 		rv = CKR_DEVICE_ERROR;
 		goto out;
 	}
-	if ((r = p11a_client_sign(g.client, &req, &sig, &sig_len)) != 0) {
-		dbg("SIGN with %s failed: %s", o->key_uri, p11a_client_last_error(g.client));
+	if ((r = p11a_client_sign(c, &req, &sig, &sig_len)) != 0) {
+		dbg("SIGN with %s failed: %s", req.key_uri, p11a_client_last_error(c));
 		rv = p11m_rv_from_err(r);
 		goto out;
 	}
-	if (o->keytype == P11A_KEY_EC) {
-		r = p11a_ecdsa_der_to_raw(sig, sig_len, o->field_len, out, *out_len, &raw_len);
-		if (r != 0 || raw_len != o->sig_len) {
+	if (keytype == P11A_KEY_EC) {
+		r = p11a_ecdsa_der_to_raw(sig, sig_len, field_len, out, *out_len, &raw_len);
+		if (r != 0 || raw_len != want_len) {
 			rv = CKR_DEVICE_ERROR;
 			goto out;
 		}
 		*out_len = raw_len;
 	} else {
-		if (sig_len != o->sig_len) {
+		if (sig_len != want_len) {
 			rv = CKR_DEVICE_ERROR;
 			goto out;
 		}
@@ -1353,10 +1464,27 @@ sign_finish(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 	}
 	rv = CKR_OK;
 out:
+	p11a_pool_put(pool, c);
 	free(sig);
+	if (data != NULL) {
+		p11a_wipe(data, data_len);
+		free(data);
+	}
+	free(uri);
+	p11a_wipe(digest, sizeof(digest));
+	pthread_mutex_lock(&g_lock);
+	inflight_done_locked();
+	pthread_mutex_unlock(&g_lock);
+	return rv;
+out_locked:
+	if (data != NULL) {
+		p11a_wipe(data, data_len);
+		free(data);
+	}
+	free(uri);
 	p11a_wipe(digest, sizeof(digest));
 	sess_reset_sign(s);
-	return rv;
+	UNLOCK_RETURN(rv);
 }
 
 static CK_RV
@@ -1386,7 +1514,7 @@ m_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_
 			UNLOCK_RETURN(rv);
 		}
 	}
-	UNLOCK_RETURN(sign_finish(s, sig, sig_len));
+	return sign_finish_unlock(s, sig, sig_len);
 }
 
 static CK_RV
@@ -1421,7 +1549,7 @@ m_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
 	if (!s->sign_active)
 		UNLOCK_RETURN(CKR_OPERATION_NOT_INITIALIZED);
 	s->sign_multi = 1;
-	UNLOCK_RETURN(sign_finish(s, sig, sig_len));
+	return sign_finish_unlock(s, sig, sig_len);
 }
 
 /* ------------------------------------------------------------ not supported */

@@ -9,6 +9,13 @@
 # repetition, and the table shows the median over repetitions with min and
 # max.  Absolute numbers on a shared machine drift; ratios much less so.
 #
+# Item 2 measures four paths to the same SoftHSM2 key: the module in
+# process (inproc), the agent's client library (agent), the OpenSSL
+# provider (provider), and the PKCS#11 front-end module p11agent-pkcs11.so
+# (module), driven exactly as inproc is (signbench's pkcs11 mode: a
+# session per thread, C_SignInit + C_Sign), plus p11-kit's RPC when
+# installed.
+#
 # Environment (defaults in brackets):
 #   BENCH_REPS      repetitions of every interleaved group [3]
 #   BENCH_SECS      seconds per throughput measurement [1]
@@ -80,8 +87,9 @@ die() {
 for p in rtt signbench tlsbench connhold; do
 	[ -x "$B/$p" ] || die "$B/$p not built (run 'make bench')"
 done
-[ -x "$top_builddir/p11agentd" ] && [ -f "$top_builddir/.libs/p11agent.so" ] ||
-	die "p11agentd and the provider must be built first"
+PK_MODULE=$top_builddir/.libs/p11agent-pkcs11.so
+[ -x "$top_builddir/p11agentd" ] && [ -f "$top_builddir/.libs/p11agent.so" ] && [ -f "$PK_MODULE" ] ||
+	die "p11agentd, the provider and the PKCS#11 module must be built first"
 
 # record ITEM GROUP VARIANT REP LINE: one measurement ("ops=... rate=... p50_us=... p99_us=...").
 record() {
@@ -206,6 +214,8 @@ if [[ " $ITEMS " == *" 2 "* ]]; then
 					"$alg" "$t" "$SECS"
 				measure 2 "$alg/$t" provider "$r" "${PROV[@]}" "$B/signbench" provider "$(uri "$label")" \
 					"$alg" "$t" "$SECS"
+				measure 2 "$alg/$t" module "$r" env P11AGENT_SOCK="$SOCK" "$B/signbench" pkcs11 \
+					"$PK_MODULE" "$TOKEN" "$label" "$PIN" "$alg" "$t" "$SECS"
 				if [ -S "$P11KIT_SOCK" ]; then
 					measure 2 "$alg/$t" p11kit "$r" env P11_KIT_SERVER_ADDRESS="unix:path=$P11KIT_SOCK" \
 						"$B/signbench" pkcs11 "$P11KIT_CLIENT" "$TOKEN" "$label" "$PIN" "$alg" "$t" "$SECS"

@@ -20,7 +20,9 @@
  *           into a session object (C_CopyObject, CKA_TOKEN false) where
  *           the token allows it, C_SignInit + C_Sign per signature.  With
  *           MODULE = p11-kit-client.so and P11_KIT_SERVER_ADDRESS set this
- *           measures p11-kit's RPC forwarding.
+ *           measures p11-kit's RPC forwarding; with MODULE =
+ *           p11agent-pkcs11.so and P11AGENT_SOCK set, the agent's PKCS#11
+ *           front end (which has no C_CopyObject: the agent copies keys).
  *
  * BENCH_NO_COPY=1 in the environment: sign with the token object itself.
  *

@@ -76,7 +76,7 @@ groups2 = sorted({g for (i, g) in data if i == "2"},
 if groups2:
     print("2. Signing: throughput (signatures/s) and latency (us), median [min..max] over repetitions")
     names = {"ec": "ECDSA P-256", "pss": "RSA-2048 PSS"}
-    variants = ["inproc", "agent", "provider", "p11kit"]
+    variants = ["inproc", "agent", "provider", "module", "p11kit"]
     print(f"   {'alg':<13} {'clients':>7}  {'variant':<9} {'sig/s':>24}  {'p50 us':>9}  {'p99 us':>9}")
     for g in groups2:
         alg, t = g.split("/")
@@ -89,11 +89,11 @@ if groups2:
     print()
     print("   Ratios of throughput, per repetition (side by side), median [min..max]:")
     print(f"   {'alg':<13} {'clients':>7}  {'agent/inproc':>20} {'provider/inproc':>20}"
-          f" {'p11kit/inproc':>20} {'agent/p11kit':>20} {'provider/p11kit':>20}")
+          f" {'module/inproc':>20} {'p11kit/inproc':>20} {'agent/p11kit':>20} {'provider/p11kit':>20}")
     for g in groups2:
         alg, t = g.split("/")
         cells = [spread(ratios("2", g, a, b), "{:.2f}") for a, b in
-                 (("agent", "inproc"), ("provider", "inproc"), ("p11kit", "inproc"),
+                 (("agent", "inproc"), ("provider", "inproc"), ("module", "inproc"), ("p11kit", "inproc"),
                   ("agent", "p11kit"), ("provider", "p11kit"))]
         print(f"   {names.get(alg, alg):<13} {t:>7}  " + " ".join(f"{c:>20}" for c in cells))
     print()
@@ -163,17 +163,31 @@ if rtt and ("2", "ec/1") in data:
     added = [(a - i) for a, i in zip(agent, inproc)]
     rows.append(("  (agent p50 - in-process p50, us; round trip p50 %.1f us)" % med(rtt),
                  spread(added, "{:.1f}"), ""))
+# The PKCS#11 front-end module against the same module in process.
+for g in ("ec/1", "pss/1"):
+    if not rtt or ("2", g) not in data:
+        continue
+    inproc = col("2", g, "inproc", 1)
+    module = col("2", g, "module", 1)
+    if not module:
+        continue
+    alg = {"ec": "ECDSA", "pss": "RSA-PSS"}[g.split("/")[0]]
+    added = [(m - i) / med(rtt) for m, i in zip(module, inproc)]
+    rows.append((f"{alg} module added latency at 1 client <= 1.3x bare round trip",
+                 spread(added, "{:.2f}") + "x", verdict(added, lambda x: x <= 1.3)))
+    added = [(m - i) for m, i in zip(module, inproc)]
+    rows.append(("  (module p50 - in-process p50, us)", spread(added, "{:.1f}"), ""))
 for g in groups2:
     alg, t = g.split("/")
     if t == "1":
         continue
-    for v in ("agent", "provider"):
+    for v in ("agent", "provider", "module"):
         r = ratios("2", g, v, "inproc")
         if r:
             rows.append((f"{g} {v} >= 0.85x in-process", spread(r, "{:.2f}") + "x",
                          verdict(r, lambda x: x >= 0.85)))
         r = ratios("2", g, v, "p11kit")
-        if r:
+        if r and v != "module":
             rows.append((f"{g} {v} >= 2x p11-kit", spread(r, "{:.2f}") + "x",
                          verdict(r, lambda x: x >= 2.0)))
 for g in groups3:
