@@ -449,6 +449,13 @@ port_listening() {
 		/proc/net/tcp
 }
 
+# listening_or_gone PORT PID: PORT listens, or PID (the server meant to
+# listen there) has exited: a poll for a server's start that ends early
+# when it died.
+listening_or_gone() {
+	port_listening "$1" || ! running "$2"
+}
+
 # wait_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT
 # (default 10 s); 1 on timeout.
 wait_port() {
