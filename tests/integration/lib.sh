@@ -734,6 +734,13 @@ for t in doc.get("tokens", []):
 EOF
 }
 
+# token_has_key LABEL: a fresh `list --json` shows the test token and a
+# key LABEL on it (for polls: a helper restarted, a token back).
+token_has_key() {
+	list_json 2>/dev/null && [ "$(json_token label)" = "$TOKEN_LABEL" ] &&
+		[ -n "$(json_key "$1" uri)" ]
+}
+
 # key_uri LABEL: the agent's URI for a key (from a fresh list --json).
 key_uri() {
 	list_json && json_key "$1" uri
