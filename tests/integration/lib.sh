@@ -589,6 +589,8 @@ relay_cases() {
 		"done$tab"*) CASES_DONE=${line#done"$tab"} ;;
 		"#$tab"*) diag "${line#\#"$tab"}" ;;
 		"# "*) diag "${line#\# }" ;;
+		"") ;;
+		*) diag "$line" ;;
 		esac
 	done <"$1"
 }
@@ -610,7 +612,7 @@ p11a() {
 	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" "$@"
 }
 
-# start_agent [--module PATH | --config FILE] [--token LABEL]... [--wrap CMDLINE]:
+# start_agent [--module PATH | --config FILE] [--token LABEL]... [--wrap CMDLINE] [--no-debug]:
 # p11agentd in the foreground on $SOCK with --debug, logging to $AGENT_LOG
 # (plus the arguments in the array AGENT_ARGS; its user's file is
 # $T/config/p11agent/p11agentd.conf).  The module is the SoftHSM2 one
@@ -622,7 +624,8 @@ p11a() {
 # start-up window (t_lifecycle is).  With --token LABEL (repeatable) it
 # waits instead for each LABEL listed and present.  --wrap CMDLINE is put
 # right before the agent (after P11AGENTD_WRAPPER), e.g. "prlimit
-# --nofile=256".  Sets AGENT_PID and AGENT_HELPERS.
+# --nofile=256".  --no-debug leaves out --debug (a configuration may still
+# set it).  Sets AGENT_PID and AGENT_HELPERS.
 # With AGENT_DEFAULT_SOCKET=yes the agent gets no --socket and picks its
 # default path, which the caller has put in $SOCK.  P11AGENTD_WRAPPER, when
 # set, is a command line put before the agent (e.g. valgrind, see
@@ -632,20 +635,21 @@ AGENT_ARGS=()
 AGENT_DEFAULT_SOCKET=no
 AGENT_REGISTRY=no
 start_agent() {
-	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE") tokens=() wrap=
+	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE") tokens=() wrap= debug=--debug
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--module) modarg=(--module "$2"); shift 2 ;;
 		--config) modarg=(--config "$2"); shift 2 ;;
 		--token) tokens+=("$2"); shift 2 ;;
 		--wrap) wrap=$2; shift 2 ;;
+		--no-debug) debug=; shift ;;
 		*) diag "start_agent: unknown argument $1"; return 1 ;;
 		esac
 	done
 	[ "$AGENT_DEFAULT_SOCKET" != yes ] || sockarg=()
 	[ "$AGENT_REGISTRY" != yes ] || modarg=()
 	# shellcheck disable=SC2086 # P11AGENTD_WRAPPER and wrap are command lines, e.g. "valgrind -q"
-	XDG_CONFIG_HOME=$T/config ${P11AGENTD_WRAPPER:-} $wrap "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} ${modarg[@]+"${modarg[@]}"} --debug \
+	XDG_CONFIG_HOME=$T/config ${P11AGENTD_WRAPPER:-} $wrap "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} ${modarg[@]+"${modarg[@]}"} $debug \
 		${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} >>"$AGENT_LOG" 2>&1 &
 	AGENT_PID=$!
 	remember_pid "$AGENT_PID"
