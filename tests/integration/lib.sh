@@ -456,6 +456,12 @@ listening_or_gone() {
 	port_listening "$1" || ! running "$2"
 }
 
+# socket_or_gone PATH PID: a socket is at PATH, or PID (the process meant
+# to create it) has exited.
+socket_or_gone() {
+	[ -S "$1" ] || ! running "$2"
+}
+
 # wait_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT
 # (default 10 s); 1 on timeout.
 wait_port() {
