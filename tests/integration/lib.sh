@@ -8,7 +8,13 @@
 #     script stopped early;
 #   - a private temporary directory $T with its own SoftHSM2 token store
 #     (make_token), never the system one;
-#   - start_agent/stop_agent for p11agentd in the foreground on $T/agent.sock;
+#   - start_agent/stop_agent for p11agentd in the foreground on $T/agent.sock
+#     (SoftHSM2, another module, or a configuration naming its modules);
+#   - poll/wait_for: wait on an event (a socket, a log line, a pid's exit, a
+#     status field) with a deadline instead of sleeping for a guess;
+#   - relay_cases: the checks of a Python driver (p11a_proto.Cases) as TAP;
+#   - the helpers tls_lib.sh and pkcs11_lib.sh share: skip, free_port,
+#     port_listening/wait_port, asan_env;
 #   - a cleanup trap that stops only the processes this test started, by PID,
 #     and removes $T.
 #
