@@ -665,7 +665,8 @@ start_agent() {
 		${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} >>"$AGENT_LOG" 2>&1 &
 	AGENT_PID=$!
 	remember_pid "$AGENT_PID"
-	if ! poll 20 agent_ready ${tokens[@]+"${tokens[@]}"}; then
+	# agent_ready ends the poll early when the agent exits: check that too.
+	if ! poll 20 agent_ready ${tokens[@]+"${tokens[@]}"} || ! running "$AGENT_PID"; then
 		if running "$AGENT_PID"; then
 			diag "p11agentd did not answer status with token(s) '${tokens[*]:-$TOKEN_LABEL}' listed within 20 s"
 		else
