@@ -110,7 +110,7 @@ start_tls_server() {
 		-Verify 1 -verify_return_error -www "$@" >"$T/server-$name.log" 2>&1 &
 	pid=$!
 	remember_pid "$pid"
-	if poll 10 listening_or_gone "$port" "$pid" && running "$pid"; then
+	if poll 10 listening_or_gone "$port" "$pid" && port_listening "$port"; then
 		PORT[$name]=$port
 		return 0
 	fi
