@@ -484,6 +484,7 @@ wait_port() {
 # abort at their first throw) and leave the clients' own leaks alone.
 # Empty in an ordinary build; returns 1 then.
 ASAN_ENV=()
+# shellcheck disable=SC2034 # ASAN_ENV is for tls_lib.sh and pkcs11_lib.sh
 asan_env() {
 	local asan cxx=
 	ASAN_ENV=()
@@ -581,6 +582,7 @@ token_two() {
 # FIGURE[NAME]=VALUE), "done<TAB>TEXT" (CASES_DONE=TEXT, or "done" alone).
 declare -A FIGURE=()
 CASES_DONE=
+# shellcheck disable=SC2034 # FIGURE and CASES_DONE are for the tests
 relay_cases() {
 	local line tab='	'
 	CASES_DONE=
@@ -597,8 +599,8 @@ relay_cases() {
 			FIGURE[${line%%"$tab"*}]=${line#*"$tab"}
 			diag "figure: ${line%%"$tab"*} = ${line#*"$tab"}"
 			;;
-		done) CASES_DONE=done ;;
-		"done$tab"*) CASES_DONE=${line#done"$tab"} ;;
+		"done") CASES_DONE="done" ;;
+		"done$tab"*) CASES_DONE=${line#"done$tab"} ;;
 		"#$tab"*) diag "${line#\#"$tab"}" ;;
 		"# "*) diag "${line#\# }" ;;
 		"") ;;
@@ -647,7 +649,7 @@ AGENT_ARGS=()
 AGENT_DEFAULT_SOCKET=no
 AGENT_REGISTRY=no
 start_agent() {
-	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE") tokens=() wrap= debug=--debug
+	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE") tokens=() wrap='' debug=--debug
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--module) modarg=(--module "$2"); shift 2 ;;
