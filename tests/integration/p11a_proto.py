@@ -7,6 +7,7 @@ constants are those of common/p11a.h and common/proto.h.
 
 Codec (no I/O):
   frame(body)                     u32 length || body
+  frame_size(header)              4 + the length in a frame's first 4 bytes
   hello(), status(), list_(), unlock(), lock(), open_channel(), sign()
                                   request bodies
   decode(body)                    any message body -> Msg (type, fields);
@@ -198,6 +199,11 @@ def text(s):
 
 def frame(body):
     return u32(len(body)) + body
+
+
+def frame_size(header):
+    """Bytes of a whole frame, length prefix included, from its first 4 bytes."""
+    return 4 + struct.unpack(">I", header[:4])[0]
 
 
 def hello(client="p11a_proto.py", min_version=VERSION, max_version=VERSION):
