@@ -73,11 +73,12 @@ for ln, line in enumerate(lines, 1):
                 result(False, "%s: %s exists" % (where, name))
                 continue
             # Checks a script leaves to a Python driver it runs by name
-            # (hostile.py through `hostile ...`, soak/soak.py) count as its own.
+            # (hostile.py through `hostile ...`, soak/soak.py,
+            # security_cases.py, load_cases.py) count as its own.
             for py in (glob.glob(os.path.join(src, "tests", "integration", "*.py")) +
                        glob.glob(os.path.join(src, "tests", "soak", "*.py"))):
                 stem = os.path.basename(py)[:-3]
-                if re.search(r"(^|[\s/])%s(\.py)?\s" % re.escape(stem), text, re.M):
+                if re.search(r"(^|[\s/\"'])%s(\.py)?[\s\"']" % re.escape(stem), text, re.M):
                     text += open(py, encoding="utf-8").read()
             if desc not in text:
                 result(False, "%s: %s still has the check \"%s\"" % (where, name, desc))

@@ -8,7 +8,13 @@
 #     script stopped early;
 #   - a private temporary directory $T with its own SoftHSM2 token store
 #     (make_token), never the system one;
-#   - start_agent/stop_agent for p11agentd in the foreground on $T/agent.sock;
+#   - start_agent/stop_agent for p11agentd in the foreground on $T/agent.sock
+#     (SoftHSM2, another module, or a configuration naming its modules);
+#   - poll/wait_for: wait on an event (a socket, a log line, a pid's exit, a
+#     status field) with a deadline instead of sleeping for a guess;
+#   - relay_cases: the checks of a Python driver (p11a_proto.Cases) as TAP;
+#   - the helpers tls_lib.sh and pkcs11_lib.sh share: skip, free_port,
+#     port_listening/wait_port, asan_env;
 #   - a cleanup trap that stops only the processes this test started, by PID,
 #     and removes $T.
 #
@@ -222,6 +228,11 @@ file_lacks() {
 	fi
 }
 
+# skip DESC REASON: a TAP check that was not run ("ok N - DESC # SKIP REASON").
+skip() {
+	ok "$1 # SKIP $2"
+}
+
 # plan N: announce N checks up front (optional; without it done_testing
 # prints the plan at the end, which TAP allows too).
 planned=
@@ -313,17 +324,52 @@ running() {
 	alive "$1" && [ "$(proc_state "$1")" != Z ]
 }
 
-# wait_gone PID SECONDS: wait until PID has exited (and is reaped when it
-# is our child); returns 1 on timeout.
-wait_gone() {
-	local i=0 limit=$(($2 * 10))
-	# A dead child of ours stays a zombie until waited for.
-	while running "$1"; do
-		i=$((i + 1))
-		[ "$i" -le "$limit" ] || return 1
-		sleep 0.1
+# now_us: the wall clock in microseconds (bash 5's EPOCHREALTIME).
+now_us() {
+	local t=$EPOCHREALTIME
+	printf '%s\n' "${t/[.,]/}"
+}
+
+# poll SECONDS CMD...: run CMD until it succeeds; 1 when it has not within
+# SECONDS (a whole or decimal number).  CMD's output is left alone.  For
+# waiting on an event (a socket, a log line, a pid's exit, a status field)
+# instead of sleeping for a guess: the 0.05 s between tries is the polling
+# period, never the synchronisation.
+POLL_INTERVAL=${POLL_INTERVAL:-0.05}
+poll() {
+	local secs=$1 deadline
+	shift
+	deadline=$(($(now_us) + $(awk -v s="$secs" 'BEGIN { printf "%d", s * 1000000 }')))
+	until "$@"; do
+		[ "$(now_us)" -lt "$deadline" ] || return 1
+		sleep "$POLL_INTERVAL"
 	done
 	return 0
+}
+
+# wait_for DESC SECONDS CMD...: poll SECONDS CMD...; when the deadline
+# passes, a failed check "DESC (within SECONDS s)" and status 1.  Silent
+# on success: the caller's own checks follow.
+wait_for() {
+	local desc=$1 secs=$2
+	shift 2
+	if poll "$secs" "$@"; then
+		return 0
+	fi
+	not_ok "$desc (within $secs s)"
+	diag "still false after $secs s: $*"
+	return 1
+}
+
+# pid_gone PID: PID has exited (and is reaped when it is our child: a
+# dead child of ours stays a zombie until waited for).
+pid_gone() {
+	! running "$1"
+}
+
+# wait_gone PID SECONDS: wait until PID has exited; returns 1 on timeout.
+wait_gone() {
+	poll "$2" pid_gone "$1"
 }
 
 # stop_pid PID: SIGTERM, then SIGKILL after 5 s.
@@ -392,6 +438,63 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- loopback ports
+
+# free_port: a TCP port on 127.0.0.1 that nobody listens on right now.
+free_port() {
+	"$PYTHON3" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# port_listening PORT: something listens on 127.0.0.1:PORT (from /proc, no
+# tools needed, no connection made).
+port_listening() {
+	local hex
+	hex=$(printf '%04X' "$1")
+	awk -v p=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
+		/proc/net/tcp
+}
+
+# listening_or_gone PORT PID: PORT listens, or PID (the server meant to
+# listen there) has exited: a poll for a server's start that ends early
+# when it died.
+listening_or_gone() {
+	port_listening "$1" || ! running "$2"
+}
+
+# socket_or_gone PATH PID: a socket is at PATH, or PID (the process meant
+# to create it) has exited.
+socket_or_gone() {
+	[ -S "$1" ] || ! running "$2"
+}
+
+# wait_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT
+# (default 10 s); 1 on timeout.
+wait_port() {
+	poll "${2:-10}" port_listening "$1"
+}
+
+# ---------------------------------------------------------------- sanitizer builds
+
+# asan_env MODULE [cxx]: in a sanitizer build (configure --enable-asan)
+# the programs that load MODULE (a provider or PKCS#11 module) need the
+# ASan runtime loaded first: ASAN_ENV becomes the env(1) assignments that
+# preload it (and, with "cxx", libstdc++ too: ASan's __cxa_throw
+# interceptor must find it at start-up, or C++ clients such as PyKCS11
+# abort at their first throw) and leave the clients' own leaks alone.
+# Empty in an ordinary build; returns 1 then.
+ASAN_ENV=()
+# shellcheck disable=SC2034 # ASAN_ENV is for tls_lib.sh and pkcs11_lib.sh
+asan_env() {
+	local asan cxx=
+	ASAN_ENV=()
+	asan=$(ldd "$1" 2>/dev/null | awk '$1 ~ /^libasan\.so/ { print $3; exit }')
+	[ -n "$asan" ] || return 1
+	if [ "${2:-}" = cxx ]; then
+		cxx=$(/sbin/ldconfig -p 2>/dev/null | awk '$1 == "libstdc++.so.6" && /x86-64/ { print $NF; exit }')
+	fi
+	ASAN_ENV=(LD_PRELOAD="$asan${cxx:+ $cxx}" ASAN_OPTIONS="detect_leaks=0:${ASAN_OPTIONS:-}")
+}
 
 # ---------------------------------------------------------------- token
 
@@ -473,39 +576,70 @@ token_two() {
 
 # ---------------------------------------------------------------- agent
 
+# relay_cases FILE: turns the lines a Python case driver printed (see
+# p11a_proto.Cases) into TAP checks: "ok<TAB>DESC", "not ok<TAB>DESC<TAB>WHY",
+# "#<TAB>TEXT" or "# TEXT" (diag), "figure<TAB>NAME<TAB>VALUE" (a diag line;
+# FIGURE[NAME]=VALUE), "done<TAB>TEXT" (CASES_DONE=TEXT, or "done" alone).
+declare -A FIGURE=()
+CASES_DONE=
+# shellcheck disable=SC2034 # FIGURE and CASES_DONE are for the tests
+relay_cases() {
+	local line tab='	'
+	CASES_DONE=
+	while IFS= read -r line; do
+		case $line in
+		"ok$tab"*) ok "${line#ok"$tab"}" ;;
+		"not ok$tab"*)
+			line=${line#not ok"$tab"}
+			not_ok "${line%%"$tab"*}"
+			[ "${line#*"$tab"}" = "$line" ] || [ -z "${line#*"$tab"}" ] || diag "${line#*"$tab"}"
+			;;
+		"figure$tab"*)
+			line=${line#figure"$tab"}
+			FIGURE[${line%%"$tab"*}]=${line#*"$tab"}
+			diag "figure: ${line%%"$tab"*} = ${line#*"$tab"}"
+			;;
+		"done") CASES_DONE="done" ;;
+		"done$tab"*) CASES_DONE=${line#"done$tab"} ;;
+		"#$tab"*) diag "${line#\#"$tab"}" ;;
+		"# "*) diag "${line#\# }" ;;
+		"") ;;
+		*) diag "$line" ;;
+		esac
+	done <"$1"
+}
+
 # hostile CMD ARGS...: runs hostile.py (hostile clients, see its header)
 # and turns its lines into TAP checks.
 hostile() {
-	local line st=0
+	local st=0
 	"$PYTHON3" "$lib_dir/hostile.py" "$@" >"$T/hostile.out" 2>"$T/hostile.err" || st=$?
-	while IFS= read -r line; do
-		case $line in
-		"ok	"*) ok "${line#ok	}" ;;
-		"not ok	"*)
-			line=${line#not ok	}
-			not_ok "${line%%	*}"
-			diag "${line#*	}"
-			;;
-		"#	"*) diag "${line#\#	}" ;;
-		esac
-	done <"$T/hostile.out"
+	relay_cases "$T/hostile.out"
 	if [ "$st" -ne 0 ] && ! grep -q '^not ok' "$T/hostile.out"; then
 		not_ok "hostile.py $1 exited $st"
 		diag_file "$T/hostile.err"
 	fi
 }
+
 # p11a ARGS...: the CLI against this test's agent, bounded in time.
 p11a() {
 	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" "$@"
 }
 
-# start_agent: p11agentd in the foreground on $SOCK with the SoftHSM2
-# module (plus the arguments in the array AGENT_ARGS; its user's file is
-# $T/config/p11agent/p11agentd.conf), logging to
-# $AGENT_LOG; returns once `p11agent status` answers and `p11agent list`
+# start_agent [--module PATH | --config FILE] [--token LABEL]... [--wrap CMDLINE] [--no-debug]:
+# p11agentd in the foreground on $SOCK with --debug, logging to $AGENT_LOG
+# (plus the arguments in the array AGENT_ARGS; its user's file is
+# $T/config/p11agent/p11agentd.conf).  The module is the SoftHSM2 one
+# unless --module names another or --config FILE gives a configuration
+# that names its modules (the agent then gets --config FILE and no
+# --module).  Returns once `p11agent status` answers and `p11agent list`
 # shows the test token (at most 20 s): the agent answers before its
 # helpers have reported their tokens, and these tests are not about that
-# start-up window (t_lifecycle is).  Sets AGENT_PID and AGENT_HELPERS.
+# start-up window (t_lifecycle is).  With --token LABEL (repeatable) it
+# waits instead for each LABEL listed and present.  --wrap CMDLINE is put
+# right before the agent (after P11AGENTD_WRAPPER), e.g. "prlimit
+# --nofile=256".  --no-debug leaves out --debug (a configuration may still
+# set it).  Sets AGENT_PID and AGENT_HELPERS.
 # With AGENT_DEFAULT_SOCKET=yes the agent gets no --socket and picks its
 # default path, which the caller has put in $SOCK.  P11AGENTD_WRAPPER, when
 # set, is a command line put before the agent (e.g. valgrind, see
@@ -515,35 +649,52 @@ AGENT_ARGS=()
 AGENT_DEFAULT_SOCKET=no
 AGENT_REGISTRY=no
 start_agent() {
-	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE")
+	local sockarg=(--socket "$SOCK") modarg=(--module "$SOFTHSM2_MODULE") tokens=() wrap='' debug=--debug
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--module) modarg=(--module "$2"); shift 2 ;;
+		--config) modarg=(--config "$2"); shift 2 ;;
+		--token) tokens+=("$2"); shift 2 ;;
+		--wrap) wrap=$2; shift 2 ;;
+		--no-debug) debug=; shift ;;
+		*) diag "start_agent: unknown argument $1"; return 1 ;;
+		esac
+	done
 	[ "$AGENT_DEFAULT_SOCKET" != yes ] || sockarg=()
 	[ "$AGENT_REGISTRY" != yes ] || modarg=()
-	# shellcheck disable=SC2086 # P11AGENTD_WRAPPER is a command line, e.g. "valgrind -q"
-	XDG_CONFIG_HOME=$T/config ${P11AGENTD_WRAPPER:-} "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} ${modarg[@]+"${modarg[@]}"} --debug \
+	# shellcheck disable=SC2086 # P11AGENTD_WRAPPER and wrap are command lines, e.g. "valgrind -q"
+	XDG_CONFIG_HOME=$T/config ${P11AGENTD_WRAPPER:-} $wrap "$P11AGENTD" --foreground ${sockarg[@]+"${sockarg[@]}"} ${modarg[@]+"${modarg[@]}"} $debug \
 		${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} >>"$AGENT_LOG" 2>&1 &
 	AGENT_PID=$!
 	remember_pid "$AGENT_PID"
-	local i=0
-	while :; do
-		if ! running "$AGENT_PID"; then
+	# agent_ready ends the poll early when the agent exits: check that too.
+	if ! poll 20 agent_ready ${tokens[@]+"${tokens[@]}"} || ! running "$AGENT_PID"; then
+		if running "$AGENT_PID"; then
+			diag "p11agentd did not answer status with token(s) '${tokens[*]:-$TOKEN_LABEL}' listed within 20 s"
+		else
 			diag "p11agentd exited during start-up"
-			diag_file "$AGENT_LOG"
-			return 1
 		fi
-		if [ -S "$SOCK" ] && "$P11AGENT" --socket "$SOCK" status >/dev/null 2>&1 &&
-			list_json 2>/dev/null && [ "$(json_token label)" = "$TOKEN_LABEL" ]; then
-			break
-		fi
-		i=$((i + 1))
-		if [ "$i" -gt 200 ]; then
-			diag "p11agentd did not answer status with token '$TOKEN_LABEL' listed within 20 s"
-			diag_file "$AGENT_LOG"
-			return 1
-		fi
-		sleep 0.1
-	done
+		diag_file "$AGENT_LOG"
+		return 1
+	fi
 	AGENT_HELPERS=$(child_pid_list "$AGENT_PID")
 	return 0
+}
+
+# agent_ready [LABEL...]: the agent answers status and lists the test token
+# (or: lists each LABEL, present).  Stops a poll early once the agent is
+# gone (its exit is not going to make it ready).
+agent_ready() {
+	local l
+	running "$AGENT_PID" || return 0
+	[ -S "$SOCK" ] && "$P11AGENT" --socket "$SOCK" status >/dev/null 2>&1 && list_json 2>/dev/null || return 1
+	if [ $# -eq 0 ]; then
+		[ "$(json_token label)" = "$TOKEN_LABEL" ]
+		return
+	fi
+	for l in "$@"; do
+		[ "$(json_token present "$l")" = true ] || return 1
+	done
 }
 
 # stop_agent: SIGTERM by PID and wait; AGENT_RC gets the exit status
@@ -600,6 +751,13 @@ for t in doc.get("tokens", []):
         print(json.dumps(v) if isinstance(v, (bool, list, dict)) or v is None else v)
         break
 EOF
+}
+
+# token_has_key LABEL: a fresh `list --json` shows the test token and a
+# key LABEL on it (for polls: a helper restarted, a token back).
+token_has_key() {
+	list_json 2>/dev/null && [ "$(json_token label)" = "$TOKEN_LABEL" ] &&
+		[ -n "$(json_key "$1" uri)" ]
 }
 
 # key_uri LABEL: the agent's URI for a key (from a fresh list --json).

@@ -7,6 +7,7 @@ constants are those of common/p11a.h and common/proto.h.
 
 Codec (no I/O):
   frame(body)                     u32 length || body
+  frame_size(header)              4 + the length in a frame's first 4 bytes
   hello(), status(), list_(), unlock(), lock(), open_channel(), sign()
                                   request bodies
   decode(body)                    any message body -> Msg (type, fields);
@@ -16,6 +17,8 @@ Codec (no I/O):
   error_code(body)                the code of an ERROR body, else None
 I/O:
   read_frame(sock)                a frame body off a plain socket, None at EOF
+  raw_connect(), raw_request(),   plain sockets for tests that send bad
+  raw_hello(), wait_eof(), show() bytes and look at raw replies
   Conn                            a blocking stream socket with a frame
                                   reader that collects SCM_RIGHTS
                                   descriptors (recvmsg); connect(),
@@ -24,10 +27,15 @@ I/O:
                                   open_channel() (returns the channel as a
                                   Conn), sign().  An ERROR reply raises
                                   AgentError(code, message).
+Test output:
+  Cases                           the lines lib.sh's relay_cases turns
+                                  into TAP checks (ok, not ok, figure,
+                                  comments, done)
 """
 import os
 import socket
 import struct
+import time
 
 VERSION = 1
 FRAME_MAX = 262144          # body bytes, excluding the 4-byte length
@@ -191,6 +199,11 @@ def text(s):
 
 def frame(body):
     return u32(len(body)) + body
+
+
+def frame_size(header):
+    """Bytes of a whole frame, length prefix included, from its first 4 bytes."""
+    return 4 + struct.unpack(">I", header[:4])[0]
 
 
 def hello(client="p11a_proto.py", min_version=VERSION, max_version=VERSION):
@@ -408,6 +421,48 @@ def read_frame(sock):
     return exact(n)
 
 
+def raw_connect(path, timeout=20.0):
+    """A plain connected socket (no HELLO) with timeout on every call."""
+    return Conn.connect(path, timeout).sock
+
+
+def raw_request(sock, body):
+    """Sends one frame, returns the reply body (None when the peer closed)."""
+    sock.sendall(frame(body))
+    return read_frame(sock)
+
+
+def raw_hello(sock, client="p11a_proto.py"):
+    """HELLO on a plain socket; Malformed unless the reply is HELLO_REPLY."""
+    r = raw_request(sock, hello(client))
+    if r is None or r[0] != HELLO_REPLY:
+        raise Malformed("HELLO answered with %s" % show(r))
+    return r
+
+
+def show(body):
+    """A reply body for a failure message: its first bytes, or None."""
+    return repr(body[:8] if body else body)
+
+
+def wait_eof(sock, limit):
+    """(True, seconds) when the peer closes within limit seconds, skipping
+    ERROR frames; (False, why) otherwise."""
+    sock.settimeout(limit)
+    t0 = time.monotonic()
+    try:
+        while True:
+            r = read_frame(sock)
+            if r is None:
+                return True, time.monotonic() - t0
+            if r[0] != ERROR:
+                return False, "got a non-ERROR reply type 0x%02x" % r[0]
+    except socket.timeout:
+        return False, "still open after %d s" % limit
+    except (ValueError, OSError) as e:
+        return False, str(e)
+
+
 _FDS_MAX = 8        # descriptors taken per recvmsg, as common/proto.c
 
 
@@ -590,3 +645,45 @@ def client(path, name="p11a_proto.py", timeout=30.0):
         raise
     return c
 
+
+
+# ---------------------------------------------------------------- test output
+
+class Cases:
+    """Checks as lines for lib.sh's relay_cases: "ok<TAB>desc",
+    "not ok<TAB>desc<TAB>why", "figure<TAB>name<TAB>value", "# text",
+    "done<TAB>text".  Flushed at once, so a driver that dies half-way has
+    reported what it checked."""
+
+    def __init__(self, stream=None):
+        import sys
+        self.stream = stream or sys.stdout
+        self.count = 0
+
+    def _line(self, *fields):
+        print("\t".join(str(f).replace("\t", " ").replace("\n", " ") for f in fields),
+              file=self.stream, flush=True)
+
+    def out(self, good, desc, why=""):
+        self.count += 1
+        if good:
+            self._line("ok", desc)
+        else:
+            self._line("not ok", desc, why)
+
+    def case(self, desc, fn):
+        """Runs fn() -> (good, why); an exception is a failure."""
+        try:
+            good, why = fn()
+        except Exception as e:  # noqa: BLE001 - any failure is a test failure
+            good, why = False, "exception %r" % e
+        self.out(good, desc, str(why))
+
+    def figure(self, name, value):
+        self._line("figure", name, value)
+
+    def note(self, text):
+        print("# " + str(text).replace("\n", " "), file=self.stream, flush=True)
+
+    def done(self, text=None):
+        self._line("done", "%d cases" % self.count if text is None else text)

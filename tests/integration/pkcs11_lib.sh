@@ -9,29 +9,21 @@
 
 PK_MODULE=${PK_MODULE:-$top_builddir/.libs/p11agent-pkcs11.so}
 
-# PK_SAN_ENV: in a sanitizer build (configure --enable-asan) the programs
-# that load the module need the ASan runtime first: preload it, and leave
-# their own leaks alone.  PK_SAN_SKIP says why t_pkcs11_git and
-# t_pkcs11_browser are skipped there: Debian 12's curl, wget and git
-# (git-remote-https) hang in setlocale() at start-up with libasan
-# preloaded (see tls_lib.sh), and browsers are not built for it.
+# PK_SAN_ENV: the ASan preload (lib.sh's asan_env, with libstdc++ for
+# PyKCS11) for the programs that load the module; empty in an ordinary
+# build.  PK_SAN_SKIP says why t_pkcs11_git and t_pkcs11_browser are
+# skipped there: Debian 12's curl, wget and git (git-remote-https) hang in
+# setlocale() at start-up with libasan preloaded (see tls_lib.sh), and
+# browsers are not built for it.  free_port, wait_port and skip are
+# lib.sh's.
 PK_SAN_ENV=()
 PK_SAN_SKIP=
 pk_san_env() {
-	local asan cxx
-	asan=$(ldd "$PK_MODULE" 2>/dev/null | awk '$1 ~ /^libasan\.so/ { print $3; exit }')
-	if [ -n "$asan" ]; then
-		# libstdc++ too: ASan's __cxa_throw interceptor must find it at
-		# start-up, or C++ clients (PyKCS11) abort at their first throw.
-		cxx=$(/sbin/ldconfig -p 2>/dev/null | awk '$1 == "libstdc++.so.6" && /x86-64/ { print $NF; exit }')
-		PK_SAN_ENV=(LD_PRELOAD="$asan${cxx:+ $cxx}" ASAN_OPTIONS="detect_leaks=0:${ASAN_OPTIONS:-}")
+	PK_SAN_ENV=()
+	if asan_env "$PK_MODULE" cxx; then
+		PK_SAN_ENV=("${ASAN_ENV[@]}")
 		PK_SAN_SKIP="sanitizer build"
 	fi
-}
-
-# skip DESC REASON: a TAP check that was not run.
-skip() {
-	ok "$1 # SKIP $2"
 }
 
 # pk_setup: the module, the token, an agent; a client-side empty SoftHSM2
@@ -90,21 +82,6 @@ pk_registry() {
 		printf 'user-config: override\n' >"$T/home/.config/pkcs11/pkcs11.conf"
 		pk_client env HOME="$T/home" "$@"
 	fi
-}
-
-# free_port: an unused TCP port on 127.0.0.1.
-free_port() {
-	"$PYTHON3" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# wait_port PORT [SECONDS]: until something accepts on 127.0.0.1:PORT.
-wait_port() {
-	local i=0 limit=$((${2:-10} * 10))
-	while ! "$PYTHON3" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ "$i" -le "$limit" ] || return 1
-		sleep 0.1
-	done
 }
 
 # start_s_server: openssl s_server that requires a client certificate from

@@ -42,14 +42,27 @@ tok() {
 	list_json && json_token "$1" "${2:-}"
 }
 
+# tok_is FIELD VALUE [LABEL]: the token's FIELD is VALUE in a fresh listing.
+tok_is() {
+	[ "$(tok "$1" "${3:-}" 2>/dev/null)" = "$2" ]
+}
+
 # wait_tok FIELD VALUE SECONDS [LABEL]: until the token's FIELD is VALUE.
 wait_tok() {
-	local i=0
-	while [ "$(tok "$1" "${4:-}" 2>/dev/null)" != "$2" ]; do
-		i=$((i + 1))
-		[ "$i" -le $(($3 * 5)) ] || return 1
-		sleep 0.2
-	done
+	poll "$3" tok_is "$1" "$2" "${4:-}"
+}
+
+# fired FUNC: the faulty module has taken FUNC's "once" rule (it deletes
+# the line from the control file when the call comes in, before a delay
+# or a hang begins).
+fired() {
+	! grep -q "^$1=" "$CTL"
+}
+
+# returned FUNC RV N: the faulty module has logged more than N calls of
+# FUNC that returned RV (0x%08lx, as in CONTROL.calls).
+returned() {
+	[ "$(grep -c "^$1 rv=$2\$" "$CTL.calls" 2>/dev/null || true)" -gt "$3" ]
 }
 
 echo "message to sign $$" >"$T/msg"
@@ -126,22 +139,9 @@ helpers_now() {
 }
 
 # ---------------------------------------------------------------- start
-# shellcheck disable=SC2086 # a command line, as in lib.sh's start_agent
-${P11AGENTD_WRAPPER:-} "$P11AGENTD" --foreground --config "$T/agent.conf" >>"$AGENT_LOG" 2>&1 &
-AGENT_PID=$!
-remember_pid "$AGENT_PID"
-started=no
-for _ in $(seq 1 200); do
-	running "$AGENT_PID" || break
-	if [ "$(tok present 2>/dev/null)" = true ] && [ "$(tok present "$TWO_LABEL" 2>/dev/null)" = true ]; then
-		started=yes
-		break
-	fi
-	sleep 0.1
-done
-[ "$started" = yes ] || bail_out "agent lists both tokens through the fault module"
+start_agent --config "$T/agent.conf" --token "$TOKEN_LABEL" --token "$TWO_LABEL" ||
+	bail_out "agent lists both tokens through the fault module"
 ok "agent lists both tokens through the fault module"
-AGENT_HELPERS=$(helpers_now)
 KEY_A=$(json_key ec256 uri)
 KEY_B=$(json_key two-ec uri)
 if [ -z "$KEY_A" ] || [ -z "$KEY_B" ]; then
@@ -162,12 +162,11 @@ set_ctl "C_Sign=CKR_DEVICE_REMOVED once"
 sign_fails_with "not present" 5000 "C_Sign CKR_DEVICE_REMOVED: client gets 'not present'"
 still_serving "C_Sign CKR_DEVICE_REMOVED"
 # The token did not really go: the next request finds it again.
-ok_after=no
-for _ in 1 2 3 4 5 6 7 8 9 10; do
+sign_a_ok() {
 	sign_a
-	if [ "$rc" -eq 0 ]; then ok_after=yes; break; fi
-	sleep 0.5
-done
+	[ "$rc" -eq 0 ]
+}
+if poll 5 sign_a_ok; then ok_after=yes; else ok_after=no; fi
 is "$ok_after" yes "C_Sign CKR_DEVICE_REMOVED: the token signs again when it answers again"
 
 # ---------------------------------------------------------------- token not present in C_SignInit
@@ -243,7 +242,8 @@ is "$(calls C_Initialize)" "$init_before" "token pulled and reinserted: the modu
 set_ctl "C_Sign=delay:1500 once"
 sign_a &
 bg=$!
-sleep 0.7
+# Pull the token while that C_Sign is in its delay.
+wait_for "token pulled mid-sign: the delayed C_Sign began" 10 fired C_Sign || true
 set_ctl "removed=1"
 wait "$bg" || true
 # The background run left its result in $T/stderr; read it as sign_fails_with would.
@@ -296,7 +296,8 @@ else
 	diag_last
 fi
 is "$(tok pin_locked)" true "PIN locked: the token is listed with pin_locked"
-# Time for the helper's periodic checks: a wrong PIN must not be retried by anybody.
+# Time for the helper's periodic checks: a wrong PIN must not be retried by
+# anybody.  This sleep is the test (nothing happens that could be awaited).
 sleep $((SIGN_TIMEOUT + 4))
 is "$(calls C_Login)" "$((n0 + 3))" "three failed unlocks reached C_Login exactly three times (a wrong PIN is never sent twice)"
 still_serving "wrong PINs"
@@ -326,7 +327,7 @@ hang_t0=$(date +%s%N)
 	date +%s%N >"$T/hang.t1"
 ) &
 hang_bg=$!
-sleep 0.5
+wait_for "C_Sign hangs: the C_Sign took the hang" 10 fired C_Sign || true
 still_serving "C_Sign hangs"
 sign_ok "C_Sign hangs in one session: the same token signs on another session"
 wait "$hang_bg" || true
@@ -341,8 +342,10 @@ else
 	diag "exit $hang_rc after ${hang_ms} ms"
 	diag_file "$T/hang.err"
 fi
+# CKR_DEVICE_ERROR (0x30) is what a released hang returns.
+hung_done=$(grep -c '^C_Sign rv=0x00000030$' "$CTL.calls" || true)
 set_ctl "unhang"
-sleep 0.3
+wait_for "C_Sign released: the hung call returns" 10 returned C_Sign 0x00000030 "$hung_done" || true
 set_ctl ""
 sign_ok "C_Sign released: the token signs"
 
@@ -394,14 +397,11 @@ else
 	diag_last
 fi
 still_serving "C_Sign aborts the helper"
-restarted=no
-for _ in $(seq 1 50); do
-	if [ "$(calls C_Initialize)" -gt "$init_before" ] && [ "$(tok present 2>/dev/null)" = true ]; then
-		restarted=yes
-		break
-	fi
-	sleep 0.2
-done
+# helper_back: the faulty module was initialized again and shows its token.
+helper_back() {
+	[ "$(calls C_Initialize)" -gt "$init_before" ] && tok_is present true
+}
+if poll 10 helper_back; then restarted=yes; else restarted=no; fi
 is "$restarted" yes "C_Sign aborts the helper: the helper is restarted and lists the token again"
 if [ "$(helpers_now)" != "$helpers_before" ]; then
 	ok "the faulty module's helper has a new pid"

@@ -115,10 +115,11 @@ else
 fi
 is "$USER_SOCK" "$U/run/p11agent/agent.sock" "P11AGENT_SOCK is \$XDG_RUNTIME_DIR/p11agent/agent.sock"
 uri="pkcs11:token=$TOKEN_LABEL;object=ec256"
-for _ in $(seq 1 100); do
-	as_user p11agent list >"$T/list.out" 2>&1 && grep -qF "token=$TOKEN_LABEL" "$T/list.out" && break
-	sleep 0.1
-done
+# user_lists_token: the user's agent lists the test token (its helper is up).
+user_lists_token() {
+	as_user p11agent list >"$T/list.out" 2>&1 && grep -qF "token=$TOKEN_LABEL" "$T/list.out"
+}
+poll 10 user_lists_token || true
 check "README: p11agent unlock" as_user p11agent unlock --pin-file "$U/pin"
 run as_user p11agent list
 stdout_has "token=$TOKEN_LABEL;id=%02;object=ec256;type=private" "README: p11agent list shows the key's URI"

@@ -72,11 +72,7 @@ not_running() {
 not_running "socket missing" "$T/missing.sock"
 
 # A socket file nobody listens on (an agent that crashed leaves one).
-"$PYTHON3" -c '
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind(sys.argv[1])
-s.close()' "$T/stale.sock"
+"$PYTHON3" "$lib_dir/proto_client.py" stale-socket "$T/stale.sock"
 check "a stale socket file exists" test -S "$T/stale.sock"
 not_running "nothing listening" "$T/stale.sock"
 
@@ -99,18 +95,10 @@ run p11a status
 rc_is 0 "status answers"
 
 # Hold a client connection open across SIGTERM: it must not delay the exit.
-"$PYTHON3" -c '
-import sys, time
-import p11a_proto as P
-c = P.client(sys.argv[1], "held")
-open(sys.argv[2], "w").close()
-time.sleep(60)' "$SOCK" "$T/held.ready" &
+"$PYTHON3" "$lib_dir/proto_client.py" hold "$SOCK" "$T/held.ready" &
 held=$!
 remember_pid "$held"
-for _ in $(seq 1 100); do
-	[ ! -e "$T/held.ready" ] || break
-	sleep 0.1
-done
+poll 10 test -e "$T/held.ready" || true
 check "a client holds a connection (HELLO answered)" test -e "$T/held.ready"
 
 t0=$(date +%s)
@@ -230,15 +218,7 @@ if [ -n "$old_helpers" ]; then
 	ok "killed helper(s) $old_helpers with SIGKILL"
 	check "agent survives its helper's death" running "$AGENT_PID"
 	# The agent restarts the helper; the token comes back (logged out).
-	back=no
-	for _ in $(seq 1 100); do
-		if list_json 2>/dev/null && [ "$(json_token label)" = "$TOKEN_LABEL" ] &&
-			[ -n "$(json_key ec256 uri)" ]; then
-			back=yes
-			break
-		fi
-		sleep 0.1
-	done
+	if poll 10 token_has_key ec256; then back=yes; else back=no; fi
 	is "$back" yes "token and keys listed again within 10 s of the helper crash"
 	new_helpers=$(child_pid_list "$AGENT_PID")
 	if [ -n "$new_helpers" ] && [ "$new_helpers" != "$old_helpers" ]; then

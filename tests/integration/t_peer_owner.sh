@@ -40,7 +40,7 @@ EVIL_SOCK=$EVIL/agent.sock
 : >"$T/evil.log"
 "$PYTHON3" "$lib_dir/owner_listener.py" "$EVIL_SOCK" "$T/evil.log" "$NOBODY" &
 remember_pid $!
-for _ in $(seq 100); do [ -S "$EVIL_SOCK" ] && break; sleep 0.05; done
+poll 5 test -S "$EVIL_SOCK" || true
 check "the impostor listens at $EVIL_SOCK" test -S "$EVIL_SOCK"
 is "$(stat -c %u "$EVIL_SOCK")" 0 "the socket file itself is root's: only the listener is nobody's"
 
@@ -81,10 +81,11 @@ if grep -q "$TOKEN_LABEL" "$T/stdout"; then not_ok "module: shows no token from 
 refused "module"
 
 # Every client connected (the refusal came after connect) and sent nothing.
-for _ in $(seq 100); do
-	[ "$(wc -l <"$T/evil.log")" -ge 7 ] && break
-	sleep 0.1
-done
+# evil_conns N: the impostor has logged at least N connections.
+evil_conns() {
+	[ "$(wc -l <"$T/evil.log")" -ge "$1" ]
+}
+poll 10 evil_conns 7 || true
 conns=$(wc -l <"$T/evil.log")
 bytes=$(awk '{ n += $4 } END { print n + 0 }' "$T/evil.log")
 diag "impostor: $conns connections, $bytes bytes received"

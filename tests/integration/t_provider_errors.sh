@@ -101,7 +101,7 @@ attempt python "$T/ec256.key.pem" "$T/down.python"
 # python's ssl reports only the last error on OpenSSL's stack (an SSL one).
 client_fails "agent down, python" "$st" "$T/down.python" "$secs" "SSL"
 # A socket file with nobody behind it (the agent crashed).
-"$PYTHON3" -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])' "$SOCK"
+"$PYTHON3" "$lib_dir/proto_client.py" stale-socket "$SOCK"
 attempt s_client "$T/ec256.key.pem" "$T/stale.s_client-ref"
 client_fails "stale socket, s_client with a key reference" "$st" "$T/stale.s_client-ref" "$secs" \
 	"agent not running at $SOCK"
@@ -137,37 +137,7 @@ keyref_file() {
 # keyref_with_uri IN URI OUT: the key reference IN (as export-key writes
 # it, with the public key) naming URI instead.
 keyref_with_uri() {
-	"$PYTHON3" - "$@" <<'PYEOF'
-import base64, re, sys
-
-def tlv(tag, body):
-    n = len(body)
-    if n < 0x80:
-        return bytes([tag, n]) + body
-    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(b)]) + b + body
-
-def element(d, i):
-    """The contents of the DER element at i, and the index after it."""
-    n = d[i + 1]
-    i += 2
-    if n & 0x80:
-        k = n & 0x7f
-        n = int.from_bytes(d[i:i + k], "big")
-        i += k
-    return d[i:i + n], i + n
-
-src, uri, dst = sys.argv[1:4]
-pem = open(src).read()
-der = base64.b64decode(re.search(r"-----BEGIN P11AGENT KEY-----\n(.*?)-----END", pem, re.S).group(1))
-body, _ = element(der, 0)
-version, i = element(body, 0)
-_, i = element(body, i)                 # the URI it had
-out = tlv(0x30, tlv(0x02, version) + tlv(0x0c, uri.encode()) + body[i:])
-with open(dst, "w") as f:
-    f.write("-----BEGIN P11AGENT KEY-----\n" + base64.encodebytes(out).decode() +
-            "-----END P11AGENT KEY-----\n")
-PYEOF
+	"$PYTHON3" "$lib_dir/keyref_uri.py" "$@"
 }
 # A key reference to a key the token no longer has: signing says so.
 # (References written by export-key carry the public key; the provider

@@ -57,11 +57,7 @@ EOF
 env -u OPENSSL_CONF -u OPENSSL_MODULES nginx -p "$N" -c "$N/nginx.conf" >"$N/stdout" 2>&1 &
 nginx_pid=$!
 remember_pid "$nginx_pid"
-for _ in $(seq 1 100); do
-	port_listening "$port" && break
-	running "$nginx_pid" || break
-	sleep 0.1
-done
+poll 10 listening_or_gone "$port" "$nginx_pid" || true
 if port_listening "$port"; then
 	ok "nginx with ssl_verify_client on listens on port $port"
 else

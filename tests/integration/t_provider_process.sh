@@ -92,11 +92,11 @@ provider_env timeout 120 "$PYTHON3" "$lib_dir/tls_client.py" twice "$(url s2)" \
 	>"$T/twice" 2>&1 &
 twice_pid=$!
 remember_pid "$twice_pid"
-for _ in $(seq 1 300); do
-	grep -q "first ok" "$T/twice" 2>/dev/null && break
-	running "$twice_pid" || break
-	sleep 0.1
-done
+# first_done: the client has done its first handshake (or has exited).
+first_done() {
+	grep -q "first ok" "$T/twice" 2>/dev/null || ! running "$twice_pid"
+}
+poll 30 first_done || true
 file_has "$T/twice" "first ok" "restart: first handshake before the agent restarts"
 stop_agent
 is "$AGENT_RC" 0 "restart: agent stopped"

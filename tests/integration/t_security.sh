@@ -85,17 +85,15 @@ chmod 0711 "$T"
 	--socket "$NB/xdg/agent.sock" --module "$SOFTHSM2_MODULE" --debug >"$T/nobody-agent.log" 2>&1 &
 nb_agent=$!
 remember_pid "$nb_agent"
+# An ordinary process of nobody's to compare with (it only has to exist).
 "${AS_NOBODY[@]}" sleep 60 &
 nb_control=$!
 remember_pid "$nb_control"
-i=0
-until as_nobody "$NB/bin/p11agent" --socket "$NB/xdg/agent.sock" status >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ "$i" -gt 100 ] || ! running "$nb_agent"; then
-		break
-	fi
-	sleep 0.1
-done
+# nobody_agent_up: the nobody agent answers status (or has exited: no use waiting).
+nobody_agent_up() {
+	! running "$nb_agent" || as_nobody "$NB/bin/p11agent" --socket "$NB/xdg/agent.sock" status >/dev/null 2>&1
+}
+poll 10 nobody_agent_up || true
 if running "$nb_agent" && [ -S "$NB/xdg/agent.sock" ]; then
 	ok "agent runs as nobody on a copy of the token"
 	is "$(readlink "/proc/$nb_agent/exe")" "$NB/bin/p11agentd" "the nobody agent's pid is p11agentd itself"
@@ -145,16 +143,7 @@ else
 	not_ok "nobody's CLI reports permission denied"
 	diag_last
 fi
-run as_nobody "$PYTHON3" -c '
-import errno, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-try:
-    s.connect(sys.argv[1])
-except OSError as e:
-    print(errno.errorcode.get(e.errno, e.errno))
-    sys.exit(0 if e.errno == errno.EACCES else 1)
-print("connected")
-sys.exit(1)' "$SOCK"
+run as_nobody "$PYTHON3" "$lib_dir/proto_client.py" connect-fails "$SOCK" EACCES
 rc_is 0 "nobody's connect() fails with EACCES at the filesystem"
 
 # ---------------------------------------------------------------- other uid: refused by SO_PEERCRED
@@ -162,20 +151,7 @@ rc_is 0 "nobody's connect() fails with EACCES at the filesystem"
 # must refuse the peer by its uid.
 chmod 0711 "$XDG/p11agent"
 chmod 0666 "$SOCK"
-run as_nobody "$PYTHON3" -c '
-import socket, sys
-import p11a_proto as P
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(10)
-s.connect(sys.argv[1])
-print("connected")
-try:
-    s.sendall(P.frame(P.hello("t_security nobody")))
-    data = s.recv(4096)
-except (ConnectionResetError, BrokenPipeError):
-    data = b""
-print("reply bytes:", len(data))
-sys.exit(0 if data == b"" else 1)' "$SOCK"
+run as_nobody "$PYTHON3" "$lib_dir/proto_client.py" refused "$SOCK"
 rc_is 0 "nobody connects to the opened socket but the agent closes it without a reply"
 stdout_has "connected" "nobody's connect() itself succeeded (the uid check did the refusing)"
 run as_nobody "$NB/bin/p11agent" --socket "$SOCK" list
@@ -195,293 +171,7 @@ chmod 0700 "$XDG/p11agent" "$XDG" "$T"
 chmod 0600 "$SOCK"
 
 # ---------------------------------------------------------------- bad frames
-cat >"$T/proto.py" <<'EOF'
-# Raw protocol client for t_security: each case prints "ok<TAB>desc" or
-# "not ok<TAB>desc<TAB>why".
-import os, socket, struct, sys, threading, time
-
-import p11a_proto as P
-
-SOCK, KEY_URI = sys.argv[1], sys.argv[2]
-FRAME_MAX = P.FRAME_MAX
-
-cases_run = 0
-
-def out(good, desc, why=""):
-    global cases_run
-    cases_run += 1
-    print(("ok\t%s" if good else "not ok\t%s\t" + why.replace("\t", " ")) % desc, flush=True)
-
-text, frame, read_frame, error_code = P.text, P.frame, P.read_frame, P.error_code
-HELLO = P.hello("t_security proto.py")
-
-def connect(timeout=20):
-    return P.Conn.connect(SOCK, timeout).sock
-
-def hello(s):
-    s.sendall(frame(HELLO))
-    r = read_frame(s)
-    if r is None or r[0] != P.HELLO_REPLY:
-        raise ValueError("HELLO answered with %r" % (r[:8] if r else r))
-    return r
-
-def request(s, body):
-    s.sendall(frame(body))
-    return read_frame(s)
-
-def sign_body(data):
-    return P.sign(KEY_URI, P.SCHEME_ECDSA, P.HASH_SHA256, data)
-
-def wait_eof(s, limit):
-    """True when the peer closes within limit seconds; skips ERROR frames."""
-    s.settimeout(limit)
-    t0 = time.monotonic()
-    try:
-        while True:
-            r = read_frame(s)
-            if r is None:
-                return True, time.monotonic() - t0
-            if r[0] != P.ERROR:
-                return False, "got a non-ERROR reply type 0x%02x" % r[0]
-    except socket.timeout:
-        return False, "still open after %d s" % limit
-    except (ValueError, OSError) as e:
-        return False, str(e)
-
-# ---- a client that keeps working while the bad ones are dropped
-held_ok = 0
-held_errors = []
-stop = threading.Event()
-
-def held_client():
-    global held_ok
-    try:
-        s = connect()
-        hello(s)
-        while not stop.is_set():
-            r = request(s, P.list_())
-            if r is None or r[0] != P.LIST_REPLY:
-                held_errors.append("LIST answered %r" % (r[:8] if r else r))
-                return
-            held_ok += 1
-            time.sleep(0.05)
-        s.close()
-    except Exception as e:  # noqa: BLE001 - any failure is a test failure
-        held_errors.append(repr(e))
-
-held = threading.Thread(target=held_client)
-held.start()
-time.sleep(0.3)
-
-def case(desc, fn):
-    try:
-        good, why = fn()
-    except Exception as e:  # noqa: BLE001
-        good, why = False, "exception %r" % e
-    out(good, desc, str(why))
-
-def dropped(payload, after_hello=False, limit=5, close_write=False):
-    def fn():
-        s = connect()
-        if after_hello:
-            hello(s)
-        s.sendall(payload)
-        if close_write:
-            s.shutdown(socket.SHUT_WR)
-        good, why = wait_eof(s, limit)
-        s.close()
-        return good, why if not good else "closed after %.1f s" % why
-    return fn
-
-# (1) length 0, (2) length over the cap: refused as soon as the length is read
-case("frame of length 0 is dropped", dropped(b"\0\0\0\0"))
-case("frame of length 0 after HELLO is dropped", dropped(b"\0\0\0\0", after_hello=True))
-case("frame of length 262145 is dropped at once", dropped(struct.pack(">I", FRAME_MAX + 1)))
-case("frame of length 0xffffffff after HELLO is dropped",
-     dropped(b"\xff\xff\xff\xff" + b"A" * 100, after_hello=True))
-
-# (3) garbage after a valid HELLO
-case("LIST with leftover bytes after HELLO is dropped (malformed)",
-     dropped(frame(P.list_() + b"garbage"), after_hello=True))
-case("UNLOCK whose string runs past the frame is dropped",
-     dropped(frame(P.u8(P.UNLOCK) + P.u32(1000) + b"pkcs11:"), after_hello=True))
-case("OPEN_CHANNEL with a 4 GiB string length is dropped",
-     dropped(frame(P.u8(P.OPEN_CHANNEL) + b"\xff\xff\xff\xff"), after_hello=True))
-rnd = bytearray(os.urandom(4096))
-rnd[0] = 0x7f  # a length over the cap: refused before buffering anything
-case("4 KiB of random bytes after HELLO are dropped", dropped(bytes(rnd), after_hello=True))
-rnd2 = os.urandom(4096)
-case("4 KiB of random bytes after HELLO, then EOF, are dropped",
-     dropped(struct.pack(">I", 64) + rnd2, after_hello=True, limit=15, close_write=True))
-
-# (4) a truncated frame, then close: nothing to read, the agent must cope
-def truncated():
-    s = connect()
-    hello(s)
-    s.sendall(P.u32(100) + P.list_() + b"x" * 9)
-    s.close()
-    s2 = connect()
-    hello(s2)
-    r = request(s2, P.status())
-    s2.close()
-    return (r is not None and r[0] == P.STATUS_REPLY), "STATUS after a truncated frame: %r" % (r[:8] if r else r)
-case("truncated frame then close: agent answers the next client", truncated)
-
-# (5) half a frame, then silence: dropped at the 10 s half-frame deadline
-def half_frame():
-    s = connect()
-    hello(s)
-    s.sendall(P.u32(100) + P.list_() + b"y" * 49)
-    good, why = wait_eof(s, 25)
-    s.close()
-    if not good:
-        return False, why
-    return True, "closed after %.1f s" % why
-case("half a frame then silence is dropped by the deadline (<= 25 s)", half_frame)
-
-# HELLO must come first; versions must overlap
-def not_hello_first():
-    s = connect()
-    r = request(s, P.list_())
-    s.close()
-    return error_code(r) == P.E_PROTOCOL, "LIST before HELLO answered %r" % (r[:8] if r else r)
-case("LIST before HELLO gets ERROR PROTOCOL (24)", not_hello_first)
-
-def bad_version():
-    s = connect()
-    r = request(s, P.hello("future", 7, 9))
-    if error_code(r) != P.E_VERSION:
-        return False, "HELLO 7..9 answered %r" % (r[:8] if r else r)
-    good, why = wait_eof(s, 5)
-    s.close()
-    return good, "connection not closed after ERROR VERSION: %s" % why
-case("HELLO for versions 7..9 gets ERROR VERSION (6) and a close", bad_version)
-
-# Unknown message type: ERROR UNKNOWN_TYPE, connection stays usable
-def unknown_type():
-    s = connect()
-    hello(s)
-    r = request(s, bytes([0x3f]) + b"whatever")
-    if r is None or r[0] != P.ERROR:
-        return False, "unknown type answered %r" % (r[:8] if r else r)
-    if error_code(r) != P.E_UNKNOWN_TYPE:
-        return False, "ERROR code %r, expected 5 (UNKNOWN_TYPE)" % error_code(r)
-    r = request(s, P.list_())
-    s.close()
-    return (r is not None and r[0] == P.LIST_REPLY), "LIST after the ERROR answered %r" % (r[:8] if r else r)
-case("unknown message type 0x3f after HELLO gets ERROR 0x81 UNKNOWN_TYPE; connection still usable",
-     unknown_type)
-
-def sign_on_main():
-    s = connect()
-    hello(s)
-    r = request(s, sign_body(b"msg"))
-    if error_code(r) != P.E_PROTOCOL:
-        return False, "SIGN on the main connection answered %r" % (r[:8] if r else r)
-    r = request(s, P.status())
-    s.close()
-    return (r is not None and r[0] == P.STATUS_REPLY), "STATUS afterwards answered %r" % (r[:8] if r else r)
-case("SIGN on a main connection gets ERROR PROTOCOL (24); connection still usable", sign_on_main)
-
-# ---- signing channel: a valid SIGN works, garbage drops only that channel
-def open_channel():
-    c = P.client(SOCK, "t_security proto.py", 20)
-    return c.sock, c.open_channel(KEY_URI).sock
-
-def channel_sign():
-    s, ch = open_channel()
-    r = request(ch, sign_body(b"hello channel"))
-    ch.close()
-    s.close()
-    return (r is not None and r[0] == P.SIGNATURE), "SIGN answered %r" % (r[:8] if r else r)
-case("OPEN_CHANNEL + SIGN on the channel gives a SIGNATURE", channel_sign)
-
-def channel_garbage():
-    s, ch = open_channel()
-    ch.sendall(frame(sign_body(b"x")[:-2]))  # string runs past the end
-    good, why = wait_eof(ch, 5)
-    ch.close()
-    if not good:
-        s.close()
-        return False, "malformed SIGN did not close the channel: %s" % why
-    s.close()
-    s2, ch2 = open_channel()
-    r = request(ch2, sign_body(b"after garbage"))
-    ch2.close()
-    s2.close()
-    return (r is not None and r[0] == P.SIGNATURE), "SIGN on a new channel answered %r" % (r[:8] if r else r)
-case("malformed SIGN drops that channel; a new channel still signs", channel_garbage)
-
-def channel_zero_len():
-    s, ch = open_channel()
-    ch.sendall(b"\0\0\0\0")
-    good, why = wait_eof(ch, 5)
-    ch.close()
-    s.close()
-    return good, why
-case("frame of length 0 on a signing channel drops the channel", channel_zero_len)
-
-def channel_unknown():
-    s, ch = open_channel()
-    r = request(ch, P.list_())
-    ch.close()
-    s.close()
-    return (r is not None and r[0] == P.ERROR) or r is None, "LIST on a channel answered %r" % (r[:8] if r else r)
-case("a non-SIGN request on a channel gets an ERROR or a close, not a hang", channel_unknown)
-
-# ---- many clients at once
-def many():
-    socks = []
-    try:
-        for _ in range(64):
-            s = connect()
-            hello(s)
-            socks.append(s)
-        for s in socks:
-            s.sendall(frame(P.list_()))
-        bad = 0
-        for s in socks:
-            r = read_frame(s)
-            if r is None or r[0] != P.LIST_REPLY:
-                bad += 1
-        return bad == 0, "%d of 64 LISTs failed" % bad
-    finally:
-        for s in socks:
-            s.close()
-case("64 simultaneous connections each get a LIST_REPLY", many)
-
-stop.set()
-held.join(30)
-out(not held_errors and held_ok > 10,
-    "a connection held through all of the above kept answering LIST",
-    "%d LISTs, errors: %s" % (held_ok, held_errors))
-print("# held connection answered %d LISTs" % held_ok)
-
-# Every dropped connection is gone: STATUS counts this one alone
-def connections_count():
-    s = connect()
-    hello(s)
-    r = request(s, P.status())
-    s.close()
-    if r is None or r[0] != P.STATUS_REPLY:
-        raise ValueError("STATUS answered %r" % (r[:8] if r else r))
-    return P.decode(r).connections
-deadline = time.monotonic() + 5
-n = None
-while time.monotonic() < deadline:
-    try:
-        n = connections_count()
-    except Exception as e:  # noqa: BLE001
-        n = repr(e)
-        break
-    if n == 1:
-        break
-    time.sleep(0.2)
-out(n == 1, "agent counts one open connection once the bad ones are gone",
-    "STATUS connections = %r" % (n,))
-print("done\t%d cases" % cases_run)
-EOF
-
+# The raw protocol cases are security_cases.py, in parallel with a CLI loop.
 key=$(key_uri ec256)
 # A CLI client in a loop, in parallel with the raw cases.
 (
@@ -491,13 +181,13 @@ key=$(key_uri ec256)
 		else
 			echo fail >>"$T/loop.res"
 		fi
-		sleep 0.1
+		sleep 0.1	# the loop's pace, not a wait for anything
 	done
 ) &
 loop_pid=$!
 remember_pid "$loop_pid"
 
-if timeout 300 "$PYTHON3" "$T/proto.py" "$SOCK" "$key" >"$T/proto.out" 2>"$T/proto.err"; then
+if timeout 300 "$PYTHON3" "$lib_dir/security_cases.py" "$SOCK" "$key" >"$T/proto.out" 2>"$T/proto.err"; then
 	proto_rc=0
 else
 	proto_rc=$?
@@ -506,19 +196,11 @@ touch "$T/stop-loop"
 wait "$loop_pid"
 forget_pid "$loop_pid"
 
-finished_cases=
-while IFS="$(printf '\t')" read -r verdict desc why; do
-	case $verdict in
-	ok) ok "$desc" ;;
-	"not ok") not_ok "$desc"; [ -z "$why" ] || diag "$why" ;;
-	done) finished_cases=$desc ;;
-	"#"*) diag "${verdict#\# }" ;;
-	esac
-done <"$T/proto.out"
-if [ "$proto_rc" -eq 0 ] && [ -n "$finished_cases" ]; then
-	ok "proto.py ran to the end ($finished_cases)"
+relay_cases "$T/proto.out"
+if [ "$proto_rc" -eq 0 ] && [ -n "$CASES_DONE" ]; then
+	ok "security_cases.py ran to the end ($CASES_DONE)"
 else
-	not_ok "proto.py ran to the end (exit $proto_rc)"
+	not_ok "security_cases.py ran to the end (exit $proto_rc)"
 	diag_file "$T/proto.err"
 fi
 
@@ -533,10 +215,10 @@ else
 fi
 
 check "agent still running after the bad frames" running "$AGENT_PID"
-run p11a sign --key "$key" --scheme ecdsa --hash sha256 --in "$T/proto.py" --out "$T/sig"
+run p11a sign --key "$key" --scheme ecdsa --hash sha256 --in "$T/proto.out" --out "$T/sig"
 rc_is 0 "agent still signs after the bad frames"
 check "that signature verifies" \
-	openssl dgst -sha256 -verify "$TOKDIR/ec256.pub.pem" -signature "$T/sig" "$T/proto.py"
+	openssl dgst -sha256 -verify "$TOKDIR/ec256.pub.pem" -signature "$T/sig" "$T/proto.out"
 
 stop_agent
 is "$AGENT_RC" 0 "agent exits 0 on SIGTERM"

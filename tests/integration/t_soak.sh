@@ -38,24 +38,11 @@ fault_setup "EC:prime256v1 21 two-ec" "RSA:2048 22 two-rsa" "EC:edwards25519 23 
 
 # prlimit execs the agent: $! is the agent's pid.  No --debug: one log line
 # per signature would be most of the soak's work.
-# shellcheck disable=SC2086 # a command line, as in lib.sh's start_agent
-${P11AGENTD_WRAPPER:-} prlimit --nofile="$SOAK_NOFILE" "$P11AGENTD" --foreground --config "$T/agent.conf" \
-	>>"$AGENT_LOG" 2>&1 &
-AGENT_PID=$!
-remember_pid "$AGENT_PID"
-started=no
-for _ in $(seq 1 200); do
-	running "$AGENT_PID" || break
-	if list_json 2>/dev/null && [ "$(json_token present)" = true ] &&
-		[ "$(json_token present "$TWO_LABEL")" = true ]; then
-		started=yes
-		break
-	fi
-	sleep 0.1
-done
+started=yes
+start_agent --config "$T/agent.conf" --token "$TOKEN_LABEL" --token "$TWO_LABEL" \
+	--wrap "prlimit --nofile=$SOAK_NOFILE" --no-debug || started=no
 [ "$started" = yes ] || bail_out "agent lists both tokens (descriptor limit $SOAK_NOFILE)"
 ok "agent lists both tokens through the fault module, descriptor limit $SOAK_NOFILE"
-AGENT_HELPERS=$(child_pid_list "$AGENT_PID")
 is "$(awk '/^Max open files/ { print $4 }' "/proc/$AGENT_PID/limits")" "$SOAK_NOFILE" \
 	"the agent runs with RLIMIT_NOFILE $SOAK_NOFILE"
 
@@ -74,18 +61,8 @@ else
 	soak_rc=$?
 fi
 t1=$(date +%s)
-finished_soak=no
-while IFS="$(printf '\t')" read -r verdict desc value; do
-	case $verdict in
-	ok) ok "$desc" ;;
-	"not ok") not_ok "$desc" ;;
-	"#") diag "$desc" ;;
-	figure) diag "figure: $desc = $value" ;;
-	done) finished_soak=yes ;;
-	*) diag "soak.py: $verdict $desc $value" ;;
-	esac
-done <"$T/soak.out"
-if [ "$finished_soak" = yes ] && [ "$soak_rc" -le 1 ]; then
+relay_cases "$T/soak.out"
+if [ -n "$CASES_DONE" ] && [ "$soak_rc" -le 1 ]; then
 	ok "soak.py ran to the end ($((t1 - t0)) s)"
 else
 	not_ok "soak.py ran to the end (exit $soak_rc after $((t1 - t0)) s)"

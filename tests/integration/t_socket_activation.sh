@@ -25,12 +25,10 @@ mkdir -p "$T/config"
 "$PYTHON3" "$lib_dir/notify_listener.py" "$NOTIFY" "$NOTIFY_LOG" &
 NOTIFY_PID=$!
 remember_pid "$NOTIFY_PID"
-i=0
-until [ -S "$NOTIFY" ] && grep -q '^listening$' "$NOTIFY_LOG" 2>/dev/null; do
-	i=$((i + 1))
-	[ "$i" -le 100 ] || bail_out "notify_listener.py listens"
-	sleep 0.1
-done
+notify_listening() {
+	[ -S "$NOTIFY" ] && grep -q '^listening$' "$NOTIFY_LOG" 2>/dev/null
+}
+poll 10 notify_listening || bail_out "notify_listener.py listens"
 
 # activate SOCKET LOG ARGS...: systemd-socket-activate listening on SOCKET
 # (mode 0600, as SocketMode=0600), running the agent with ARGS on the first
@@ -45,27 +43,17 @@ activate() {
 		"$P11AGENTD" "$@" >>"$log" 2>&1 &
 	SA_PID=$!
 	remember_pid "$SA_PID"
-	local n=0
-	until [ -S "$sock" ]; do
-		n=$((n + 1))
-		if [ "$n" -gt 100 ] || ! running "$SA_PID"; then
-			diag "systemd-socket-activate did not listen on $sock"
-			diag_file "$log"
-			return 1
-		fi
-		sleep 0.1
-	done
+	if ! poll 10 socket_or_gone "$sock" "$SA_PID" || [ ! -S "$sock" ]; then
+		diag "systemd-socket-activate did not listen on $sock"
+		diag_file "$log"
+		return 1
+	fi
 	chmod 0600 "$sock"
 }
 
 # notified TEXT [SECONDS]: a datagram holding TEXT reached the listener.
 notified() {
-	local n=0 limit=$((${2:-10} * 10))
-	until grep -qF -- "$1" "$NOTIFY_LOG"; do
-		n=$((n + 1))
-		[ "$n" -le "$limit" ] || return 1
-		sleep 0.1
-	done
+	poll "${2:-10}" grep -qF -- "$1" "$NOTIFY_LOG"
 }
 
 # exe PID: what the process runs now.

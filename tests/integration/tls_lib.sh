@@ -21,9 +21,10 @@
 #                                certificate of key LABEL
 #   sig_type_is OUT TYPE DESC    check: the server saw a client signature of
 #                                TYPE ("RSA", "RSA-PSS", "ECDSA", "ed25519")
-#   skip DESC REASON             a TAP "ok # SKIP" line
 #   CURL_SKIP                    non-empty (the reason) when curl cannot load
 #                                the module (sanitizer builds)
+#
+# free_port, port_listening, wait_port, skip and asan_env are lib.sh's.
 
 : "${top_srcdir:?}" "${top_builddir:?}" "${lib_dir:?}"
 PROVIDER_MODULE_DIR=${PROVIDER_MODULE_DIR:-$top_builddir/.libs}
@@ -52,19 +53,17 @@ write_provider_conf() {
 	} >"$1"
 }
 
-# SAN_ENV: in a sanitizer build (configure --enable-asan) the module needs
-# the ASan runtime loaded first in the programs that load it (openssl,
-# curl, python): preload it there.  Their own leaks are not ours.
+# SAN_ENV: the ASan preload (lib.sh's asan_env) for the programs that load
+# the provider (openssl, curl, python); empty in an ordinary build.
 # Debian 12's curl deadlocks in setlocale() at start-up when libasan is
 # preloaded (with or without this provider), so sanitizer builds skip the
 # curl checks; CURL_SKIP says why.
 SAN_ENV=()
 CURL_SKIP=
 san_env_for_module() {
-	local asan
-	asan=$(ldd "$1" 2>/dev/null | awk '$1 ~ /^libasan\.so/ { print $3; exit }')
-	if [ -n "$asan" ]; then
-		SAN_ENV=(LD_PRELOAD="$asan" ASAN_OPTIONS="detect_leaks=0:${ASAN_OPTIONS:-}")
+	SAN_ENV=()
+	if asan_env "$1"; then
+		SAN_ENV=("${ASAN_ENV[@]}")
 		CURL_SKIP="sanitizer build: curl hangs in setlocale() with libasan preloaded"
 	fi
 }
@@ -90,19 +89,6 @@ provider_env() {
 		OPENSSL_MODULES="$PROVIDER_MODULE_DIR" P11AGENT_SOCK="$SOCK" "$@"
 }
 
-# free_port: a TCP port on 127.0.0.1 that nobody listens on right now.
-free_port() {
-	"$PYTHON3" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# port_listening PORT: something listens on 127.0.0.1:PORT (from /proc, no tools needed).
-port_listening() {
-	local hex
-	hex=$(printf '%04X' "$1")
-	awk -v p=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
-		/proc/net/tcp
-}
-
 make_server_cert() {
 	printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\nextendedKeyUsage = serverAuth\n' >"$T/server.ext"
 	env -u OPENSSL_CONF openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
@@ -124,14 +110,10 @@ start_tls_server() {
 		-Verify 1 -verify_return_error -www "$@" >"$T/server-$name.log" 2>&1 &
 	pid=$!
 	remember_pid "$pid"
-	for _ in $(seq 1 100); do
-		if port_listening "$port"; then
-			PORT[$name]=$port
-			return 0
-		fi
-		running "$pid" || break
-		sleep 0.1
-	done
+	if poll 10 listening_or_gone "$port" "$pid" && port_listening "$port"; then
+		PORT[$name]=$port
+		return 0
+	fi
 	diag "s_server $name did not start"
 	diag_file "$T/server-$name.log"
 	return 1
@@ -190,9 +172,4 @@ sig_type_is() {
 		diag "expected the server to see a $2 client signature; it saw: $(grep -a 'Peer signature type' "$1" || echo nothing)"
 		diag_file "$1" 8
 	fi
-}
-
-skip() {
-	test_num=$((test_num + 1))
-	printf 'ok %d - %s # SKIP %s\n' "$test_num" "$1" "$2"
 }

@@ -925,7 +925,7 @@ class Soak:
                 same = same + 1 if n == last else 0
                 last = n
             head = ch.sock.recv(4, socket.MSG_PEEK)
-            size = 4 + struct.unpack(">I", head)[0]
+            size = P.frame_size(head)
             return last // size, last % size
 
     def hang_one(self):
