@@ -160,6 +160,21 @@ if command -v "$FIREFOX" >/dev/null 2>&1; then
 	else
 		not_ok "Firefox ESR's distribution directory $FF_DIST exists"
 	fi
+	# 1b. `p11agent setup firefox-policy --system`, merged into
+	#     /etc/firefox/policies/policies.json (the file Debian's firefox-esr
+	#     reads), in a private mount namespace with an overlay over /etc
+	ff_profile "$T/ff-system"
+	mkdir -p "$T/ffovl"
+	: >"$T/nginx/access.log"
+	# shellcheck disable=SC2016 # expanded by the inner shell
+	run pk_client unshare -m sh -c 'mount -t tmpfs p11a-test "$1" && mkdir "$1/up" "$1/work" &&
+		mount -t overlay p11a-test -o "lowerdir=/etc,upperdir=$1/up,workdir=$1/work" /etc ||
+		exit 125
+		"$2" setup firefox-policy --system --module "$3" >&2 || exit 126
+		shift 3
+		exec "$@"' sh "$T/ffovl" "$P11AGENT" "$PK_MODULE" \
+		env HOME="$T/chome" timeout 90 "$FIREFOX" --profile "$T/ff-system" "${FF_ARGS[@]}"
+	ff_check "Firefox ESR with 'setup firefox-policy --system' (/etc/firefox/policies) authenticates with a token certificate"
 	# 2. the module in the profile's own NSS database (`p11agent setup nss --db`)
 	ff_profile "$T/ff-nss"
 	run env HOME="$T/chome" "$P11AGENT" setup nss --db "$T/ff-nss" --module "$PK_MODULE"
