@@ -40,7 +40,7 @@ pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 $sd))
 cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -DFUZZING_LIBFUZZER -D_GNU_SOURCE
 	-I"$top_builddir" -I"$src/common" -I"$src/agent" -I"$src/engine")
-common=("$src"/common/{p11a,buf,proto,sigenc,client,uri}.c)
+common=("$src"/common/{p11a,buf,proto,sigenc,client,uri,keyref}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
 agent=("$src"/agent/{log,conf,modules,registry,systemd,helper,token}.c)
 
@@ -50,7 +50,7 @@ build() {
 	fuzz_request) extra=(-DFUZZ_MODE_REQUEST "$src/tests/fuzz/fuzz_agent.c" "${agent[@]}") ;;
 	fuzz_internal) extra=(-DFUZZ_MODE_INTERNAL "$src/tests/fuzz/fuzz_agent.c" "${agent[@]}") ;;
 	fuzz_reply) extra=("$src/tests/fuzz/fuzz_reply.c" -pthread) ;;
-	fuzz_keyref) extra=("$src/tests/fuzz/fuzz_keyref.c" "$src/engine/keyref.c") ;;
+	fuzz_keyref) extra=("$src/tests/fuzz/fuzz_keyref.c") ;;
 	fuzz_uri) extra=("$src/tests/fuzz/fuzz_uri.c") ;;
 	*) echo "run.sh: unknown target $t" >&2; return 1 ;;
 	esac

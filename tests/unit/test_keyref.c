@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "p11a.h"
-#include "../../engine/keyref.h"
+#include "keyref.h"
 
 #define URI "pkcs11:token=t;id=%01;object=k;type=private"
 
