@@ -39,7 +39,7 @@ pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 $sd))
 # shellcheck disable=SC2054 # the commas belong to -fsanitize=
 cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -DFUZZING_LIBFUZZER -D_GNU_SOURCE
-	-I"$top_builddir" -I"$src/common" -I"$src/agent" -I"$src/engine")
+	-I"$top_builddir" -I"$src/common" -I"$src/agent")
 common=("$src"/common/{p11a,buf,proto,sigenc,client,uri,keyref}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
 agent=("$src"/agent/{log,conf,modules,registry,systemd,helper,token}.c)

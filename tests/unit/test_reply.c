@@ -17,7 +17,7 @@
 #include "buf.h"
 #include "proto.h"
 #include "uri.h"
-#include "../../engine/provider.h"
+#include "../../engine/provider/provider.h"
 
 #define TOK_URI "pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=abc;token=tok1"
 
