@@ -17,6 +17,7 @@
 #include "p11a.h"
 #include "proto.h"
 #include "client.h"
+#include "text.h"
 
 #define CLI_EXIT_OK     0
 #define CLI_EXIT_FAIL   1
@@ -94,9 +95,7 @@ int cli_try_help(const char *verb);
 int cli_fail(struct p11a_client *c, int err, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
-/* Replaces control characters (< 0x20, 0x7f) in s with '?'; NULL is fine. */
-void cli_sanitize(char *s);
-/* cli_sanitize() on every text field of a LIST or STATUS reply. */
+/* p11a_text_scrub() (text.h) on every text field of a LIST or STATUS reply. */
 void cli_sanitize_token(struct p11a_token *t);
 void cli_sanitize_key(struct p11a_key *k);
 

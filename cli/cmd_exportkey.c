@@ -41,7 +41,7 @@ append_comment(BIO *bio, const struct p11a_key *k)
 	cli_key_desc(k, desc, sizeof(desc));
 	/* A label is token data: no control characters, and no "-----" lines. */
 	snprintf(label, sizeof(label), "%s", k->label != NULL ? k->label : "");
-	cli_sanitize(label);
+	p11a_text_scrub(label);
 	return BIO_printf(bio,
 			  "p11agent key reference: names a key held by p11agentd; holds no secret.\n"
 			  "Key: '%s' (%s)\n",

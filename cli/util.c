@@ -25,37 +25,25 @@
 /* ================================================================ messages */
 
 void
-cli_sanitize(char *s)
-{
-	if (s == NULL)
-		return;
-	for (; *s != '\0'; s++) {
-		unsigned char ch = (unsigned char)*s;
-		if (ch < 0x20 || ch == 0x7f)
-			*s = '?';
-	}
-}
-
-void
 cli_sanitize_token(struct p11a_token *t)
 {
-	cli_sanitize(t->uri);
-	cli_sanitize(t->label);
-	cli_sanitize(t->manufacturer);
-	cli_sanitize(t->model);
-	cli_sanitize(t->serial);
-	cli_sanitize(t->module);
+	p11a_text_scrub(t->uri);
+	p11a_text_scrub(t->label);
+	p11a_text_scrub(t->manufacturer);
+	p11a_text_scrub(t->model);
+	p11a_text_scrub(t->serial);
+	p11a_text_scrub(t->module);
 }
 
 void
 cli_sanitize_key(struct p11a_key *k)
 {
-	cli_sanitize(k->uri);
-	cli_sanitize(k->token_uri);
-	cli_sanitize(k->label);
-	cli_sanitize(k->curve);
-	cli_sanitize(k->cert_uri);
-	cli_sanitize(k->cert_label);
+	p11a_text_scrub(k->uri);
+	p11a_text_scrub(k->token_uri);
+	p11a_text_scrub(k->label);
+	p11a_text_scrub(k->curve);
+	p11a_text_scrub(k->cert_uri);
+	p11a_text_scrub(k->cert_label);
 }
 
 static void
@@ -64,7 +52,7 @@ verr(const char *fmt, va_list ap)
 	char msg[2 * P11A_TEXT_MAX + 512];
 
 	vsnprintf(msg, sizeof(msg), fmt, ap);
-	cli_sanitize(msg);
+	p11a_text_scrub(msg);
 	fprintf(stderr, "%s: %s\n", CLI_PROG, msg);
 }
 
@@ -185,7 +173,7 @@ cli_find_key(const struct p11a_list_reply *l, const char *uri,
 			char line[P11A_URI_MAX + 16];
 
 			snprintf(line, sizeof(line), "  %s", l->keys[idx[i]].uri ? l->keys[idx[i]].uri : "");
-			cli_sanitize(line);
+			p11a_text_scrub(line);
 			fprintf(stderr, "%s\n", line);
 		}
 		return CLI_EXIT_FAIL;
