@@ -1,5 +1,5 @@
 /*
- * Unit tests for the key-reference codec (engine/keyref.c): round trips,
+ * Unit tests for the key-reference codec (common/keyref.c): round trips,
  * and every kind of malformed DER the decoder must refuse without reading
  * out of bounds.
  */

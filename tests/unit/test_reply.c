@@ -1,6 +1,6 @@
 /*
  * Unit tests for what the provider makes of the agent's replies
- * (engine/reply.c): which listed keys a URI names, on well-formed and on
+ * (engine/provider/reply.c): which listed keys a URI names, on well-formed and on
  * damaged LIST replies, and which SIGNATURE replies are refused.
  */
 #include "config.h"
