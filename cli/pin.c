@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -36,9 +37,16 @@ pin_on_signal(int signo)
  * *toolong is set when the line did not fit; the excess is discarded.
  * *eof is set when the input ended before a newline.  A "\r\n" ending
  * counts as "\n": its '\r' never counts against P11A_PIN_MAX.
+ *
+ * wait_mask, when not NULL, is the signal mask to wait with: the caller
+ * blocks the signals pin_on_signal() catches, and they are let in only
+ * while ppoll(2) waits, so that one arriving just before a wait is seen by
+ * the check above it rather than left until the next key (read(2) then
+ * finds a byte or the end of input waiting and does not block).
  */
 static int
-pin_read_line(int fd, char *pin, size_t *len, int *toolong, int *eof)
+pin_read_line(int fd, char *pin, size_t *len, int *toolong, int *eof,
+	      const sigset_t *wait_mask)
 {
 	size_t n = 0;
 	char ch = 0;
@@ -52,6 +60,16 @@ pin_read_line(int fd, char *pin, size_t *len, int *toolong, int *eof)
 		if (pin_signo != 0) {
 			rc = 1;
 			break;
+		}
+		if (wait_mask != NULL) {
+			struct pollfd pfd = { .fd = fd, .events = POLLIN };
+
+			if (ppoll(&pfd, 1, NULL, wait_mask) < 0) {
+				if (errno == EINTR)
+					continue;
+				rc = -1;
+				break;
+			}
 		}
 		r = read(fd, &ch, 1);
 		if (r < 0) {
@@ -113,12 +131,18 @@ pin_check(int rc, int toolong, int eof, int cancel_on_eof, int saved_errno,
 int
 cli_read_pin_tty(const char *prompt, char *pin, size_t *len)
 {
-	/* Signals that would otherwise leave the terminal without echo. */
+	/*
+	 * Signals that would otherwise leave the terminal without echo.  The
+	 * first NASYNC come from outside at any time and are blocked but
+	 * while waiting for a key; SIGTTIN and SIGTTOU come from our own
+	 * terminal calls (made from the background) and interrupt them.
+	 */
 	static const int sigs[] = {
 		SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU
 	};
-	enum { NSIGS = sizeof(sigs) / sizeof(sigs[0]) };
+	enum { NSIGS = sizeof(sigs) / sizeof(sigs[0]), NASYNC = 5 };
 	struct sigaction sa, old[NSIGS];
+	sigset_t async, orig;
 	struct termios saved, quiet;
 	int fd, rc, toolong = 0, eof = 0, saved_errno = 0, signo;
 	size_t i;
@@ -133,6 +157,10 @@ cli_read_pin_tty(const char *prompt, char *pin, size_t *len)
 	}
 again:
 	pin_signo = 0;
+	sigemptyset(&async);
+	for (i = 0; i < NASYNC; i++)
+		sigaddset(&async, sigs[i]);
+	(void)sigprocmask(SIG_BLOCK, &async, &orig);
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = pin_on_signal;
 	sigemptyset(&sa.sa_mask);
@@ -144,6 +172,7 @@ again:
 		saved_errno = errno;
 		for (i = 0; i < NSIGS; i++)
 			(void)sigaction(sigs[i], &old[i], NULL);
+		(void)sigprocmask(SIG_SETMASK, &orig, NULL);
 		close(fd);
 		cli_err("/dev/tty: %s", strerror(saved_errno));
 		return CLI_EXIT_FAIL;
@@ -157,7 +186,7 @@ again:
 		rc = cli_write_all(fd, prompt, strlen(prompt));
 		saved_errno = errno;
 		if (rc == 0) {
-			rc = pin_read_line(fd, pin, len, &toolong, &eof);
+			rc = pin_read_line(fd, pin, len, &toolong, &eof, &orig);
 			saved_errno = errno;
 		}
 		/* The user's Enter was not echoed. */
@@ -168,6 +197,8 @@ again:
 		;
 	for (i = 0; i < NSIGS; i++)
 		(void)sigaction(sigs[i], &old[i], NULL);
+	/* A signal still pending takes its usual effect here, the terminal restored. */
+	(void)sigprocmask(SIG_SETMASK, &orig, NULL);
 
 	signo = pin_signo;
 	if (signo != 0) {
@@ -193,7 +224,7 @@ cli_read_pin_fd(int fd, const char *what, char *pin, size_t *len)
 	*len = 0;
 	pin[0] = '\0';
 	pin_signo = 0;
-	rc = pin_read_line(fd, pin, len, &toolong, &eof);
+	rc = pin_read_line(fd, pin, len, &toolong, &eof, NULL);
 	/* A file or pipe may end without a newline: that ends the PIN. */
 	return pin_check(rc, toolong, eof, 0, errno, what, pin, len);
 }

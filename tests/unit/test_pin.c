@@ -5,7 +5,7 @@
  * terminal is the slave side of a pty (openpty(3)); the test types on the
  * master side as a person would, and watches the slave's termios: echo
  * off while the prompt is open, restored after, on every path (a signal
- * included).  The descriptor cases feed cli_read_pin_fd() through a pipe,
+ * included, and a stop and continue).  The descriptor cases feed cli_read_pin_fd() through a pipe,
  * as --pin-stdin does.
  */
 #include "config.h"
@@ -44,7 +44,8 @@ struct result {
 struct pty_child {
 	int master, slave;      /* the slave stays open here to read its termios */
 	int res;                /* read end of the child's result pipe */
-	pid_t pid;
+	pid_t pid;              /* the process at the prompt */
+	pid_t leader;           /* the session leader: pid, or its parent (a job) */
 	char out[8192];         /* everything the child wrote on the terminal */
 	size_t out_len;
 };
@@ -90,6 +91,24 @@ drain_output(struct pty_child *c)
 	c->out[c->out_len] = '\0';
 }
 
+/* waitpid() with a deadline: a child stuck at the prompt fails the test, never hangs it. */
+static void
+wait_exit(pid_t pid, int *status)
+{
+	int64_t deadline = p11a_now_ms() + WAIT_MS;
+	pid_t r;
+
+	while ((r = waitpid(pid, status, WNOHANG)) == 0) {
+		if (p11a_now_ms() >= deadline) {
+			(void)kill(pid, SIGKILL);
+			(void)waitpid(pid, status, 0);
+			fail_msg("process %d did not end", (int)pid);
+		}
+		usleep(10000);
+	}
+	assert_int_equal(r, pid);
+}
+
 static int
 echo_on(int fd)
 {
@@ -97,6 +116,87 @@ echo_on(int fd)
 
 	assert_int_equal(tcgetattr(fd, &t), 0);
 	return (t.c_lflag & ECHO) != 0;
+}
+
+static void
+prompt_and_report(int res)
+{
+	struct result r;
+
+	memset(&r, 0x55, sizeof(r));
+	r.rc = cli_read_pin_tty(PROMPT, r.pin, &r.len);
+	if (write(res, &r, sizeof(r)) != (ssize_t)sizeof(r))
+		_exit(91);
+	_exit(0);
+}
+
+/*
+ * As a shell runs a job: the session leader forks the process that asks
+ * for the PIN in a process group of its own, in the terminal's
+ * foreground, so that a stop signal really stops it (in an orphaned
+ * process group, as the leader's own is, the kernel discards them).
+ */
+static void
+start_prompt_job(struct pty_child *c)
+{
+	int fds[2], go[2], info[2], status;
+	pid_t g;
+
+	memset(c, 0, sizeof(*c));
+	assert_int_equal(openpty(&c->master, &c->slave, NULL, NULL, NULL), 0);
+	assert_int_equal(pipe(fds), 0);
+	assert_int_equal(pipe(info), 0);
+	c->leader = fork();
+	assert_true(c->leader >= 0);
+	if (c->leader == 0) {
+		close(c->master);
+		close(fds[0]);
+		close(info[0]);
+		if (setsid() < 0 || ioctl(c->slave, TIOCSCTTY, 0) != 0 || pipe(go) != 0)
+			_exit(90);
+		if ((g = fork()) < 0)
+			_exit(90);
+		if (g == 0) {
+			char b;
+
+			close(go[1]);
+			(void)setpgid(0, 0);
+			if (read(go[0], &b, 1) != 1)
+				_exit(92);
+			prompt_and_report(fds[1]);
+		}
+		close(go[0]);
+		if (setpgid(g, g) != 0 || tcsetpgrp(c->slave, g) != 0 ||
+		    write(info[1], &g, sizeof(g)) != (ssize_t)sizeof(g) || write(go[1], "", 1) != 1)
+			_exit(93);
+		if (waitpid(g, &status, 0) != g)
+			_exit(94);
+		_exit(WIFEXITED(status) ? WEXITSTATUS(status) : 95);
+	}
+	close(fds[1]);
+	close(info[1]);
+	c->res = fds[0];
+	assert_int_equal(read(info[0], &c->pid, sizeof(c->pid)), (ssize_t)sizeof(c->pid));
+	close(info[0]);
+	wait_output(c, PROMPT);
+}
+
+/* The state letter of /proc/PID/stat ('T': stopped). */
+static char
+proc_state(pid_t pid)
+{
+	char path[64], buf[512], *p;
+	FILE *f;
+	size_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	if ((f = fopen(path, "r")) == NULL)
+		return '?';
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	return p != NULL && p[1] == ' ' ? p[2] : '?';
 }
 
 /*
@@ -115,18 +215,13 @@ start_prompt(struct pty_child *c)
 	c->pid = fork();
 	assert_true(c->pid >= 0);
 	if (c->pid == 0) {
-		struct result r;
-
 		close(c->master);
 		close(fds[0]);
 		if (setsid() < 0 || ioctl(c->slave, TIOCSCTTY, 0) != 0)
 			_exit(90);
-		memset(&r, 0x55, sizeof(r));
-		r.rc = cli_read_pin_tty(PROMPT, r.pin, &r.len);
-		if (write(fds[1], &r, sizeof(r)) != (ssize_t)sizeof(r))
-			_exit(91);
-		_exit(0);
+		prompt_and_report(fds[1]);
 	}
+	c->leader = c->pid;
 	close(fds[1]);
 	c->res = fds[0];
 	wait_output(c, PROMPT);
@@ -142,10 +237,16 @@ type(struct pty_child *c, const void *s, size_t n)
 static void
 finish_prompt(struct pty_child *c, struct result *r)
 {
+	struct pollfd pfd = { .fd = c->res, .events = POLLIN };
 	int status;
 
+	if (poll(&pfd, 1, WAIT_MS) != 1) {
+		(void)kill(c->pid, SIGKILL);
+		(void)kill(c->leader, SIGKILL);
+		fail_msg("no answer from the prompt");
+	}
 	assert_int_equal(read(c->res, r, sizeof(*r)), (ssize_t)sizeof(*r));
-	assert_int_equal(waitpid(c->pid, &status, 0), c->pid);
+	wait_exit(c->leader, &status);
 	assert_true(WIFEXITED(status));
 	assert_int_equal(WEXITSTATUS(status), 0);
 	drain_output(c);
@@ -264,7 +365,7 @@ test_tty_signal(void **state)
 		type(&c, "12", 2);
 		assert_false(echo_on(c.slave));
 		assert_int_equal(kill(c.pid, sigs[i]), 0);
-		assert_int_equal(waitpid(c.pid, &status, 0), c.pid);
+		wait_exit(c.pid, &status);
 		assert_true(WIFSIGNALED(status));
 		assert_int_equal(WTERMSIG(status), sigs[i]);
 		assert_true(echo_on(c.slave));
@@ -272,6 +373,48 @@ test_tty_signal(void **state)
 		close(c.master);
 		close(c.slave);
 	}
+}
+
+/*
+ * Ctrl-Z at the prompt: the terminal gets its echo back while the job is
+ * stopped; after fg (SIGCONT) the prompt asks again, echo off, and the PIN
+ * typed then is the one read (nothing typed before the stop leaks in).
+ */
+static void
+test_tty_stop(void **state)
+{
+	struct pty_child c;
+	struct result r;
+	int64_t deadline;
+	const char *second;
+
+	(void)state;
+	start_prompt_job(&c);
+	assert_false(echo_on(c.slave));
+	type(&c, "99", 2);
+	assert_int_equal(kill(c.pid, SIGTSTP), 0);
+	deadline = p11a_now_ms() + WAIT_MS;
+	while (proc_state(c.pid) != 'T') {
+		assert_true(p11a_now_ms() < deadline);
+		usleep(10000);
+	}
+	assert_true(echo_on(c.slave));
+	assert_int_equal(kill(c.pid, SIGCONT), 0);
+	/* The prompt again, after the first one. */
+	deadline = p11a_now_ms() + WAIT_MS;
+	for (;;) {
+		drain_output(&c);
+		second = strstr(c.out, PROMPT);
+		if (second != NULL && strstr(second + 1, PROMPT) != NULL)
+			break;
+		assert_true(p11a_now_ms() < deadline);
+	}
+	assert_false(echo_on(c.slave));
+	type(&c, "4321\n", 5);
+	finish_prompt(&c, &r);
+	assert_int_equal(r.rc, CLI_EXIT_OK);
+	assert_string_equal(r.pin, "4321");
+	assert_null(strstr(c.out, "4321"));
 }
 
 /* ------------------------------------------------------------ --pin-stdin */
@@ -356,6 +499,7 @@ main(void)
 		cmocka_unit_test(test_tty_too_long),
 		cmocka_unit_test(test_tty_eof),
 		cmocka_unit_test(test_tty_signal),
+		cmocka_unit_test(test_tty_stop),
 		cmocka_unit_test(test_fd),
 	};
 
