@@ -17,6 +17,7 @@
 #include "p11a.h"
 #include "proto.h"
 #include "client.h"
+#include "text.h"
 
 #define CLI_EXIT_OK     0
 #define CLI_EXIT_FAIL   1
@@ -73,7 +74,7 @@ int cli_ossl_check(const char *verb, const char *conf, const char *module);
  */
 char *cli_ossl_module(const char *conf);
 
-/* ------------------------------------------------------------ messages */
+/* ------------------------------------------------------------ messages (util.c) */
 
 /*
  * Prints "p11agent: " fmt "\n" to stderr.  Control characters in the
@@ -97,13 +98,11 @@ int cli_try_help(const char *verb);
 int cli_fail(struct p11a_client *c, int err, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
-/* Replaces control characters (< 0x20, 0x7f) in s with '?'; NULL is fine. */
-void cli_sanitize(char *s);
-/* cli_sanitize() on every text field of a LIST or STATUS reply. */
+/* p11a_text_scrub() (text.h) on every text field of a LIST or STATUS reply. */
 void cli_sanitize_token(struct p11a_token *t);
 void cli_sanitize_key(struct p11a_key *k);
 
-/* ------------------------------------------------------------ agent */
+/* ------------------------------------------------------------ agent (util.c) */
 
 /*
  * Connects to the agent at ctx->socket_path and says HELLO.  On failure
@@ -132,17 +131,21 @@ void cli_key_desc(const struct p11a_key *k, char *out, size_t out_size);
 /* Lower-case hex of data into a new string (malloc); NULL on ENOMEM. */
 char *cli_hex(const uint8_t *data, size_t len);
 
-/* ------------------------------------------------------------ files */
+/* ------------------------------------------------------------ files (input.c) */
 
 /*
- * Reads all of path (NULL or "-" = stdin) into a malloc'd block.  Input
- * longer than max bytes is an error, unless hash_if_larger names a hash
- * (enum p11a_hash, not NONE): then the whole input is hashed with it
- * here, *data holds the digest and *hashed is set.  Prints the error and
- * returns CLI_EXIT_FAIL; CLI_EXIT_OK with *data (caller frees) and *len.
+ * Reads all of path (NULL or "-" = stdin) into a malloc'd block, as
+ * signing input (common/sigin.h): input longer than P11A_SIGN_MSG_MAX
+ * bytes is an error, unless hash_if_larger names a hash (enum p11a_hash,
+ * not NONE): then the whole input is hashed with it here, *data holds the
+ * digest and *hashed is set.  Prints the error and returns
+ * CLI_EXIT_FAIL; CLI_EXIT_OK with *data (caller frees) and *len.
  */
-int cli_read_input(const char *path, size_t max, int hash_if_larger,
-		   uint8_t **data, size_t *len, int *hashed);
+int cli_read_input(const char *path, int hash_if_larger, uint8_t **data, size_t *len,
+		   int *hashed);
+
+/* write(2) until all of data is written (EINTR retried); 0, or -1 with errno. */
+int cli_write_all(int fd, const void *data, size_t len);
 
 /*
  * Writes data to path (NULL or "-" = stdout).  When binary is set and
@@ -164,7 +167,7 @@ int cli_refuse_binary_tty(const char *path, const char *what);
  */
 int cli_finish_stdout(int rc);
 
-/* ------------------------------------------------------------ PINs */
+/* ------------------------------------------------------------ PINs (pin.c) */
 
 /*
  * PINs are read into a caller's char pin[P11A_PIN_MAX + 1] with raw
@@ -178,10 +181,12 @@ int cli_finish_stdout(int rc);
  * Prompts on /dev/tty with echo off.  The terminal state is restored on
  * every path; a SIGINT/SIGTERM/SIGHUP/SIGQUIT during the prompt restores
  * it and then takes its usual effect; SIGTSTP restores, stops, and asks
- * again after SIGCONT.
+ * again after SIGCONT.  Only Enter ends the PIN: end of input (Ctrl-D)
+ * first is a failure.  A PIN longer than P11A_PIN_MAX is refused, never
+ * cut short.
  */
 int cli_read_pin_tty(const char *prompt, char *pin, size_t *len);
-/* First line of fd (e.g. stdin). */
+/* First line of fd (e.g. stdin); the end of input ends it too. */
 int cli_read_pin_fd(int fd, const char *what, char *pin, size_t *len);
 /* First line of a file; warns when others may read it. */
 int cli_read_pin_file(const char *path, char *pin, size_t *len);

@@ -3,7 +3,7 @@
  * block that names one key held by the agent (its URI and public key) and
  * holds no secret.  With the provider in OpenSSL's configuration, programs
  * that read a private-key *file* (curl, python's ssl, nginx) sign through
- * the agent with it.  The format is in engine/keyref.h and docs/provider.md.
+ * the agent with it.  The format is in common/keyref.h and docs/provider.md.
  */
 #include "config.h"
 
@@ -17,7 +17,7 @@
 #include <openssl/pem.h>
 
 #include "cli.h"
-#include "../engine/keyref.h"
+#include "keyref.h"
 
 static const char exportkey_usage[] =
 	"Usage: p11agent export-key URI [--out FILE]\n"
@@ -41,7 +41,7 @@ append_comment(BIO *bio, const struct p11a_key *k)
 	cli_key_desc(k, desc, sizeof(desc));
 	/* A label is token data: no control characters, and no "-----" lines. */
 	snprintf(label, sizeof(label), "%s", k->label != NULL ? k->label : "");
-	cli_sanitize(label);
+	p11a_text_scrub(label);
 	return BIO_printf(bio,
 			  "p11agent key reference: names a key held by p11agentd; holds no secret.\n"
 			  "Key: '%s' (%s)\n",

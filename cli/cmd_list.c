@@ -317,8 +317,8 @@ print_key(const struct p11a_key *k)
 
 		cert_info_get(k->cert, k->cert_len, &ci);
 		if (ci.parsed) {
-			cli_sanitize(ci.subject);
-			cli_sanitize(ci.issuer);
+			p11a_text_scrub(ci.subject);
+			p11a_text_scrub(ci.issuer);
 			printf("    subject:      %s\n", ci.subject ? ci.subject : "(unreadable)");
 			printf("    issuer:       %s\n", ci.issuer ? ci.issuer : "(unreadable)");
 			printf("    expires:      %s%s\n",

@@ -20,8 +20,8 @@ static const char sign_usage[] =
 	"Signs the message in FILE (default: standard input) and writes the raw\n"
 	"signature to --out (default: standard output, never a terminal).\n"
 	"ECDSA signatures are DER-encoded, as 'openssl dgst -verify' expects.\n"
-	"The agent hashes the message; one too large for a request (about\n"
-	"256 KiB) is hashed here instead, except for eddsa.\n"
+	"The agent hashes the message; one too large for a request (over\n"
+	"251 KiB) is hashed here instead, except for eddsa.\n"
 	"\n"
 	"Options:\n"
 	"  -k, --key URI          the key (a pkcs11: URI, see 'p11agent list')\n"
@@ -81,7 +81,7 @@ cmd_sign(struct cli_ctx *ctx, int argc, char **argv)
 	struct p11a_client *c = NULL;
 	struct p11a_sign req;
 	uint8_t *data = NULL, *sig = NULL;
-	size_t data_len = 0, sig_len = 0, overhead, max;
+	size_t data_len = 0, sig_len = 0;
 	uint32_t salt = P11A_PSS_SALT_DIGEST;
 	int ch, r, rc, scheme, hash, digest = 0, hashed = 0, err = 0;
 
@@ -162,15 +162,12 @@ cmd_sign(struct cli_ctx *ctx, int argc, char **argv)
 	if (cli_refuse_binary_tty(out, "a binary signature"))
 		return CLI_EXIT_FAIL;
 
-	/* SIGN body: type, key_uri, scheme, hash, mgf1_hash, input, salt_len, data. */
-	overhead = 1 + 4 + strlen(key) + 1 + 1 + 1 + 1 + 4 + 4;
-	max = P11A_FRAME_MAX - overhead;
 	/*
 	 * The agent hashes the message itself, so that it sees what it signs;
 	 * a message too large for one request is hashed here instead (not
 	 * possible for Ed25519, which needs the whole message).
 	 */
-	rc = cli_read_input(in, max, digest ? P11A_HASH_NONE : hash, &data, &data_len, &hashed);
+	rc = cli_read_input(in, digest ? P11A_HASH_NONE : hash, &data, &data_len, &hashed);
 	if (rc != CLI_EXIT_OK)
 		return rc;
 	if (hashed)

@@ -67,9 +67,9 @@ print_modules(const struct p11a_health_reply *h)
 {
 	for (uint32_t i = 0; i < h->nmodules; i++) {
 		struct p11a_module_health *m = &h->modules[i];
-		cli_sanitize(m->name);
-		cli_sanitize(m->path);
-		cli_sanitize(m->error);
+		p11a_text_scrub(m->name);
+		p11a_text_scrub(m->path);
+		p11a_text_scrub(m->error);
 		printf("  %-20s %-10s %s\n", m->name ? m->name : "", module_state(m->state),
 		       m->path ? m->path : "");
 		if (m->restarts)
@@ -136,7 +136,7 @@ cmd_status(struct cli_ctx *ctx, int argc, char **argv)
 		rc = cli_fail(c, r, "status");
 		goto out;
 	}
-	cli_sanitize(st->agent);
+	p11a_text_scrub(st->agent);
 	printf("agent:        %s\n", st->agent ? st->agent : "");
 	printf("pid:          %u\n", (unsigned)st->pid);
 	printf("socket:       %s\n", p11a_client_path(c));
@@ -160,7 +160,7 @@ cmd_status(struct cli_ctx *ctx, int argc, char **argv)
 	if (health.type == P11A_MSG_HEALTH_REPLY && health.u.health.nrecent) {
 		printf("\nrecent warnings:\n");
 		for (i = 0; i < health.u.health.nrecent; i++) {
-			cli_sanitize(health.u.health.recent[i]);
+			p11a_text_scrub(health.u.health.recent[i]);
 			printf("  %s\n", health.u.health.recent[i]);
 		}
 	}

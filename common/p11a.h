@@ -119,4 +119,12 @@ void p11a_wipe(void *p, size_t n);
 /* Milliseconds on CLOCK_MONOTONIC: the one clock of every deadline. */
 int64_t p11a_now_ms(void);
 
+/*
+ * Signing input (common/sigin.h): a client sends a message of up to this
+ * many bytes whole (SIGN input MESSAGE, so the agent sees what it signs)
+ * and hashes a longer one itself (input DIGEST).  The rest of the frame
+ * is room for the key URI and SIGN's other fields.
+ */
+#define P11A_SIGN_MSG_MAX       (P11A_FRAME_MAX - P11A_URI_MAX - 1024u)
+
 #endif

@@ -50,45 +50,6 @@ p11m_mech_find(CK_MECHANISM_TYPE type)
 	return NULL;
 }
 
-int
-p11m_hash_from_ckm(CK_MECHANISM_TYPE m)
-{
-	switch (m) {
-	case CKM_SHA_1: return P11A_HASH_SHA1;
-	case CKM_SHA224: return P11A_HASH_SHA224;
-	case CKM_SHA256: return P11A_HASH_SHA256;
-	case CKM_SHA384: return P11A_HASH_SHA384;
-	case CKM_SHA512: return P11A_HASH_SHA512;
-	default: return -1;
-	}
-}
-
-int
-p11m_hash_from_mgf(CK_RSA_PKCS_MGF_TYPE g)
-{
-	switch (g) {
-	case CKG_MGF1_SHA1: return P11A_HASH_SHA1;
-	case CKG_MGF1_SHA224: return P11A_HASH_SHA224;
-	case CKG_MGF1_SHA256: return P11A_HASH_SHA256;
-	case CKG_MGF1_SHA384: return P11A_HASH_SHA384;
-	case CKG_MGF1_SHA512: return P11A_HASH_SHA512;
-	default: return -1;
-	}
-}
-
-int
-p11m_hash_from_len(size_t len)
-{
-	switch (len) {
-	case 20: return P11A_HASH_SHA1;
-	case 28: return P11A_HASH_SHA224;
-	case 32: return P11A_HASH_SHA256;
-	case 48: return P11A_HASH_SHA384;
-	case 64: return P11A_HASH_SHA512;
-	default: return -1;
-	}
-}
-
 void
 p11m_mech_info(const struct p11m_mech *m, CK_MECHANISM_INFO *info)
 {

@@ -33,18 +33,18 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include "p11m.h"
 #include "client.h"
+#include "hashalg.h"
 #include "pool.h"
 #include "sigenc.h"
+#include "sigin.h"
 #include "uri.h"
 
 #define P11M_EXPORT __attribute__((visibility("default")))
 #define REFRESH_MS   200
-#define DATA_CAP     (128u * 1024u)   /* bytes buffered before hashing locally */
 #define CLIENT_NAME  "p11agent-pkcs11 " PACKAGE_VERSION
 /*
  * LIST is answered from the agent's inventory at once: a short deadline
@@ -91,9 +91,7 @@ struct sess {
 	const struct p11m_mech *mech;
 	int hash, mgf1;
 	uint32_t salt;
-	uint8_t *data;
-	size_t len, cap;
-	EVP_MD_CTX *md;              /* hash-and-sign input past DATA_CAP */
+	struct p11a_sigin in;        /* the input; hash-and-sign input past the cap hashed here */
 };
 
 static struct {
@@ -198,14 +196,7 @@ once_init(void)
 static void
 sess_reset_sign(struct sess *s)
 {
-	if (s->data != NULL) {
-		p11a_wipe(s->data, s->cap);
-		free(s->data);
-	}
-	s->data = NULL;
-	s->len = s->cap = 0;
-	EVP_MD_CTX_free(s->md);
-	s->md = NULL;
+	p11a_sigin_clear(&s->in);
 	s->sign_active = 0;
 	s->sign_multi = 0;
 	s->mech = NULL;
@@ -1279,8 +1270,8 @@ m_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 
 		if (pp == NULL || mech->ulParameterLen != sizeof(*pp))
 			UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
-		ph = p11m_hash_from_ckm(pp->hashAlg);
-		mgf1 = p11m_hash_from_mgf(pp->mgf);
+		ph = p11a_hash_from_ckm(pp->hashAlg);
+		mgf1 = p11a_hash_from_mgf(pp->mgf);
 		if (ph < 0 || mgf1 < 0 || (hash != P11A_HASH_NONE && ph != hash))
 			UNLOCK_RETURN(CKR_MECHANISM_PARAM_INVALID);
 		hash = ph;
@@ -1304,50 +1295,21 @@ m_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 	s->hash = hash;
 	s->mgf1 = mgf1;
 	s->salt = salt;
+	/* Only a message may be hashed here; a digest or DigestInfo past the cap is refused. */
+	p11a_sigin_init(&s->in, m->input == P11A_INPUT_MESSAGE ? hash : P11A_HASH_NONE, NULL);
 	UNLOCK_RETURN(CKR_OK);
 }
 
-/* Appends input; hash-and-sign input past DATA_CAP is hashed here. */
+/* Appends input (common/sigin.h). */
 static CK_RV
 sign_feed(struct sess *s, const uint8_t *p, size_t n)
 {
-	uint8_t *nd;
-	size_t cap;
-
-	if (n == 0)
-		return CKR_OK;
-	if (s->md == NULL && s->len + n > DATA_CAP) {
-		const EVP_MD *md = p11a_hash_md(s->hash);
-
-		if (s->mech->input != P11A_INPUT_MESSAGE || md == NULL)
-			return CKR_DATA_LEN_RANGE;
-		if ((s->md = EVP_MD_CTX_new()) == NULL)
-			return CKR_HOST_MEMORY;
-		if (EVP_DigestInit_ex(s->md, md, NULL) != 1 ||
-		    EVP_DigestUpdate(s->md, s->data, s->len) != 1)
-			return CKR_FUNCTION_FAILED;
-		s->len = 0;
+	switch (p11a_sigin_update(&s->in, p, n)) {
+	case 0: return CKR_OK;
+	case -P11A_E_TOO_LARGE: return CKR_DATA_LEN_RANGE;
+	case -P11A_E_NOMEM: return CKR_HOST_MEMORY;
+	default: return CKR_FUNCTION_FAILED;
 	}
-	if (s->md != NULL)
-		return EVP_DigestUpdate(s->md, p, n) == 1 ? CKR_OK : CKR_FUNCTION_FAILED;
-	if (s->len + n > s->cap) {
-		cap = s->cap ? s->cap : 256;
-		while (cap < s->len + n)
-			cap *= 2;
-		if ((nd = malloc(cap)) == NULL)
-			return CKR_HOST_MEMORY;
-		if (s->len > 0)
-			memcpy(nd, s->data, s->len);
-		if (s->data != NULL) {
-			p11a_wipe(s->data, s->cap);
-			free(s->data);
-		}
-		s->data = nd;
-		s->cap = cap;
-	}
-	memcpy(s->data + s->len, p, n);
-	s->len += n;
-	return CKR_OK;
 }
 
 /*
@@ -1364,14 +1326,13 @@ sign_finish_unlock(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 	struct p11m_obj *o;
 	struct p11a_pool *pool;
 	struct p11a_client *c = NULL;
-	uint8_t digest[EVP_MAX_MD_SIZE];
-	unsigned dlen = 0;
+	const uint8_t *in;
 	uint8_t *sig = NULL, *data = NULL;
 	char *uri = NULL;
-	size_t sig_len = 0, raw_len, data_len = 0, want_len, field_len;
+	size_t sig_len = 0, raw_len, data_len = 0, in_len, want_len, field_len;
 	int keytype;
 	CK_RV rv;
-	int r;
+	int r, hashed;
 
 	memset(&req, 0, sizeof(req));
 	if ((o = obj_get(s->key, s->slot)) == NULL) {
@@ -1392,20 +1353,17 @@ sign_finish_unlock(struct sess *s, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
 	req.hash = (uint8_t)s->hash;
 	req.mgf1_hash = (uint8_t)s->mgf1;
 	req.salt_len = s->salt;
-	req.data = s->data;
-	req.data_len = s->len;
-	if (s->md != NULL) {
-		if (EVP_DigestFinal_ex(s->md, digest, &dlen) != 1) {
-			rv = CKR_FUNCTION_FAILED;
-			goto out_locked;
-		}
-		req.input = P11A_INPUT_DIGEST;
-		req.data = digest;
-		req.data_len = dlen;
+	if (p11a_sigin_final(&s->in, &in, &in_len, &hashed) != 0) {
+		rv = CKR_FUNCTION_FAILED;
+		goto out_locked;
 	}
-	if (req.scheme == P11A_SCHEME_ECDSA && req.input == P11A_INPUT_DIGEST && s->md == NULL) {
+	req.data = (uint8_t *)in;
+	req.data_len = in_len;
+	if (hashed)
+		req.input = P11A_INPUT_DIGEST;
+	if (req.scheme == P11A_SCHEME_ECDSA && req.input == P11A_INPUT_DIGEST && !hashed) {
 		/* CKM_ECDSA: the digest's length names its hash */
-		if ((r = p11m_hash_from_len(req.data_len)) < 0) {
+		if ((r = p11a_hash_from_len(req.data_len)) < 0) {
 			rv = CKR_DATA_LEN_RANGE;
 			goto out_locked;
 		}
@@ -1471,7 +1429,6 @@ out:
 		free(data);
 	}
 	free(uri);
-	p11a_wipe(digest, sizeof(digest));
 	pthread_mutex_lock(&g_lock);
 	inflight_done_locked();
 	pthread_mutex_unlock(&g_lock);
@@ -1482,7 +1439,6 @@ out_locked:
 		free(data);
 	}
 	free(uri);
-	p11a_wipe(digest, sizeof(digest));
 	sess_reset_sign(s);
 	UNLOCK_RETURN(rv);
 }
@@ -1506,9 +1462,7 @@ m_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_
 	}
 	/* A length query must not keep the data: the real call passes it again. */
 	if (sig != NULL) {
-		s->len = 0;
-		EVP_MD_CTX_free(s->md);
-		s->md = NULL;
+		p11a_sigin_reset(&s->in);
 		if ((rv = sign_feed(s, data, len)) != CKR_OK) {
 			sess_reset_sign(s);
 			UNLOCK_RETURN(rv);

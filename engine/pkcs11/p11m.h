@@ -72,12 +72,6 @@ struct p11m_mech {
 extern const struct p11m_mech p11m_mechs[];
 extern const size_t p11m_nmechs;
 const struct p11m_mech *p11m_mech_find(CK_MECHANISM_TYPE type);
-/* CKM_SHA_1 etc. -> enum p11a_hash, -1 when unknown. */
-int p11m_hash_from_ckm(CK_MECHANISM_TYPE m);
-/* CKG_MGF1_* -> enum p11a_hash, -1 when unknown. */
-int p11m_hash_from_mgf(CK_RSA_PKCS_MGF_TYPE g);
-/* Digest length -> enum p11a_hash (20, 28, 32, 48, 64), -1 otherwise. */
-int p11m_hash_from_len(size_t len);
 void p11m_mech_info(const struct p11m_mech *m, CK_MECHANISM_INFO *info);
 
 /* Agent error (negative or positive P11A_E_*) -> CK_RV for a signing call. */

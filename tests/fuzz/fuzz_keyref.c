@@ -1,6 +1,6 @@
 /*
  * Fuzz target for the key-reference decoder of the OpenSSL provider
- * (engine/keyref.c): the DER a "P11AGENT KEY" PEM file holds, which any
+ * (common/keyref.c): the DER a "P11AGENT KEY" PEM file holds, which any
  * program that reads a key file may be handed.  A decoded reference must
  * encode again and decode to the same URI and public key.
  */

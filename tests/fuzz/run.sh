@@ -39,8 +39,8 @@ pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 $sd))
 # shellcheck disable=SC2054 # the commas belong to -fsanitize=
 cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -DFUZZING_LIBFUZZER -D_GNU_SOURCE
-	-I"$top_builddir" -I"$src/common" -I"$src/agent" -I"$src/engine")
-common=("$src"/common/{p11a,buf,proto,sigenc,client,uri}.c)
+	-I"$top_builddir" -I"$src/common" -I"$src/agent")
+common=("$src"/common/{p11a,buf,proto,sigenc,client,uri,keyref,text,hashalg,sigin}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
 agent=("$src"/agent/{log,conf,modules,registry,systemd,helper}.c
 	"$src"/agent/token/{token,rv,pool,spki,object,slot,login,sign}.c)
@@ -51,7 +51,7 @@ build() {
 	fuzz_request) extra=(-DFUZZ_MODE_REQUEST "$src/tests/fuzz/fuzz_agent.c" "${agent[@]}") ;;
 	fuzz_internal) extra=(-DFUZZ_MODE_INTERNAL "$src/tests/fuzz/fuzz_agent.c" "${agent[@]}") ;;
 	fuzz_reply) extra=("$src/tests/fuzz/fuzz_reply.c" -pthread) ;;
-	fuzz_keyref) extra=("$src/tests/fuzz/fuzz_keyref.c" "$src/engine/keyref.c") ;;
+	fuzz_keyref) extra=("$src/tests/fuzz/fuzz_keyref.c") ;;
 	fuzz_uri) extra=("$src/tests/fuzz/fuzz_uri.c") ;;
 	*) echo "run.sh: unknown target $t" >&2; return 1 ;;
 	esac

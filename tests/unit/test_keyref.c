@@ -1,5 +1,5 @@
 /*
- * Unit tests for the key-reference codec (engine/keyref.c): round trips,
+ * Unit tests for the key-reference codec (common/keyref.c): round trips,
  * and every kind of malformed DER the decoder must refuse without reading
  * out of bounds.
  */
@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "p11a.h"
-#include "../../engine/keyref.h"
+#include "keyref.h"
 
 #define URI "pkcs11:token=t;id=%01;object=k;type=private"
 

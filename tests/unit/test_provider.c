@@ -28,7 +28,7 @@
 #include <openssl/x509.h>
 
 #include "p11a.h"
-#include "../../engine/keyref.h"
+#include "keyref.h"
 
 #ifndef P11AGENT_MODULE_DIR
 #error P11AGENT_MODULE_DIR must name the directory holding p11agent.so

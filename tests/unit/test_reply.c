@@ -1,6 +1,6 @@
 /*
  * Unit tests for what the provider makes of the agent's replies
- * (engine/reply.c): which listed keys a URI names, on well-formed and on
+ * (engine/provider/reply.c): which listed keys a URI names, on well-formed and on
  * damaged LIST replies, and which SIGNATURE replies are refused.
  */
 #include "config.h"
@@ -17,7 +17,8 @@
 #include "buf.h"
 #include "proto.h"
 #include "uri.h"
-#include "../../engine/provider.h"
+#include "hashalg.h"
+#include "../../engine/provider/provider.h"
 
 #define TOK_URI "pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=abc;token=tok1"
 
@@ -175,19 +176,20 @@ test_uri_class(void **state)
 static void
 test_hash_names(void **state)
 {
-	assert_int_equal(p11agent_hash_from_name("SHA256"), P11A_HASH_SHA256);
-	assert_int_equal(p11agent_hash_from_name("SHA2-256"), P11A_HASH_SHA256);
-	assert_int_equal(p11agent_hash_from_name("sha-384"), P11A_HASH_SHA384);
-	assert_int_equal(p11agent_hash_from_name("SHA1"), P11A_HASH_SHA1);
-	assert_int_equal(p11agent_hash_from_name("2.16.840.1.101.3.4.2.3"), P11A_HASH_SHA512);
-	assert_int_equal(p11agent_hash_from_name("MD5"), -1);
-	assert_int_equal(p11agent_hash_from_name("SHA3-256"), -1);
-	assert_int_equal(p11agent_hash_from_name(""), -1);
-	assert_int_equal(p11agent_hash_from_name(NULL), -1);
-	assert_string_equal(p11agent_hash_ossl_name(P11A_HASH_SHA224), "SHA2-224");
-	assert_null(p11agent_hash_ossl_name(P11A_HASH_NONE));
-	assert_int_equal(p11agent_hash_from_len(32), P11A_HASH_SHA256);
-	assert_int_equal(p11agent_hash_from_len(33), P11A_HASH_NONE);
+	/* The digest names OpenSSL hands the provider (the table is common/hashalg.c). */
+	assert_int_equal(p11a_hashalg_by_name("SHA256")->id, P11A_HASH_SHA256);
+	assert_int_equal(p11a_hashalg_by_name("SHA2-256")->id, P11A_HASH_SHA256);
+	assert_int_equal(p11a_hashalg_by_name("sha-384")->id, P11A_HASH_SHA384);
+	assert_int_equal(p11a_hashalg_by_name("SHA1")->id, P11A_HASH_SHA1);
+	assert_int_equal(p11a_hashalg_by_name("2.16.840.1.101.3.4.2.3")->id, P11A_HASH_SHA512);
+	assert_null(p11a_hashalg_by_name("MD5"));
+	assert_null(p11a_hashalg_by_name("SHA3-256"));
+	assert_null(p11a_hashalg_by_name(""));
+	assert_null(p11a_hashalg_by_name(NULL));
+	assert_string_equal(p11a_hashalg_by_id(P11A_HASH_SHA224)->ossl_name, "SHA2-224");
+	assert_null(p11a_hashalg_by_id(P11A_HASH_NONE));
+	assert_int_equal(p11a_hash_from_len(32), P11A_HASH_SHA256);
+	assert_int_equal(p11a_hash_from_len(33), -1);
 	assert_string_equal(p11agent_kt_name(P11AGENT_KT_ED25519), "ED25519");
 	assert_null(p11agent_kt_name(99));
 }

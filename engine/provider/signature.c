@@ -3,10 +3,10 @@
  * Ed25519.
  *
  * digest-sign (TLS CertificateVerify, X.509 signing, `openssl dgst`)
- * buffers the message and sends it whole (SIGN input MESSAGE), so the
- * agent hashes and sees what it signs.  A message that would not fit in a
- * frame is hashed here instead and sent as DIGEST (RSA and ECDSA only:
- * Ed25519 signs the message itself).  sign (EVP_PKEY_sign, e.g. pkeyutl
+ * gathers the message with common/sigin.h and sends it whole (SIGN input
+ * MESSAGE), so the agent hashes and sees what it signs.  A message longer
+ * than P11A_SIGN_MSG_MAX is hashed here instead and sent as DIGEST (RSA
+ * and ECDSA only: Ed25519 signs the message itself).  sign (EVP_PKEY_sign, e.g. pkeyutl
  * -sign) receives a digest and sends DIGEST, or RAW for PKCS#1 v1.5
  * without a digest name.
  */
@@ -27,10 +27,9 @@
 #include <openssl/x509.h>
 
 #include "provider.h"
+#include "hashalg.h"
 #include "sigenc.h"
-
-/* Room for the URI and the other SIGN fields in a frame. */
-#define MSG_MAX         (P11A_FRAME_MAX - P11A_URI_MAX - 1024)
+#include "sigin.h"
 
 enum { OP_NONE = 0, OP_SIGN, OP_DIGEST_SIGN };
 
@@ -43,9 +42,7 @@ struct sig_ctx {
 	int hash;                       /* enum p11a_hash; NONE = not set */
 	int mgf1;                       /* NONE = same as hash */
 	int saltlen;                    /* bytes, or RSA_PSS_SALTLEN_* */
-	unsigned char *msg;             /* digest-sign: the message so far */
-	size_t msg_len, msg_cap;
-	EVP_MD_CTX *md;                 /* digest-sign past MSG_MAX: hashing here */
+	struct p11a_sigin in;           /* digest-sign: the message, or its digest past the cap */
 };
 
 static void *
@@ -60,6 +57,7 @@ sig_newctx(void *provctx, int family)
 	}
 	s->prov = p;
 	s->family = family;
+	p11a_sigin_init(&s->in, P11A_HASH_NONE, NULL);
 	return s;
 }
 
@@ -84,12 +82,8 @@ ed_newctx(void *provctx, const char *propq)
 static void
 msg_reset(struct sig_ctx *s)
 {
-	if (s->msg != NULL)
-		OPENSSL_clear_free(s->msg, s->msg_cap);
-	s->msg = NULL;
-	s->msg_len = s->msg_cap = 0;
-	EVP_MD_CTX_free(s->md);
-	s->md = NULL;
+	p11a_sigin_clear(&s->in);
+	p11a_sigin_init(&s->in, P11A_HASH_NONE, NULL);
 }
 
 static void
@@ -112,21 +106,7 @@ sig_dupctx(void *ctx)
 	if ((d = malloc(sizeof(*d))) == NULL)
 		return NULL;
 	*d = *s;
-	d->msg = NULL;
-	d->msg_cap = 0;
-	d->md = NULL;
-	if (s->msg != NULL) {
-		if ((d->msg = malloc(s->msg_cap)) == NULL) {
-			free(d);
-			return NULL;
-		}
-		memcpy(d->msg, s->msg, s->msg_len);
-		d->msg_cap = s->msg_cap;
-	}
-	if (s->md != NULL && ((d->md = EVP_MD_CTX_new()) == NULL ||
-	    EVP_MD_CTX_copy_ex(d->md, s->md) != 1)) {
-		EVP_MD_CTX_free(d->md);
-		free(d->msg);
+	if (p11a_sigin_copy(&d->in, &s->in) != 0) {
 		free(d);
 		return NULL;
 	}
@@ -145,18 +125,18 @@ key_family(int type)
 static int
 set_digest(struct sig_ctx *s, const char *name, int *out)
 {
-	int h;
+	const struct p11a_hashalg *a;
 
 	if (name == NULL || *name == '\0') {
 		*out = P11A_HASH_NONE;
 		return 1;
 	}
-	if ((h = p11agent_hash_from_name(name)) < 0) {
+	if ((a = p11a_hashalg_by_name(name)) == NULL) {
 		p11agent_raise(s->prov, P11AGENT_R_UNSUPPORTED,
 			       "p11agent: digest %s is not supported (SHA-1 and SHA-2 only)", name);
 		return 0;
 	}
-	*out = h;
+	*out = a->id;
 	return 1;
 }
 
@@ -254,10 +234,8 @@ sig_set_ctx_params(void *ctx, const OSSL_PARAM params[])
 			return 0;
 		}
 		/* The message buffer (or local hash) belongs to the digest it started with. */
-		if (s->msg_len != 0 || s->md != NULL) {
-			if (h != s->hash)
-				return 0;
-		}
+		if (p11a_sigin_started(&s->in) && h != s->hash)
+			return 0;
 		s->hash = h;
 	}
 	if (s->family != P11AGENT_KT_RSA)
@@ -418,6 +396,7 @@ algorithm_id(const struct sig_ctx *s, unsigned char **der, int *der_len)
 static int
 sig_get_ctx_params(void *ctx, OSSL_PARAM params[])
 {
+	const struct p11a_hashalg *a;
 	struct sig_ctx *s = ctx;
 	OSSL_PARAM *p;
 
@@ -439,8 +418,8 @@ sig_get_ctx_params(void *ctx, OSSL_PARAM params[])
 			return 0;
 	}
 	if ((p = OSSL_PARAM_locate(params, OSSL_SIGNATURE_PARAM_DIGEST)) != NULL &&
-	    !OSSL_PARAM_set_utf8_string(p, s->hash == P11A_HASH_NONE ? "" :
-					p11agent_hash_ossl_name(s->hash)))
+	    !OSSL_PARAM_set_utf8_string(p, (a = p11a_hashalg_by_id(s->hash)) == NULL ? "" :
+					a->ossl_name))
 		return 0;
 	if (s->family != P11AGENT_KT_RSA)
 		return 1;
@@ -653,84 +632,51 @@ sig_sign(void *ctx, unsigned char *sig, size_t *siglen, size_t sigsize,
 	    s->hash == P11A_HASH_NONE)
 		/* PKCS#1 v1.5 over caller-made data (a DigestInfo): raw. */
 		return do_sign(s, P11A_INPUT_RAW, P11A_HASH_NONE, tbs, tbslen, sig, siglen, sigsize);
-	hash = s->hash != P11A_HASH_NONE ? s->hash : p11agent_hash_from_len(tbslen);
-	if (hash == P11A_HASH_NONE || p11a_hash_len(hash) != tbslen) {
+	hash = s->hash != P11A_HASH_NONE ? s->hash : p11a_hash_from_len(tbslen);
+	if (hash < 0 || p11a_hash_len(hash) != tbslen) {
 		p11agent_raise(s->prov, P11AGENT_R_BAD_PARAMETER,
 			       "p11agent: a %zu-byte input is not a %s digest", tbslen,
-			       hash == P11A_HASH_NONE ? "SHA-1 or SHA-2" : p11a_hash_name(hash));
+			       hash < 0 ? "SHA-1 or SHA-2" : p11a_hash_name(hash));
 		return 0;
 	}
 	return do_sign(s, P11A_INPUT_DIGEST, hash, tbs, tbslen, sig, siglen, sigsize);
 }
 
-/* Switches a digest-sign from buffering to hashing here (message too large to send). */
+/* Raises the reason a sigin call failed. */
 static int
-start_local_hash(struct sig_ctx *s)
+sigin_failed(struct sig_ctx *s, int r)
 {
-	OSSL_LIB_CTX *lc;
-	EVP_MD *md = NULL;
-	int ok = 0;
-
-	if (s->family == P11AGENT_KT_ED25519) {
-		p11agent_raise(s->prov, P11AGENT_R_UNSUPPORTED,
-			       "p11agent: Ed25519 message larger than %u bytes", (unsigned)MSG_MAX);
-		return 0;
-	}
-	if ((lc = p11agent_pub_libctx(s->prov)) == NULL)
-		return 0;
-	if ((md = EVP_MD_fetch(lc, p11agent_hash_ossl_name(s->hash), NULL)) == NULL ||
-	    (s->md = EVP_MD_CTX_new()) == NULL ||
-	    EVP_DigestInit_ex2(s->md, md, NULL) != 1 ||
-	    EVP_DigestUpdate(s->md, s->msg, s->msg_len) != 1) {
+	if (r == -P11A_E_TOO_LARGE)
+		p11agent_raise(s->prov, P11AGENT_R_UNSUPPORTED, "p11agent: %smessage larger than %u bytes",
+			       s->family == P11AGENT_KT_ED25519 ? "Ed25519 " : "",
+			       (unsigned)P11A_SIGN_MSG_MAX);
+	else if (r == -P11A_E_NOMEM)
+		p11agent_raise(s->prov, P11AGENT_R_INTERNAL, "p11agent: out of memory");
+	else
 		p11agent_raise(s->prov, P11AGENT_R_INTERNAL, "p11agent: cannot hash the message");
-		EVP_MD_CTX_free(s->md);
-		s->md = NULL;
-		goto out;
-	}
-	OPENSSL_clear_free(s->msg, s->msg_cap);
-	s->msg = NULL;
-	s->msg_len = s->msg_cap = 0;
-	ok = 1;
-out:
-	EVP_MD_free(md);
-	return ok;
+	return 0;
 }
 
 static int
 sig_digest_sign_update(void *ctx, const unsigned char *data, size_t datalen)
 {
 	struct sig_ctx *s = ctx;
-	size_t cap;
-	unsigned char *n;
+	OSSL_LIB_CTX *lc;
+	int r;
 
 	if (s == NULL || s->op != OP_DIGEST_SIGN)
 		return 0;
 	if (datalen == 0)
 		return 1;
-	if (s->md == NULL && datalen > MSG_MAX - s->msg_len && !start_local_hash(s))
-		return 0;
-	if (s->md != NULL)
-		return EVP_DigestUpdate(s->md, data, datalen) == 1;
-	if (s->msg_len + datalen > s->msg_cap) {
-		cap = s->msg_cap == 0 ? 1024 : s->msg_cap;
-		while (cap < s->msg_len + datalen)
-			cap *= 2;
-		if (cap > MSG_MAX)
-			cap = MSG_MAX;
-		/* Not realloc: the old buffer is wiped, it held the message. */
-		if ((n = malloc(cap)) == NULL) {
-			p11agent_raise(s->prov, P11AGENT_R_INTERNAL, "p11agent: out of memory");
+	if (!p11a_sigin_started(&s->in)) {
+		/* The digest (past the cap) comes from our own context, never this provider's. */
+		if ((lc = p11agent_pub_libctx(s->prov)) == NULL)
 			return 0;
-		}
-		if (s->msg != NULL) {
-			memcpy(n, s->msg, s->msg_len);
-			OPENSSL_clear_free(s->msg, s->msg_cap);
-		}
-		s->msg = n;
-		s->msg_cap = cap;
+		p11a_sigin_clear(&s->in);
+		p11a_sigin_init(&s->in, s->hash, lc);
 	}
-	memcpy(s->msg + s->msg_len, data, datalen);
-	s->msg_len += datalen;
+	if ((r = p11a_sigin_update(&s->in, data, datalen)) != 0)
+		return sigin_failed(s, r);
 	return 1;
 }
 
@@ -738,23 +684,16 @@ static int
 sig_digest_sign_final(void *ctx, unsigned char *sig, size_t *siglen, size_t sigsize)
 {
 	struct sig_ctx *s = ctx;
-	unsigned char digest[EVP_MAX_MD_SIZE];
-	unsigned int dlen = 0;
-	int done, ok;
+	const uint8_t *data;
+	size_t len;
+	int done, hashed, r;
 
 	if (!sign_prologue(s, OP_DIGEST_SIGN, sig, siglen, sigsize, &done) || done)
 		return done;
-	if (s->md == NULL)
-		return do_sign(s, P11A_INPUT_MESSAGE, s->hash,
-			       s->msg != NULL ? s->msg : (const unsigned char *)"", s->msg_len,
-			       sig, siglen, sigsize);
-	if (EVP_DigestFinal_ex(s->md, digest, &dlen) != 1) {
-		p11agent_raise(s->prov, P11AGENT_R_INTERNAL, "p11agent: cannot hash the message");
-		return 0;
-	}
-	ok = do_sign(s, P11A_INPUT_DIGEST, s->hash, digest, dlen, sig, siglen, sigsize);
-	OPENSSL_cleanse(digest, sizeof(digest));
-	return ok;
+	if ((r = p11a_sigin_final(&s->in, &data, &len, &hashed)) != 0)
+		return sigin_failed(s, r);
+	return do_sign(s, hashed ? P11A_INPUT_DIGEST : P11A_INPUT_MESSAGE, s->hash, data, len,
+		       sig, siglen, sigsize);
 }
 
 static int
@@ -766,7 +705,7 @@ sig_digest_sign(void *ctx, unsigned char *sig, size_t *siglen, size_t sigsize,
 
 	if (!sign_prologue(s, OP_DIGEST_SIGN, sig, siglen, sigsize, &done) || done)
 		return done;
-	if (s->msg_len == 0 && s->md == NULL && tbslen <= MSG_MAX)
+	if (!p11a_sigin_started(&s->in) && tbslen <= P11A_SIGN_MSG_MAX)
 		return do_sign(s, P11A_INPUT_MESSAGE, s->hash,
 			       tbs != NULL ? tbs : (const unsigned char *)"", tbslen,
 			       sig, siglen, sigsize);

@@ -179,13 +179,6 @@ enum p11agent_uri_class {
 };
 int p11agent_uri_class(const char *uri);
 
-/* enum p11a_hash for an OpenSSL digest name ("SHA256", "SHA2-256", "sha-256", ...); -1 if unknown. */
-int p11agent_hash_from_name(const char *name);
-/* OpenSSL's canonical name for a p11a hash ("SHA2-256"), or NULL. */
-const char *p11agent_hash_ossl_name(int hash);
-/* The hash whose digest is len bytes long (P11A_HASH_NONE when none is). */
-int p11agent_hash_from_len(size_t len);
-
 /*
  * Checks a SIGNATURE reply against what was asked: RSA exactly
  * expect_len bytes (the modulus size), ECDSA a DER SEQUENCE of two

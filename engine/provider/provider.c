@@ -33,6 +33,7 @@
 #include "client.h"
 #include "pool.h"
 #include "uri.h"
+#include "text.h"
 #include "provider.h"
 
 #define P11AGENT_CLIENT_NAME    "p11agent-provider " PACKAGE_VERSION
@@ -102,7 +103,6 @@ p11agent_raise_at(const struct p11agent_prov *p, const char *file, int line,
 {
 	char msg[1024];
 	va_list ap;
-	size_t i;
 
 	if (p == NULL || p->c_new_error == NULL || p->c_vset_error == NULL)
 		return;
@@ -110,10 +110,7 @@ p11agent_raise_at(const struct p11agent_prov *p, const char *file, int line,
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	/* Agent text carries token labels: nothing in it may drive a terminal. */
-	for (i = 0; msg[i] != '\0'; i++) {
-		if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f)
-			msg[i] = '?';
-	}
+	p11a_text_scrub(msg);
 	p->c_new_error(p->handle);
 	if (p->c_set_error_debug != NULL)
 		p->c_set_error_debug(p->handle, file, line, func);
