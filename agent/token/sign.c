@@ -6,6 +6,7 @@
  */
 #include "config.h"
 #include "token-int.h"
+#include "hashalg.h"
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
@@ -278,30 +279,21 @@ key_refind(struct token_module *m, CK_SESSION_HANDLE h, const struct sign_key *s
 	return found;
 }
 
+/* The PKCS#11 digest mechanism and MGF1 id of a hash (common/hashalg.h). */
 static CK_MECHANISM_TYPE
 hash_mech(int hash)
 {
-	switch (hash) {
-	case P11A_HASH_SHA1: return CKM_SHA_1;
-	case P11A_HASH_SHA224: return CKM_SHA224;
-	case P11A_HASH_SHA256: return CKM_SHA256;
-	case P11A_HASH_SHA384: return CKM_SHA384;
-	case P11A_HASH_SHA512: return CKM_SHA512;
-	default: return CK_UNAVAILABLE_INFORMATION;
-	}
+	const struct p11a_hashalg *h = p11a_hashalg_by_id(hash);
+
+	return h != NULL ? h->ckm : CK_UNAVAILABLE_INFORMATION;
 }
 
 static CK_RSA_PKCS_MGF_TYPE
 hash_mgf(int hash)
 {
-	switch (hash) {
-	case P11A_HASH_SHA1: return CKG_MGF1_SHA1;
-	case P11A_HASH_SHA224: return CKG_MGF1_SHA224;
-	case P11A_HASH_SHA256: return CKG_MGF1_SHA256;
-	case P11A_HASH_SHA384: return CKG_MGF1_SHA384;
-	case P11A_HASH_SHA512: return CKG_MGF1_SHA512;
-	default: return 0;
-	}
+	const struct p11a_hashalg *h = p11a_hashalg_by_id(hash);
+
+	return h != NULL ? h->mgf : 0;
 }
 
 static const char *
