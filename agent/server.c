@@ -243,19 +243,18 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	sysd_notify("READY=1\nSTATUS=listening on %s, %zu module(s) starting", cfg->socket_path,
 		    s->nhelpers);
 
-	struct pollfd *pfd = NULL;
-	size_t cpfd = 0;
 	while (!s->stop) {
 		size_t need = 2 + s->nhelpers + s->nclients;
-		if (need > cpfd) {
-			struct pollfd *np = realloc(pfd, need * sizeof(*np));
+		if (need > s->cpfd) {
+			struct pollfd *np = realloc(s->pfd, need * sizeof(*np));
 			if (!np) {
 				log_err("out of memory");
 				break;
 			}
-			pfd = np;
-			cpfd = need;
+			s->pfd = np;
+			s->cpfd = need;
 		}
+		struct pollfd *pfd = s->pfd;
 		size_t n = 0;
 		int64_t now = p11a_now_ms();
 		int64_t next = now + 1000;
@@ -349,13 +348,13 @@ server_run(const struct agent_config *cfg, int listen_fd)
 		(void)helpers_tick(s, now, now);
 	}
 	rc = 0;
-	free(pfd);
 	sysd_notify("STOPPING=1\nSTATUS=shutting down");
 out:
 	for (size_t i = 0; i < s->nclients; i++)
 		client_close(s, i);
 	free(s->clients);
 	pending_free_all(s);
+	free(s->pfd);
 	if (s->helpers)
 		helpers_stop(s);
 	free(s->helpers);

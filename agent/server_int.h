@@ -16,6 +16,7 @@
 #ifndef AGENT_SERVER_INT_H
 #define AGENT_SERVER_INT_H
 
+#include <poll.h>
 #include <stdint.h>
 #include <sys/types.h>
 #include <time.h>
@@ -104,6 +105,9 @@ struct server {
 	size_t max_clients;        /* max-connections, within RLIMIT_NOFILE */
 	size_t notified_up;        /* modules up in the last STATUS= sent to systemd */
 	int64_t accept_paused_until;       /* out of descriptors: listen again at this time */
+	/* The poll set; in the server so that a helper forked from the loop still reaches it. */
+	struct pollfd *pfd;
+	size_t cpfd;
 };
 
 /* ---- server.c: client connections */
