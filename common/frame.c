@@ -79,6 +79,8 @@ p11a_frame_in_reset(struct p11a_frame_in *in)
 	p11a_wipe(in->hdr, sizeof(in->hdr));
 	in->hdr_got = 0;
 	in->body_len = 0;
+	in->got = 0;
+	in->dst = NULL;
 	in->started_ms = 0;
 }
 
@@ -102,13 +104,32 @@ frame_in_hdr_done(struct p11a_frame_in *in)
 	} else {
 		p11a_buf_reset(in->body);
 	}
-	return 0;
+	/* Room for the whole body at once: bytes land there as they come. */
+	return p11a_buf_reserve(in->body, in->body_len, &in->dst);
 }
 
 static int
 frame_in_complete(const struct p11a_frame_in *in)
 {
-	return in->hdr_got == 4 && p11a_buf_len(in->body) == in->body_len;
+	return in->hdr_got == 4 && in->got == in->body_len;
+}
+
+size_t
+p11a_frame_in_space(const struct p11a_frame_in *in, uint8_t **p)
+{
+	if (in->hdr_got < 4) {
+		*p = NULL;
+		return 0;
+	}
+	*p = in->dst + in->got;
+	return in->body_len - in->got;
+}
+
+int
+p11a_frame_in_advance(struct p11a_frame_in *in, size_t n)
+{
+	in->got += n;
+	return frame_in_complete(in);
 }
 
 /* Bytes of the first byte of a frame arrived. */
@@ -141,12 +162,12 @@ p11a_frame_in_feed(struct p11a_frame_in *in, const uint8_t *p, size_t n, size_t 
 		if ((r = frame_in_hdr_done(in)) != 0)
 			return r;
 	}
-	k = in->body_len - p11a_buf_len(in->body);
+	k = in->body_len - in->got;
 	if (k > n)
 		k = n;
 	if (k > 0) {
-		if ((r = p11a_buf_put(in->body, p, k)) != 0)
-			return r;
+		memcpy(in->dst + in->got, p, k);
+		in->got += k;
 		*used += k;
 	}
 	return frame_in_complete(in);
@@ -187,23 +208,19 @@ p11a_frame_in_recv(struct p11a_frame_in *in, int fd)
 	} cm;
 	struct iovec iov;
 	struct msghdr mh;
-	uint8_t *dst = NULL;
-	size_t want;
+	uint8_t *dst;
 	ssize_t n;
 	int flags, r;
 
 	for (;;) {
 		if (in->hdr_got < 4) {
 			iov.iov_base = in->hdr + in->hdr_got;
-			iov.iov_len = want = 4 - in->hdr_got;
+			iov.iov_len = 4 - in->hdr_got;
 		} else {
 			if (frame_in_complete(in))
 				return 1;
-			want = in->body_len - p11a_buf_len(in->body);
-			if ((r = p11a_buf_reserve(in->body, want, &dst)) != 0)
-				return r;
+			iov.iov_len = p11a_frame_in_space(in, &dst);
 			iov.iov_base = dst;
-			iov.iov_len = want;
 		}
 		memset(&mh, 0, sizeof(mh));
 		mh.msg_iov = &iov;
@@ -215,10 +232,6 @@ p11a_frame_in_recv(struct p11a_frame_in *in, int fd)
 			flags |= MSG_CMSG_CLOEXEC;
 		}
 		n = recvmsg(fd, &mh, flags);
-		if (dst != NULL) {
-			(void)p11a_buf_unreserve(in->body, want - (n > 0 ? (size_t)n : 0));
-			dst = NULL;
-		}
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -235,6 +248,8 @@ p11a_frame_in_recv(struct p11a_frame_in *in, int fd)
 			in->hdr_got += (size_t)n;
 			if (in->hdr_got == 4 && (r = frame_in_hdr_done(in)) != 0)
 				return r;
+		} else {
+			in->got += (size_t)n;
 		}
 	}
 }

@@ -12,9 +12,11 @@
  *   far as the socket takes without blocking; the next flush resumes.
  *
  * The agent's event loop and the token helper's control socket use these
- * directly; the blocking reader in proto.c (p11a_frame_read) is a loop of
- * p11a_frame_in_recv() and poll(), and p11a_reader uses the same header
- * check (p11a_frame_hdr_parse) and end-of-stream rule (p11a_frame_eof).
+ * directly; the blocking readers in proto.c are thin: p11a_frame_read()
+ * is a loop of p11a_frame_in_recv() and poll(), and p11a_reader feeds its
+ * buffer to p11a_frame_in_feed() and receives the rest of a body straight
+ * into p11a_frame_in_space() (one recvmsg per frame), with the same
+ * end-of-stream rule (p11a_frame_eof).
  */
 #ifndef P11A_FRAME_H
 #define P11A_FRAME_H
@@ -33,7 +35,9 @@ struct p11a_frame_in {
 	uint8_t hdr[4];
 	size_t hdr_got;
 	uint32_t body_len;          /* valid once hdr_got == 4 */
-	struct p11a_buf *body;      /* the frame's body so far */
+	struct p11a_buf *body;      /* the frame's body: whole (body_len bytes) once complete */
+	uint8_t *dst;               /* room for the body in body, reserved at the header */
+	size_t got;                 /* body bytes in so far */
 	int body_owned;             /* body allocated per frame (exactly body_len) */
 	size_t max;                 /* largest body accepted */
 	unsigned flags;             /* P11A_FRAME_IN_* */
@@ -77,6 +81,16 @@ int p11a_frame_eof(int started);
  * p11a_frame_in_reset() before feeding the next one.
  */
 int p11a_frame_in_feed(struct p11a_frame_in *in, const uint8_t *p, size_t n, size_t *used);
+
+/*
+ * For readers that receive themselves (p11a_reader's scatter read): once
+ * the header is in, *p is where the next body bytes go and the return
+ * value how many are still missing (0 and NULL before the header);
+ * p11a_frame_in_advance() records n bytes written there and returns 1
+ * when the frame is complete.
+ */
+size_t p11a_frame_in_space(const struct p11a_frame_in *in, uint8_t **p);
+int p11a_frame_in_advance(struct p11a_frame_in *in, size_t n);
 
 /*
  * Receives without blocking, never past the current frame's end.

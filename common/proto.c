@@ -1005,20 +1005,6 @@ cmsg_each_fd(struct msghdr *mh, void (*each)(void *arg, int fd), void *arg)
 	}
 }
 
-/*
- * The length in a frame's 4 header bytes, checked against out's limit too
- * (p11a_frame_hdr_parse), and room for the body reserved in out at *p.
- */
-static int
-frame_len(const uint8_t h[4], struct p11a_buf *out, uint32_t *len, uint8_t **p)
-{
-	int r;
-
-	if ((r = p11a_frame_hdr_parse(h, p11a_buf_max(out), len)) != 0)
-		return r;
-	return p11a_buf_reserve(out, *len, p);
-}
-
 /* A blocking read is the non-blocking framing layer plus poll(). */
 int
 p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms)
@@ -1238,54 +1224,42 @@ p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
 		 int timeout_ms, int frame_ms)
 {
 	int64_t deadline = deadline_from(timeout_ms);
-	const uint8_t *h;
-	uint8_t *p = NULL;
-	uint32_t len = 0;
-	size_t got = 0, n, niov;
+	struct p11a_frame_in in;
+	uint8_t *p;
+	size_t used, want, n, niov;
 	struct iovec iov[2];
 	ssize_t k;
-	int started = rd->len > 0, have_len = 0, r;
+	int started = rd->len > 0, r;
 
 	if (fd_received != NULL)
 		*fd_received = -1;
 	p11a_buf_reset(out);
+	/* The parse is the framing layer's; this reader only brings the bytes. */
+	p11a_frame_in_init(&in, out, 0);
 	if (started)
 		deadline = frame_deadline(deadline, frame_ms);
 	for (;;) {
-		if (!have_len && rd->len >= 4) {
-			h = rd->buf + rd->off;
-			/* Refused before a byte of the body goes to out. */
-			if ((r = frame_len(h, out, &len, &p)) != 0)
+		if (rd->len > 0) {
+			/* Refused at the header, before a byte of the body goes to out. */
+			r = p11a_frame_in_feed(&in, rd->buf + rd->off, rd->len, &used);
+			reader_consume(rd, used);
+			if (r < 0)
 				goto fail;
-			reader_consume(rd, 4);
-			have_len = 1;
+			if (r == 1)
+				break;
 		}
-		if (have_len && rd->len > 0) {
-			n = len - got < rd->len ? len - got : rd->len;
-			memcpy(p + got, rd->buf + rd->off, n);
-			reader_consume(rd, n);
-			got += n;
-		}
-		if (have_len && got == len)
-			break;
 		/*
-		 * More is needed; the buffer is empty or holds under 4 bytes.
-		 * The rest of the body goes straight to out, what follows it
-		 * to the buffer.
+		 * More is needed and the buffer is empty: the rest of the body
+		 * goes straight to out, what follows it to the buffer.
 		 */
-		if (rd->off > 0) {
-			memmove(rd->buf, rd->buf + rd->off, rd->len);
-			p11a_wipe(rd->buf + rd->len, rd->off);
-			rd->off = 0;
-		}
 		niov = 0;
-		if (have_len) {
-			iov[niov].iov_base = p + got;
-			iov[niov++].iov_len = len - got;
+		if ((want = p11a_frame_in_space(&in, &p)) > 0) {
+			iov[niov].iov_base = p;
+			iov[niov++].iov_len = want;
 		}
-		iov[niov].iov_base = rd->buf + rd->len;
-		iov[niov++].iov_len = sizeof(rd->buf) - rd->len;
-		k = reader_recv(rd, iov, niov, rd->pos + rd->len, deadline);
+		iov[niov].iov_base = rd->buf;
+		iov[niov++].iov_len = sizeof(rd->buf);
+		k = reader_recv(rd, iov, niov, rd->pos, deadline);
 		if (k < 0) {
 			r = (int)k;
 			goto fail;
@@ -1298,13 +1272,14 @@ p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
 			started = 1;
 			deadline = frame_deadline(deadline, frame_ms);
 		}
-		if (have_len) {
-			n = (size_t)k < len - got ? (size_t)k : len - got;
-			got += n;
+		n = (size_t)k < want ? (size_t)k : want;
+		if (n > 0 && p11a_frame_in_advance(&in, n) == 1 && (size_t)k == n) {
 			rd->pos += n;
-			k -= (ssize_t)n;
+			break;
 		}
-		rd->len += (size_t)k;
+		rd->pos += n;
+		rd->off = 0;
+		rd->len = (size_t)k - n;
 	}
 	reader_claim_fds(rd, rd->pos, fd_received);
 	return 0;
@@ -1312,6 +1287,8 @@ p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
 	{
 		int saved = errno;
 
+		in.body = NULL;         /* out is the caller's: reset below, not freed */
+		p11a_frame_in_reset(&in);
 		p11a_buf_reset(out);
 		reader_clear(rd);
 		errno = saved;

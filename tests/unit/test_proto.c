@@ -1387,7 +1387,7 @@ test_frame_in_recv_eof(void **state)
 	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 0);
 	assert_int_equal(write(sv[1], p11a_buf_ptr(f) + 2, 50), 50);
 	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 0);
-	assert_int_equal(p11a_buf_len(in.body), 48);
+	assert_int_equal(in.got, 48);
 	assert_int_equal(write(sv[1], p11a_buf_ptr(f) + 52, 52), 52);
 	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 1);
 	assert_int_equal(p11a_buf_len(in.body), 100);
