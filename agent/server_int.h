@@ -144,8 +144,6 @@ int helpers_starting(const struct server *s, int64_t now);
 void helpers_stop(struct server *s);
 /* Frees what helper hi holds (socket, queues, inventory); no process handling. */
 void helper_free(struct helper *h);
-/* Frees an inventory (p11a_list_reply_clear), for helpers and tests. */
-void inventory_clear(struct p11a_list_reply *inv);
 
 /* ---- handlers.c: requests */
 

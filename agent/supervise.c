@@ -25,12 +25,6 @@
 /* How long shutdown waits for helpers to exit after EOF before SIGKILL. */
 #define HELPER_STOP_WAIT_MS 2000
 
-void
-inventory_clear(struct p11a_list_reply *inv)
-{
-	p11a_list_reply_clear(inv);
-}
-
 /* Keeps a module's latest failure for HEALTH (`p11agent status`). */
 static void __attribute__((format(printf, 2, 3)))
 helper_note_error(struct helper *h, const char *fmt, ...)
@@ -79,7 +73,7 @@ helper_free(struct helper *h)
 	h->fd = -1;
 	p11a_frame_in_reset(&h->in);
 	p11a_frame_out_clear(&h->out);
-	inventory_clear(&h->inv);
+	p11a_list_reply_clear(&h->inv);
 }
 
 void
@@ -173,7 +167,7 @@ helper_disconnect(struct server *s, size_t hi, const char *why)
 	h->fd = -1;
 	p11a_frame_in_reset(&h->in);
 	p11a_frame_out_clear(&h->out);
-	inventory_clear(&h->inv);
+	p11a_list_reply_clear(&h->inv);
 	h->up = 0;
 	snprintf(h->down_why, sizeof(h->down_why), "%s", why);
 	/* The socket closes when the process exits; one that lingers is killed. */
@@ -299,7 +293,7 @@ helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 {
 	struct helper *h = &s->helpers[hi];
 	if (m->type == P11A_MSG_H_INVENTORY && id == 0) {
-		inventory_clear(&h->inv);
+		p11a_list_reply_clear(&h->inv);
 		h->inv = m->u.list;
 		memset(&m->u.list, 0, sizeof(m->u.list));
 		if (!h->up)

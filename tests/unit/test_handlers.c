@@ -138,17 +138,10 @@ server_free(struct server *s)
 {
 	pending_free_all(s);
 	for (size_t h = 0; h < s->nhelpers; h++)
-		inventory_clear(&s->helpers[h].inv);
+		p11a_list_reply_clear(&s->helpers[h].inv);
 	free(s->helpers);
 	free(s->clients[0].wait_error_msg);
 	free(s->clients);
-}
-
-/* inventory_clear() is supervise.c's; here the common list freeing it wraps. */
-void
-inventory_clear(struct p11a_list_reply *inv)
-{
-	p11a_list_reply_clear(inv);
 }
 
 static void
