@@ -38,7 +38,7 @@ config_init(struct agent_config *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
 	cfg->session_pool = CONFIG_POOL_MAX;
-	cfg->sign_timeout_ms = 30000;
+	cfg->sign_timeout_ms = P11A_SIGN_TIMEOUT_MS;
 	cfg->max_connections = 1024;
 	cfg->max_channels_per_connection = 64;
 	cfg->max_channels_per_process = 256;

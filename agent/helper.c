@@ -33,7 +33,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define HALF_FRAME_MS        10000   /* a started frame must arrive whole within this */
 #define CTRL_WRITE_MS        30000
 #define CHAN_WRITE_MS        10000
 #define CHECK_INTERVAL_MS    3000    /* look for token changes this often */
@@ -118,12 +117,8 @@ ctrl_send_error(struct helper *h, uint32_t id, int code, const char *msg)
 	struct p11a_msg m;
 	int r;
 
-	memset(&m, 0, sizeof(m));
-	if (msg != NULL && msg[0] != '\0')
-		r = p11a_msg_set_error(&m, code, "%s", msg);
-	else
-		r = p11a_msg_set_error(&m, code, "%s", p11a_strerror(code));
-	if (r != 0)
+	/* An empty msg gets the code's own text (p11a_msg_set_error). */
+	if ((r = p11a_msg_set_error(&m, code, "%s", msg != NULL ? msg : "")) != 0)
 		return r;
 	r = ctrl_send(h, id, &m);
 	p11a_msg_clear(&m);
@@ -210,11 +205,7 @@ chan_reply_error(struct channel *c, struct p11a_buf *out, int code, const char *
 	struct p11a_msg m;
 	int r;
 
-	memset(&m, 0, sizeof(m));
-	if (msg != NULL && msg[0] != '\0')
-		r = p11a_msg_set_error(&m, code, "%s", msg);
-	else
-		r = p11a_msg_set_error(&m, code, "%s", p11a_strerror(code));
+	r = p11a_msg_set_error(&m, code, "%s", msg != NULL ? msg : "");
 	if (r == 0) {
 		p11a_buf_reset(out);
 		r = p11a_msg_encode(&m, out);
@@ -314,8 +305,8 @@ chan_main(void *arg)
 		goto out;
 	}
 	for (;;) {
-		/* Idle channels wait for ever; a started frame gets HALF_FRAME_MS. */
-		r = p11a_reader_read(rd, in, NULL, -1, HALF_FRAME_MS);
+		/* Idle channels wait for ever; a started frame gets P11A_HALF_FRAME_MS. */
+		r = p11a_reader_read(rd, in, NULL, -1, P11A_HALF_FRAME_MS);
 		if (r != 0) {
 			if (r != -P11A_E_IO || errno != 0)
 				log_debug("channel %d: closing: %s", c->fd, p11a_strerror(r));
@@ -580,26 +571,33 @@ chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, 
 
 /* ------------------------------------------------------------ control loop */
 
-/* Handles one control frame; 1 when the agent went away (end the helper). */
+/*
+ * Reads what the control socket has (never waiting) and handles a whole
+ * frame; 1 when the agent went away or the socket failed (end the helper).
+ */
 static int
-ctrl_handle(struct helper *h, struct p11a_buf *in)
+ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 {
 	char msg[TOKEN_MSG_MAX];
 	struct p11a_msg m;
 	uint32_t id = 0;
-	int fd = -1, tried, r;
+	int fd, tried, r;
 
-	r = p11a_frame_read(h->ctrl_fd, in, &fd, HALF_FRAME_MS);
-	if (r != 0) {
+	r = p11a_frame_in_recv(cin, h->ctrl_fd);
+	if (r == 0)
+		return 0;   /* the rest of the frame comes later (P11A_HALF_FRAME_MS) */
+	if (r < 0) {
 		if (r == -P11A_E_IO && errno == 0)
 			log_debug("agent closed the control socket");
 		else
 			log_err("control socket: %s", p11a_strerror(r));
 		return 1;
 	}
-	r = p11a_msg_decode_internal(p11a_buf_ptr(in), p11a_buf_len(in), &id, &m);
+	fd = cin->fd;
+	cin->fd = -1;
+	r = p11a_msg_decode_internal(p11a_buf_ptr(cin->body), p11a_buf_len(cin->body), &id, &m);
 	/* The frame may hold a PIN: wipe it now that it is decoded. */
-	p11a_buf_reset(in);
+	p11a_frame_in_reset(cin);
 	if (r != 0) {
 		if (fd >= 0)
 			close(fd);
@@ -687,6 +685,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	int sign_timeout_ms = cfg->sign_timeout_ms;
 	struct helper *h = &the_helper;
 	struct p11a_buf *in = NULL;
+	struct p11a_frame_in cin;
 	struct pollfd pfd[2];
 	int64_t next_check;
 	int n;
@@ -705,7 +704,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	(void)mallopt(M_MMAP_THRESHOLD, CHANNEL_BUF_MMAP);
 	memset(h, 0, sizeof(*h));
 	h->ctrl_fd = ctrl_fd;
-	h->sign_timeout_ms = sign_timeout_ms > 0 ? sign_timeout_ms : 30000;
+	h->sign_timeout_ms = sign_timeout_ms > 0 ? sign_timeout_ms : P11A_SIGN_TIMEOUT_MS;
 	h->name = mod->name != NULL ? mod->name : mod->path;
 	h->channels_max = channels_max_for_nofile();
 	h->per_conn_max = cfg->max_channels_per_connection;
@@ -730,6 +729,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		log_err("out of memory");
 		_exit(HELPER_EXIT_INIT);
 	}
+	/* Descriptors come with H_ADOPT. */
+	p11a_frame_in_init(&cin, in, P11A_FRAME_IN_FDS);
 	{
 		char why[TOKEN_MSG_MAX];
 
@@ -757,6 +758,16 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	next_check = p11a_now_ms() + CHECK_INTERVAL_MS;
 	for (;;) {
 		int64_t now = p11a_now_ms();
+		int64_t wake = next_check;
+
+		/* A control frame that started must be whole in time. */
+		if (cin.started_ms && now - cin.started_ms > P11A_HALF_FRAME_MS) {
+			log_err("control socket: frame not completed within %d s",
+				P11A_HALF_FRAME_MS / 1000);
+			break;
+		}
+		if (cin.started_ms && cin.started_ms + P11A_HALF_FRAME_MS < wake)
+			wake = cin.started_ms + P11A_HALF_FRAME_MS + 1;
 
 		/*
 		 * Look for token changes every CHECK_INTERVAL_MS whatever the
@@ -775,7 +786,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		pfd[1].fd = token_event_fd(h->tm);
 		pfd[1].events = POLLIN;
 		pfd[1].revents = 0;
-		n = poll(pfd, 2, (int)(next_check - now));
+		n = poll(pfd, 2, wake > now ? (int)(wake - now) : 0);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -790,7 +801,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 				break;
 		}
 		if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) {
-			if (ctrl_handle(h, in) != 0)
+			if (ctrl_handle(h, &cin) != 0)
 				break;
 		}
 	}
@@ -799,6 +810,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	h->wd_stop = 1;
 	pthread_cond_signal(&h->wd_cond);
 	pthread_mutex_unlock(&h->wlock);
+	p11a_frame_in_reset(&cin);
 	token_module_close(h->tm);
 	p11a_buf_free(in);
 	p11a_buf_free(h->out);

@@ -1,6 +1,7 @@
 /*
- * The agent's main process: listener, event loop, client connections,
- * token helper supervision and the inventory they report.
+ * The agent's main process: listener, event loop, client connections
+ * (server.c), token helper supervision and the inventory they report
+ * (supervise.c), request handlers (handlers.c); see server_int.h.
  */
 #ifndef AGENT_SERVER_H
 #define AGENT_SERVER_H

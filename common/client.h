@@ -17,7 +17,7 @@
 
 struct p11a_client;
 
-#define P11A_CLIENT_TIMEOUT_MS 35000   /* per-request deadline: a little over the agent's 30 s, so its TIMEOUT reply arrives first */
+/* P11A_CLIENT_TIMEOUT_MS (p11a.h): the per-request deadline, derived from the agent's. */
 
 /*
  * Socket path the client should use: $P11AGENT_SOCK, else

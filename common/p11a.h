@@ -21,6 +21,17 @@
 #define P11A_LIST_MAX           4096    /* entries in any list */
 #define P11A_SIG_MAX            1024    /* bytes of a signature (RSA-8192) */
 
+/* Protocol deadlines (docs/protocol.md), named once. */
+/* A frame whose first byte arrived must be whole within this (agent, helper). */
+#define P11A_HALF_FRAME_MS      10000
+/* Default deadline of a request the agent hands a token (sign-timeout). */
+#define P11A_SIGN_TIMEOUT_MS    30000
+/*
+ * A client's per-request deadline: a little over the agent's, so that the
+ * agent's TIMEOUT reply arrives before the client gives up.
+ */
+#define P11A_CLIENT_TIMEOUT_MS  (P11A_SIGN_TIMEOUT_MS + 5000)
+
 enum p11a_err {
 	P11A_OK = 0,
 	P11A_E_NOMEM = 1,            /* out of memory */

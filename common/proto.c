@@ -596,6 +596,16 @@ keys_free(struct p11a_key *k, uint32_t n)
 }
 
 void
+p11a_list_reply_clear(struct p11a_list_reply *l)
+{
+	if (l == NULL)
+		return;
+	tokens_free(l->tokens, l->ntokens);
+	keys_free(l->keys, l->nkeys);
+	memset(l, 0, sizeof(*l));
+}
+
+void
 p11a_msg_clear(struct p11a_msg *m)
 {
 	if (m == NULL)
@@ -627,8 +637,7 @@ p11a_msg_clear(struct p11a_msg *m)
 		break;
 	case P11A_MSG_LIST_REPLY:
 	case P11A_MSG_H_INVENTORY:
-		tokens_free(m->u.list.tokens, m->u.list.ntokens);
-		keys_free(m->u.list.keys, m->u.list.nkeys);
+		p11a_list_reply_clear(&m->u.list);
 		break;
 	case P11A_MSG_UNLOCK:
 		free(m->u.unlock.token_uri);
@@ -738,24 +747,20 @@ utf8_truncate(char *s, size_t max)
 }
 
 int
-p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
+p11a_msg_set_error_v(struct p11a_msg *m, int code, const char *fmt, va_list ap)
 {
 	unsigned int c = code < 0 ? 0u - (unsigned int)code : (unsigned int)code;
-	va_list ap;
 	char *text = NULL;
-	int n;
 
 	memset(m, 0, sizeof(*m));
 	if (c == 0)
 		c = P11A_E_INTERNAL;
-	if (fmt == NULL || *fmt == '\0') {
+	if (fmt != NULL && *fmt != '\0' && vasprintf(&text, fmt, ap) < 0)
+		return -P11A_E_NOMEM;
+	/* No text, or text that came out empty: the code's own. */
+	if (text == NULL || *text == '\0') {
+		free(text);
 		text = strdup(p11a_strerror((int)c));
-	} else {
-		va_start(ap, fmt);
-		n = vasprintf(&text, fmt, ap);
-		va_end(ap);
-		if (n < 0)
-			text = NULL;
 	}
 	if (text == NULL)
 		return -P11A_E_NOMEM;
@@ -764,6 +769,18 @@ p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
 	m->u.error.code = c;
 	m->u.error.message = text;
 	return 0;
+}
+
+int
+p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
+{
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	r = p11a_msg_set_error_v(m, code, fmt, ap);
+	va_end(ap);
+	return r;
 }
 
 static char *
@@ -924,10 +941,7 @@ p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeou
 		return -P11A_E_MALFORMED;
 	if (len > P11A_FRAME_MAX)
 		return -P11A_E_TOO_LARGE;
-	hdr[0] = (uint8_t)(len >> 24);
-	hdr[1] = (uint8_t)(len >> 16);
-	hdr[2] = (uint8_t)(len >> 8);
-	hdr[3] = (uint8_t)len;
+	p11a_frame_hdr_put(hdr, (uint32_t)len);
 
 	while (done < total) {
 		memset(&mh, 0, sizeof(mh));
@@ -991,128 +1005,35 @@ cmsg_each_fd(struct msghdr *mh, void (*each)(void *arg, int fd), void *arg)
 	}
 }
 
-static void
-keep_first_fd(void *arg, int fd)
-{
-	int *keep = arg;
-
-	if (*keep < 0)
-		*keep = fd;
-	else
-		close_keep_errno(fd);
-}
-
-/* Keeps the first descriptor that arrives in *keep, closes the others. */
-static void
-take_fds(struct msghdr *mh, int *keep)
-{
-	cmsg_each_fd(mh, keep_first_fd, keep);
-}
-
-/*
- * Reads exactly n bytes.  *started says whether any byte of this frame
- * came already: an EOF before the first byte is a clean close (errno 0),
- * an EOF later is a cut frame (errno ECONNRESET).
- */
-static int
-recv_exact(int fd, uint8_t *p, size_t n, int *rfd, int64_t deadline, int *started)
-{
-	union {
-		struct cmsghdr align;
-		char buf[CMSG_SPACE(FD_PASS_MAX * sizeof(int))];
-	} cm;
-	struct iovec iov;
-	struct msghdr mh;
-	size_t got = 0;
-	ssize_t k;
-	int r;
-
-	while (got < n) {
-		memset(&mh, 0, sizeof(mh));
-		iov.iov_base = p + got;
-		iov.iov_len = n - got;
-		mh.msg_iov = &iov;
-		mh.msg_iovlen = 1;
-		mh.msg_control = cm.buf;
-		mh.msg_controllen = sizeof(cm.buf);
-		k = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-		if (k < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				if ((r = wait_fd(fd, POLLIN, deadline)) != 0)
-					return r;
-				continue;
-			}
-			return -P11A_E_IO;
-		}
-		if (mh.msg_controllen > 0)
-			take_fds(&mh, rfd);
-		/* A descriptor was sent, but we had no slot left for it. */
-		if ((mh.msg_flags & MSG_CTRUNC) && *rfd < 0)
-			*rfd = P11A_FD_LOST;
-		if (k == 0) {
-			errno = *started ? ECONNRESET : 0;
-			return -P11A_E_IO;
-		}
-		*started = 1;
-		got += (size_t)k;
-	}
-	return 0;
-}
-
-/*
- * The length in a frame's 4 header bytes, checked (zero is malformed;
- * over P11A_FRAME_MAX or out's limit too large, errno EPROTO/EMSGSIZE),
- * and room for the body reserved in out at *p.
- */
-static int
-frame_len(const uint8_t h[4], struct p11a_buf *out, uint32_t *len, uint8_t **p)
-{
-	*len = ((uint32_t)h[0] << 24) | ((uint32_t)h[1] << 16) |
-	    ((uint32_t)h[2] << 8) | (uint32_t)h[3];
-	if (*len == 0) {
-		errno = EPROTO;
-		return -P11A_E_MALFORMED;
-	}
-	if (*len > P11A_FRAME_MAX || *len > p11a_buf_max(out)) {
-		errno = EMSGSIZE;
-		return -P11A_E_TOO_LARGE;
-	}
-	return p11a_buf_reserve(out, *len, p);
-}
-
+/* A blocking read is the non-blocking framing layer plus poll(). */
 int
 p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms)
 {
 	int64_t deadline = deadline_from(timeout_ms);
-	uint8_t hdr[4], *p;
-	uint32_t len;
-	int rfd = -1, started = 0, r;
+	struct p11a_frame_in in;
+	int r;
 
 	if (fd_received != NULL)
 		*fd_received = -1;
 	p11a_buf_reset(out);
-	if ((r = recv_exact(fd, hdr, sizeof(hdr), &rfd, deadline, &started)) != 0)
-		goto out;
-	/* Refused before a byte of the body is buffered. */
-	if ((r = frame_len(hdr, out, &len, &p)) != 0)
-		goto out;
-	if ((r = recv_exact(fd, p, len, &rfd, deadline, &started)) != 0)
-		goto out;
-	if (fd_received != NULL) {
-		*fd_received = rfd;
-		rfd = -1;
+	p11a_frame_in_init(&in, out, fd_received != NULL ? P11A_FRAME_IN_FDS : 0);
+	while ((r = p11a_frame_in_recv(&in, fd)) == 0) {
+		if ((r = wait_fd(fd, POLLIN, deadline)) != 0)
+			break;
 	}
-	r = 0;
- out:
-	if (r != 0) {
+	if (r == 1) {
+		if (fd_received != NULL) {
+			*fd_received = in.fd;
+			in.fd = -1;
+		}
+		return 0;
+	}
+	{
 		int saved = errno;
 
-		p11a_buf_reset(out);
+		p11a_frame_in_reset(&in);
 		errno = saved;
 	}
-	close_keep_errno(rfd);
 	return r;
 }
 
@@ -1303,74 +1224,62 @@ p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
 		 int timeout_ms, int frame_ms)
 {
 	int64_t deadline = deadline_from(timeout_ms);
-	const uint8_t *h;
-	uint8_t *p = NULL;
-	uint32_t len = 0;
-	size_t got = 0, n, niov;
+	struct p11a_frame_in in;
+	uint8_t *p;
+	size_t used, want, n, niov;
 	struct iovec iov[2];
 	ssize_t k;
-	int started = rd->len > 0, have_len = 0, r;
+	int started = rd->len > 0, r;
 
 	if (fd_received != NULL)
 		*fd_received = -1;
 	p11a_buf_reset(out);
+	/* The parse is the framing layer's; this reader only brings the bytes. */
+	p11a_frame_in_init(&in, out, 0);
 	if (started)
 		deadline = frame_deadline(deadline, frame_ms);
 	for (;;) {
-		if (!have_len && rd->len >= 4) {
-			h = rd->buf + rd->off;
-			/* Refused before a byte of the body goes to out. */
-			if ((r = frame_len(h, out, &len, &p)) != 0)
+		if (rd->len > 0) {
+			/* Refused at the header, before a byte of the body goes to out. */
+			r = p11a_frame_in_feed(&in, rd->buf + rd->off, rd->len, &used);
+			reader_consume(rd, used);
+			if (r < 0)
 				goto fail;
-			reader_consume(rd, 4);
-			have_len = 1;
+			if (r == 1)
+				break;
 		}
-		if (have_len && rd->len > 0) {
-			n = len - got < rd->len ? len - got : rd->len;
-			memcpy(p + got, rd->buf + rd->off, n);
-			reader_consume(rd, n);
-			got += n;
-		}
-		if (have_len && got == len)
-			break;
 		/*
-		 * More is needed; the buffer is empty or holds under 4 bytes.
-		 * The rest of the body goes straight to out, what follows it
-		 * to the buffer.
+		 * More is needed and the buffer is empty: the rest of the body
+		 * goes straight to out, what follows it to the buffer.
 		 */
-		if (rd->off > 0) {
-			memmove(rd->buf, rd->buf + rd->off, rd->len);
-			p11a_wipe(rd->buf + rd->len, rd->off);
-			rd->off = 0;
-		}
 		niov = 0;
-		if (have_len) {
-			iov[niov].iov_base = p + got;
-			iov[niov++].iov_len = len - got;
+		if ((want = p11a_frame_in_space(&in, &p)) > 0) {
+			iov[niov].iov_base = p;
+			iov[niov++].iov_len = want;
 		}
-		iov[niov].iov_base = rd->buf + rd->len;
-		iov[niov++].iov_len = sizeof(rd->buf) - rd->len;
-		k = reader_recv(rd, iov, niov, rd->pos + rd->len, deadline);
+		iov[niov].iov_base = rd->buf;
+		iov[niov++].iov_len = sizeof(rd->buf);
+		k = reader_recv(rd, iov, niov, rd->pos, deadline);
 		if (k < 0) {
 			r = (int)k;
 			goto fail;
 		}
 		if (k == 0) {
-			errno = started ? ECONNRESET : 0;
-			r = -P11A_E_IO;
+			r = p11a_frame_eof(started);
 			goto fail;
 		}
 		if (!started) {
 			started = 1;
 			deadline = frame_deadline(deadline, frame_ms);
 		}
-		if (have_len) {
-			n = (size_t)k < len - got ? (size_t)k : len - got;
-			got += n;
+		n = (size_t)k < want ? (size_t)k : want;
+		if (n > 0 && p11a_frame_in_advance(&in, n) == 1 && (size_t)k == n) {
 			rd->pos += n;
-			k -= (ssize_t)n;
+			break;
 		}
-		rd->len += (size_t)k;
+		rd->pos += n;
+		rd->off = 0;
+		rd->len = (size_t)k - n;
 	}
 	reader_claim_fds(rd, rd->pos, fd_received);
 	return 0;
@@ -1378,6 +1287,8 @@ p11a_reader_read(struct p11a_reader *rd, struct p11a_buf *out, int *fd_received,
 	{
 		int saved = errno;
 
+		in.body = NULL;         /* out is the caller's: reset below, not freed */
+		p11a_frame_in_reset(&in);
 		p11a_buf_reset(out);
 		reader_clear(rd);
 		errno = saved;

@@ -9,10 +9,12 @@
 #ifndef P11A_PROTO_H
 #define P11A_PROTO_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include "p11a.h"
 #include "buf.h"
+#include "frame.h"
 
 enum p11a_msg_type {
 	/* requests, client -> agent (main connection) */
@@ -210,17 +212,25 @@ int p11a_utf8_valid(const char *s);
  */
 const char *p11a_msg_bad_text(const struct p11a_msg *m);
 
+/* Frees the tokens and keys of a LIST_REPLY / H_INVENTORY body and zeroes it.  NULL is fine. */
+void p11a_list_reply_clear(struct p11a_list_reply *l);
+
 /* Frees what m owns, wipes the PIN, and zeroes m.  NULL is fine. */
 void p11a_msg_clear(struct p11a_msg *m);
 
 /*
  * Builds an ERROR message (message is copied); code is a P11A_E_* (either
  * sign; 0 becomes P11A_E_INTERNAL).  m is overwritten, not cleared first:
- * it must hold nothing.  fmt NULL or "" uses p11a_strerror(code).  Text
- * longer than P11A_TEXT_MAX is cut at a UTF-8 boundary.
+ * it must hold nothing.  fmt NULL or "", or text that formats to "",
+ * uses p11a_strerror(code): callers pass a reason that may be empty as
+ * "%s" and need no fallback of their own.  Text longer than
+ * P11A_TEXT_MAX is cut at a UTF-8 boundary.  Errors: -P11A_E_NOMEM.
  */
 int p11a_msg_set_error(struct p11a_msg *m, int code, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+/* The same with a va_list, for callers that take a format themselves. */
+int p11a_msg_set_error_v(struct p11a_msg *m, int code, const char *fmt, va_list ap)
+	__attribute__((format(printf, 3, 0)));
 
 /*
  * Internal frames between the agent and a token helper carry a u32
@@ -259,7 +269,6 @@ void p11a_key_clear(struct p11a_key *k);
  * Both use MSG_DONTWAIT and poll(), so the fd's blocking mode does not
  * matter.  Received descriptors have FD_CLOEXEC set.
  */
-#define P11A_FD_LOST (-2)
 int p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms);
 int p11a_frame_read(int fd, struct p11a_buf *out, int *fd_received, int timeout_ms);
 

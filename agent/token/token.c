@@ -57,7 +57,7 @@ token_module_load(const struct module_conf *mod, int wait_ms, struct token_modul
 		return -P11A_E_TOKEN;
 	}
 	m->event_fd = -1;
-	m->wait_ms = wait_ms > 0 ? wait_ms : 30000;
+	m->wait_ms = wait_ms > 0 ? wait_ms : P11A_SIGN_TIMEOUT_MS;
 	atomic_init(&m->key_copies, key_copies_wanted());
 	/* The real path modules_resolve() checked, not one a link could redirect. */
 	m->path = strdup(mod->load_path != NULL ? mod->load_path : mod->path);

@@ -28,6 +28,9 @@
  *                         through, or CKR_DEVICE_REMOVED if the token was
  *                         removed meanwhile), hang (block until a line
  *                         "unhang" appears), abort (abort the process).
+ *                         shutdown:FD (shut socket FD down both ways, as
+ *                         vendor code that closes descriptors it does not
+ *                         own, then hang as "hang").
  *                         "once": the line is deleted from the file when
  *                         it fires.  flags=: pinflags while the line stands.
  *                         "leave-active" (C_Sign with a CKR_ error): do not
@@ -47,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -299,6 +303,16 @@ fault(const char *fn, int session_call, int slot_call, CK_RV *rv)
 	if (strcmp(st.action, "abort") == 0) {
 		abort();
 	} else if (strcmp(st.action, "hang") == 0) {
+		for (;;) {
+			sleep_ms(100);
+			state_read(NULL, &st);
+			if (st.unhang)
+				break;
+		}
+		*rv = CKR_DEVICE_ERROR;
+		return 1;
+	} else if (strncmp(st.action, "shutdown:", 9) == 0) {
+		(void)shutdown(atoi(st.action + 9), SHUT_RDWR);
 		for (;;) {
 			sleep_ms(100);
 			state_read(NULL, &st);

@@ -1,8 +1,11 @@
 /*
- * Fuzz targets for the agent's main process (agent/server.c).
+ * Fuzz targets for the agent's main process (agent/server.c,
+ * agent/supervise.c, agent/handlers.c, common/frame.c).
  *
- * Seam: this file #includes agent/server.c, so its static functions are
- * reachable without any change to the agent.  A fake server is set up
+ * Entry points: the main process's internal API (agent/server_int.h):
+ * client_readable() (the framing layer's p11a_frame_in_recv() then
+ * client_request()/client_dispatch() in handlers.c), helper_readable()
+ * (supervise.c), pending_expire() and clients_unpark().  A fake server is set up
  * with one client connection and one token helper, each a socketpair
  * whose other end belongs to the harness; nothing listens and nothing is
  * forked (the fake helper's pid is one that cannot exist, so the agent's
@@ -10,7 +13,7 @@
  *
  * FUZZ_MODE_REQUEST (fuzz_request): the input is the byte stream a client
  * sends on its main connection: a sequence of frames, cut anywhere,
- * decoded by inframe_read()/client_request() and dispatched exactly as in
+ * decoded by p11a_frame_in_recv()/client_request() and dispatched exactly as in
  * the event loop.  The fake helper holds a fixed inventory and answers
  * every forwarded request (UNLOCK, LOCK) with OK or ERROR, or lets it time
  * out, so the pending-request paths run too.
@@ -21,7 +24,20 @@
  * OPEN_CHANNEL, UNLOCK and LOCK, so that the inventory the fuzzer made is
  * used (URI matching, list replies).
  */
-#include "server.c"
+#include "config.h"
+#include "server_int.h"
+#include "log.h"
+#include "p11a.h"
+#include "proto.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <stdint.h>
 
@@ -170,12 +186,11 @@ fz_start(struct fz *z, int with_inventory, int hello_done)
 	if (!(s->helpers = calloc(1, sizeof(*s->helpers))))
 		abort();
 	struct helper *h = &s->helpers[0];
-	h->mod = &fz_cfg.modules[0];
+	helper_init(s, 0, &fz_cfg.modules[0]);
 	h->fd = hv[0];
 	h->pid = FAKE_HELPER_PID;
 	h->up = with_inventory;
 	h->started_ms = p11a_now_ms() - HELPER_START_WAIT_MS - 1;
-	h->restart_delay_ms = RESTART_DELAY_MIN_MS;
 	if (with_inventory)
 		fz_inventory(&h->inv);
 	z->helper_peer = hv[1];
@@ -189,6 +204,8 @@ fz_start(struct fz *z, int with_inventory, int hello_done)
 	c->uid = s->uid;
 	c->pid = getpid();
 	c->hello_done = hello_done;
+	c->reply_fd = -1;
+	p11a_frame_in_init(&c->in, NULL, 0);
 	s->open_clients = 1;
 	z->client_peer = cv[1];
 }
@@ -201,17 +218,9 @@ fz_stop(struct fz *z)
 	for (size_t i = 0; i < s->nclients; i++)
 		client_close(s, i);
 	free(s->clients);
-	for (size_t i = 0; i < s->npending; i++)
-		free(s->pending[i].what);
-	free(s->pending);
-	for (size_t i = 0; i < s->nhelpers; i++) {
-		struct helper *h = &s->helpers[i];
-		if (h->fd >= 0)
-			close(h->fd);
-		inframe_reset(&h->in);
-		outq_clear(&h->out);
-		inventory_clear(&h->inv);
-	}
+	pending_free_all(s);
+	for (size_t i = 0; i < s->nhelpers; i++)
+		helper_free(&s->helpers[i]);
 	free(s->helpers);
 	fz_drain(z->client_peer);
 	fz_drain(z->helper_peer);
@@ -228,15 +237,16 @@ fz_flush(struct fz *z)
 	struct helper *h = &s->helpers[0];
 
 	for (int round = 0; round < 64; round++) {
-		if (c->fd >= 0 && c->out.head && outq_flush(&c->out, c->fd) != 0)
+		if (c->fd >= 0 && p11a_frame_out_flush(&c->out, c->fd) < 0)
 			client_close(s, 0);
-		if (h->fd >= 0 && h->out.head && outq_flush(&h->out, h->fd) != 0)
-			helper_down(s, 0, "write failed");
+		if (h->fd >= 0 && p11a_frame_out_flush(&h->out, h->fd) < 0)
+			helper_disconnect(s, 0, "write failed");
 		fz_drain(z->client_peer);
-		if (!(c->fd >= 0 && c->out.head) && !(h->fd >= 0 && h->out.head))
+		if (!(c->fd >= 0 && !p11a_frame_out_empty(&c->out)) &&
+		    !(h->fd >= 0 && !p11a_frame_out_empty(&h->out)))
 			break;
 	}
-	if (c->fd >= 0 && c->closing && !c->out.head)
+	if (c->fd >= 0 && c->closing && p11a_frame_out_empty(&c->out))
 		client_close(s, 0);
 }
 
@@ -310,7 +320,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			shut = 1;
 		}
 		/* As the event loop: read only once the last request is answered. */
-		if (!c->waiting && !c->has_parked && !c->out.head && !c->closing)
+		if (!c->waiting && !c->has_parked && p11a_frame_out_empty(&c->out) && !c->closing)
 			client_readable(s, 0);
 		fz_flush(&z);
 		if (c->fd >= 0 && c->waiting) {

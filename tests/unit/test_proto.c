@@ -888,6 +888,10 @@ test_set_error(void **state)
 	assert_int_equal(p11a_msg_set_error(&m, 0, "%s", "oops"), 0);
 	assert_int_equal(m.u.error.code, P11A_E_INTERNAL);
 	p11a_msg_clear(&m);
+	/* A reason that formats to "" gets the code's text: callers need no fallback. */
+	assert_int_equal(p11a_msg_set_error(&m, P11A_E_TOKEN, "%s", ""), 0);
+	assert_string_equal(m.u.error.message, p11a_strerror(P11A_E_TOKEN));
+	p11a_msg_clear(&m);
 	/* Over-long text is cut so the message still encodes, not inside a UTF-8 sequence. */
 	big = filled(P11A_TEXT_MAX + 10);
 	memcpy(big + P11A_TEXT_MAX - 1, "\xc3\xa9", 2);
@@ -1269,6 +1273,226 @@ piecewise_main(void *arg)
 			queue_drained(w->rfd);
 	}
 	return NULL;
+}
+
+/* ------------------------------------------------------------ framing layer (frame.c) */
+
+/* A frame [u32 len][body of n bytes, value v] in a fresh buffer. */
+static struct p11a_buf *
+framed(size_t n, uint8_t v)
+{
+	struct p11a_buf *b = p11a_buf_new(n + 4);
+	uint8_t hdr[4], *p;
+
+	assert_non_null(b);
+	p11a_frame_hdr_put(hdr, (uint32_t)n);
+	assert_int_equal(p11a_buf_put(b, hdr, 4), 0);
+	assert_int_equal(p11a_buf_reserve(b, n, &p), 0);
+	memset(p, v, n);
+	return b;
+}
+
+/* Two frames fed one byte at a time: each comes out whole, exactly at its last byte. */
+static void
+test_frame_in_feed_bytewise(void **state)
+{
+	struct p11a_frame_in in;
+	struct p11a_buf *a = framed(5, 0xaa), *b = framed(300, 0xbb);
+	size_t used;
+	(void)state;
+
+	p11a_frame_in_init(&in, NULL, 0);
+	for (int f = 0; f < 2; f++) {
+		struct p11a_buf *src = f == 0 ? a : b;
+		const uint8_t *p = p11a_buf_ptr(src);
+		size_t n = p11a_buf_len(src);
+		for (size_t i = 0; i < n; i++) {
+			int r = p11a_frame_in_feed(&in, p + i, 1, &used);
+			assert_int_equal(used, 1);
+			assert_int_equal(r, i + 1 == n ? 1 : 0);
+			assert_int_equal(p11a_frame_in_started(&in), 1);
+			assert_true(in.started_ms > 0);
+		}
+		assert_int_equal(p11a_buf_len(in.body), n - 4);
+		assert_int_equal(p11a_buf_ptr(in.body)[n - 5], f == 0 ? 0xaa : 0xbb);
+		p11a_frame_in_reset(&in);
+		assert_int_equal(p11a_frame_in_started(&in), 0);
+		assert_int_equal(in.started_ms, 0);
+	}
+	/* Fed at once, it stops at the end of the first frame. */
+	{
+		uint8_t two[9 + 304];
+		memcpy(two, p11a_buf_ptr(a), 9);
+		memcpy(two + 9, p11a_buf_ptr(b), 304);
+		assert_int_equal(p11a_frame_in_feed(&in, two, sizeof(two), &used), 1);
+		assert_int_equal(used, 9);
+		p11a_frame_in_reset(&in);
+		assert_int_equal(p11a_frame_in_feed(&in, two + 9, sizeof(two) - 9, &used), 1);
+		assert_int_equal(used, 304);
+		p11a_frame_in_reset(&in);
+	}
+	p11a_buf_free(a);
+	p11a_buf_free(b);
+}
+
+/* Lengths 0 and over the cap are refused at the header, before any body byte. */
+static void
+test_frame_in_refuses(void **state)
+{
+	struct p11a_frame_in in;
+	struct p11a_buf *small = p11a_buf_new(16);
+	uint8_t h[4];
+	size_t used;
+	uint32_t len;
+	(void)state;
+
+	p11a_frame_in_init(&in, NULL, 0);
+	p11a_frame_hdr_put(h, P11A_FRAME_MAX + 1);
+	assert_int_equal(p11a_frame_in_feed(&in, h, 3, &used), 0);
+	assert_int_equal(p11a_frame_in_feed(&in, h + 3, 1, &used), -P11A_E_TOO_LARGE);
+	assert_int_equal(errno, EMSGSIZE);
+	assert_null(in.body);                  /* nothing buffered */
+	p11a_frame_in_reset(&in);
+	p11a_frame_hdr_put(h, 0);
+	assert_int_equal(p11a_frame_in_feed(&in, h, 4, &used), -P11A_E_MALFORMED);
+	assert_int_equal(errno, EPROTO);
+	p11a_frame_in_reset(&in);
+	p11a_frame_hdr_put(h, P11A_FRAME_MAX);
+	assert_int_equal(p11a_frame_in_feed(&in, h, 4, &used), 0);
+	p11a_frame_in_reset(&in);
+	/* A caller's buffer caps the length too. */
+	p11a_frame_in_init(&in, small, 0);
+	p11a_frame_hdr_put(h, 17);
+	assert_int_equal(p11a_frame_in_feed(&in, h, 4, &used), -P11A_E_TOO_LARGE);
+	p11a_frame_in_reset(&in);
+	assert_int_equal(p11a_frame_hdr_parse((const uint8_t[]){ 0, 0, 0, 16 }, 16, &len), 0);
+	assert_int_equal(len, 16);
+	p11a_buf_free(small);
+}
+
+/* recv: half a frame leaves 0 (resumable); EOF mid-frame is ECONNRESET, before one errno 0. */
+static void
+test_frame_in_recv_eof(void **state)
+{
+	struct p11a_frame_in in;
+	struct p11a_buf *f = framed(100, 0x42);
+	int sv[2];
+	(void)state;
+
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+	p11a_frame_in_init(&in, NULL, 0);
+	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 0);        /* nothing yet */
+	assert_int_equal(p11a_frame_in_started(&in), 0);
+	assert_int_equal(write(sv[1], p11a_buf_ptr(f), 2), 2);
+	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 0);
+	assert_int_equal(write(sv[1], p11a_buf_ptr(f) + 2, 50), 50);
+	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 0);
+	assert_int_equal(in.got, 48);
+	assert_int_equal(write(sv[1], p11a_buf_ptr(f) + 52, 52), 52);
+	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), 1);
+	assert_int_equal(p11a_buf_len(in.body), 100);
+	p11a_frame_in_reset(&in);
+	/* Cut inside the next frame. */
+	assert_int_equal(write(sv[1], p11a_buf_ptr(f), 10), 10);
+	shutdown(sv[1], SHUT_WR);
+	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), -P11A_E_IO);
+	assert_int_equal(errno, ECONNRESET);
+	p11a_frame_in_reset(&in);
+	/* A clean close between frames. */
+	assert_int_equal(p11a_frame_in_recv(&in, sv[0]), -P11A_E_IO);
+	assert_int_equal(errno, 0);
+	p11a_frame_in_reset(&in);
+	close(sv[0]);
+	close(sv[1]);
+	/* The blocking reader follows the same rule. */
+	{
+		struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+		assert_int_equal(write(sv[1], p11a_buf_ptr(f), 7), 7);
+		shutdown(sv[1], SHUT_WR);
+		assert_int_equal(p11a_frame_read(sv[0], out, NULL, 1000), -P11A_E_IO);
+		assert_int_equal(errno, ECONNRESET);
+		assert_int_equal(p11a_buf_len(out), 0);
+		p11a_buf_free(out);
+		close(sv[0]);
+		close(sv[1]);
+	}
+	p11a_buf_free(f);
+}
+
+/*
+ * The writer queue against a small send buffer: a flush writes part,
+ * says more is left, resumes where it stopped; the descriptor arrives
+ * with the first frame; frames come out intact and in order.
+ */
+static void
+test_frame_out_partial_flush(void **state)
+{
+	struct p11a_frame_out q = { 0 };
+	struct p11a_frame_in in;
+	struct p11a_buf *body[3];
+	int sv[2], pipefd[2], sndbuf = 4096, partial = 0, got = 0, r;
+	(void)state;
+
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+	assert_int_equal(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)), 0);
+	assert_int_equal(pipe(pipefd), 0);
+	for (int i = 0; i < 3; i++) {
+		uint8_t *p;
+		size_t n = i == 1 ? 200000 : 1000;
+		body[i] = p11a_buf_new(n);
+		assert_int_equal(p11a_buf_reserve(body[i], n, &p), 0);
+		for (size_t k = 0; k < n; k++)
+			p[k] = (uint8_t)(k * 7 + (size_t)i);
+	}
+	assert_int_equal(p11a_frame_out_push(&q, body[0], pipefd[0]), 0);  /* fd owned by q now */
+	assert_int_equal(p11a_frame_out_push(&q, body[1], -1), 0);
+	assert_int_equal(p11a_frame_out_push(&q, body[2], -1), 0);
+	{
+		struct p11a_buf *empty = p11a_buf_new(4);
+		assert_int_equal(p11a_frame_out_push(&q, empty, -1), -P11A_E_MALFORMED);
+		p11a_buf_free(empty);
+	}
+	p11a_frame_in_init(&in, NULL, P11A_FRAME_IN_FDS);
+	while (got < 3) {
+		r = p11a_frame_out_flush(&q, sv[0]);
+		assert_true(r == 0 || r == 1);
+		if (r == 1) {
+			partial++;
+			assert_int_equal(p11a_frame_out_empty(&q), 0);
+		}
+		while ((r = p11a_frame_in_recv(&in, sv[1])) == 1) {
+			assert_int_equal(p11a_buf_len(in.body), p11a_buf_len(body[got]));
+			assert_memory_equal(p11a_buf_ptr(in.body), p11a_buf_ptr(body[got]),
+					    p11a_buf_len(body[got]));
+			if (got == 0) {
+				struct stat st;
+				assert_true(in.fd >= 0);
+				assert_int_equal(fstat(in.fd, &st), 0);
+				assert_true(S_ISFIFO(st.st_mode));
+				assert_true(fcntl(in.fd, F_GETFD) & FD_CLOEXEC);
+			} else {
+				assert_int_equal(in.fd, -1);
+			}
+			p11a_frame_in_reset(&in);  /* closes the received descriptor */
+			got++;
+		}
+		assert_int_equal(r, 0);
+	}
+	assert_true(partial > 0);                 /* the 200 kB frame did not fit at once */
+	assert_int_equal(p11a_frame_out_flush(&q, sv[0]), 0);
+	assert_int_equal(p11a_frame_out_empty(&q), 1);
+	/* A peer that is gone: -P11A_E_IO, no SIGPIPE; clear drops what is left. */
+	assert_int_equal(p11a_frame_out_push(&q, body[2], -1), 0);
+	close(sv[1]);
+	assert_int_equal(p11a_frame_out_flush(&q, sv[0]), -P11A_E_IO);
+	assert_int_equal(errno, EPIPE);
+	p11a_frame_out_clear(&q);
+	assert_int_equal(p11a_frame_out_empty(&q), 1);
+	close(sv[0]);
+	close(pipefd[1]);
+	for (int i = 0; i < 3; i++)
+		p11a_buf_free(body[i]);
 }
 
 static void
@@ -2542,6 +2766,10 @@ main(void)
 		cmocka_unit_test(test_frame_refuses_lengths),
 		cmocka_unit_test(test_frame_max),
 		cmocka_unit_test(test_frame_eof_timeout),
+		cmocka_unit_test(test_frame_in_feed_bytewise),
+		cmocka_unit_test(test_frame_in_refuses),
+		cmocka_unit_test(test_frame_in_recv_eof),
+		cmocka_unit_test(test_frame_out_partial_flush),
 		cmocka_unit_test(test_reader_two_frames_one_read),
 		cmocka_unit_test(test_reader_split_everywhere),
 		cmocka_unit_test(test_reader_fds),

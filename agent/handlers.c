@@ -1,0 +1,652 @@
+/*
+ * The agent's request handlers (see server_int.h): HELLO, STATUS, LIST,
+ * HEALTH, UNLOCK, LOCK, OPEN_CHANNEL, the requests forwarded to token
+ * helpers and waiting for their replies, and the one error reply.
+ */
+#include "config.h"
+#include "server_int.h"
+#include "log.h"
+#include "p11a.h"
+#include "proto.h"
+#include "uri.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------ replies */
+
+void
+send_error(struct server *s, size_t ci, int code, const char *fmt, ...)
+{
+	struct p11a_msg m;
+	va_list ap;
+	int r;
+
+	memset(&m, 0, sizeof(m));
+	va_start(ap, fmt);
+	r = p11a_msg_set_error_v(&m, code, fmt, ap);
+	va_end(ap);
+	if (r != 0) {
+		s->clients[ci].closing = 1;
+		return;
+	}
+	log_debug("client %d: error %s: %s", s->clients[ci].fd, p11a_strerror(code),
+		  m.u.error.message);
+	send_msg(s, ci, &m, -1);
+	p11a_msg_clear(&m);
+}
+
+void
+send_ok(struct server *s, size_t ci)
+{
+	struct p11a_msg m = { .type = P11A_MSG_OK };
+	send_msg(s, ci, &m, -1);
+}
+
+/* ------------------------------------------------------------ pending */
+
+static struct pending *
+pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *what)
+{
+	if (s->npending == s->cpending) {
+		size_t n = s->cpending ? s->cpending * 2 : 16;
+		struct pending *p = realloc(s->pending, n * sizeof(*p));
+		if (!p)
+			return NULL;
+		s->pending = p;
+		s->cpending = n;
+	}
+	struct pending *p = &s->pending[s->npending];
+	memset(p, 0, sizeof(*p));
+	if (++s->next_id == 0)
+		s->next_id = 1;
+	p->id = s->next_id;
+	p->client = ci;
+	p->serial = s->clients[ci].serial;
+	p->helper = hi;
+	p->type = type;
+	p->deadline = p11a_now_ms() + s->cfg->sign_timeout_ms;
+	p->what = strdup(what ? what : "");
+	p->channel_fd = -1;
+	s->npending++;
+	s->clients[ci].waiting++;
+	return p;
+}
+
+/* One awaited reply arrived (code 0 = OK) for a client; answer once all did. */
+static void
+client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, const char *msg)
+{
+	struct client *c = &s->clients[ci];
+	if (c->fd < 0 || c->serial != serial || c->waiting == 0)
+		return;
+	if (code != 0 && c->wait_error == 0) {
+		c->wait_error = code;
+		free(c->wait_error_msg);
+		c->wait_error_msg = strdup(msg ? msg : "");
+	}
+	if (--c->waiting > 0)
+		return;
+	if (c->wait_error) {
+		if (c->reply_fd >= 0) {
+			close(c->reply_fd);
+			c->reply_fd = -1;
+		}
+		send_error(s, ci, c->wait_error, "%s", c->wait_error_msg ? c->wait_error_msg : "");
+	} else if (c->reply_fd >= 0) {
+		struct p11a_msg reply = { .type = P11A_MSG_CHANNEL };
+		int fd = c->reply_fd;
+		c->reply_fd = -1;
+		send_msg(s, ci, &reply, fd);
+	} else {
+		send_ok(s, ci);
+	}
+	c->wait_error = 0;
+	free(c->wait_error_msg);
+	c->wait_error_msg = NULL;
+}
+
+static void
+pending_remove(struct server *s, size_t pi)
+{
+	free(s->pending[pi].what);
+	if (s->pending[pi].channel_fd >= 0)
+		close(s->pending[pi].channel_fd);
+	s->pending[pi] = s->pending[--s->npending];
+}
+
+void
+pending_fail_helper(struct server *s, size_t hi)
+{
+	for (size_t i = 0; i < s->npending;) {
+		struct pending *p = &s->pending[i];
+		if (p->helper != hi) {
+			i++;
+			continue;
+		}
+		char msg[512];
+		snprintf(msg, sizeof(msg), "token helper for module %s stopped during %s; it is being restarted",
+			 s->helpers[hi].mod->name, p->what);
+		client_reply_arrived(s, p->client, p->serial, P11A_E_HELPER, msg);
+		pending_remove(s, i);
+	}
+}
+
+void
+pending_expire(struct server *s, int64_t now)
+{
+	for (size_t i = 0; i < s->npending;) {
+		struct pending *p = &s->pending[i];
+		if (p->deadline > now) {
+			i++;
+			continue;
+		}
+		char msg[512];
+		/*
+		 * The helper still holds the request and may carry it out: a
+		 * login or logout that ends later must not have been reported
+		 * as a plain failure.
+		 */
+		const char *still = p->type == P11A_MSG_UNLOCK ?
+		    "; the unlock is still in progress and may yet succeed: "
+		    "'p11agent status' shows the outcome" :
+		    p->type == P11A_MSG_LOCK ?
+		    "; the lock is still in progress: 'p11agent status' shows the outcome" : "";
+		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s%s", p->what,
+			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000, still);
+		client_reply_arrived(s, p->client, p->serial, P11A_E_TIMEOUT, msg);
+		pending_remove(s, i);
+	}
+}
+
+void
+pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m)
+{
+	for (size_t i = 0; i < s->npending; i++) {
+		struct pending *p = &s->pending[i];
+		if (p->id != id || p->helper != hi)
+			continue;
+		if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
+			/* The helper serves the channel now: hand the other end over. */
+			struct client *c = &s->clients[p->client];
+			if (c->fd >= 0 && c->serial == p->serial && c->reply_fd < 0) {
+				c->reply_fd = p->channel_fd;
+				p->channel_fd = -1;
+			}
+			client_reply_arrived(s, p->client, p->serial, 0, NULL);
+		} else if (m->type == P11A_MSG_OK)
+			client_reply_arrived(s, p->client, p->serial, 0, NULL);
+		else if (m->type == P11A_MSG_ERROR)
+			client_reply_arrived(s, p->client, p->serial, (int)m->u.error.code,
+					     m->u.error.message);
+		else
+			client_reply_arrived(s, p->client, p->serial, P11A_E_INTERNAL,
+					     "unexpected reply from token helper");
+		pending_remove(s, i);
+		return;
+	}
+	/* Late replies after a timeout land here. */
+	log_debug("helper %s: reply type 0x%02x for id %u ignored", s->helpers[hi].mod->name,
+		  m->type, id);
+}
+
+int64_t
+pending_next_deadline(const struct server *s, int64_t next)
+{
+	for (size_t i = 0; i < s->npending; i++)
+		if (s->pending[i].deadline < next)
+			next = s->pending[i].deadline;
+	return next;
+}
+
+void
+pending_free_all(struct server *s)
+{
+	while (s->npending > 0)
+		pending_remove(s, s->npending - 1);
+	free(s->pending);
+	s->pending = NULL;
+	s->cpending = 0;
+}
+
+/* ------------------------------------------------------------ requests */
+
+static void
+handle_hello(struct server *s, size_t ci, const struct p11a_hello *hello)
+{
+	struct client *c = &s->clients[ci];
+	uint16_t lo = hello->min_version > P11A_PROTO_VERSION_MIN ? hello->min_version : P11A_PROTO_VERSION_MIN;
+	uint16_t hi = hello->max_version < P11A_PROTO_VERSION ? hello->max_version : P11A_PROTO_VERSION;
+	if (lo > hi) {
+		send_error(s, ci, P11A_E_VERSION,
+			   "client speaks protocol versions %u..%u, agent speaks %u..%u",
+			   hello->min_version, hello->max_version, P11A_PROTO_VERSION_MIN,
+			   P11A_PROTO_VERSION);
+		c->closing = 1;
+		return;
+	}
+	log_debug("client %d: hello from '%s' (pid %ld), version %u", c->fd,
+		  hello->client ? hello->client : "", (long)c->pid, hi);
+	c->hello_done = 1;
+	c->version = hi;
+	struct p11a_msg m = { .type = P11A_MSG_HELLO_REPLY };
+	m.u.hello_reply.version = hi;
+	m.u.hello_reply.agent = (char *)"p11agentd " PACKAGE_VERSION;
+	send_msg(s, ci, &m, -1);
+}
+
+/* Gathers every token (and key) of every running helper; views only, nothing copied. */
+static void
+handle_list(struct server *s, size_t ci, int with_keys)
+{
+	struct p11a_msg m;
+	memset(&m, 0, sizeof(m));
+	size_t nt = 0, nk = 0;
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		nt += s->helpers[i].inv.ntokens;
+		nk += s->helpers[i].inv.nkeys;
+	}
+	struct p11a_token *tokens = calloc(nt ? nt : 1, sizeof(*tokens));
+	struct p11a_key *keys = calloc(nk ? nk : 1, sizeof(*keys));
+	if (!tokens || !keys) {
+		free(tokens);
+		free(keys);
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	nt = nk = 0;
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		const struct p11a_list_reply *inv = &s->helpers[i].inv;
+		if (inv->ntokens)
+			memcpy(tokens + nt, inv->tokens, inv->ntokens * sizeof(*tokens));
+		nt += inv->ntokens;
+		if (inv->nkeys)
+			memcpy(keys + nk, inv->keys, inv->nkeys * sizeof(*keys));
+		nk += inv->nkeys;
+	}
+	if (with_keys) {
+		m.type = P11A_MSG_LIST_REPLY;
+		m.u.list.ntokens = (uint32_t)nt;
+		m.u.list.tokens = tokens;
+		m.u.list.nkeys = (uint32_t)nk;
+		m.u.list.keys = keys;
+	} else {
+		size_t up = 0;
+		for (size_t i = 0; i < s->nhelpers; i++)
+			up += s->helpers[i].up;
+		m.type = P11A_MSG_STATUS_REPLY;
+		m.u.status.agent = (char *)"p11agentd " PACKAGE_VERSION;
+		m.u.status.pid = (uint32_t)getpid();
+		m.u.status.modules = (uint32_t)s->nhelpers;
+		m.u.status.modules_up = (uint32_t)up;
+		m.u.status.connections = (uint32_t)s->open_clients;
+		m.u.status.ntokens = (uint32_t)nt;
+		m.u.status.tokens = tokens;
+	}
+	send_msg(s, ci, &m, -1);
+	free(tokens);
+	free(keys);
+}
+
+/* HEALTH: every module's state and last error, and the latest warnings of this process. */
+static void
+handle_health(struct server *s, size_t ci)
+{
+	const struct agent_config *cfg = s->cfg;
+	size_t n = s->nhelpers + cfg->ndropped, k = 0;
+	struct p11a_module_health *mods = calloc(n ? n : 1, sizeof(*mods));
+	const char *recent[LOG_RECENT_MAX];
+	struct p11a_msg m;
+
+	if (!mods) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	for (size_t i = 0; i < s->nhelpers; i++, k++) {
+		const struct helper *h = &s->helpers[i];
+		mods[k].name = h->mod->name;
+		mods[k].path = h->mod->path;
+		mods[k].state = h->dead_for_good ? P11A_MODULE_FAILED : h->up ? P11A_MODULE_UP :
+		    h->fd >= 0 ? P11A_MODULE_STARTING : P11A_MODULE_RESTARTING;
+		mods[k].restarts = h->starts > 1 ? h->starts - 1 : 0;
+		mods[k].error_time = (uint32_t)h->error_time;
+		mods[k].error = (char *)h->last_error;
+	}
+	for (size_t i = 0; i < cfg->ndropped; i++, k++) {
+		mods[k].name = cfg->dropped[i].name;
+		mods[k].path = cfg->dropped[i].path;
+		mods[k].state = P11A_MODULE_NOT_USED;
+		mods[k].error = cfg->dropped[i].why;
+	}
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_HEALTH_REPLY;
+	m.u.health.nmodules = (uint32_t)n;
+	m.u.health.modules = mods;
+	m.u.health.nrecent = (uint32_t)log_recent(recent, LOG_RECENT_MAX);
+	m.u.health.recent = (char **)recent;
+	send_msg(s, ci, &m, -1);
+	free(mods);
+}
+
+int
+find_tokens(const struct server *s, const char *uri, struct token_ref **out)
+{
+	struct p11a_uri_matcher *mt = NULL;
+	struct token_ref *refs = NULL;
+	size_t n = 0, total = 0;
+	int err = 0;
+
+	*out = NULL;
+	if (uri && *uri && !(mt = p11a_uri_matcher_new(uri, &err)))
+		return err ? err : -P11A_E_URI;
+	for (size_t i = 0; i < s->nhelpers; i++)
+		total += s->helpers[i].inv.ntokens;
+	if (total > INT_MAX || (total && !(refs = calloc(total, sizeof(*refs))))) {
+		p11a_uri_matcher_free(mt);
+		return -P11A_E_NOMEM;
+	}
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		const struct p11a_list_reply *inv = &s->helpers[i].inv;
+		for (uint32_t t = 0; t < inv->ntokens; t++) {
+			if (mt && p11a_uri_match_token(mt, &inv->tokens[t]) != 1)
+				continue;
+			refs[n++] = (struct token_ref){ i, &inv->tokens[t] };
+		}
+	}
+	p11a_uri_matcher_free(mt);
+	if (n == 0) {
+		free(refs);
+		refs = NULL;
+	}
+	*out = refs;
+	return (int)n;
+}
+
+/*
+ * The tokens an UNLOCK or LOCK names (uri "" = all).  Answers the client
+ * itself when there are none or the URI is bad, and returns -1 then.
+ */
+static int
+request_tokens(struct server *s, size_t ci, const char *uri, struct token_ref **refs)
+{
+	int n = find_tokens(s, uri, refs);
+
+	if (n == -P11A_E_NOMEM) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return -1;
+	}
+	if (n < 0) {
+		send_error(s, ci, -n, "'%s' is not a valid pkcs11: token URI", uri);
+		return -1;
+	}
+	if (n == 0) {
+		if (*uri)
+			send_error(s, ci, P11A_E_NO_SUCH_TOKEN, "no token matches %s", uri);
+		else
+			send_error(s, ci, P11A_E_NO_SUCH_TOKEN, "no token is present");
+		return -1;
+	}
+	return n;
+}
+
+static void
+handle_unlock(struct server *s, size_t ci, struct p11a_msg *req)
+{
+	struct token_ref *refs = NULL;
+	const char *uri = req->u.unlock.token_uri ? req->u.unlock.token_uri : "";
+	int n = request_tokens(s, ci, uri, &refs);
+	if (n < 0)
+		return;
+	const struct token_ref *pick = NULL;
+	int candidates = 0;
+	for (int i = 0; i < n; i++) {
+		uint32_t f = refs[i].token->flags;
+		/* A named token is unlocked whatever its flags; "" picks the one that needs a PIN. */
+		if (*uri || ((f & P11A_TOKEN_LOGIN_REQUIRED) && !(f & P11A_TOKEN_LOGGED_IN))) {
+			candidates++;
+			pick = &refs[i];
+		}
+	}
+	if (candidates == 0) {
+		send_ok(s, ci);  /* every token is already logged in */
+		goto out;
+	}
+	if (candidates > 1) {
+		send_error(s, ci, P11A_E_AMBIGUOUS,
+			   "%d tokens %s; name one with its URI (p11agent unlock --token URI)",
+			   candidates, *uri ? "match" : "need a PIN");
+		goto out;
+	}
+	/* Forward with the exact token URI; the PIN stays in the request's fixed array. */
+	char *exact = strdup(pick->token->uri ? pick->token->uri : "");
+	if (!exact) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		goto out;
+	}
+	free(req->u.unlock.token_uri);
+	req->u.unlock.token_uri = exact;
+	char what[600];
+	snprintf(what, sizeof(what), "unlock of token '%s'", pick->token->label);
+	struct pending *p = pending_add(s, ci, pick->helper, P11A_MSG_UNLOCK, what);
+	if (!p) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		goto out;
+	}
+	log_info("client %d: unlock of token '%s'", s->clients[ci].fd, pick->token->label);
+	helper_send(s, pick->helper, p->id, req, -1);
+out:
+	free(refs);
+}
+
+static void
+handle_lock(struct server *s, size_t ci, const struct p11a_msg *req)
+{
+	struct token_ref *refs = NULL;
+	const char *uri = req->u.lock.token_uri ? req->u.lock.token_uri : "";
+	int n = request_tokens(s, ci, uri, &refs);
+	if (n < 0)
+		return;
+	for (int i = 0; i < n; i++) {
+		char what[600];
+		snprintf(what, sizeof(what), "lock of token '%s'", refs[i].token->label);
+		struct pending *p = pending_add(s, ci, refs[i].helper, P11A_MSG_LOCK, what);
+		if (!p) {
+			client_reply_arrived(s, ci, s->clients[ci].serial, P11A_E_NOMEM, "out of memory");
+			continue;
+		}
+		struct p11a_msg fwd = { .type = P11A_MSG_LOCK };
+		fwd.u.lock.token_uri = refs[i].token->uri;
+		log_info("client %d: lock of token '%s'", s->clients[ci].fd, refs[i].token->label);
+		helper_send(s, refs[i].helper, p->id, &fwd, -1);
+	}
+	free(refs);
+}
+
+static void
+handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
+{
+	const char *uri = oc->key_uri ? oc->key_uri : "";
+	size_t found = 0, hi = 0, n;
+	/* An empty list only checks that the URI parses. */
+	if (p11a_list_match_keys(NULL, uri, NULL, 0, &n) != 0) {
+		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
+		return;
+	}
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		if (p11a_list_match_keys(&s->helpers[i].inv, uri, NULL, 0, &n) == 0 && n > 0) {
+			found += n;
+			hi = i;
+		}
+	}
+	if (found == 0) {
+		/* A helper that is down has no inventory: its keys are not gone, they are unknown. */
+		for (size_t i = 0; i < s->nhelpers; i++) {
+			const struct helper *dh = &s->helpers[i];
+			if (!dh->dead_for_good && (dh->fd < 0 || !dh->up)) {
+				send_error(s, ci, P11A_E_HELPER,
+					   "no key matches %s while the token helper for module %s "
+					   "is restarting; try again", uri, dh->mod->name);
+				return;
+			}
+		}
+		send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
+		return;
+	}
+	if (found > 1) {
+		send_error(s, ci, P11A_E_AMBIGUOUS,
+			   "%zu keys match %s; add id= or object= to the URI", found, uri);
+		return;
+	}
+	struct helper *h = &s->helpers[hi];
+	if (h->fd < 0 || !h->up) {
+		send_error(s, ci, P11A_E_HELPER, "token helper for module %s is restarting",
+			   h->mod->name);
+		return;
+	}
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+		send_error(s, ci, P11A_E_BUSY, "cannot create a signing channel: %s", strerror(errno));
+		return;
+	}
+	/*
+	 * The client gets its end only once the helper has taken the other
+	 * (H_ADOPT answered OK): a helper that is dying but not yet noticed
+	 * gives a clear HELPER error here, not a dead channel.  This costs one
+	 * helper wake-up per channel, not per signature.
+	 */
+	char what[160];
+	snprintf(what, sizeof(what), "opening a signing channel");
+	struct pending *p = pending_add(s, ci, hi, P11A_MSG_H_ADOPT, what);
+	if (!p) {
+		close(sv[0]);
+		close(sv[1]);
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	p->channel_fd = sv[1];
+	struct p11a_msg adopt = { .type = P11A_MSG_H_ADOPT };
+	adopt.u.adopt.conn = s->clients[ci].serial;
+	adopt.u.adopt.pid = s->clients[ci].pid > 0 ? (uint32_t)s->clients[ci].pid : 0;
+	log_debug("client %d: signing channel to helper %s for %s", s->clients[ci].fd,
+		  h->mod->name, uri);
+	helper_send(s, hi, p->id, &adopt, sv[0]);
+}
+
+void
+client_request(struct server *s, size_t ci)
+{
+	struct client *c = &s->clients[ci];
+	struct p11a_msg m;
+	const uint8_t *body = p11a_buf_ptr(c->in.body);
+	size_t len = p11a_buf_len(c->in.body);
+	uint8_t type = body[0];
+	int r = p11a_msg_decode(body, len, &m);
+	p11a_frame_in_reset(&c->in);
+	if (r == -P11A_E_UNKNOWN_TYPE) {
+		send_error(s, ci, P11A_E_UNKNOWN_TYPE, "unknown message type 0x%02x", type);
+		return;
+	}
+	if (r != 0) {
+		log_warn("client %d (pid %ld): malformed message type 0x%02x: %s; dropping the connection",
+			 c->fd, (long)c->pid, type, p11a_strerror(r));
+		client_close(s, ci);
+		return;
+	}
+	if (!c->hello_done && m.type != P11A_MSG_HELLO) {
+		send_error(s, ci, P11A_E_PROTOCOL, "the first request must be HELLO");
+		p11a_msg_clear(&m);
+		return;
+	}
+	switch (m.type) {
+	case P11A_MSG_LIST:
+	case P11A_MSG_UNLOCK:
+	case P11A_MSG_LOCK:
+	case P11A_MSG_OPEN_CHANNEL:
+		/*
+		 * These need the inventory: right after start-up (or a helper
+		 * restart) wait for the helpers to report rather than answer
+		 * "no token".  The PIN of a parked UNLOCK stays in the fixed
+		 * array of the decoded message.
+		 */
+		if (helpers_starting(s, p11a_now_ms())) {
+			c->parked = m;
+			c->has_parked = 1;
+			log_debug("client %d: request 0x%02x waits for token helpers to start",
+				  c->fd, m.type);
+			return;
+		}
+		break;
+	default:
+		break;
+	}
+	client_dispatch(s, ci, &m);
+}
+
+void
+client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
+{
+	struct p11a_msg m = *req;
+	const char *bad;
+	memset(req, 0, sizeof(*req));
+	if ((bad = p11a_msg_bad_text(&m)) != NULL) {
+		send_error(s, ci, P11A_E_BAD_REQUEST, "the %s is not valid UTF-8", bad);
+		p11a_msg_clear(&m);
+		return;
+	}
+	switch (m.type) {
+	case P11A_MSG_HELLO:
+		handle_hello(s, ci, &m.u.hello);
+		break;
+	case P11A_MSG_STATUS:
+		handle_list(s, ci, 0);
+		break;
+	case P11A_MSG_HEALTH:
+		if (s->clients[ci].version < 2)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 2", m.type);
+		else
+			handle_health(s, ci);
+		break;
+	case P11A_MSG_LIST:
+		handle_list(s, ci, 1);
+		break;
+	case P11A_MSG_UNLOCK:
+		handle_unlock(s, ci, &m);
+		break;
+	case P11A_MSG_LOCK:
+		handle_lock(s, ci, &m);
+		break;
+	case P11A_MSG_OPEN_CHANNEL:
+		handle_open_channel(s, ci, &m.u.open_channel);
+		break;
+	case P11A_MSG_SIGN:
+		send_error(s, ci, P11A_E_PROTOCOL,
+			   "SIGN goes on a signing channel: send OPEN_CHANNEL first");
+		break;
+	default:
+		send_error(s, ci, P11A_E_PROTOCOL, "message type 0x%02x is not a request", m.type);
+		break;
+	}
+	p11a_msg_clear(&m);  /* wipes an UNLOCK's PIN */
+}
+
+/* Dispatches parked requests once no helper is still starting. */
+void
+clients_unpark(struct server *s, int64_t now)
+{
+	if (helpers_starting(s, now))
+		return;
+	for (size_t i = 0; i < s->nclients; i++) {
+		struct client *c = &s->clients[i];
+		if (c->fd >= 0 && c->has_parked) {
+			c->has_parked = 0;
+			client_dispatch(s, i, &c->parked);
+		}
+	}
+}

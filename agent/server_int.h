@@ -1,0 +1,181 @@
+/*
+ * The agent main process's state, shared by its three files (internal:
+ * nothing outside agent/server.c, agent/supervise.c, agent/handlers.c and
+ * their tests includes it):
+ *
+ * - server.c: the poll() loop alone, the listening socket, client
+ *   connections (accept, read, write, close) and signals.
+ * - supervise.c: token helpers: spawn (with the child's descriptor
+ *   clean-up), their control sockets, the inventory they push, reaping
+ *   without ever blocking the loop (SIGCHLD via the signalfd, a deadline
+ *   after which SIGKILL goes out) and restart with back-off.
+ * - handlers.c: requests (HELLO, STATUS, LIST, HEALTH, UNLOCK, LOCK,
+ *   OPEN_CHANNEL), the requests forwarded to helpers and waiting for
+ *   their reply (pending), and the error reply.
+ */
+#ifndef AGENT_SERVER_INT_H
+#define AGENT_SERVER_INT_H
+
+#include <poll.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "conf.h"
+#include "frame.h"
+#include "proto.h"
+
+#define RESTART_DELAY_MIN_MS   500
+#define RESTART_DELAY_MAX_MS   30000
+#define HELPER_STABLE_MS       60000
+/* How long a request that needs the inventory waits for starting helpers. */
+#define HELPER_START_WAIT_MS   10000
+/*
+ * A helper whose control socket closed gets this long to exit by itself
+ * before SIGKILL; meanwhile the loop keeps serving.
+ */
+#define HELPER_REAP_GRACE_MS   500
+#define ACCEPT_PAUSE_MS        200     /* out of descriptors: how long accept() rests */
+
+struct helper {
+	struct module_conf *mod;
+	pid_t pid;                 /* 0 = no process (reaped) */
+	int fd;                    /* control socket, -1 = closed */
+	struct p11a_frame_in in;
+	struct p11a_frame_out out;
+	int up;                    /* first inventory received */
+	int dead_for_good;         /* module failed to initialize */
+	struct p11a_list_reply inv;
+	int64_t restart_at;        /* 0 = not scheduled */
+	int64_t kill_at;           /* socket closed, not reaped: SIGKILL at this time; 0 = none */
+	int killed;                /* SIGKILL sent to this run's process */
+	char down_why[64];         /* why the socket closed, for the exit message */
+	int64_t started_ms;
+	int restart_delay_ms;
+	unsigned starts;           /* times the helper was started */
+	int init_error;            /* this run's helper reported why it could not start */
+	char last_error[512];      /* the module's latest failure, for HEALTH; "" = none */
+	time_t error_time;
+};
+
+struct client {
+	int fd;
+	uint64_t serial;           /* tells a reused slot apart */
+	int hello_done;
+	uint16_t version;          /* protocol version chosen at HELLO */
+	int closing;               /* close once the out queue is empty */
+	int waiting;               /* replies still expected from helpers */
+	int wait_error;            /* first error code among them, 0 = none */
+	char *wait_error_msg;
+	uint32_t uid;
+	pid_t pid;
+	struct p11a_frame_in in;
+	struct p11a_frame_out out;
+	int reply_fd;              /* descriptor for the awaited CHANNEL reply, or -1 */
+	int has_parked;            /* a request waits for helpers to come up */
+	struct p11a_msg parked;
+};
+
+struct pending {
+	uint32_t id;
+	size_t client;             /* index */
+	uint64_t serial;
+	size_t helper;
+	int64_t deadline;
+	uint8_t type;              /* request forwarded */
+	char *what;                /* for timeout messages */
+	int channel_fd;            /* H_ADOPT: the client's end of the channel, or -1 */
+};
+
+struct server {
+	const struct agent_config *cfg;
+	int listen_fd;
+	int sig_fd;
+	int stop;
+	uid_t uid;
+	size_t nhelpers;
+	struct helper *helpers;
+	size_t nclients, cclients;
+	struct client *clients;    /* slots; fd -1 = free */
+	uint64_t next_serial;
+	size_t npending, cpending;
+	struct pending *pending;
+	uint32_t next_id;
+	size_t open_clients;
+	size_t max_clients;        /* max-connections, within RLIMIT_NOFILE */
+	size_t notified_up;        /* modules up in the last STATUS= sent to systemd */
+	int64_t accept_paused_until;       /* out of descriptors: listen again at this time */
+	/* The poll set; in the server so that a helper forked from the loop still reaches it. */
+	struct pollfd *pfd;
+	size_t cpfd;
+};
+
+/* ---- server.c: client connections */
+
+/* Queues m for client ci (fd_to_pass owned from here on) and writes what it can. */
+void send_msg(struct server *s, size_t ci, const struct p11a_msg *m, int fd_to_pass);
+void client_close(struct server *s, size_t ci);
+/* Reads what the client sent; a whole request goes to client_request(). */
+void client_readable(struct server *s, size_t ci);
+
+/* ---- supervise.c: token helpers */
+
+void helper_init(struct server *s, size_t hi, struct module_conf *mod);
+void helper_spawn(struct server *s, size_t hi);
+/* Queues an internal frame (fd_to_pass owned from here on); a failure is logged. */
+void helper_send(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m, int fd_to_pass);
+void helper_readable(struct server *s, size_t hi);
+/*
+ * The helper's control socket closed or failed: close it, drop its
+ * inventory, fail its requests, and set the deadline after which it is
+ * killed.  Never waits: the process is reaped by helpers_reap().
+ */
+void helper_disconnect(struct server *s, size_t hi, const char *why);
+/* Reaps every exited child (SIGCHLD, or any loop pass); never blocks. */
+void helpers_reap(struct server *s);
+/*
+ * Timers: SIGKILL for helpers past their grace, restarts that are due.
+ * Returns the earliest time it needs to run again (or `next`).
+ */
+int64_t helpers_tick(struct server *s, int64_t now, int64_t next);
+/* 1 while a helper was started less than HELPER_START_WAIT_MS ago and has not reported. */
+int helpers_starting(const struct server *s, int64_t now);
+/* Shutdown: EOF to every helper, then waits (bounded, SIGKILL after) for all to exit. */
+void helpers_stop(struct server *s);
+/* Frees what helper hi holds (socket, queues, inventory); no process handling. */
+void helper_free(struct helper *h);
+
+/* ---- handlers.c: requests */
+
+/* A whole frame is in s->clients[ci].in: decode, check, dispatch. */
+void client_request(struct server *s, size_t ci);
+/* Dispatches a decoded request (taken over: *req is zeroed). */
+void client_dispatch(struct server *s, size_t ci, struct p11a_msg *req);
+/* Dispatches parked requests once no helper is still starting. */
+void clients_unpark(struct server *s, int64_t now);
+/* The one error reply: ERROR with code and formatted text, logged at debug. */
+void send_error(struct server *s, size_t ci, int code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+void send_ok(struct server *s, size_t ci);
+/* A helper's reply to request id (or an unsolicited message, id 0). */
+void pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m);
+/* Every request waiting on helper hi gets a HELPER error. */
+void pending_fail_helper(struct server *s, size_t hi);
+/* Requests past their deadline get a TIMEOUT error. */
+void pending_expire(struct server *s, int64_t now);
+/* The earliest pending deadline, or next. */
+int64_t pending_next_deadline(const struct server *s, int64_t next);
+void pending_free_all(struct server *s);
+
+/*
+ * Tokens of every helper's inventory that match uri ("" = all), in
+ * helper order; *out (NULL when none) is the caller's to free.  Returns
+ * the count or a negative P11A_E_* (a bad URI, -P11A_E_NOMEM).
+ */
+struct token_ref {
+	size_t helper;
+	const struct p11a_token *token;
+};
+int find_tokens(const struct server *s, const char *uri, struct token_ref **out);
+
+#endif
