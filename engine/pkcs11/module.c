@@ -138,15 +138,6 @@ dbg(const char *fmt, ...)
 	va_end(ap);
 }
 
-static uint64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* Space-padded copy of a C string into a PKCS#11 text field. */
 static void
 pad(unsigned char *field, size_t size, const char *s)
@@ -424,7 +415,7 @@ refresh_locked(int force)
 	struct p11a_pool *pool = g.ctl_pool;
 	struct p11a_client *c = NULL;
 	struct p11a_msg reply;
-	uint64_t now = now_ms(), seq;
+	uint64_t now = (uint64_t)p11a_now_ms(), seq;
 	int r;
 
 	if (!force && g.refreshed &&
