@@ -218,7 +218,14 @@ if [ -n "$old_helpers" ]; then
 	ok "killed helper(s) $old_helpers with SIGKILL"
 	check "agent survives its helper's death" running "$AGENT_PID"
 	# The agent restarts the helper; the token comes back (logged out).
-	if poll 10 token_has_key ec256; then back=yes; else back=no; fi
+	# Waits for the new helper first: right after the kill the agent may
+	# still list the old helper's inventory (it has not read the EOF yet).
+	new_helper() {
+		local now
+		now=$(child_pid_list "$AGENT_PID")
+		[ -n "$now" ] && [ "$now" != "$old_helpers" ]
+	}
+	if poll 10 new_helper && poll 10 token_has_key ec256; then back=yes; else back=no; fi
 	is "$back" yes "token and keys listed again within 10 s of the helper crash"
 	new_helpers=$(child_pid_list "$AGENT_PID")
 	if [ -n "$new_helpers" ] && [ "$new_helpers" != "$old_helpers" ]; then
