@@ -25,6 +25,8 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_MAX_CHANNELS_PER_CONNECTION] = "max-channels-per-connection",
 	[SET_MAX_CHANNELS_PER_PROCESS] = "max-channels-per-process",
 	[SET_DEBUG] = "debug",
+	[SET_IDLE_LOCK] = "idle-lock",
+	[SET_PIN_TTL] = "pin-ttl",
 };
 
 const char *
@@ -331,6 +333,69 @@ set_int(struct parse *p, enum conf_setting s, const char *val, int min, int max,
 	return 0;
 }
 
+/* ------------------------------------------------------------ durations (locking) */
+
+int
+config_parse_duration(const char *text, int64_t *ms)
+{
+	int64_t unit = 60 * 1000;       /* a plain number is minutes */
+	const char *v = text;
+	int64_t n = 0;
+
+	if (strcmp(text, "off") == 0) {
+		*ms = 0;
+		return 0;
+	}
+	if (!isdigit((unsigned char)*v))
+		return -1;
+	for (; isdigit((unsigned char)*v); v++) {
+		n = n * 10 + (*v - '0');
+		if (n > CONFIG_DURATION_MAX_MS / 1000)
+			return -1;
+	}
+	if (*v != '\0') {
+		if (v[1] != '\0')
+			return -1;
+		switch (*v) {
+		case 's': unit = 1000; break;
+		case 'm': unit = 60 * 1000; break;
+		case 'h': unit = 3600 * 1000; break;
+		default: return -1;
+		}
+	}
+	if (n * unit > CONFIG_DURATION_MAX_MS)
+		return -1;
+	*ms = n * unit;
+	return 0;
+}
+
+void
+config_format_duration(int64_t ms, char *out, size_t out_size)
+{
+	if (ms <= 0)
+		snprintf(out, out_size, "off");
+	else if (ms % (3600 * 1000) == 0)
+		snprintf(out, out_size, "%lldh", (long long)(ms / (3600 * 1000)));
+	else if (ms % (60 * 1000) == 0)
+		snprintf(out, out_size, "%lldm", (long long)(ms / (60 * 1000)));
+	else
+		snprintf(out, out_size, "%llds", (long long)((ms + 999) / 1000));
+}
+
+/* A duration setting (idle-lock, pin-ttl): checked, lock-checked, stored with its origin. */
+static int
+set_duration(struct parse *p, enum conf_setting s, const char *val, int64_t *field)
+{
+	if (check_lock(p->cfg, s, setting_names[s], &p->at) != 0)
+		return -1;
+	if (config_parse_duration(val, field) != 0)
+		return perr(p, "%s must be off, 0, or a whole number of minutes, or of seconds, "
+			    "minutes or hours with s, m or h (\"90s\", \"5m\", \"1h\"; at most "
+			    "168h), not '%s'", setting_names[s], val);
+	p->cfg->origin[s] = p->at;
+	return 0;
+}
+
 /* Replaces *field with a copy of val and records the line it came from. */
 static int
 set_text(struct parse *p, char **field, struct conf_origin *origin, const char *val)
@@ -495,6 +560,10 @@ global_setting(struct parse *p, const char *key, char *val)
 	if (strcmp(key, "max-channels-per-process") == 0)
 		return set_int(p, SET_MAX_CHANNELS_PER_PROCESS, val, 1, 4096, 1,
 			       &cfg->max_channels_per_process, NULL);
+	if (strcmp(key, "idle-lock") == 0)
+		return set_duration(p, SET_IDLE_LOCK, val, &cfg->idle_lock_ms);
+	if (strcmp(key, "pin-ttl") == 0)
+		return set_duration(p, SET_PIN_TTL, val, &cfg->pin_ttl_ms);
 	if (strcmp(key, "debug") == 0) {
 		if (check_lock(cfg, SET_DEBUG, key, &p->at) != 0)
 			return -1;
@@ -684,6 +753,10 @@ config_print(const struct agent_config *cfg, FILE *out)
 		    cfg, SET_MAX_CHANNELS_PER_PROCESS);
 	print_value(out, "debug", cfg->debug ? "yes" : "no", &cfg->origin[SET_DEBUG], cfg,
 		    SET_DEBUG);
+	config_format_duration(cfg->idle_lock_ms, v, sizeof(v));
+	print_value(out, "idle-lock", v, &cfg->origin[SET_IDLE_LOCK], cfg, SET_IDLE_LOCK);
+	config_format_duration(cfg->pin_ttl_ms, v, sizeof(v));
+	print_value(out, "pin-ttl", v, &cfg->origin[SET_PIN_TTL], cfg, SET_PIN_TTL);
 	for (int s = 0; s < SET_COUNT; s++)
 		if (cfg->locked[s])
 			print_value(out, "lock", setting_names[s], &cfg->lock_origin[s], cfg, -1);

@@ -19,6 +19,7 @@
 #define AGENT_CONF_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #define CONFIG_MAX_MODULES 32
@@ -43,6 +44,8 @@ enum conf_setting {
 	SET_MAX_CHANNELS_PER_CONNECTION,
 	SET_MAX_CHANNELS_PER_PROCESS,
 	SET_DEBUG,
+	SET_IDLE_LOCK,           /* idle-lock: lock a token after this long without a signature */
+	SET_PIN_TTL,             /* pin-ttl: lock a token this long after its unlock */
 	SET_COUNT
 };
 
@@ -95,6 +98,8 @@ struct agent_config {
 	int max_connections;
 	int max_channels_per_connection;
 	int max_channels_per_process;
+	int64_t idle_lock_ms;    /* 0 = off */
+	int64_t pin_ttl_ms;      /* 0 = off */
 	struct conf_origin origin[SET_COUNT];
 	int locked[SET_COUNT];
 	struct conf_origin lock_origin[SET_COUNT];
@@ -172,6 +177,16 @@ void config_origin_format(const struct conf_origin *o, char *out, size_t out_siz
 
 /* Prints every effective value with its source, in the file's syntax. */
 void config_print(const struct agent_config *cfg, FILE *out);
+
+/*
+ * Durations (idle-lock, pin-ttl): "off" or 0 = off (0 ms); else a whole
+ * number with a unit s, m or h ("90s", "5m", "2h"); a plain number is
+ * minutes.  At most CONFIG_DURATION_MAX_MS.  0, or -1 for anything else.
+ */
+#define CONFIG_DURATION_MAX_MS ((int64_t)7 * 24 * 3600 * 1000)
+int config_parse_duration(const char *text, int64_t *ms);
+/* "off", "90s", "5m", "2h": the largest unit that is exact. */
+void config_format_duration(int64_t ms, char *out, size_t out_size);
 
 /* The name of a setting as written in files ("sign-timeout"). */
 const char *config_setting_name(enum conf_setting s);

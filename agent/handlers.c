@@ -468,6 +468,31 @@ handle_lock(struct server *s, size_t ci, const struct p11a_msg *req)
 	free(refs);
 }
 
+/*
+ * Locks every token of every module at once (SIGHUP; the entry point a
+ * session-lock or suspend listener calls too): LOCK "" to each helper
+ * that runs.  No client waits: the helpers answer with ids no pending
+ * request has (dropped by pending_reply) and push their new inventory.
+ */
+void
+tokens_lock_all(struct server *s, const char *why)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		struct p11a_msg m = { .type = P11A_MSG_LOCK };
+
+		if (s->helpers[i].fd < 0)
+			continue;
+		m.u.lock.token_uri = (char *)"";
+		if (++s->next_id == 0)
+			s->next_id = 1;
+		helper_send(s, i, s->next_id, &m, -1);
+		n++;
+	}
+	log_info("%s: locking every token (%zu module(s))", why, n);
+}
+
 static void
 handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
 {

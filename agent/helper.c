@@ -51,6 +51,8 @@ struct helper {
 	struct token_module *tm;
 	int ctrl_fd;
 	int sign_timeout_ms;
+	int64_t idle_lock_ms;           /* idle-lock, 0 = off */
+	int64_t pin_ttl_ms;             /* pin-ttl, 0 = off */
 	const char *name;
 	int channels_max;               /* from RLIMIT_NOFILE, at most CHANNELS_MAX */
 	int per_conn_max;               /* channels one client connection may hold */
@@ -694,6 +696,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	signal(SIGPIPE, SIG_IGN);
+	/* A hangup is the agent's to act on (it locks every token), not a reason to die. */
+	signal(SIGHUP, SIG_IGN);
 
 	/*
 	 * A fixed threshold (glibc otherwise raises it after the first free
@@ -709,6 +713,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	h->channels_max = channels_max_for_nofile();
 	h->per_conn_max = cfg->max_channels_per_connection;
 	h->per_pid_max = cfg->max_channels_per_process;
+	h->idle_lock_ms = cfg->idle_lock_ms;
+	h->pin_ttl_ms = cfg->pin_ttl_ms;
 	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
@@ -779,6 +785,20 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 			if (token_check(h->tm) && refresh_and_push(h, 0) != 0)
 				break;
 			continue;
+		}
+		/*
+		 * idle-lock and pin-ttl: lock what is due, and wake up when the
+		 * next token is.  Signatures meanwhile only push an idle
+		 * deadline later: waking at the old one finds that out.
+		 */
+		if (h->idle_lock_ms > 0 || h->pin_ttl_ms > 0) {
+			int64_t due = INT64_MAX;
+
+			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due) > 0 &&
+			    refresh_and_push(h, 1) != 0)
+				break;
+			if (due < wake)
+				wake = due;
 		}
 		pfd[0].fd = ctrl_fd;
 		pfd[0].events = POLLIN;

@@ -4,7 +4,7 @@
  * never calls PKCS#11 and never blocks on a token or a child: LIST and
  * STATUS come from the inventory the helpers push, UNLOCK/LOCK are
  * forwarded with a deadline, helpers are reaped on SIGCHLD
- * (supervise.c), and SIGN never passes through here (OPEN_CHANNEL hands
+ * (supervise.c), SIGHUP locks every token, and SIGN never passes through here (OPEN_CHANNEL hands
  * the client a socketpair end that goes straight to the helper).
  * Requests are handled in handlers.c; framing is common/frame.c's.
  */
@@ -179,6 +179,8 @@ handle_signals(struct server *s)
 			s->stop = 1;
 		} else if (si.ssi_signo == SIGCHLD) {
 			helpers_reap(s);
+		} else if (si.ssi_signo == SIGHUP) {
+			tokens_lock_all(s, "SIGHUP");
 		}
 	}
 	return 0;
@@ -219,6 +221,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	sigaddset(&mask, SIGTERM);
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGCHLD);
+	sigaddset(&mask, SIGHUP);       /* locks every token */
 	sigprocmask(SIG_BLOCK, &mask, NULL);
 	s->sig_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (s->sig_fd < 0) {

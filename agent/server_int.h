@@ -157,6 +157,8 @@ void clients_unpark(struct server *s, int64_t now);
 void send_error(struct server *s, size_t ci, int code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 void send_ok(struct server *s, size_t ci);
+/* Locks every token of every module; why names the cause in the log ("SIGHUP"). */
+void tokens_lock_all(struct server *s, const char *why);
 /* A helper's reply to request id (or an unsolicited message, id 0). */
 void pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m);
 /* Every request waiting on helper hi gets a HELPER error. */

@@ -1,14 +1,17 @@
 /*
  * Login and lock: picking the tokens a URI names, C_Login once per
- * UNLOCK (never retried), C_Logout per LOCK.
+ * UNLOCK (never retried), C_Logout per LOCK, and the automatic locks
+ * (idle-lock, pin-ttl) the helper's control loop asks for.
  */
 #include "config.h"
 #include "token-int.h"
 #include "log.h"
+#include "p11a.h"
 #include "uri.h"
 
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 
 
 /*
@@ -132,6 +135,7 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 	case CKR_OK:
 	case CKR_USER_ALREADY_LOGGED_IN:
 		atomic_fetch_add(&s->kgen, 1);
+		s->login_ms = p11a_now_ms();    /* pin-ttl and idle-lock count from here */
 		log_info("token '%s' logged in", label);
 		r = 0;
 		break;
@@ -176,14 +180,44 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 	return r;
 }
 
+/*
+ * C_Logout on s when it is logged in (the key generation is bumped first:
+ * logging out destroys private session objects, the key copies).  Sets
+ * *was_in.  CKR_OK also when it was not logged in or the session is gone
+ * (nothing is logged in then either); CKR_FUNCTION_CANCELED when the
+ * token stayed busy.
+ */
+static CK_RV
+slot_logout(struct token_module *m, struct tok_slot *s, int *was_in)
+{
+	CK_SESSION_HANDLE h;
+	unsigned gen;
+	int logged_in = 0;
+	CK_RV rv;
+
+	*was_in = 0;
+	rv = tok_ctl_session_state(m, s, &h, &gen, &logged_in);
+	if (rv != CKR_OK)
+		return rv == CKR_FUNCTION_CANCELED ? rv : CKR_OK;
+	if (logged_in) {
+		atomic_fetch_add(&s->kgen, 1);
+		rv = m->f->C_Logout(h);
+	}
+	tok_ctl_session_put(m, s, h, gen, tok_rv_session_gone(rv));
+	if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN || tok_rv_session_gone(rv)) {
+		*was_in = logged_in;
+		s->login_ms = 0;
+		return CKR_OK;
+	}
+	return rv;
+}
+
 int
 token_lock(struct token_module *m, const char *token_uri, char *msg, size_t msg_size)
 {
 	struct tok_slot *sel[SLOT_MAX], *s;
-	CK_SESSION_HANDLE h;
-	unsigned gen;
 	size_t n, i;
-	int r, first = 0, logged_in;
+	int r, first = 0, was_in;
 	CK_RV rv;
 
 	if ((r = tokens_pick(m, token_uri, 0, sel, &n, msg, msg_size)) != 0)
@@ -192,30 +226,84 @@ token_lock(struct token_module *m, const char *token_uri, char *msg, size_t msg_
 		s = sel[i];
 		if (!s->present)
 			continue;
-		rv = tok_ctl_session_state(m, s, &h, &gen, &logged_in);
-		if (rv != CKR_OK) {
-			/* No session left: nothing is logged in either. */
-			if (rv == CKR_FUNCTION_CANCELED && first == 0) {
-				tok_set_msg(msg, msg_size, "token '%s' is busy; try again", s->tok.label);
-				first = -P11A_E_TIMEOUT;
-			}
-			continue;
-		}
-		if (logged_in) {
-			/* Logging out destroys private session objects: the key copies. */
-			atomic_fetch_add(&s->kgen, 1);
-			rv = m->f->C_Logout(h);
-		} else {
-			rv = CKR_OK;
-		}
-		tok_ctl_session_put(m, s, h, gen, tok_rv_session_gone(rv));
-		if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN || tok_rv_session_gone(rv)) {
-			if (logged_in)
+		rv = slot_logout(m, s, &was_in);
+		if (rv == CKR_OK) {
+			if (was_in)
 				log_info("token '%s' logged out", s->tok.label);
 			continue;
 		}
-		if (first == 0)
+		if (first != 0)
+			continue;
+		if (rv == CKR_FUNCTION_CANCELED) {
+			tok_set_msg(msg, msg_size, "token '%s' is busy; try again", s->tok.label);
+			first = -P11A_E_TIMEOUT;
+		} else {
 			first = tok_fail_rv(msg, msg_size, s->tok.label, "C_Logout", rv);
+		}
 	}
 	return first;
+}
+
+/* ------------------------------------------------------------ automatic locking */
+
+void
+tok_login_seen(struct tok_slot *s, int logged_in)
+{
+	if (!logged_in)
+		s->login_ms = 0;
+	else if (s->login_ms == 0)
+		s->login_ms = p11a_now_ms();
+}
+
+#define AUTOLOCK_RETRY_MS 1000  /* a token busy signing: try to lock it again this soon */
+
+int
+token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl_ms,
+	       int64_t *next)
+{
+	int locked = 0, was_in;
+
+	if (idle_ms <= 0 && ttl_ms <= 0)
+		return 0;
+	/* The slot table and login state are the control thread's: no m->lock to read them. */
+	for (size_t i = 0; i < m->nslots; i++) {
+		struct tok_slot *s = m->slots[i];
+		int64_t idle_at = INT64_MAX, ttl_at = INT64_MAX, last;
+		char d[32], why[64];
+		CK_RV rv;
+
+		if (!s->present || !s->logged_in || s->login_ms == 0)
+			continue;
+		if (ttl_ms > 0)
+			ttl_at = s->login_ms + ttl_ms;
+		if (idle_ms > 0) {
+			last = atomic_load_explicit(&s->last_sign_ms, memory_order_relaxed);
+			idle_at = (last > s->login_ms ? last : s->login_ms) + idle_ms;
+		}
+		if (now < ttl_at && now < idle_at) {
+			int64_t at = ttl_at < idle_at ? ttl_at : idle_at;
+			if (at < *next)
+				*next = at;
+			continue;
+		}
+		if (now >= ttl_at) {
+			config_format_duration(ttl_ms, d, sizeof(d));
+			snprintf(why, sizeof(why), "PIN kept %s (pin-ttl)", d);
+		} else {
+			config_format_duration(idle_ms, d, sizeof(d));
+			snprintf(why, sizeof(why), "idle for %s (idle-lock)", d);
+		}
+		rv = slot_logout(m, s, &was_in);
+		if (rv == CKR_OK) {
+			log_info("token '%s' locked: %s", s->tok.label, why);
+			locked++;
+			continue;
+		}
+		char nb[48];
+		log_warn("token '%s': cannot lock it (%s): %s; trying again", s->tok.label, why,
+			 rv == CKR_FUNCTION_CANCELED ? "busy" : tok_ckr_name(rv, nb, sizeof(nb)));
+		if (now + AUTOLOCK_RETRY_MS < *next)
+			*next = now + AUTOLOCK_RETRY_MS;
+	}
+	return locked;
 }

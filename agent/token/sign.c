@@ -638,6 +638,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 
 	switch (rv) {
 	case CKR_OK:
+		atomic_store_explicit(&sk.s->last_sign_ms, p11a_now_ms(), memory_order_relaxed);
 		break;
 	case CKR_USER_NOT_LOGGED_IN:
 		if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && sk.logged_in) {

@@ -168,6 +168,7 @@ slot_gone(struct token_module *m, struct tok_slot *s)
 	atomic_fetch_add(&m->igen, 1);
 	s->present = 0;
 	s->logged_in = 0;
+	tok_login_seen(s, 0);
 	s->tok.flags &= ~(P11A_TOKEN_PRESENT | P11A_TOKEN_LOGGED_IN);
 	for (size_t i = 0; i < s->nkeys; i++) {
 		s->keys[i].priv = CK_INVALID_HANDLE;
@@ -256,6 +257,7 @@ slot_scan(struct token_module *m, struct tok_slot *s)
 	s->known = 1;
 	s->present = 1;
 	s->logged_in = logged_in;
+	tok_login_seen(s, logged_in);
 	old_keys = s->keys;
 	old_n = s->nkeys;
 	s->keys = keys;

@@ -85,7 +85,16 @@ struct tok_slot {
 	size_t nkeys;
 	unsigned mechs;                 /* MECH_*; MECH_ALL when the list is unknown */
 
+	/*
+	 * Automatic locking (idle-lock, pin-ttl; token_autolock): signing
+	 * threads store the time of each successful signature with one
+	 * relaxed atomic store; login_ms is when the control thread saw the
+	 * login begin (p11a_now_ms(); 0 = not logged in).
+	 */
+	_Atomic int64_t last_sign_ms;
+
 	/* Control thread only. */
+	int64_t login_ms;
 	int mechs_read;
 	CK_SESSION_HANDLE kept;         /* multi-session tokens: the control session */
 	struct psess *ctl_ps;           /* one-session tokens: the pool session lent to control */
@@ -166,6 +175,11 @@ CK_RV tok_ctl_session_state(struct token_module *m, struct tok_slot *s, CK_SESSI
 			    unsigned *gen, int *logged_in);
 void tok_ctl_session_put(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h,
 			 unsigned gen, int drop);
+
+/* ---------------------------------------------- login.c */
+
+/* The token in s logged in or out as seen by a scan: keeps s->login_ms (control thread). */
+void tok_login_seen(struct tok_slot *s, int logged_in);
 
 /* ---------------------------------------------- object.c: objects and pairing */
 

@@ -108,6 +108,18 @@ int token_unlock(struct token_module *m, const char *token_uri,
 int token_lock(struct token_module *m, const char *token_uri, char *msg, size_t msg_size);
 
 /*
+ * Automatic locking (control thread): C_Logout, as token_lock() does, on
+ * every logged-in token whose last signature (or login, when none came
+ * since) is idle_ms old or more, or whose login is ttl_ms old or more (0
+ * = that rule is off); each lock is logged with the token and the
+ * reason.  now is p11a_now_ms().  Returns how many tokens it logged out
+ * (push the inventory then) and lowers *next to the time it has to run
+ * again (unchanged when no token is logged in).
+ */
+int token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl_ms,
+		   int64_t *next);
+
+/*
  * Signs per docs/protocol.md (SIGN): finds req->key_uri among the keys,
  * hashes/encodes as the scheme and input require, waits for a free
  * session of the key's token until deadline (CLOCK_MONOTONIC), calls
