@@ -26,7 +26,6 @@ logged_in() {
 	list_json >/dev/null 2>&1 && json_token logged_in "${1:-$TOKEN_LABEL}"
 }
 is_locked() { [ "$(logged_in "${1:-}")" = false ]; }
-is_unlocked() { [ "$(logged_in "${1:-}")" = true ]; }
 
 # sign_with URI: one ECDSA signature (run: $rc, $T/stderr).
 sign_with() {
