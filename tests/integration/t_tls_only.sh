@@ -10,7 +10,7 @@
 # with the server's context string and one with 63 spaces are refused with
 # the policy error (a well-formed client TLS 1.3 content is signed); the
 # helper logs each refusal with the client's pid and the input's class;
-# the PKCS#11 module's C_Sign with a digest (CKM_ECDSA) is refused with
+# openssl dgst -sign through the provider is refused too; the PKCS#11 module's C_Sign with a digest (CKM_ECDSA) is refused with
 # CKR_FUNCTION_REJECTED; ec384 signs anything; the user's file cannot turn
 # off the locked tls-only, and bad [key] lines stop the agent with FILE:LINE.
 set -eu
@@ -146,6 +146,14 @@ open(t + "/tls13-client", "wb").write(b" " * 64 + client + b"\0" + h)
 PY
 refused "a TLS 1.3 message with the server's context string" ec256 ecdsa "$T/tls13-server" tls1.3-server
 refused "a TLS 1.3 message with 63 spaces" ec256 ecdsa "$T/tls13-63" raw
+# Through the provider: openssl dgst -sign of a file.
+run provider_env openssl dgst -sha256 -sign "${URI[ec256]}" -out "$T/sig" "$T/doc"
+if [ "$rc" -ne 0 ]; then ok "provider: openssl dgst -sign of a file with tls-only ec256 fails"; else not_ok "provider: openssl dgst -sign of a file with tls-only ec256 fails"; fi
+stderr_has "not allowed by policy: key 'ec256'" "provider: the error is the agent's policy error"
+# The CLI's message.
+run p11a sign --key "${URI[ec256]}" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig"
+stderr_has "p11agent: sign with ${URI[ec256]}: not allowed by policy" "the CLI names the command, the key and the agent's reason"
+stderr_has "p11agent: the agent's configuration makes this key tls-only" "the CLI says where the policy comes from"
 # A digest from the CLI cannot be classified.
 head -c 32 /dev/urandom >"$T/digest"
 run p11a sign --key "${URI[ec256]}" --scheme ecdsa --hash sha256 --digest --in "$T/digest" --out "$T/sig"
