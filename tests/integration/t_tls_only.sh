@@ -7,12 +7,14 @@
 # TLS 1.2 and 1.3 handshakes through the provider (openssl s_client with the
 # pkcs11: URI, curl and python's ssl with a key-reference file) work with
 # both tls-only keys; `p11agent sign` of a file, a TLS 1.3-looking message
-# with the server's context string and one with 63 spaces are refused with
-# the policy error (a well-formed client TLS 1.3 content is signed); the
-# helper logs each refusal with the client's pid and the input's class;
-# openssl dgst -sign through the provider is refused too; the PKCS#11 module's C_Sign with a digest (CKM_ECDSA) is refused with
+# with the server's context string, one with 63 spaces and a digest are
+# refused with the policy error (a well-formed client TLS 1.3 content is
+# signed); so is openssl dgst -sign through the provider; the helper logs
+# each refusal with the client's pid and the input's class; the PKCS#11
+# module's C_Sign with a digest (CKM_ECDSA) or a message is refused with
 # CKR_FUNCTION_REJECTED; ec384 signs anything; the user's file cannot turn
-# off the locked tls-only, and bad [key] lines stop the agent with FILE:LINE.
+# off the locked tls-only, and bad [key] lines stop the agent with
+# FILE:LINE.
 set -eu
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -32,7 +34,6 @@ printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR
 	"$T/empty-tokens" >"$T/empty-softhsm2.conf"
 
 ADMIN=$T/etc/p11agent/p11agentd.conf
-USERF=$T/config/p11agent/p11agentd.conf
 cat >"$ADMIN" <<CONF
 # t_tls_only: the two client-authentication keys sign TLS handshakes only
 lock tls-only
@@ -82,7 +83,9 @@ check "server certificate from the test CA" make_server_cert
 check "s_server (any signature algorithm)" start_tls_server any
 check "s_server (client signatures: RSA PKCS#1 v1.5 only)" \
 	start_tls_server pkcs1 -client_sigalgs RSA+SHA256:RSA+SHA384:RSA+SHA512
-[ -n "${PORT[any]:-}" ] && [ -n "${PORT[pkcs1]:-}" ] || bail_out "TLS servers running"
+if [ -z "${PORT[any]:-}" ] || [ -z "${PORT[pkcs1]:-}" ]; then
+	bail_out "TLS servers running"
+fi
 
 declare -A URI REF
 for label in rsa2048 ec256 ec384; do
