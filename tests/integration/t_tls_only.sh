@@ -14,7 +14,7 @@
 # module's C_Sign with a digest (CKM_ECDSA) or a message is refused with
 # CKR_FUNCTION_REJECTED; ec384 signs anything; the user's file cannot turn
 # off the locked tls-only, and bad [key] lines stop the agent with
-# FILE:LINE.
+# FILE:LINE.  Then a global tls-only yes with a [key] exception.
 set -eu
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -193,6 +193,27 @@ is "$(echo "$pk_out" | sed -n 3p | cut -d' ' -f1)" ok "module C_Sign(CKM_ECDSA) 
 is "$(echo "$pk_out" | sed -n 4p)" CKR_FUNCTION_REJECTED \
 	"module C_Sign(CKM_ECDSA_SHA256, a message) with tls-only ec256: CKR_FUNCTION_REJECTED"
 
+stop_agent
+is "$AGENT_RC" 0 "agent exits cleanly on SIGTERM"
+
+# ---------------------------------------------------------------- the default and exceptions
+# Every key tls-only by default, ec384 excepted by the user's file (nothing locked).
+cat >"$ADMIN" <<CONF
+tls-only yes
+CONF
+cat >"$T/config/p11agent/p11agentd.conf" <<CONF
+[key pkcs11:token=$TOKEN_LABEL]
+[key pkcs11:object=ec384]
+tls-only no
+CONF
+check "agent starts with tls-only yes by default" start_agent
+check "unlock" unlock_token
+run p11a sign --key "${URI[ec256]}" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig"
+rc_is 1 "default tls-only yes: ec256 refuses a file"
+stderr_has "(input: raw)" "default tls-only yes: the policy error"
+run p11a sign --key "${URI[ec384]}" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig"
+rc_is 0 "the user's [key] section with tls-only no: ec384 signs a file"
+handshake s_client ec256 1.3 any
 stop_agent
 is "$AGENT_RC" 0 "agent exits cleanly on SIGTERM"
 done_testing
