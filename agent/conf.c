@@ -3,6 +3,7 @@
 #include "conf.h"
 #include "paths.h"
 #include "p11a.h"
+#include "uri.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -27,6 +28,7 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_DEBUG] = "debug",
 	[SET_IDLE_LOCK] = "idle-lock",
 	[SET_PIN_TTL] = "pin-ttl",
+	[SET_TLS_ONLY] = "tls-only",
 };
 
 const char *
@@ -83,6 +85,9 @@ config_free(struct agent_config *cfg)
 		free(cfg->dropped[i].why);
 	}
 	free(cfg->dropped);
+	for (size_t i = 0; i < cfg->nkeysecs; i++)
+		free(cfg->keysecs[i].pattern);
+	free(cfg->keysecs);
 	free(cfg->admin_file);
 	free(cfg->user_file);
 	for (size_t i = 0; i < cfg->ninterned; i++)
@@ -278,6 +283,7 @@ struct parse {
 	enum conf_layer layer;
 	struct conf_origin at;   /* file and current line */
 	long section;            /* index into cfg->sections, or -1 before any section */
+	long keysec;             /* index into cfg->keysecs when in a [key] section, else -1 */
 	long last_module;        /* index of this file's latest module line, or -1 */
 };
 
@@ -410,6 +416,78 @@ set_text(struct parse *p, char **field, struct conf_origin *origin, const char *
 	return 0;
 }
 
+/* ------------------------------------------------------------ [key] sections: per-key policy */
+
+/* "yes" or "no" into *out; -1 otherwise. */
+static int
+parse_bool(const char *v, int *out)
+{
+	if (strcmp(v, "yes") == 0)
+		*out = 1;
+	else if (strcmp(v, "no") == 0)
+		*out = 0;
+	else
+		return -1;
+	return 0;
+}
+
+static int
+keysec_begin(struct parse *p, const char *arg)
+{
+	struct agent_config *cfg = p->cfg;
+	struct p11a_uri_matcher *um;
+	int err = 0;
+
+	if (!*arg)
+		return perr(p, "[key] needs a pkcs11: URI pattern (e.g. [key pkcs11:token=Work;"
+			    "object=Auth])");
+	if ((um = p11a_uri_matcher_new(arg, &err)) == NULL)
+		return perr(p, "[key %s]: not a valid pkcs11: URI", arg);
+	p11a_uri_matcher_free(um);
+	struct conf_keysec *l = realloc(cfg->keysecs, (cfg->nkeysecs + 1) * sizeof(*l));
+	if (!l)
+		return perr(p, "out of memory");
+	cfg->keysecs = l;
+	l += cfg->nkeysecs;
+	memset(l, 0, sizeof(*l));
+	if (!(l->pattern = strdup(arg)))
+		return perr(p, "out of memory");
+	l->tls_only = -1;
+	l->origin = p->at;
+	p->keysec = (long)cfg->nkeysecs++;
+	p->section = -1;
+	return 0;
+}
+
+/* tls-only, globally (keysec NULL) or in a [key] section: lock-checked. */
+static int
+set_tls_only(struct parse *p, struct conf_keysec *ks, const char *val)
+{
+	int v;
+
+	if (check_lock(p->cfg, SET_TLS_ONLY, "tls-only", &p->at) != 0)
+		return -1;
+	if (parse_bool(val, &v) != 0)
+		return perr(p, "tls-only must be yes or no, not '%s'", val);
+	if (ks != NULL) {
+		ks->tls_only = v;
+		ks->tls_origin = p->at;
+	} else {
+		p->cfg->tls_only = v;
+		p->cfg->origin[SET_TLS_ONLY] = p->at;
+	}
+	return 0;
+}
+
+static int
+keysec_setting(struct parse *p, const char *key, const char *val)
+{
+	if (strcmp(key, "tls-only") == 0)
+		return set_tls_only(p, &p->cfg->keysecs[p->keysec], val);
+	return perr(p, "'%s' is not a [key] setting (tls-only); global settings go before "
+		    "the first section", key);
+}
+
 static int
 section_begin(struct parse *p, char *s)
 {
@@ -428,11 +506,11 @@ section_begin(struct parse *p, char *s)
 		*arg++ = '\0';
 	arg = trim(arg);
 	if (strcmp(body, "key") == 0)
-		return perr(p, "[key ...] sections (per-key policy) are not supported by this "
-			    "version");
+		return keysec_begin(p, arg);
 	if (strcmp(body, "module") != 0)
-		return perr(p, "unknown section [%s%s%s]; the known one is [module NAME-or-PATH]",
-			    body, *arg ? " " : "", arg);
+		return perr(p, "unknown section [%s%s%s]; the known ones are [module NAME-or-PATH] "
+			    "and [key URI-PATTERN]", body, *arg ? " " : "", arg);
+	p->keysec = -1;
 	if (!*arg)
 		return perr(p, "[module] needs a module name (as p11-kit names it) or an "
 			    "absolute path");
@@ -564,6 +642,8 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_duration(p, SET_IDLE_LOCK, val, &cfg->idle_lock_ms);
 	if (strcmp(key, "pin-ttl") == 0)
 		return set_duration(p, SET_PIN_TTL, val, &cfg->pin_ttl_ms);
+	if (strcmp(key, "tls-only") == 0)
+		return set_tls_only(p, NULL, val);
 	if (strcmp(key, "debug") == 0) {
 		if (check_lock(cfg, SET_DEBUG, key, &p->at) != 0)
 			return -1;
@@ -601,6 +681,8 @@ parse_line(struct parse *p, char *line)
 	val = trim(val);
 	if (!*val)
 		return perr(p, "'%s' needs a value", s);
+	if (p->keysec >= 0)
+		return keysec_setting(p, s, val);
 	if (p->section >= 0)
 		return section_setting(p, s, val);
 	return global_setting(p, s, val);
@@ -610,7 +692,8 @@ int
 config_load_file(struct agent_config *cfg, const char *file, enum conf_layer layer,
 		 int must_exist)
 {
-	struct parse p = { .cfg = cfg, .layer = layer, .section = -1, .last_module = -1 };
+	struct parse p = { .cfg = cfg, .layer = layer, .section = -1, .keysec = -1,
+			   .last_module = -1 };
 	int *state = layer == CONF_ADMIN ? &cfg->admin_state : &cfg->user_state;
 	char **name = layer == CONF_ADMIN ? &cfg->admin_file : &cfg->user_file;
 
@@ -757,6 +840,8 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_value(out, "idle-lock", v, &cfg->origin[SET_IDLE_LOCK], cfg, SET_IDLE_LOCK);
 	config_format_duration(cfg->pin_ttl_ms, v, sizeof(v));
 	print_value(out, "pin-ttl", v, &cfg->origin[SET_PIN_TTL], cfg, SET_PIN_TTL);
+	print_value(out, "tls-only", cfg->tls_only ? "yes" : "no", &cfg->origin[SET_TLS_ONLY], cfg,
+		    SET_TLS_ONLY);
 	for (int s = 0; s < SET_COUNT; s++)
 		if (cfg->locked[s])
 			print_value(out, "lock", setting_names[s], &cfg->lock_origin[s], cfg, -1);
@@ -780,6 +865,13 @@ config_print(const struct agent_config *cfg, FILE *out)
 			print_value(out, "init-args", m->init_args, &m->init_origin, cfg, SET_MODULE);
 		snprintf(v, sizeof(v), "%d", m->session_pool);
 		print_value(out, "session-pool", v, &m->pool_origin, cfg, SET_SESSION_POOL);
+	}
+	for (size_t i = 0; i < cfg->nkeysecs; i++) {
+		const struct conf_keysec *ks = &cfg->keysecs[i];
+		fprintf(out, "[key %s]\n", ks->pattern);
+		if (ks->tls_only >= 0)
+			print_value(out, "tls-only", ks->tls_only ? "yes" : "no", &ks->tls_origin, cfg,
+				    SET_TLS_ONLY);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

@@ -46,6 +46,7 @@ enum conf_setting {
 	SET_DEBUG,
 	SET_IDLE_LOCK,           /* idle-lock: lock a token after this long without a signature */
 	SET_PIN_TTL,             /* pin-ttl: lock a token this long after its unlock */
+	SET_TLS_ONLY,            /* tls-only, globally and in [key] sections */
 	SET_COUNT
 };
 
@@ -77,6 +78,18 @@ struct conf_section {
 	char *init_args;         /* NULL = not set here */
 	int session_pool;        /* 0 = not set here */
 	struct conf_origin origin, init_origin, pool_origin;
+};
+
+/*
+ * A [key URI-PATTERN] section: per-key policy.  A key's setting is that
+ * of the last section whose pattern matches the key's URI (files in
+ * layer order, sections in file order) and sets it, else the global
+ * default.
+ */
+struct conf_keysec {
+	char *pattern;           /* a pkcs11: URI, matched as SIGN matches key URIs */
+	int tls_only;            /* -1 = not set here, else 0/1 */
+	struct conf_origin origin, tls_origin;
 };
 
 /* A module that was found but is not used, and why (--print-config, status). */
@@ -115,6 +128,10 @@ struct agent_config {
 	size_t nsections;
 	struct conf_dropped *dropped;
 	size_t ndropped;
+
+	int tls_only;                    /* the default for keys no [key] section sets */
+	struct conf_keysec *keysecs;
+	size_t nkeysecs;
 
 	char *admin_file, *user_file;    /* the paths looked at */
 	int admin_state, user_state;     /* CONF_FILE_* */

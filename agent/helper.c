@@ -278,6 +278,9 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 			  req->key_uri, sn ? sn : "?", hn ? hn : "?", req->input, req->data_len,
 			  r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r), us_since(t0));
 	}
+	if (r == -P11A_E_POLICY)
+		log_warn("channel %d: pid %lu: refused %.300s: %s", c->fd, (unsigned long)c->pid,
+			 req->key_uri, msg);
 	if (r != 0)
 		return chan_reply_error(c, out, r, msg);
 	memset(&rep, 0, sizeof(rep));
@@ -744,6 +747,11 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 			/* The agent keeps the reason for `p11agent status` (ERROR with id 0). */
 			(void)ctrl_send_error(h, 0, P11A_E_TOKEN, why);
 			log_err("module %s: not usable, helper exits", mod->path);
+			_exit(HELPER_EXIT_INIT);
+		}
+		if (token_set_policy(cfg, why, sizeof(why)) != 0) {
+			(void)ctrl_send_error(h, 0, P11A_E_INTERNAL, why);
+			log_err("module %s: %s; helper exits", mod->path, why);
 			_exit(HELPER_EXIT_INIT);
 		}
 	}

@@ -195,6 +195,9 @@ cmd_sign(struct cli_ctx *ctx, int argc, char **argv)
 	r = p11a_client_sign(c, &req, &sig, &sig_len);
 	if (r != 0) {
 		rc = cli_fail(c, r, "sign with %s", key);
+		if (r == -P11A_E_POLICY)
+			cli_err("the agent's configuration makes this key tls-only: it signs TLS "
+				"client handshakes only (p11agentd.conf(5), KEY SECTIONS)");
 		goto done;
 	}
 	rc = cli_write_output(out, sig, sig_len, 1);

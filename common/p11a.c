@@ -40,6 +40,7 @@ static const char *const err_text[P11A_E__MAX] = {
 	[P11A_E_URI] = "not a valid pkcs11: URI",
 	[P11A_E_INTERNAL] = "internal error",
 	[P11A_E_CRYPTO] = "cryptographic operation failed",
+	[P11A_E_POLICY] = "not allowed by the key's policy",
 };
 
 const char *

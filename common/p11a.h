@@ -61,7 +61,8 @@ enum p11a_err {
 	P11A_E_URI = 25,             /* not a valid pkcs11: URI */
 	P11A_E_INTERNAL = 26,        /* bug or unexpected library failure */
 	P11A_E_CRYPTO = 27,          /* local crypto (hashing, encoding) failed */
-	P11A_E__MAX = 28
+	P11A_E_POLICY = 28,          /* the key's policy refuses this request (tls-only) */
+	P11A_E__MAX = 29
 };
 
 /* Short human text for an error code (either sign); never NULL. */

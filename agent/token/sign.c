@@ -11,6 +11,7 @@
 #include "p11a.h"
 #include "proto.h"
 #include "sigenc.h"
+#include "tlsclass.h"
 #include "uri.h"
 
 #include <pthread.h>
@@ -34,7 +35,59 @@ struct sign_key {
 	size_t id_len;
 	char label[256];
 	char token_label[64];
+	uint8_t policy;                 /* TOK_POL_* */
 };
+
+/*
+ * The configuration's per-key policy, set once by token_set_policy()
+ * before any signing thread (one helper process serves one module).
+ */
+struct pol_sec {
+	struct p11a_uri_matcher *um;
+	int tls_only;                   /* -1 not set in this section */
+};
+static struct {
+	int tls_only;                   /* the default */
+	struct pol_sec *secs;
+	size_t nsecs;
+} policy;
+
+int
+token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
+{
+	int err = 0;
+
+	policy.tls_only = cfg->tls_only;
+	if (cfg->nkeysecs == 0)
+		return 0;
+	if ((policy.secs = calloc(cfg->nkeysecs, sizeof(*policy.secs))) == NULL) {
+		tok_set_msg(msg, msg_size, "out of memory");
+		return -1;
+	}
+	for (size_t i = 0; i < cfg->nkeysecs; i++) {
+		policy.secs[i].tls_only = cfg->keysecs[i].tls_only;
+		if ((policy.secs[i].um = p11a_uri_matcher_new(cfg->keysecs[i].pattern, &err)) == NULL) {
+			tok_set_msg(msg, msg_size, "[key %.300s]: not a valid pkcs11: URI",
+				    cfg->keysecs[i].pattern);
+			return -1;
+		}
+		policy.nsecs = i + 1;
+	}
+	return 0;
+}
+
+/* The policy of key k of slot s: the last section matching it that sets tls-only, else the default. */
+static uint8_t
+policy_resolve(const struct tok_slot *s, const struct tok_key *k)
+{
+	int tls_only = policy.tls_only;
+
+	for (size_t i = 0; i < policy.nsecs; i++)
+		if (policy.secs[i].tls_only >= 0 &&
+		    p11a_uri_match_key(policy.secs[i].um, &s->tok, &k->k) == 1)
+			tls_only = policy.secs[i].tls_only;
+	return tls_only ? TOK_POL_TLS_ONLY : TOK_POL_ANY;
+}
 
 struct token_keymemo {
 	char *uri;
@@ -79,7 +132,7 @@ keymemo_store(struct token_module *m, struct token_keymemo **memo, const char *u
 }
 
 /* The memo's key when it still stands for uri (under m->lock), else NULL. */
-static const struct tok_key *
+static struct tok_key *
 keymemo_hit(struct token_module *m, const struct token_keymemo *km, const char *uri,
 	    struct tok_slot **sp)
 {
@@ -100,7 +153,7 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 	   struct sign_key *sk, char *msg, size_t msg_size)
 {
 	struct p11a_uri_matcher *um = NULL;
-	const struct tok_key *found = NULL;
+	struct tok_key *found = NULL;
 	struct tok_slot *fs = NULL;
 	size_t matches = 0, fsi = 0, fki = 0;
 	int err = 0, r = 0;
@@ -162,6 +215,10 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 	sk->mechs = fs->mechs;
 	sk->present = fs->present;
 	sk->logged_in = fs->logged_in;
+	/* Resolved once per key record: a new inventory has new records. */
+	if (found->policy == TOK_POL_UNRESOLVED)
+		found->policy = policy_resolve(fs, found);
+	sk->policy = found->policy;
 	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
 	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
 	if (found->k.id_len > 0) {
@@ -530,6 +587,17 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 	if ((r = key_lookup(m, memo, req->key_uri, &sk, msg, msg_size)) != 0)
 		return r;
 	/* From here on this thread counts in m->inflight. */
+	if (sk.policy == TOK_POL_TLS_ONLY) {
+		enum p11a_tlsclass tc = p11a_tls_classify(req->data, req->data_len,
+							  req->input != P11A_INPUT_MESSAGE);
+		if (!p11a_tlsclass_is_client(tc)) {
+			tok_set_msg(msg, msg_size, "not allowed by policy: key '%s' on token '%s' is "
+				    "tls-only and this is not a TLS client handshake (input: %s)",
+				    sk.label, sk.token_label, p11a_tlsclass_name(tc));
+			r = -P11A_E_POLICY;
+			goto out;
+		}
+	}
 	if (!sk.present) {
 		tok_set_msg(msg, msg_size, "token '%s' is not present", sk.token_label);
 		r = -P11A_E_TOKEN_NOT_PRESENT;

@@ -56,7 +56,11 @@
 struct tok_key {
 	struct p11a_key k;              /* wire record */
 	CK_OBJECT_HANDLE priv;          /* CK_INVALID_HANDLE: private key not visible */
+	uint8_t policy;                 /* TOK_POL_*: the key's policy, resolved once (sign.c) */
 };
+
+/* tok_key.policy: 0 (calloc) until sign.c resolves it, under m->lock. */
+enum { TOK_POL_UNRESOLVED = 0, TOK_POL_ANY = 1, TOK_POL_TLS_ONLY = 2 };
 
 /* A pooled session and the session copies of keys made in it. */
 #define PCOPY_MAX 8

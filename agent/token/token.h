@@ -128,9 +128,20 @@ int token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t
  * Errors: -P11A_E_URI, -P11A_E_NO_SUCH_KEY, -P11A_E_AMBIGUOUS,
  * -P11A_E_LOCKED, -P11A_E_TOKEN_NOT_PRESENT, -P11A_E_UNSUPPORTED,
  * -P11A_E_BAD_REQUEST, -P11A_E_TIMEOUT, -P11A_E_TOKEN, -P11A_E_CRYPTO,
- * -P11A_E_TOO_LARGE, -P11A_E_HELPER (closing), -P11A_E_NOMEM.
+ * -P11A_E_TOO_LARGE, -P11A_E_HELPER (closing), -P11A_E_NOMEM, -P11A_E_POLICY (a
+ * tls-only key and no TLS client content: common/tlsclass.h).
  */
 struct token_keymemo;
+
+/*
+ * The per-key policy of the configuration ([key URI-PATTERN] sections,
+ * tls-only: docs/p11agentd.conf.5), for every later token_sign() of this
+ * process.  Call once, before any signing thread starts.  Each key record
+ * resolves its policy on its first SIGN and keeps it until the inventory
+ * changes.  -1 (msg set) when a pattern does not parse or out of memory.
+ */
+int token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size);
+
 int token_sign(struct token_module *m, struct token_keymemo **memo,
 	       const struct p11a_sign *req, const struct timespec *deadline,
 	       uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size);

@@ -84,6 +84,7 @@ static OSSL_ITEM reason_strings[] = {
 	{ P11AGENT_R_INTERNAL, "p11agent internal error" },
 	{ P11AGENT_R_BUFFER_TOO_SMALL, "signature buffer too small" },
 	{ P11AGENT_R_BAD_PARAMETER, "bad parameter" },
+	{ P11AGENT_R_POLICY, "not allowed by the key's policy (p11agentd.conf: tls-only)" },
 	{ 0, NULL }
 };
 
@@ -289,6 +290,9 @@ raise_agent(struct p11agent_prov *p, struct p11a_client *c, int r, const char *w
 		break;
 	case P11A_E_URI:
 		p11agent_raise(p, P11AGENT_R_BAD_URI, "p11agent: %s", msg);
+		break;
+	case P11A_E_POLICY:
+		p11agent_raise(p, P11AGENT_R_POLICY, "p11agent: %s", msg);
 		break;
 	case P11A_E_IO:
 		if (c != NULL) {

@@ -58,7 +58,8 @@ enum p11agent_reason {
 	P11AGENT_R_BAD_REPLY = 9,
 	P11AGENT_R_INTERNAL = 10,
 	P11AGENT_R_BUFFER_TOO_SMALL = 11,
-	P11AGENT_R_BAD_PARAMETER = 12
+	P11AGENT_R_BAD_PARAMETER = 12,
+	P11AGENT_R_POLICY = 13
 };
 
 /* The provider context: one per provider instance (library context). */

@@ -24,7 +24,7 @@ out=${FUZZ_OUT:-$top_builddir/tests/fuzz/out}
 cc=${CC:-clang}
 case $cc in gcc|cc|*/gcc|*/cc) cc=clang ;; esac
 
-all_targets="fuzz_request fuzz_internal fuzz_reply fuzz_keyref fuzz_uri"
+all_targets="fuzz_request fuzz_internal fuzz_reply fuzz_keyref fuzz_uri fuzz_tlsclass"
 targets=${*:-$all_targets}
 
 command -v "$cc" >/dev/null || { echo "run.sh: $cc not found (install clang and libclang-rt-14-dev)" >&2; exit 2; }
@@ -40,7 +40,7 @@ pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 $sd))
 cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -DFUZZING_LIBFUZZER -D_GNU_SOURCE
 	-I"$top_builddir" -I"$src/common" -I"$src/agent")
-common=("$src"/common/{p11a,buf,frame,proto,sigenc,client,uri,keyref,text,hashalg,sigin}.c)
+common=("$src"/common/{p11a,buf,frame,proto,sigenc,client,uri,keyref,text,hashalg,sigin,tlsclass}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
 agent=("$src"/agent/{server,supervise,handlers,log,conf,modules,registry,systemd,helper}.c
 	"$src"/agent/token/{token,rv,pool,spki,object,slot,login,sign}.c)
@@ -53,6 +53,7 @@ build() {
 	fuzz_reply) extra=("$src/tests/fuzz/fuzz_reply.c" -pthread) ;;
 	fuzz_keyref) extra=("$src/tests/fuzz/fuzz_keyref.c") ;;
 	fuzz_uri) extra=("$src/tests/fuzz/fuzz_uri.c") ;;
+	fuzz_tlsclass) extra=("$src/tests/fuzz/fuzz_tlsclass.c") ;;
 	*) echo "run.sh: unknown target $t" >&2; return 1 ;;
 	esac
 	"$cc" "${cflags[@]}" "${extra[@]}" "${common[@]}" -o "$out/bin/$t" "${pkg[@]}" -ldl -lpthread

@@ -30,6 +30,8 @@ MECHS = {
     "SHA256-RSA-PKCS-PSS": PyKCS11.RSA_PSS_Mechanism(
         PyKCS11.CKM_SHA256_RSA_PKCS_PSS, PyKCS11.CKM_SHA256, PyKCS11.CKG_MGF1_SHA256, 32),
     "EDDSA": PyKCS11.Mechanism(PyKCS11.CKM_EDDSA, None),
+    # Digest-only: the module sends the agent a digest (input DIGEST).
+    "ECDSA": PyKCS11.Mechanism(PyKCS11.CKM_ECDSA, None),
 }
 
 

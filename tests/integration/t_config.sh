@@ -378,7 +378,7 @@ bad_user_file "a module name instead of a path" "$U:1: module path 'softhsm2' is
 bad_user_file "a relative socket" "$U:1: socket path must be absolute: agent.sock" "socket agent.sock"
 bad_user_file "module-init-args before a module" "$U:1: module-init-args must follow a module line" "module-init-args x"
 bad_user_file "an unknown section" "$U:1: unknown section [token x]" "[token x]"
-bad_user_file "a [key] section (reserved)" "$U:1: [key ...] sections (per-key policy) are not supported" "[key pkcs11:object=k]"
+bad_user_file "a [key] section without a pkcs11: URI" "$U:1: [key object=k]: not a valid pkcs11: URI" "[key object=k]"
 bad_user_file "a section header without ']'" "$U:1: a section header is [module NAME-or-PATH]" "[module x"
 bad_user_file "a global setting in a section" "$U:2: 'sign-timeout' is not a [module] setting" "[module x]" "sign-timeout 5"
 bad_user_file "a session-pool too large" "$U:2: session-pool must be 1..32, not '33'" "[module x]" "session-pool 33"
