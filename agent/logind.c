@@ -39,6 +39,16 @@ struct session_query {
 	const char *event;         /* "locked", "LockedHint" */
 };
 
+/* No flush: nothing we send matters, and a stalled bus must not stall the loop. */
+static void
+bus_close(struct logind *l)
+{
+	if (l->bus) {
+		sd_bus_close(l->bus);
+		l->bus = sd_bus_unref(l->bus);
+	}
+}
+
 static void
 bus_drop(struct logind *l, const char *why, int err)
 {
@@ -51,7 +61,7 @@ bus_drop(struct logind *l, const char *why, int err)
 	} else {
 		log_debug("system bus: %s: %s", why, strerror(err));
 	}
-	l->bus = sd_bus_flush_close_unref(l->bus);
+	bus_close(l);
 	l->retry_at = p11a_now_ms() + l->retry_ms;
 	l->retry_ms = l->retry_ms * 2 > RETRY_MAX_MS ? RETRY_MAX_MS : l->retry_ms * 2;
 }
@@ -270,7 +280,7 @@ logind_free(struct logind *l)
 {
 	if (!l)
 		return;
-	sd_bus_flush_close_unref(l->bus);
+	bus_close(l);
 	free(l);
 }
 
@@ -316,8 +326,12 @@ logind_process(struct logind *l, int64_t now)
 			bus_connect(l);
 		return;
 	}
-	/* Everything already read, up to the first message that waits for more bytes. */
-	while ((r = sd_bus_process(l->bus, NULL)) > 0)
+	/*
+	 * What the bus sent, a bounded batch per pass so a flood cannot starve
+	 * the clients; what is left makes sd_bus_get_timeout() say "now".
+	 */
+	int budget = 64;
+	while ((r = sd_bus_process(l->bus, NULL)) > 0 && --budget > 0)
 		;
 	if (r < 0) {
 		bus_drop(l, "lost the connection", -r);
