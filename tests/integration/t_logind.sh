@@ -70,10 +70,10 @@ start_bus() {
 stop_bus() {
 	[ -z "$LOGIND_PID" ] || stop_pid "$LOGIND_PID"
 	[ -z "$BUS_PID" ] || stop_pid "$BUS_PID"
-	LOGIND_PID= BUS_PID=
+	LOGIND_PID='' BUS_PID=''
 }
 
-# logind METHOD ARGS...: call the fake logind as loginctl calls logind.
+# manager METHOD ARGS... / session OBJ METHOD ARGS...: call the fake logind as loginctl calls logind.
 manager() {
 	dbus-send --system --print-reply --dest=org.freedesktop.login1 /org/freedesktop/login1 \
 		"org.freedesktop.login1.Manager.$1" "${@:2}" >/dev/null
