@@ -29,6 +29,8 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_IDLE_LOCK] = "idle-lock",
 	[SET_PIN_TTL] = "pin-ttl",
 	[SET_TLS_ONLY] = "tls-only",
+	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
+	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
 };
 
 const char *
@@ -46,6 +48,8 @@ config_init(struct agent_config *cfg)
 	cfg->max_connections = 1024;
 	cfg->max_channels_per_connection = 64;
 	cfg->max_channels_per_process = 256;
+	cfg->lock_on_suspend = 1;
+	cfg->lock_on_screen_lock = 1;
 	for (int i = 0; i < SET_COUNT; i++)
 		cfg->origin[i].layer = CONF_DEFAULT;
 	cfg->modules_layer = CONF_DEFAULT;
@@ -402,6 +406,22 @@ set_duration(struct parse *p, enum conf_setting s, const char *val, int64_t *fie
 	return 0;
 }
 
+/* A yes/no setting (lock-on-suspend, lock-on-screen-lock): lock-checked, stored with its origin. */
+static int
+set_yes_no(struct parse *p, enum conf_setting s, const char *val, int *field)
+{
+	if (check_lock(p->cfg, s, setting_names[s], &p->at) != 0)
+		return -1;
+	if (strcmp(val, "yes") == 0)
+		*field = 1;
+	else if (strcmp(val, "no") == 0)
+		*field = 0;
+	else
+		return perr(p, "%s must be yes or no, not '%s'", setting_names[s], val);
+	p->cfg->origin[s] = p->at;
+	return 0;
+}
+
 /* Replaces *field with a copy of val and records the line it came from. */
 static int
 set_text(struct parse *p, char **field, struct conf_origin *origin, const char *val)
@@ -644,6 +664,10 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_duration(p, SET_PIN_TTL, val, &cfg->pin_ttl_ms);
 	if (strcmp(key, "tls-only") == 0)
 		return set_tls_only(p, NULL, val);
+	if (strcmp(key, "lock-on-suspend") == 0)
+		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
+	if (strcmp(key, "lock-on-screen-lock") == 0)
+		return set_yes_no(p, SET_LOCK_ON_SCREEN_LOCK, val, &cfg->lock_on_screen_lock);
 	if (strcmp(key, "debug") == 0) {
 		if (check_lock(cfg, SET_DEBUG, key, &p->at) != 0)
 			return -1;
@@ -842,6 +866,10 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_value(out, "pin-ttl", v, &cfg->origin[SET_PIN_TTL], cfg, SET_PIN_TTL);
 	print_value(out, "tls-only", cfg->tls_only ? "yes" : "no", &cfg->origin[SET_TLS_ONLY], cfg,
 		    SET_TLS_ONLY);
+	print_value(out, "lock-on-suspend", cfg->lock_on_suspend ? "yes" : "no",
+		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
+	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
+		    &cfg->origin[SET_LOCK_ON_SCREEN_LOCK], cfg, SET_LOCK_ON_SCREEN_LOCK);
 	for (int s = 0; s < SET_COUNT; s++)
 		if (cfg->locked[s])
 			print_value(out, "lock", setting_names[s], &cfg->lock_origin[s], cfg, -1);

@@ -47,6 +47,9 @@ enum conf_setting {
 	SET_IDLE_LOCK,           /* idle-lock: lock a token after this long without a signature */
 	SET_PIN_TTL,             /* pin-ttl: lock a token this long after its unlock */
 	SET_TLS_ONLY,            /* tls-only, globally and in [key] sections */
+	/* logind (agent/logind.c): lock every token on these events */
+	SET_LOCK_ON_SUSPEND,     /* lock-on-suspend: PrepareForSleep(true) */
+	SET_LOCK_ON_SCREEN_LOCK, /* lock-on-screen-lock: our session's Lock or LockedHint */
 	SET_COUNT
 };
 
@@ -113,6 +116,9 @@ struct agent_config {
 	int max_channels_per_process;
 	int64_t idle_lock_ms;    /* 0 = off */
 	int64_t pin_ttl_ms;      /* 0 = off */
+	/* logind events (agent/logind.c); both 0: the system bus is not used */
+	int lock_on_suspend;     /* default 1 */
+	int lock_on_screen_lock; /* default 1 */
 	struct conf_origin origin[SET_COUNT];
 	int locked[SET_COUNT];
 	struct conf_origin lock_origin[SET_COUNT];

@@ -4,8 +4,10 @@
  * never calls PKCS#11 and never blocks on a token or a child: LIST and
  * STATUS come from the inventory the helpers push, UNLOCK/LOCK are
  * forwarded with a deadline, helpers are reaped on SIGCHLD
- * (supervise.c), SIGHUP locks every token, and SIGN never passes through here (OPEN_CHANNEL hands
- * the client a socketpair end that goes straight to the helper).
+ * (supervise.c), SIGHUP and logind's suspend and screen-lock signals
+ * (logind.c, on the system bus) lock every token, and SIGN never passes
+ * through here (OPEN_CHANNEL hands the client a socketpair end that goes
+ * straight to the helper).
  * Requests are handled in handlers.c; framing is common/frame.c's.
  */
 #include "config.h"
@@ -169,6 +171,9 @@ client_readable(struct server *s, size_t ci)
 
 /* ------------------------------------------------------------ loop */
 
+/* The poll set's entries before the helpers': signalfd, listener, system bus. */
+#define POLL_FIXED 3
+
 static int
 handle_signals(struct server *s)
 {
@@ -184,6 +189,13 @@ handle_signals(struct server *s)
 		}
 	}
 	return 0;
+}
+
+/* logind (logind.c) saw the machine suspend or our session lock. */
+static void
+logind_lock(void *arg, const char *why)
+{
+	tokens_lock_all(arg, why);
 }
 
 /*
@@ -242,12 +254,14 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	}
 	if (s->nhelpers == 0)
 		log_warn("no PKCS#11 module to use: give --module PATH or register one with p11-kit");
+	s->logind = logind_new(cfg, s->uid, logind_lock, s);
 	/* Clients can connect from now on; requests wait for starting helpers themselves. */
 	sysd_notify("READY=1\nSTATUS=listening on %s, %zu module(s) starting", cfg->socket_path,
 		    s->nhelpers);
 
 	while (!s->stop) {
-		size_t need = 2 + s->nhelpers + s->nclients;
+		/* pfd: signals, listener, the system bus, helpers, clients. */
+		size_t need = POLL_FIXED + s->nhelpers + s->nclients;
 		if (need > s->cpfd) {
 			struct pollfd *np = realloc(s->pfd, need * sizeof(*np));
 			if (!np) {
@@ -269,6 +283,9 @@ server_run(const struct agent_config *cfg, int listen_fd)
 		} else {
 			pfd[n++] = (struct pollfd){ s->listen_fd, POLLIN, 0 };
 		}
+		short bus_ev;
+		int bus_fd = logind_poll_fd(s->logind, &bus_ev, &next);
+		pfd[n++] = (struct pollfd){ bus_fd, bus_ev, 0 };
 		for (size_t i = 0; i < s->nhelpers; i++) {
 			struct helper *h = &s->helpers[i];
 			short ev = 0;
@@ -306,7 +323,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 				client_accept(s);
 			for (size_t i = 0; i < s->nhelpers; i++) {
 				struct helper *h = &s->helpers[i];
-				short re = pfd[2 + i].revents;
+				short re = pfd[POLL_FIXED + i].revents;
 				if (h->fd < 0 || !re)
 					continue;
 				if (re & POLLOUT && p11a_frame_out_flush(&h->out, h->fd) < 0) {
@@ -317,10 +334,10 @@ server_run(const struct agent_config *cfg, int listen_fd)
 					helper_readable(s, i);
 			}
 			/* Clients accepted during this round have no pollfd entry yet. */
-			size_t polled = n - 2 - s->nhelpers;
+			size_t polled = n - POLL_FIXED - s->nhelpers;
 			for (size_t i = 0; i < polled && i < s->nclients; i++) {
 				struct client *c = &s->clients[i];
-				short re = pfd[2 + s->nhelpers + i].revents;
+				short re = pfd[POLL_FIXED + s->nhelpers + i].revents;
 				if (c->fd < 0 || !re)
 					continue;
 				if (re & POLLOUT && p11a_frame_out_flush(&c->out, c->fd) < 0) {
@@ -334,6 +351,9 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			}
 		}
 		now = p11a_now_ms();
+		/* The bus's messages, its timeouts, or a reconnection that is due. */
+		if (s->logind)
+			logind_process(s->logind, now);
 		for (size_t i = 0; i < s->nclients; i++) {
 			struct client *c = &s->clients[i];
 			if (c->fd < 0)
@@ -358,6 +378,7 @@ out:
 	free(s->clients);
 	pending_free_all(s);
 	free(s->pfd);
+	logind_free(s->logind);
 	if (s->helpers)
 		helpers_stop(s);
 	free(s->helpers);

@@ -23,6 +23,7 @@
 
 #include "conf.h"
 #include "frame.h"
+#include "logind.h"
 #include "proto.h"
 
 #define RESTART_DELAY_MIN_MS   500
@@ -108,6 +109,7 @@ struct server {
 	/* The poll set; in the server so that a helper forked from the loop still reaches it. */
 	struct pollfd *pfd;
 	size_t cpfd;
+	struct logind *logind;     /* logind's lock signals on the system bus, or NULL */
 };
 
 /* ---- server.c: client connections */

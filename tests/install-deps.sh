@@ -6,7 +6,8 @@
 #   tests/install-deps.sh build   build the tree (autotools, compilers, libraries)
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
-#                                 systemd-socket-activate and systemd-analyze)
+#                                 systemd-socket-activate and systemd-analyze;
+#                                 dbus and python3-dbus: t_logind's private bus)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use
 #   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
@@ -20,7 +21,8 @@ build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openss
 	libp11-kit-dev p11-kit libsystemd-dev libjson-c-dev"
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
-	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd"
+	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
+	dbus-daemon dbus-bin python3-dbus python3-gi"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"
 pkg="$demo $pkgtools"
