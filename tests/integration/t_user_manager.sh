@@ -55,11 +55,16 @@ if [ -n "$INSTALLED" ]; then
 	AGENTD=$INSTALLED/bin/p11agentd
 else
 	UNITDIR=$CFG/systemd/user
-	sed "s|^ExecStart=.*|ExecStart=$(readlink -f "$P11AGENTD") --foreground|" \
+	# The service's /tmp is private (PrivateTmp=yes) and a build tree may
+	# be under /tmp: the service runs a copy of the build's agent from the
+	# tmpfs, as it would run /usr/bin/p11agentd.
+	mkdir -p /mnt/bin
+	cp "$(readlink -f "$P11AGENTD")" /mnt/bin/p11agentd
+	AGENTD=/mnt/bin/p11agentd
+	sed "s|^ExecStart=.*|ExecStart=$AGENTD --foreground|" \
 		"$top_srcdir/packaging/systemd/p11agentd.service.in" >"$UNITDIR/p11agentd.service"
 	cp "$top_srcdir/packaging/systemd/p11agentd.socket" "$UNITDIR/"
 	cp "$top_srcdir/packaging/systemd/50-p11agent.conf" "$CFG/environment.d/"
-	AGENTD=$(readlink -f "$P11AGENTD")
 fi
 # The user's own settings, as a user would write them.
 printf 'SOFTHSM2_CONF=%s\n' "$SOFTHSM2_CONF" >"$CFG/environment.d/60-test-token.conf"
@@ -154,6 +159,11 @@ rc_is 0 "the first connection starts the agent; 'p11agent status' works with P11
 stdout_has "agent:        p11agentd" "status is answered by p11agentd"
 is "$(sc is-active p11agentd.service 2>&1)" active "p11agentd.service is active"
 PID1=$(sc show -p MainPID --value p11agentd.service)
+if [ "$PID1" = 0 ] || [ ! -d "/proc/$PID1" ]; then
+	sc status p11agentd.service >"$T/service.status" 2>&1
+	diag_file "$T/service.status" 20
+	bail_out "p11agentd.service runs (MainPID $PID1)"
+fi
 is "$(readlink "/proc/$PID1/exe")" "$AGENTD" "the service runs $AGENTD"
 is "$(sc show -p Type --value p11agentd.service) $(sc show -p StatusText --value p11agentd.service)" \
 	"notify 1 of 1 modules up, 1 tokens" "Type=notify: READY=1 and the status text reach the manager"
