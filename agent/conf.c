@@ -29,6 +29,7 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_IDLE_LOCK] = "idle-lock",
 	[SET_PIN_TTL] = "pin-ttl",
 	[SET_TLS_ONLY] = "tls-only",
+	[SET_ALLOW_PROGRAMS] = "allow-programs",
 	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
 };
@@ -65,6 +66,15 @@ module_conf_clear(struct module_conf *m)
 	memset(m, 0, sizeof(*m));
 }
 
+static void
+programs_clear(struct conf_programs *pr)
+{
+	for (size_t i = 0; i < pr->n; i++)
+		free(pr->paths[i]);
+	free(pr->paths);
+	memset(pr, 0, sizeof(*pr));
+}
+
 void
 config_free(struct agent_config *cfg)
 {
@@ -89,9 +99,12 @@ config_free(struct agent_config *cfg)
 		free(cfg->dropped[i].why);
 	}
 	free(cfg->dropped);
-	for (size_t i = 0; i < cfg->nkeysecs; i++)
+	for (size_t i = 0; i < cfg->nkeysecs; i++) {
 		free(cfg->keysecs[i].pattern);
+		programs_clear(&cfg->keysecs[i].programs);
+	}
 	free(cfg->keysecs);
+	programs_clear(&cfg->allow_programs);
 	free(cfg->admin_file);
 	free(cfg->user_file);
 	for (size_t i = 0; i < cfg->ninterned; i++)
@@ -499,13 +512,60 @@ set_tls_only(struct parse *p, struct conf_keysec *ks, const char *val)
 	return 0;
 }
 
+/*
+ * allow-programs, globally (keysec NULL) or in a [key] section:
+ * lock-checked; the paths of a line add to those of earlier lines of the
+ * same layer and replace those of a lower layer.
+ */
 static int
-keysec_setting(struct parse *p, const char *key, const char *val)
+set_allow_programs(struct parse *p, struct conf_keysec *ks, char *val)
+{
+	struct conf_programs *pr = ks != NULL ? &ks->programs : &p->cfg->allow_programs;
+	char *words[64], *save = NULL;
+	size_t nw = 0;
+
+	if (check_lock(p->cfg, SET_ALLOW_PROGRAMS, "allow-programs", &p->at) != 0)
+		return -1;
+	for (char *w = strtok_r(val, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+		if (w[0] != '/')
+			return perr(p, "allow-programs takes absolute paths of executables (as "
+				    "/proc/PID/exe shows them: readlink -f \"$(command -v NAME)\"), "
+				    "not '%s'", w);
+		if (nw == sizeof(words) / sizeof(words[0]))
+			return perr(p, "allow-programs: more than %zu paths on one line; write "
+				    "several lines", nw);
+		words[nw++] = w;
+	}
+	if (nw == 0)
+		return perr(p, "allow-programs needs at least one absolute path");
+	if (pr->set && pr->layer != p->layer)
+		programs_clear(pr);     /* a higher layer's list replaces a lower one's */
+	char **n = realloc(pr->paths, (pr->n + nw) * sizeof(*n));
+	if (n == NULL)
+		return perr(p, "out of memory");
+	pr->paths = n;
+	for (size_t i = 0; i < nw; i++) {
+		if ((n[pr->n] = strdup(words[i])) == NULL)
+			return perr(p, "out of memory");
+		pr->n++;
+	}
+	pr->set = 1;
+	pr->layer = p->layer;
+	pr->origin = p->at;
+	if (ks == NULL)
+		p->cfg->origin[SET_ALLOW_PROGRAMS] = p->at;
+	return 0;
+}
+
+static int
+keysec_setting(struct parse *p, const char *key, char *val)
 {
 	if (strcmp(key, "tls-only") == 0)
 		return set_tls_only(p, &p->cfg->keysecs[p->keysec], val);
-	return perr(p, "'%s' is not a [key] setting (tls-only); global settings go before "
-		    "the first section", key);
+	if (strcmp(key, "allow-programs") == 0)
+		return set_allow_programs(p, &p->cfg->keysecs[p->keysec], val);
+	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs); global "
+		    "settings go before the first section", key);
 }
 
 static int
@@ -664,6 +724,8 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_duration(p, SET_PIN_TTL, val, &cfg->pin_ttl_ms);
 	if (strcmp(key, "tls-only") == 0)
 		return set_tls_only(p, NULL, val);
+	if (strcmp(key, "allow-programs") == 0)
+		return set_allow_programs(p, NULL, val);
 	if (strcmp(key, "lock-on-suspend") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
 	if (strcmp(key, "lock-on-screen-lock") == 0)
@@ -825,6 +887,22 @@ print_value(FILE *out, const char *key, const char *val, const struct conf_origi
 	fputc('\n', out);
 }
 
+/* allow-programs: one line per path (lines add up), or a comment when not set. */
+static void
+print_programs(FILE *out, const struct conf_programs *pr, const struct agent_config *cfg)
+{
+	static const struct conf_origin dflt = { .layer = CONF_DEFAULT };
+
+	if (!pr->set) {
+		print_value(out, "# allow-programs", "not set: any program", &dflt, cfg,
+			    SET_ALLOW_PROGRAMS);
+		return;
+	}
+	for (size_t i = 0; i < pr->n; i++)
+		print_value(out, "allow-programs", pr->paths[i], &pr->origin, cfg,
+			    SET_ALLOW_PROGRAMS);
+}
+
 static const char *
 file_state(int st)
 {
@@ -866,6 +944,7 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_value(out, "pin-ttl", v, &cfg->origin[SET_PIN_TTL], cfg, SET_PIN_TTL);
 	print_value(out, "tls-only", cfg->tls_only ? "yes" : "no", &cfg->origin[SET_TLS_ONLY], cfg,
 		    SET_TLS_ONLY);
+	print_programs(out, &cfg->allow_programs, cfg);
 	print_value(out, "lock-on-suspend", cfg->lock_on_suspend ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
 	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
@@ -900,6 +979,8 @@ config_print(const struct agent_config *cfg, FILE *out)
 		if (ks->tls_only >= 0)
 			print_value(out, "tls-only", ks->tls_only ? "yes" : "no", &ks->tls_origin, cfg,
 				    SET_TLS_ONLY);
+		if (ks->programs.set)
+			print_programs(out, &ks->programs, cfg);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

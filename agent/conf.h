@@ -47,6 +47,7 @@ enum conf_setting {
 	SET_IDLE_LOCK,           /* idle-lock: lock a token after this long without a signature */
 	SET_PIN_TTL,             /* pin-ttl: lock a token this long after its unlock */
 	SET_TLS_ONLY,            /* tls-only, globally and in [key] sections */
+	SET_ALLOW_PROGRAMS,      /* allow-programs, globally and in [key] sections */
 	/* logind (agent/logind.c): lock every token on these events */
 	SET_LOCK_ON_SUSPEND,     /* lock-on-suspend: PrepareForSleep(true) */
 	SET_LOCK_ON_SCREEN_LOCK, /* lock-on-screen-lock: our session's Lock or LockedHint */
@@ -89,9 +90,19 @@ struct conf_section {
  * layer order, sections in file order) and sets it, else the global
  * default.
  */
+/* allow-programs: absolute paths of executables; set = 0: not set (any program). */
+struct conf_programs {
+	int set;
+	char **paths;
+	size_t n;
+	enum conf_layer layer;   /* of the lines listed (a higher layer's replace them) */
+	struct conf_origin origin;   /* the last line */
+};
+
 struct conf_keysec {
 	char *pattern;           /* a pkcs11: URI, matched as SIGN matches key URIs */
 	int tls_only;            /* -1 = not set here, else 0/1 */
+	struct conf_programs programs;
 	struct conf_origin origin, tls_origin;
 };
 
@@ -136,6 +147,7 @@ struct agent_config {
 	size_t ndropped;
 
 	int tls_only;                    /* the default for keys no [key] section sets */
+	struct conf_programs allow_programs; /* likewise */
 	struct conf_keysec *keysecs;
 	size_t nkeysecs;
 

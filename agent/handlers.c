@@ -558,6 +558,7 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	struct p11a_msg adopt = { .type = P11A_MSG_H_ADOPT };
 	adopt.u.adopt.conn = s->clients[ci].serial;
 	adopt.u.adopt.pid = s->clients[ci].pid > 0 ? (uint32_t)s->clients[ci].pid : 0;
+	adopt.u.adopt.exe = s->clients[ci].exe;    /* borrowed: not cleared */
 	log_debug("client %d: signing channel to helper %s for %s", s->clients[ci].fd,
 		  h->mod->name, uri);
 	helper_send(s, hi, p->id, &adopt, sv[0]);

@@ -88,6 +88,7 @@ struct channel {
 	int fd;
 	uint64_t conn;                  /* the agent's connection serial that opened it */
 	uint32_t pid;                   /* that connection's peer pid (0 unknown) */
+	char *exe;                      /* its executable read at accept, NULL unknown */
 	struct channel *prev, *next;    /* under h->wlock */
 	int busy;                       /* in token_sign(); under h->wlock */
 	int expired;                    /* answered by the watchdog; under h->wlock */
@@ -244,6 +245,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	size_t sig_len = 0;
 	char msg[TOKEN_MSG_MAX];
 	struct p11a_msg rep;
+	struct token_peer peer;
 	int r;
 
 	/* The deadline counts from the request's arrival. */
@@ -260,7 +262,10 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		pthread_cond_signal(&h->wd_cond);
 	}
 	pthread_mutex_unlock(&h->wlock);
-	r = token_sign(h->tm, &c->memo, req, &deadline, sig, sizeof(sig), &sig_len, msg, sizeof(msg));
+	peer.pid = c->pid;
+	peer.exe = c->exe;
+	r = token_sign(h->tm, &c->memo, &peer, req, &deadline, sig, sizeof(sig), &sig_len, msg,
+		       sizeof(msg));
 	pthread_mutex_lock(&h->wlock);
 	c->busy = 0;
 	if (c->expired) {
@@ -279,8 +284,8 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 			  r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r), us_since(t0));
 	}
 	if (r == -P11A_E_POLICY)
-		log_warn("channel %d: pid %lu: refused %.300s: %s", c->fd, (unsigned long)c->pid,
-			 req->key_uri, msg);
+		log_warn("channel %d: pid %lu (%s): refused %.300s: %s", c->fd, (unsigned long)c->pid,
+			 c->exe != NULL ? c->exe : "executable unknown", req->key_uri, msg);
 	if (r != 0)
 		return chan_reply_error(c, out, r, msg);
 	memset(&rep, 0, sizeof(rep));
@@ -357,6 +362,7 @@ chan_main(void *arg)
 	close(c->fd);
 	atomic_fetch_sub(&c->h->channels, 1);
 	token_keymemo_free(c->memo);
+	free(c->exe);
 	free(c);
 	return NULL;
 }
@@ -541,9 +547,15 @@ chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, 
 	c->fd = fd;
 	c->conn = owner->conn;
 	c->pid = owner->pid;
+	if (owner->exe != NULL && owner->exe[0] != '\0' && (c->exe = strdup(owner->exe)) == NULL) {
+		free(c);
+		snprintf(msg, msg_size, "out of memory");
+		return -P11A_E_NOMEM;
+	}
 	pthread_mutex_lock(&h->wlock);
 	if ((r = chan_admit_locked(h, c->conn, c->pid, msg, msg_size)) != 0) {
 		pthread_mutex_unlock(&h->wlock);
+		free(c->exe);
 		free(c);
 		return r;
 	}
@@ -566,6 +578,7 @@ chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, 
 		if (c->next != NULL)
 			c->next->prev = NULL;
 		pthread_mutex_unlock(&h->wlock);
+		free(c->exe);
 		free(c);
 		snprintf(msg, msg_size, "cannot start a channel thread: %s", strerror(r));
 		return -P11A_E_BUSY;

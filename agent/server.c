@@ -19,6 +19,7 @@
 #include "proto.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -55,6 +56,29 @@ send_msg(struct server *s, size_t ci, const struct p11a_msg *m, int fd_to_pass)
 	}
 }
 
+/*
+ * The executable of process pid, read at accept so that a pid reused
+ * later cannot be mistaken for the peer (allow-programs).  NULL when it
+ * cannot be read: the process is gone, is in another mount or pid
+ * namespace, or is not dumpable.  A kernel's " (deleted)" suffix stays,
+ * so a replaced binary matches no configured path.
+ */
+static char *
+peer_exe(pid_t pid)
+{
+	char link[64], buf[PATH_MAX];
+	ssize_t n;
+
+	if (pid <= 0)
+		return NULL;
+	snprintf(link, sizeof(link), "/proc/%ld/exe", (long)pid);
+	n = readlink(link, buf, sizeof(buf));
+	if (n <= 0 || (size_t)n >= sizeof(buf) || buf[0] != '/')
+		return NULL;
+	buf[n] = '\0';
+	return strdup(buf);
+}
+
 void
 client_close(struct server *s, size_t i)
 {
@@ -68,6 +92,8 @@ client_close(struct server *s, size_t i)
 	p11a_frame_out_clear(&c->out);
 	free(c->wait_error_msg);
 	c->wait_error_msg = NULL;
+	free(c->exe);
+	c->exe = NULL;
 	c->waiting = 0;
 	if (c->reply_fd >= 0) {
 		close(c->reply_fd);
@@ -142,10 +168,12 @@ client_accept(struct server *s)
 		c->serial = ++s->next_serial;
 		c->uid = cred.uid;
 		c->pid = cred.pid;
+		c->exe = peer_exe(cred.pid);
 		c->reply_fd = -1;
 		p11a_frame_in_init(&c->in, NULL, 0);
 		s->open_clients++;
-		log_debug("client %d: connected (pid %ld)", fd, (long)cred.pid);
+		log_debug("client %d: connected (pid %ld, %s)", fd, (long)cred.pid,
+			  c->exe ? c->exe : "executable unknown");
 	}
 }
 

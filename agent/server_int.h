@@ -70,6 +70,7 @@ struct client {
 	char *wait_error_msg;
 	uint32_t uid;
 	pid_t pid;
+	char *exe;                 /* /proc/PID/exe read at accept (allow-programs), NULL unknown */
 	struct p11a_frame_in in;
 	struct p11a_frame_out out;
 	int reply_fd;              /* descriptor for the awaited CHANNEL reply, or -1 */

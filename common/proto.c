@@ -169,7 +169,11 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 	case P11A_MSG_H_ADOPT:
 		if ((r = p11a_buf_put_u64(b, m->u.adopt.conn)) != 0)
 			return r;
-		return p11a_buf_put_u32(b, m->u.adopt.pid);
+		if ((r = p11a_buf_put_u32(b, m->u.adopt.pid)) != 0)
+			return r;
+		if (m->u.adopt.exe != NULL && m->u.adopt.exe[0] != '\0' && m->u.adopt.exe[0] != '/')
+			return -P11A_E_INTERNAL;
+		return put_text(b, m->u.adopt.exe, P11A_TEXT_MAX);
 	case P11A_MSG_HELLO:
 		if ((r = p11a_buf_put_u16(b, m->u.hello.min_version)) != 0 ||
 		    (r = p11a_buf_put_u16(b, m->u.hello.max_version)) != 0 ||
@@ -432,7 +436,13 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 	case P11A_MSG_H_ADOPT:
 		if ((r = p11a_buf_get_u64(b, &m->u.adopt.conn)) != 0)
 			return r;
-		return p11a_buf_get_u32(b, &m->u.adopt.pid);
+		if ((r = p11a_buf_get_u32(b, &m->u.adopt.pid)) != 0 ||
+		    (r = p11a_buf_get_cstring(b, &m->u.adopt.exe, P11A_TEXT_MAX)) != 0)
+			return r;
+		/* An executable's path is absolute; "" = unknown. */
+		if (m->u.adopt.exe[0] != '\0' && m->u.adopt.exe[0] != '/')
+			return -P11A_E_MALFORMED;
+		return 0;
 	case P11A_MSG_HELLO:
 		if ((r = p11a_buf_get_u16(b, &m->u.hello.min_version)) != 0 ||
 		    (r = p11a_buf_get_u16(b, &m->u.hello.max_version)) != 0 ||
@@ -647,6 +657,9 @@ p11a_msg_clear(struct p11a_msg *m)
 		break;
 	case P11A_MSG_OPEN_CHANNEL:
 		free(m->u.open_channel.key_uri);
+		break;
+	case P11A_MSG_H_ADOPT:
+		free(m->u.adopt.exe);
 		break;
 	case P11A_MSG_SIGN:
 		free(m->u.sign.key_uri);

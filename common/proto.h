@@ -148,6 +148,8 @@ struct p11a_open_channel {          /* OPEN_CHANNEL */
 struct p11a_adopt {                 /* H_ADOPT (internal; the channel's descriptor rides along) */
 	uint64_t conn;              /* the agent's serial of the connection that asked */
 	uint32_t pid;               /* that connection's peer pid (SO_PEERCRED; 0 unknown) */
+	char *exe;                  /* its /proc/PID/exe read at accept: absolute, or "" (NULL
+				     * encodes as "") when unknown */
 };
 
 struct p11a_sign {                  /* SIGN */

@@ -36,6 +36,7 @@ struct sign_key {
 	char label[256];
 	char token_label[64];
 	uint8_t policy;                 /* TOK_POL_* */
+	const struct tok_programs *programs;    /* allow-programs; NULL any program */
 };
 
 /*
@@ -45,12 +46,34 @@ struct sign_key {
 struct pol_sec {
 	struct p11a_uri_matcher *um;
 	int tls_only;                   /* -1 not set in this section */
+	int programs_set;
+	struct tok_programs programs;
 };
 static struct {
 	int tls_only;                   /* the default */
+	int programs_set;               /* the default allow-programs is set */
+	struct tok_programs programs;
 	struct pol_sec *secs;
 	size_t nsecs;
 } policy;
+
+/* A copy of the configuration's paths (kept for the life of the process); -1 out of memory. */
+static int
+programs_from(struct tok_programs *tp, const struct conf_programs *cp)
+{
+	tp->paths = NULL;
+	tp->n = 0;
+	if (cp->n == 0)
+		return 0;
+	if ((tp->paths = calloc(cp->n, sizeof(*tp->paths))) == NULL)
+		return -1;
+	for (size_t i = 0; i < cp->n; i++) {
+		if ((tp->paths[i] = strdup(cp->paths[i])) == NULL)
+			return -1;
+		tp->n = i + 1;
+	}
+	return 0;
+}
 
 int
 token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
@@ -58,6 +81,11 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	int err = 0;
 
 	policy.tls_only = cfg->tls_only;
+	policy.programs_set = cfg->allow_programs.set;
+	if (programs_from(&policy.programs, &cfg->allow_programs) != 0) {
+		tok_set_msg(msg, msg_size, "out of memory");
+		return -1;
+	}
 	if (cfg->nkeysecs == 0)
 		return 0;
 	if ((policy.secs = calloc(cfg->nkeysecs, sizeof(*policy.secs))) == NULL) {
@@ -66,6 +94,11 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	}
 	for (size_t i = 0; i < cfg->nkeysecs; i++) {
 		policy.secs[i].tls_only = cfg->keysecs[i].tls_only;
+		policy.secs[i].programs_set = cfg->keysecs[i].programs.set;
+		if (programs_from(&policy.secs[i].programs, &cfg->keysecs[i].programs) != 0) {
+			tok_set_msg(msg, msg_size, "out of memory");
+			return -1;
+		}
 		if ((policy.secs[i].um = p11a_uri_matcher_new(cfg->keysecs[i].pattern, &err)) == NULL) {
 			tok_set_msg(msg, msg_size, "[key %.300s]: not a valid pkcs11: URI",
 				    cfg->keysecs[i].pattern);
@@ -76,17 +109,59 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	return 0;
 }
 
-/* The policy of key k of slot s: the last section matching it that sets tls-only, else the default. */
-static uint8_t
-policy_resolve(const struct tok_slot *s, const struct tok_key *k)
+/*
+ * The policy of key k of slot s, into k: of each setting, the last
+ * section matching it that sets it, else the default.
+ */
+static void
+policy_resolve(const struct tok_slot *s, struct tok_key *k)
 {
 	int tls_only = policy.tls_only;
+	const struct tok_programs *progs = policy.programs_set ? &policy.programs : NULL;
 
-	for (size_t i = 0; i < policy.nsecs; i++)
-		if (policy.secs[i].tls_only >= 0 &&
-		    p11a_uri_match_key(policy.secs[i].um, &s->tok, &k->k) == 1)
-			tls_only = policy.secs[i].tls_only;
-	return tls_only ? TOK_POL_TLS_ONLY : TOK_POL_ANY;
+	for (size_t i = 0; i < policy.nsecs; i++) {
+		const struct pol_sec *ps = &policy.secs[i];
+		if (ps->tls_only < 0 && !ps->programs_set)
+			continue;
+		if (p11a_uri_match_key(ps->um, &s->tok, &k->k) != 1)
+			continue;
+		if (ps->tls_only >= 0)
+			tls_only = ps->tls_only;
+		if (ps->programs_set)
+			progs = &ps->programs;
+	}
+	k->policy = tls_only ? TOK_POL_TLS_ONLY : TOK_POL_ANY;
+	k->programs = progs;
+}
+
+/* 1 when exe (NULL unknown) is one of the paths. */
+static int
+programs_has(const struct tok_programs *tp, const char *exe)
+{
+	if (exe == NULL)
+		return 0;
+	for (size_t i = 0; i < tp->n; i++)
+		if (strcmp(tp->paths[i], exe) == 0)
+			return 1;
+	return 0;
+}
+
+/* "/usr/bin/curl, /usr/bin/ssh" into out, cut short with "..." when it does not fit. */
+static void
+programs_format(const struct tok_programs *tp, char *out, size_t out_size)
+{
+	size_t len = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; i < tp->n; i++) {
+		int w = snprintf(out + len, out_size - len, "%s%s", i ? ", " : "", tp->paths[i]);
+		if (w < 0 || (size_t)w >= out_size - len) {
+			if (out_size > 4)
+				memcpy(out + out_size - 4, "...", 4);
+			return;
+		}
+		len += (size_t)w;
+	}
 }
 
 struct token_keymemo {
@@ -217,8 +292,9 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 	sk->logged_in = fs->logged_in;
 	/* Resolved once per key record: a new inventory has new records. */
 	if (found->policy == TOK_POL_UNRESOLVED)
-		found->policy = policy_resolve(fs, found);
+		policy_resolve(fs, found);
 	sk->policy = found->policy;
+	sk->programs = found->programs;
 	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
 	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
 	if (found->k.id_len > 0) {
@@ -565,7 +641,8 @@ sign_once(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OB
 }
 
 int
-token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11a_sign *req,
+token_sign(struct token_module *m, struct token_keymemo **memo, const struct token_peer *peer,
+	   const struct p11a_sign *req,
 	   const struct timespec *deadline,
 	   uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size)
 {
@@ -579,7 +656,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 	CK_RV rv = CKR_OK, prv;
 	const char *what = "C_Sign";
 	unsigned gen = 0;
-	int r, drop = 0, have_session = 0, is_copy = 0;
+	int r, drop = 0, have_session = 0, is_copy = 0, listed = 0;
 
 	*sig_len = 0;
 	if (msg != NULL && msg_size > 0)
@@ -587,13 +664,32 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct p11
 	if ((r = key_lookup(m, memo, req->key_uri, &sk, msg, msg_size)) != 0)
 		return r;
 	/* From here on this thread counts in m->inflight. */
+	if (sk.programs != NULL) {
+		const char *exe = peer != NULL ? peer->exe : NULL;
+		if (!(listed = programs_has(sk.programs, exe))) {
+			char list[600];
+			programs_format(sk.programs, list, sizeof(list));
+			tok_set_msg(msg, msg_size, "not allowed for this program: key '%s' on token "
+				    "'%s' may be used by %s; %s (pid %lu) asked", sk.label,
+				    sk.token_label, list, exe != NULL ? exe : "an unknown executable",
+				    peer != NULL ? (unsigned long)peer->pid : 0ul);
+			r = -P11A_E_POLICY;
+			goto out;
+		}
+	}
 	if (sk.policy == TOK_POL_TLS_ONLY) {
 		enum p11a_tlsclass tc = p11a_tls_classify(req->data, req->data_len,
 							  req->input != P11A_INPUT_MESSAGE);
-		if (!p11a_tlsclass_is_client(tc)) {
+		/*
+		 * A digest cannot be classified: refused, unless the key's
+		 * allow-programs names the program (NSS, some GnuTLS paths).
+		 */
+		if (!p11a_tlsclass_is_client(tc) && !(tc == P11A_TLS_DIGEST && listed)) {
 			tok_set_msg(msg, msg_size, "not allowed by policy: key '%s' on token '%s' is "
-				    "tls-only and this is not a TLS client handshake (input: %s)",
-				    sk.label, sk.token_label, p11a_tlsclass_name(tc));
+				    "tls-only and this is not a TLS client handshake (input: %s)%s",
+				    sk.label, sk.token_label, p11a_tlsclass_name(tc),
+				    tc == P11A_TLS_DIGEST ? "; a digest is signed only for a program the "
+				    "key's allow-programs names" : "");
 			r = -P11A_E_POLICY;
 			goto out;
 		}

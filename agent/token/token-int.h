@@ -57,6 +57,13 @@ struct tok_key {
 	struct p11a_key k;              /* wire record */
 	CK_OBJECT_HANDLE priv;          /* CK_INVALID_HANDLE: private key not visible */
 	uint8_t policy;                 /* TOK_POL_*: the key's policy, resolved once (sign.c) */
+	const struct tok_programs *programs;    /* its allow-programs, NULL any (with policy) */
+};
+
+/* An allow-programs list (sign.c; lives as long as the process). */
+struct tok_programs {
+	char **paths;
+	size_t n;
 };
 
 /* tok_key.policy: 0 (calloc) until sign.c resolves it, under m->lock. */

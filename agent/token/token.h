@@ -30,7 +30,7 @@
 #include "proto.h"
 
 #define TOKEN_POOL_MAX 32       /* signing sessions per token at most */
-#define TOKEN_MSG_MAX 512       /* enough for any message these functions write */
+#define TOKEN_MSG_MAX 1024      /* enough for any message these functions write */
 
 struct token_module;
 
@@ -129,13 +129,21 @@ int token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t
  * -P11A_E_LOCKED, -P11A_E_TOKEN_NOT_PRESENT, -P11A_E_UNSUPPORTED,
  * -P11A_E_BAD_REQUEST, -P11A_E_TIMEOUT, -P11A_E_TOKEN, -P11A_E_CRYPTO,
  * -P11A_E_TOO_LARGE, -P11A_E_HELPER (closing), -P11A_E_NOMEM, -P11A_E_POLICY (a
- * tls-only key and no TLS client content: common/tlsclass.h).
+ * key whose allow-programs does not name peer->exe, or a tls-only key and
+ * no TLS client content: common/tlsclass.h; a digest passes for a tls-only
+ * key whose allow-programs names peer->exe).
  */
 struct token_keymemo;
 
+/* The process a channel belongs to, as the agent saw it at accept (allow-programs). */
+struct token_peer {
+	uint32_t pid;                   /* 0 unknown */
+	const char *exe;                /* /proc/PID/exe at accept; NULL unknown */
+};
+
 /*
  * The per-key policy of the configuration ([key URI-PATTERN] sections,
- * tls-only: docs/p11agentd.conf.5), for every later token_sign() of this
+ * tls-only, allow-programs: docs/p11agentd.conf.5), for every later token_sign() of this
  * process.  Call once, before any signing thread starts.  Each key record
  * resolves its policy on its first SIGN and keeps it until the inventory
  * changes.  -1 (msg set) when a pattern does not parse or out of memory.
@@ -143,7 +151,7 @@ struct token_keymemo;
 int token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size);
 
 int token_sign(struct token_module *m, struct token_keymemo **memo,
-	       const struct p11a_sign *req, const struct timespec *deadline,
+	       const struct token_peer *peer, const struct p11a_sign *req, const struct timespec *deadline,
 	       uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size);
 
 /*

@@ -119,6 +119,7 @@ sample(size_t i, struct p11a_msg *m)
 		m->type = P11A_MSG_H_ADOPT;
 		m->u.adopt.conn = 0x0102030405060708ull;
 		m->u.adopt.pid = 4242;
+		m->u.adopt.exe = (char *)"/usr/bin/curl";
 		break;
 	case 8: m->type = P11A_MSG_H_REFRESH; break;
 	case 9:
@@ -244,6 +245,7 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 	case P11A_MSG_H_ADOPT:
 		assert_true(a->u.adopt.conn == b->u.adopt.conn);
 		assert_int_equal(a->u.adopt.pid, b->u.adopt.pid);
+		assert_str_same(a->u.adopt.exe, b->u.adopt.exe);
 		break;
 	case P11A_MSG_SIGN:
 		assert_str_same(a->u.sign.key_uri, b->u.sign.key_uri);
@@ -720,6 +722,49 @@ test_decode_bad_values(void **state)
 		assert_int_equal(p11a_buf_put(b, p, n), 0);
 		assert_int_equal(decode_buf(b), -P11A_E_MALFORMED);
 		p11a_buf_free(e);
+	}
+	/* H_ADOPT: the peer's executable is absolute or "" (unknown); no NUL inside. */
+	{
+		static const char *const exes[] = { "/usr/bin/curl", "" };
+		static const char *const bad[] = { "curl", "./curl", " /usr/bin/curl" };
+		struct p11a_msg d;
+
+		for (size_t i = 0; i < 2; i++) {
+			b = body_new(P11A_MSG_H_ADOPT);
+			assert_int_equal(p11a_buf_put_u64(b, 7), 0);
+			assert_int_equal(p11a_buf_put_u32(b, 42), 0);
+			assert_int_equal(p11a_buf_put_cstring(b, exes[i]), 0);
+			assert_int_equal(p11a_msg_decode(p11a_buf_ptr(b), p11a_buf_len(b), &d), 0);
+			assert_string_equal(d.u.adopt.exe, exes[i]);
+			assert_int_equal(d.u.adopt.pid, 42);
+			p11a_msg_clear(&d);
+			p11a_buf_free(b);
+		}
+		for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+			b = body_new(P11A_MSG_H_ADOPT);
+			assert_int_equal(p11a_buf_put_u64(b, 7), 0);
+			assert_int_equal(p11a_buf_put_u32(b, 42), 0);
+			assert_int_equal(p11a_buf_put_cstring(b, bad[i]), 0);
+			assert_int_equal(decode_buf(b), -P11A_E_MALFORMED);
+		}
+		b = body_new(P11A_MSG_H_ADOPT);
+		assert_int_equal(p11a_buf_put_u64(b, 7), 0);
+		assert_int_equal(p11a_buf_put_u32(b, 42), 0);
+		assert_int_equal(p11a_buf_put_string(b, "/usr/bin\0/x", 11), 0);
+		assert_int_equal(decode_buf(b), -P11A_E_MALFORMED);
+		/* The old layout (no executable) is cut short. */
+		b = body_new(P11A_MSG_H_ADOPT);
+		assert_int_equal(p11a_buf_put_u64(b, 7), 0);
+		assert_int_equal(p11a_buf_put_u32(b, 42), 0);
+		assert_int_equal(decode_buf(b), -P11A_E_TRUNCATED);
+		/* The encoder refuses a relative path too. */
+		memset(&d, 0, sizeof(d));
+		d.type = P11A_MSG_H_ADOPT;
+		d.u.adopt.exe = (char *)"curl";
+		b = p11a_buf_new(P11A_FRAME_MAX);
+		assert_non_null(b);
+		assert_int_equal(p11a_msg_encode(&d, b), -P11A_E_INTERNAL);
+		p11a_buf_free(b);
 	}
 	/* ERROR with code 0 would read as success. */
 	b = body_new(P11A_MSG_ERROR);
