@@ -284,8 +284,8 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 			  r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r), us_since(t0));
 	}
 	if (r == -P11A_E_POLICY)
-		log_warn("channel %d: pid %lu (%s): refused %.300s: %s", c->fd, (unsigned long)c->pid,
-			 c->exe != NULL ? c->exe : "executable unknown", req->key_uri, msg);
+		log_warn("channel %d: pid %lu: refused %.300s: %s (executable %s)", c->fd,
+			 (unsigned long)c->pid, req->key_uri, msg, c->exe != NULL ? c->exe : "unknown");
 	if (r != 0)
 		return chan_reply_error(c, out, r, msg);
 	memset(&rep, 0, sizeof(rep));

@@ -195,7 +195,11 @@ cmd_sign(struct cli_ctx *ctx, int argc, char **argv)
 	r = p11a_client_sign(c, &req, &sig, &sig_len);
 	if (r != 0) {
 		rc = cli_fail(c, r, "sign with %s", key);
-		if (r == -P11A_E_POLICY)
+		if (r == -P11A_E_POLICY && strstr(p11a_client_last_error(c) ? p11a_client_last_error(c) : "",
+						  "not allowed for this program") != NULL)
+			cli_err("the agent's configuration lets only the programs its allow-programs "
+				"names use this key (p11agentd.conf(5), KEY SECTIONS)");
+		else if (r == -P11A_E_POLICY)
 			cli_err("the agent's configuration makes this key tls-only: it signs TLS "
 				"client handshakes only (p11agentd.conf(5), KEY SECTIONS)");
 		goto done;
