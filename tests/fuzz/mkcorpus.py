@@ -28,6 +28,7 @@ SPKI = bytes.fromhex(
 def u8(v): return struct.pack(">B", v)
 def u16(v): return struct.pack(">H", v)
 def u32(v): return struct.pack(">I", v)
+def u64(v): return struct.pack(">Q", v)
 
 
 def s(b):
@@ -92,6 +93,8 @@ req = {
     "sign-on-main": H + frame(sign()),
     "unknown-type": H + frame(u8(0x3f) + b"whatever") + frame(u8(0x03)),
     "internal-type": H + frame(u8(0x42) + list_body([], [])),
+    # H_ADOPT (connection serial, peer pid, peer executable) is internal: refused here.
+    "adopt-on-main": H + frame(u8(0x40) + u64(7) + u32(4242) + s("/usr/bin/curl")),
     "reply-type": H + frame(u8(0x80)),
     "list-before-hello": frame(u8(0x03)) + H,
     "version-mismatch": frame(hello(7, 9)),
@@ -131,6 +134,12 @@ intl = {
     "orphan-id": internal(0, inv) + internal(77, u8(0x80)),
     "module-error": internal(0, error(19, "module /x.so: C_Initialize: CKR_ARGUMENTS_BAD")) +
                     internal(0, inv),
+    # H_ADOPT goes agent -> helper; from a helper it is a protocol error.  The
+    # executable is absolute or "" (unknown); a relative one is malformed.
+    "adopt-exe": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(4242) + s("/usr/bin/curl")),
+    "adopt-exe-unknown": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(0) + s("")),
+    "adopt-exe-relative": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(1) + s("curl")),
+    "adopt-old-layout": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(1)),
 }
 for n, d in intl.items():
     write("fuzz_internal", n, d)
