@@ -37,7 +37,9 @@ printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR
 # What /proc/PID/exe shows for the clients: the real paths of the programs.
 CURL_EXE=$(readlink -f "$(command -v curl)")
 PY_EXE=$(readlink -f "$(command -v "$PYTHON3")")
-[ -x "$CURL_EXE" ] && [ -x "$PY_EXE" ] || bail_out "the real paths of curl and $PYTHON3"
+if [ ! -x "$CURL_EXE" ] || [ ! -x "$PY_EXE" ]; then
+	bail_out "the real paths of curl and $PYTHON3"
+fi
 diag "curl is $CURL_EXE, python is $PY_EXE"
 
 ADMIN=$T/etc/p11agent/p11agentd.conf
