@@ -671,13 +671,16 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			snprintf(msg, sizeof(msg), "token helper for module %s is out of descriptors "
 				 "(RLIMIT_NOFILE); close some signing channels", h->name);
 			(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+			p11a_msg_clear(&m);
 			break;
 		}
 		if (fd < 0) {
 			(void)ctrl_send_error(h, id, P11A_E_PROTOCOL, "H_ADOPT without a descriptor");
+			p11a_msg_clear(&m);
 			break;
 		}
 		r = chan_adopt(h, fd, &m.u.adopt, msg, sizeof(msg));
+		p11a_msg_clear(&m);     /* the channel keeps its own copy of the executable */
 		if (r != 0) {
 			close(fd);
 			(void)ctrl_send_error(h, id, r, msg);
