@@ -12,6 +12,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <time.h>
 
 
 /*
@@ -187,6 +188,9 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
  * (nothing is logged in then either); CKR_FUNCTION_CANCELED when the
  * token stayed busy.
  */
+/* How long a logout waits for signatures in flight (a smartcard takes ~1 s). */
+#define LOGOUT_WAIT_MS 2000
+
 static CK_RV
 slot_logout(struct token_module *m, struct tok_slot *s, int *was_in)
 {
@@ -200,8 +204,21 @@ slot_logout(struct token_module *m, struct tok_slot *s, int *was_in)
 	if (rv != CKR_OK)
 		return rv == CKR_FUNCTION_CANCELED ? rv : CKR_OK;
 	if (logged_in) {
+		int64_t until = p11a_now_ms() + LOGOUT_WAIT_MS;
+
 		atomic_fetch_add(&s->kgen, 1);
+		/* No signer may be inside C_Sign with a copy C_Logout destroys. */
+		atomic_store(&s->logging_out, 1);
+		while (atomic_load(&s->signing) > 0 && p11a_now_ms() < until) {
+			struct timespec ts = { 0, 1000000 };
+
+			nanosleep(&ts, NULL);
+		}
+		if (atomic_load(&s->signing) > 0)
+			log_warn("token '%s': a signature still runs after %d ms; logging out anyway",
+				 s->tok.label, LOGOUT_WAIT_MS);
 		rv = m->f->C_Logout(h);
+		atomic_store(&s->logging_out, 0);
 	}
 	tok_ctl_session_put(m, s, h, gen, tok_rv_session_gone(rv));
 	if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN || tok_rv_session_gone(rv)) {

@@ -613,8 +613,8 @@ sign_plan(const struct p11a_sign *req, const struct sign_key *sk, int pss_raw,
  * reported as CKR_BUFFER_TOO_SMALL, so the session stays clean.
  */
 static CK_RV
-sign_once(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OBJECT_HANDLE key,
-	  const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len, const char **what)
+sign_once_raw(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OBJECT_HANDLE key,
+	      const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len, const char **what)
 {
 	CK_ULONG n = *out_len;
 	CK_RV rv;
@@ -637,6 +637,29 @@ sign_once(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OB
 	}
 	if (rv == CKR_OK)
 		*out_len = n;
+	return rv;
+}
+
+/*
+ * sign_once_raw() counted in s->signing, so that a logout of the slot
+ * waits for it (token-int.h); a slot being logged out signs nothing and
+ * says CKR_USER_NOT_LOGGED_IN (the client hears LOCKED).
+ */
+static CK_RV
+sign_once(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, CK_MECHANISM *mech,
+	  CK_OBJECT_HANDLE key, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len,
+	  const char **what)
+{
+	CK_RV rv;
+
+	atomic_fetch_add(&s->signing, 1);
+	if (atomic_load(&s->logging_out)) {
+		atomic_fetch_sub(&s->signing, 1);
+		*what = "C_SignInit";
+		return CKR_USER_NOT_LOGGED_IN;
+	}
+	rv = sign_once_raw(m, h, mech, key, in, in_len, out, out_len, what);
+	atomic_fetch_sub(&s->signing, 1);
 	return rv;
 }
 
@@ -722,7 +745,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		have_session = 1;
 		h = ps->h;
 		key = psess_key(m, ps, &sk, &is_copy);
-		rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+		rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
 		if (is_copy && rv_copy_suspect(rv)) {
 			/* The copy misbehaves: sign with the token key; the session and its copies go. */
 			char nb[48];
@@ -731,7 +754,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 			drop = 1;
 			key = sk.priv;
 			raw_len = sizeof(raw);
-			rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+			rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
 		}
 		if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) {
 			/* The token renumbered its objects: look the key up once more. */
@@ -744,7 +767,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 				  sk.label, key != CK_INVALID_HANDLE ? "found it again" : "key is gone");
 			if (key != CK_INVALID_HANDLE) {
 				raw_len = sizeof(raw);
-				rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw,
+				rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw,
 					       &raw_len, &what);
 			}
 		}
@@ -760,7 +783,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 				  sk.token_label, tok_ckr_name(rv, nb, sizeof(nb)));
 			if (sign_plan(req, &sk, 1, plan, msg, msg_size) == 0) {
 				raw_len = sizeof(raw);
-				rv = sign_once(m, h, &plan->mech, key, plan->in, plan->in_len, raw,
+				rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw,
 					       &raw_len, &what);
 			}
 		}

@@ -85,6 +85,16 @@ struct psess {
 struct tok_slot {
 	CK_SLOT_ID id;
 	atomic_uint kgen;               /* key generation (see "Session copies" above) */
+	/*
+	 * Signatures in C_SignInit..C_Sign on this slot, and a logout waiting
+	 * for them: C_Logout destroys the private session objects (the key
+	 * copies) that a signer may be using, and SoftHSM2 crashes when one
+	 * goes mid-C_Sign.  slot_logout() sets logging_out, waits (bounded)
+	 * for signing to reach 0, then logs out; a signer that sees
+	 * logging_out does not start (the token is being locked).
+	 */
+	atomic_int signing;
+	atomic_int logging_out;
 
 	/* Under m->lock (written by the control thread only). */
 	int known;                      /* tok/ti hold a token seen in this slot */

@@ -165,6 +165,9 @@ if [ "$PID1" = 0 ] || [ ! -d "/proc/$PID1" ]; then
 	bail_out "p11agentd.service runs (MainPID $PID1)"
 fi
 is "$(readlink "/proc/$PID1/exe")" "$AGENTD" "the service runs $AGENTD"
+# The status text follows the modules as they come up (READY=1 comes first).
+status_up() { [ "$(sc show -p StatusText --value p11agentd.service)" = "1 of 1 modules up, 1 tokens" ]; }
+poll 20 status_up || :   # the check is the next line
 is "$(sc show -p Type --value p11agentd.service) $(sc show -p StatusText --value p11agentd.service)" \
 	"notify 1 of 1 modules up, 1 tokens" "Type=notify: READY=1 and the status text reach the manager"
 
