@@ -1,0 +1,180 @@
+#!/bin/bash
+# setup-tpm2.sh start|stop DIR: a tpm2-pkcs11 token on swtpm in DIR for
+# tests/tokens/checks.sh (tests/tokens/README).
+#
+# swtpm and tpm2-abrmd run together in a private network namespace (swtpm
+# listens on that namespace's 127.0.0.1; nothing on the machine's loopback);
+# tpm2-abrmd registers on a private dbus-daemon whose socket is a file in
+# DIR (a path, not an abstract socket, so clients outside the namespace
+# reach it).  The TPM's dictionary-attack lockout is raised to 32 tries so
+# one wrong PIN is safe (swtpm locks after 3 by default, for every token on
+# the TPM).  tpm2_ptool makes the store (TPM2_PKCS11_STORE=DIR/store), a
+# token and an RSA-2048 and an EC P-256 key; certificates from a test CA are
+# issued for the public keys read off the token (openssl x509 -force_pubkey)
+# and stored with tpm2_ptool addcert.  Stop: every daemon by its PID, kept
+# in DIR/pids.
+set -eu
+
+module=${TPM2_PKCS11_MODULE:-/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so}
+LABEL=p11agent-tpm
+PIN=tpm-pin-1234
+SOPIN=tpm-so-5678
+
+die() {
+	echo "setup-tpm2.sh: $*" >&2
+	exit 1
+}
+cannot() {
+	echo "setup-tpm2.sh: cannot run here: $*" >&2
+	exit 77
+}
+
+[ $# -eq 2 ] || die "usage: setup-tpm2.sh start|stop DIR"
+dir=$2
+
+# stop_pid PID: TERM, then KILL after 5 s.
+stop_pid() {
+	local _i
+	kill -0 "$1" 2>/dev/null || return 0
+	kill -TERM "$1" 2>/dev/null || return 0
+	for _i in $(seq 50); do
+		kill -0 "$1" 2>/dev/null || return 0
+		sleep 0.1
+	done
+	kill -KILL "$1" 2>/dev/null || :
+}
+
+case $1 in
+start) ;;
+stop)
+	[ -f "$dir/pids" ] || exit 0
+	# Last started first: tpm2-abrmd, swtpm, dbus-daemon.
+	tac "$dir/pids" | while read -r pid what; do
+		# Only our own process (PID reuse): its command line or its
+		# environment (the private bus's address) names DIR.
+		if grep -qaF -- "$dir" "/proc/$pid/cmdline" "/proc/$pid/environ" 2>/dev/null; then
+			stop_pid "$pid"
+		else
+			[ ! -e "/proc/$pid" ] || echo "setup-tpm2.sh: pid $pid ($what) is not ours any more; left alone" >&2
+		fi
+	done
+	rm -f "$dir/pids"
+	exit 0
+	;;
+*) die "usage: setup-tpm2.sh start|stop DIR" ;;
+esac
+
+[ -f "$module" ] || cannot "tpm2-pkcs11 module $module not found (apt-get install libtpm2-pkcs11-1)"
+for c in swtpm tpm2-abrmd dbus-daemon tpm2_ptool tpm2_startup tpm2_dictionarylockout pkcs11-tool openssl unshare ip; do
+	command -v "$c" >/dev/null 2>&1 ||
+		cannot "$c not found (apt-get install swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-tools tpm2-tools dbus-daemon opensc iproute2)"
+done
+ls /usr/lib/*/libtss2-tcti-tabrmd.so.0 >/dev/null 2>&1 || cannot "libtss2-tcti-tabrmd.so.0 not found (apt-get install libtss2-tcti-tabrmd0)"
+unshare -n true 2>/dev/null || cannot "no network namespace (unshare -n failed)"
+
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+w=$dir/work
+mkdir -p "$w" "$dir/tpm" "$dir/store"
+: >"$dir/pids"
+log=$dir/setup.log
+: >"$log"
+
+run() {
+	if ! "$@" >>"$log" 2>&1; then
+		tail -n 40 "$log" >&2
+		die "failed: $*"
+	fi
+}
+
+# wait_until SECONDS CMD...
+wait_until() {
+	local n=$(($1 * 10))
+	shift
+	until "$@"; do
+		n=$((n - 1))
+		[ "$n" -gt 0 ] || return 1
+		sleep 0.1
+	done
+}
+
+# The private bus.
+dbus-daemon --session --nofork --nopidfile --address="unix:path=$dir/bus" \
+	--print-address=3 3>"$dir/bus.address" >"$dir/dbus.log" 2>&1 &
+echo "$! dbus-daemon" >>"$dir/pids"
+wait_until 10 test -s "$dir/bus.address" || { cat "$dir/dbus.log" >&2; die "dbus-daemon did not start"; }
+DBUS_SESSION_BUS_ADDRESS=unix:path=$dir/bus
+export DBUS_SESSION_BUS_ADDRESS
+
+# swtpm and tpm2-abrmd in their own network namespace.  The inner shell
+# prints swtpm's PID (its own is tpm2-abrmd's after exec).
+cat >"$w/tpmns.sh" <<'NS'
+dir=$1
+ip link set lo up || exit 1
+swtpm socket --tpm2 --tpmstate "dir=$dir/tpm" --server type=tcp,port=2321,bindaddr=127.0.0.1 \
+	--ctrl type=tcp,port=2322,bindaddr=127.0.0.1 --flags not-need-init,startup-clear \
+	--log "file=$dir/swtpm.log" &
+echo "$! swtpm" >>"$dir/pids"
+i=0
+until (exec 3<>/dev/tcp/127.0.0.1/2321) 2>/dev/null; do
+	i=$((i + 1)); [ "$i" -lt 100 ] || exit 1; sleep 0.1
+done
+exec tpm2-abrmd --session --allow-root --flush-all --tcti="swtpm:host=127.0.0.1,port=2321"
+NS
+DBUS_SESSION_BUS_ADDRESS=$DBUS_SESSION_BUS_ADDRESS unshare -n bash "$w/tpmns.sh" "$dir" >"$dir/abrmd.log" 2>&1 &
+echo "$! tpm2-abrmd" >>"$dir/pids"
+
+TCTI=tabrmd:bus_type=session
+export TPM2TOOLS_TCTI=$TCTI TPM2_PKCS11_TCTI=$TCTI TPM2_PKCS11_STORE=$dir/store
+wait_until 20 tpm2_getcap properties-fixed >/dev/null 2>&1 || { cat "$dir/abrmd.log" >&2; die "tpm2-abrmd did not answer on the private bus"; }
+
+# One wrong PIN must not lock the TPM (3 tries by default).
+run tpm2_dictionarylockout --setup-parameters --max-tries=32 --recovery-time=1 --lockout-recovery-time=1 --clear-lockout
+
+run tpm2_ptool init --path="$dir/store"
+run tpm2_ptool addtoken --path="$dir/store" --pid=1 --label="$LABEL" --sopin="$SOPIN" --userpin="$PIN"
+run tpm2_ptool addkey --path="$dir/store" --label="$LABEL" --key-label=tpm-rsa --id=01 --userpin="$PIN" --algorithm=rsa2048
+run tpm2_ptool addkey --path="$dir/store" --label="$LABEL" --key-label=tpm-ec --id=02 --userpin="$PIN" --algorithm=ecc256
+
+run openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+	-keyout "$w/ca.key" -out "$dir/ca.pem" -days 30 -sha256 \
+	-subj "/O=p11agent test/CN=p11agent TPM test CA" \
+	-addext "basicConstraints=critical,CA:true" -addext "keyUsage=critical,keyCertSign,cRLSign"
+cat >"$w/leaf.ext" <<'EXT'
+basicConstraints = critical,CA:false
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+EXT
+
+serial=20
+for name in tpm-rsa tpm-ec; do
+	serial=$((serial + 1))
+	run pkcs11-tool --module "$module" --token-label "$LABEL" --read-object --type pubkey \
+		--label "$name" -o "$w/$name.pub.der"
+	run openssl pkey -pubin -inform DER -in "$w/$name.pub.der" -out "$w/$name.pub.pem"
+	run openssl req -new -key "$w/ca.key" -subj "/O=p11agent test/CN=$name" -out "$w/$name.csr"
+	run openssl x509 -req -in "$w/$name.csr" -CA "$dir/ca.pem" -CAkey "$w/ca.key" \
+		-set_serial "$serial" -days 30 -force_pubkey "$w/$name.pub.pem" \
+		-extfile "$w/leaf.ext" -out "$dir/$name.cert.pem"
+	run tpm2_ptool addcert --path="$dir/store" --label="$LABEL" --key-label="$name" "$dir/$name.cert.pem"
+done
+rm -rf "$w"
+
+cat >"$dir/token.env" <<ENV
+# tpm2-pkcs11 token on swtpm made by setup-tpm2.sh
+TOKEN_NAME=tpm2
+TOKEN_MODULE=$module
+TOKEN_INIT_ARGS=
+TOKEN_PIN=$PIN
+TOKEN_URI='pkcs11:token=$LABEL'
+TOKEN_KEYS='rsa:tpm-rsa ec:tpm-ec'
+TOKEN_CA=$dir/ca.pem
+# swtpm's dictionary-attack threshold was raised to 32 tries.
+TOKEN_WRONG_PIN_SAFE=1
+export DBUS_SESSION_BUS_ADDRESS=$DBUS_SESSION_BUS_ADDRESS
+export TPM2_PKCS11_STORE=$dir/store
+export TPM2_PKCS11_TCTI=$TCTI
+export TPM2TOOLS_TCTI=$TCTI
+ENV
