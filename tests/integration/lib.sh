@@ -72,6 +72,15 @@ tmp_base=${TMPDIR:-/tmp}
 T=$(mktemp -d "$tmp_base/p11agent-$test_name.XXXXXX")
 SOCK=$T/agent.sock
 AGENT_LOG=$T/agent.log
+# tpm2-pkcs11's package registers it with p11-kit system-wide: an agent
+# that reads the registry loads it, and it then looks for a TPM (the system
+# bus's tpm2-abrmd, /dev/tpmrm0, a simulator on 127.0.0.1:2321, where
+# another test's swtpm may listen) and makes its store in ~/.tpm2_pkcs11.
+# Here it finds neither and fails C_Initialize, as on a machine without a
+# TPM; tests/tokens/setup-tpm2.sh's token.env points both at its own TPM.
+TPM2_PKCS11_STORE=$T/tpm2-pkcs11-none
+TPM2_PKCS11_TCTI=device:$T/no-tpm
+export TPM2_PKCS11_STORE TPM2_PKCS11_TCTI
 # The machine's administrator's file (SYSCONFDIR/p11agent/p11agentd.conf)
 # must not change a test: every agent reads $T/etc/p11agent/p11agentd.conf
 # instead (absent unless a test writes it); start_agent also points the
