@@ -288,6 +288,22 @@ list_json(const struct p11a_list_reply *l)
 
 /* ================================================================ text */
 
+/*
+ * Some tools store the id a user typed as text: tpm2_ptool --id 01 makes
+ * CKA_ID the two bytes "01", listed as 3031.  Show such an id as text too,
+ * so that the user finds the id they gave.
+ */
+static int
+id_is_text(const uint8_t *id, size_t len)
+{
+	if (len == 0 || len > 64)
+		return 0;
+	for (size_t i = 0; i < len; i++)
+		if (id[i] < 0x21 || id[i] > 0x7e || id[i] == '"')
+			return 0;
+	return 1;
+}
+
 static int
 print_key(const struct p11a_key *k)
 {
@@ -306,7 +322,10 @@ print_key(const struct p11a_key *k)
 		printf("\n  key (no label)\n");
 	printf("    URI:          %s\n", k->uri ? k->uri : "");
 	printf("    type:         %s\n", desc);
-	printf("    id:           %s\n", *id != '\0' ? id : "(none)");
+	printf("    id:           %s", *id != '\0' ? id : "(none)");
+	if (id_is_text(k->id, k->id_len))
+		printf(" (\"%.*s\")", (int)k->id_len, (const char *)k->id);
+	putchar('\n');
 	free(id);
 	if (!(k->flags & P11A_KEY_PRIVATE_VISIBLE))
 		printf("    private key:  not visible until the token is unlocked\n");

@@ -94,6 +94,23 @@ for spec in $TOKEN_KEYS; do
 	pkcs11:*) ok "list --json: certificate of $label has a pkcs11: URI" ;;
 	*) not_ok "list --json: certificate of $label has a pkcs11: URI"; diag "cert_uri '$cert_uri'" ;;
 	esac
+	# The text listing shows the id in hex, and as text when every byte
+	# is printable (tpm2_ptool stores --id 01 as the bytes "01").
+	hex=$(json_key "$label" id)
+	want_id="id:           $hex"
+	text=$("$PYTHON3" -c '
+import sys
+b = bytes.fromhex(sys.argv[1])
+if b and all(0x21 <= c <= 0x7e and c != 0x22 for c in b):
+    print(b.decode())' "$hex")
+	[ -z "$text" ] || want_id="$want_id (\"$text\")"
+	if awk -v l="'$label'" 'index($0, "key " l) { p = 1 } p && /id:/ { print; exit }' "$T/stdout" |
+		grep -qxF -- "    $want_id"; then
+		ok "list shows the id of $label as '$want_id'"
+	else
+		not_ok "list shows the id of $label as '$want_id'"
+		diag_last
+	fi
 	diag "$label: $(json_key "$label" uri) subject $(json_key "$label" subject)"
 done
 
