@@ -8,7 +8,7 @@
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
 #                                 systemd-socket-activate and systemd-analyze;
 #                                 dbus and python3-dbus: t_logind's private bus;
-#                                 libnss3, swtpm, tpm2-*: tests/tokens)
+#                                 libnss3, swtpm, tpm2-*, iproute2: tests/tokens)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use
 #   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
@@ -24,7 +24,7 @@ demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
 	dbus-daemon dbus-bin python3-dbus python3-gi
-	libnss3 libnss3-tools swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools"
+	libnss3 libnss3-tools swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools iproute2"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"
 pkg="$demo $pkgtools"

@@ -17,7 +17,8 @@ stop() {
 	stopped=yes
 	bash "$here/setup-$name.sh" stop "$dir" >"$dir/stop.log" 2>&1 ||
 		{ echo "# setup-$name.sh stop failed:"; sed 's/^/#   /' "$dir/stop.log"; }
-	if [ -n "${KEEP_TMP:-}" ]; then echo "# KEEP_TMP set: kept $dir"; else rm -rf "$dir"; fi
+	# --one-file-system: never follow a mount a setup left under DIR.
+	if [ -n "${KEEP_TMP:-}" ]; then echo "# KEEP_TMP set: kept $dir"; else rm -rf --one-file-system "$dir"; fi
 }
 trap stop EXIT
 trap 'exit 130' INT

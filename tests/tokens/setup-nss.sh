@@ -2,9 +2,9 @@
 # setup-nss.sh start|stop DIR: an NSS softokn database in DIR for
 # tests/tokens/checks.sh (tests/tokens/README).
 #
-# DIR/nssdb (sql:) with password = user PIN; an RSA-2048 and an EC P-256
-# key made by openssl with certificates from a test CA, imported with
-# pk12util (nicknames nss-rsa, nss-ec).  The module is libsoftokn3.so, which
+# DIR/nssdb (sql:) with password = user PIN; RSA-2048, EC P-256 and EC
+# P-384 keys made by openssl (softokn 3.87 has no EdDSA) with certificates from a test CA, imported with
+# pk12util (nicknames nss-rsa, nss-ec, nss-ec384).  The module is libsoftokn3.so, which
 # needs its database directory in C_Initialize's pReserved (FIELD-NOTES
 # "Other tokens"): TOKEN_INIT_ARGS.  No daemon: stop has nothing to stop.
 set -eu
@@ -81,6 +81,7 @@ key() {
 }
 key nss-rsa -algorithm RSA -pkeyopt rsa_keygen_bits:2048
 key nss-ec -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -pkeyopt ec_param_enc:named_curve
+key nss-ec384 -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -pkeyopt ec_param_enc:named_curve
 run certutil -L -d "sql:$db"
 rm -rf "$w"
 
@@ -91,7 +92,7 @@ TOKEN_MODULE=$softokn
 TOKEN_INIT_ARGS="configdir='sql:$db' certPrefix='' keyPrefix='' secmod='secmod.db' flags="
 TOKEN_PIN=$PIN
 TOKEN_URI='pkcs11:token=NSS%20Certificate%20DB'
-TOKEN_KEYS='rsa:nss-rsa ec:nss-ec'
+TOKEN_KEYS='rsa:nss-rsa ec:nss-ec ec:nss-ec384'
 TOKEN_CA=$dir/ca.pem
 TOKEN_WRONG_PIN_SAFE=1
 ENV

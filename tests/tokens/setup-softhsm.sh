@@ -2,9 +2,12 @@
 # setup-softhsm.sh start|stop DIR: a SoftHSM2 token in DIR for
 # tests/tokens/checks.sh (the interface is in tests/tokens/README).
 #
-# The token is tests/integration/mktoken.sh's (RSA-2048, EC P-256/384/521,
-# Ed25519, generated and imported, each with a certificate from a test CA)
-# in a private store (SOFTHSM2_CONF); no daemon, so stop has nothing to stop.
+# The token is tests/integration/mktoken.sh's in a private store
+# (SOFTHSM2_CONF): RSA-2048, EC P-256/384/521 and Ed25519 generated on the
+# token, and RSA-2048, P-256 and Ed25519 imported (no public-key object, no
+# CKA_EC_POINT), each with a certificate from the test CA except rsa-imp's,
+# which is self-signed and so its own CA.  Every key is checked.  No daemon:
+# stop has nothing to stop.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,6 +38,7 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 SOFTHSM2_MODULE=$module bash "$here/../integration/mktoken.sh" "$dir/token" >"$dir/setup.log" 2>&1 ||
 	{ cat "$dir/setup.log" >&2; die "mktoken.sh failed"; }
+cat "$dir/token/ca.pem" "$dir/token/rsa-imp.cert.pem" >"$dir/cas.pem"
 
 cat >"$dir/token.env" <<ENV
 # SoftHSM2 token made by setup-softhsm.sh
@@ -43,8 +47,8 @@ TOKEN_MODULE=$module
 TOKEN_INIT_ARGS=
 TOKEN_PIN=1234
 TOKEN_URI='pkcs11:token=p11agent-test'
-TOKEN_KEYS='rsa:rsa2048 ec:ec256 ed25519:ed25519'
-TOKEN_CA=$dir/token/ca.pem
+TOKEN_KEYS='rsa:rsa2048 ec:ec256 ec:ec384 ec:ec521 ed25519:ed25519 rsa:rsa-imp ec:ec-imp ed25519:ed-imp'
+TOKEN_CA=$dir/cas.pem
 TOKEN_WRONG_PIN_SAFE=1
 export SOFTHSM2_CONF=$dir/token/softhsm2.conf
 ENV
