@@ -22,7 +22,9 @@
 #               (tests/fault, pass-through, counts calls): one wrong PIN is
 #               exactly one C_Login on the token, the error says it was the
 #               PIN (and the tries left when the token reports a PIN
-#               counter flag); the right PIN then unlocks and signs.
+#               counter flag); where the token keeps its own failure
+#               counter (TOKEN_FAIL_COUNT: tpm2's lockout counter) it rose
+#               by exactly one; the right PIN then unlocks and signs.
 #               Skipped (with the reason) when TOKEN_WRONG_PIN_SAFE=0.
 set -eu
 [ $# -eq 1 ] || { echo "usage: checks.sh DIR" >&2; exit 2; }
@@ -37,7 +39,7 @@ test_name=checks-$(basename "$TOKDIR_IN")
 
 require_file "$TOKDIR_IN/token.env"
 TOKEN_NAME='' TOKEN_MODULE='' TOKEN_INIT_ARGS='' TOKEN_PIN='' TOKEN_URI='' TOKEN_KEYS='' TOKEN_CA=''
-TOKEN_WRONG_PIN_SAFE=1
+TOKEN_WRONG_PIN_SAFE=1 TOKEN_FAIL_COUNT=''
 # shellcheck source=/dev/null
 . "$TOKDIR_IN/token.env"
 for v in TOKEN_NAME TOKEN_MODULE TOKEN_PIN TOKEN_URI TOKEN_KEYS TOKEN_CA; do
@@ -271,6 +273,7 @@ stop_agent
 if [ "$TOKEN_WRONG_PIN_SAFE" != 1 ]; then
 	for d in "wrong PIN is refused" "wrong PIN costs exactly one C_Login" \
 		"the error says the PIN was wrong" "the error says how many tries are left" \
+		${TOKEN_FAIL_COUNT:+"the token's own failure counter rose by exactly one"} \
 		"the right PIN then unlocks" "the right PIN is one C_Login" \
 		"$first: sign $first_scheme" "$first: $first_scheme signature verifies"; do
 		skip "$d" "TOKEN_WRONG_PIN_SAFE=$TOKEN_WRONG_PIN_SAFE: a wrong PIN is not safe on $TOKEN_NAME"
@@ -302,11 +305,20 @@ case $TOKEN_PIN in
 *) wrong=${TOKEN_PIN%?}0 ;;
 esac
 write_pin "$T/wrong" "$wrong"
+if [ -n "$TOKEN_FAIL_COUNT" ]; then
+	fails_before=$(bash "$TOKEN_FAIL_COUNT" 2>>"$T/failcount.err") ||
+		bail_out "TOKEN_FAIL_COUNT $TOKEN_FAIL_COUNT reads the token's failure counter"
+	diag "the token's failure counter before the wrong PIN: $fails_before"
+fi
 before=$(logins)
 run p11a unlock --token "$TOKEN_URI" --pin-file "$T/wrong"
 if [ "$rc" -ne 0 ]; then ok "wrong PIN is refused (exit $rc)"; else not_ok "wrong PIN is refused"; diag_last; fi
 after=$(logins)
 is "$((${after:-0} - ${before:-0}))" 1 "wrong PIN costs exactly one C_Login on the token"
+if [ -n "$TOKEN_FAIL_COUNT" ]; then
+	is "$((fails_before + 1))" "$(bash "$TOKEN_FAIL_COUNT" 2>>"$T/failcount.err")" \
+		"the token's own failure counter rose by exactly one ($(basename "$TOKEN_FAIL_COUNT"))"
+fi
 diag "the user is told: $(tr '\n' ' ' <"$T/stderr")"
 if grep -qiE 'PIN (is )?(incorrect|wrong)|(incorrect|wrong) PIN' "$T/stderr"; then
 	ok "the error says the PIN was wrong"

@@ -131,8 +131,16 @@ TCTI=tabrmd:bus_type=session
 export TPM2TOOLS_TCTI=$TCTI TPM2_PKCS11_TCTI=$TCTI TPM2_PKCS11_STORE=$dir/store
 wait_until 20 tpm2_getcap properties-fixed >/dev/null 2>&1 || { cat "$dir/abrmd.log" >&2; die "tpm2-abrmd did not answer on the private bus"; }
 
-# One wrong PIN must not lock the TPM (3 tries by default).
-run tpm2_dictionarylockout --setup-parameters --max-tries=32 --recovery-time=1 --lockout-recovery-time=1 --clear-lockout
+# One wrong PIN must not lock the TPM (3 tries by default).  A failure is
+# forgotten only after 600 s, so the counter that checks.sh reads before and
+# after a wrong PIN (TOKEN_FAIL_COUNT) cannot drop in between.
+run tpm2_dictionarylockout --setup-parameters --max-tries=32 --recovery-time=600 --lockout-recovery-time=1 --clear-lockout
+cat >"$dir/failcount.sh" <<'SH'
+# The TPM's dictionary-attack counter (TPM2_PT_LOCKOUT_COUNTER): every
+# wrong PIN on any tpm2-pkcs11 token of this TPM raises it by one.
+v=$(tpm2_getcap properties-variable | sed -n 's/^TPM2_PT_LOCKOUT_COUNTER: *//p')
+[ -n "$v" ] && echo "$((v))"
+SH
 
 run tpm2_ptool init --path="$dir/store"
 run tpm2_ptool addtoken --path="$dir/store" --pid=1 --label="$LABEL" --sopin="$SOPIN" --userpin="$PIN"
@@ -220,6 +228,7 @@ TOKEN_KEYS='rsa:tpm-rsa ec:tpm-ec ec:tpm-ec384'
 TOKEN_CA=$dir/ca.pem
 # swtpm's dictionary-attack threshold was raised to 32 tries.
 TOKEN_WRONG_PIN_SAFE=1
+TOKEN_FAIL_COUNT=$dir/failcount.sh
 export DBUS_SESSION_BUS_ADDRESS=$DBUS_SESSION_BUS_ADDRESS
 export TPM2_PKCS11_STORE=$dir/store
 export TPM2_PKCS11_TCTI=$TCTI
