@@ -316,7 +316,7 @@ if [ "$rc" -ne 0 ]; then ok "wrong PIN is refused (exit $rc)"; else not_ok "wron
 after=$(logins)
 is "$((${after:-0} - ${before:-0}))" 1 "wrong PIN costs exactly one C_Login on the token"
 if [ -n "$TOKEN_FAIL_COUNT" ]; then
-	is "$((fails_before + 1))" "$(bash "$TOKEN_FAIL_COUNT" 2>>"$T/failcount.err")" \
+	is "$(bash "$TOKEN_FAIL_COUNT" 2>>"$T/failcount.err")" "$((fails_before + 1))" \
 		"the token's own failure counter rose by exactly one ($(basename "$TOKEN_FAIL_COUNT"))"
 fi
 diag "the user is told: $(tr '\n' ' ' <"$T/stderr")"
