@@ -4,6 +4,10 @@
 # (also when the checks fail or the test is interrupted).  A setup that
 # cannot run on this machine (exit 77) makes the whole test a TAP skip with
 # its reason; any other setup failure is a failed test.
+#
+# P11A_REQUIRE_TOKENS ("all", or names separated by spaces or commas): a
+# token named there must run; its setup's exit 77 is then a failure with
+# the reason.  .ci/run sets "all": on CI machines every token runs.
 set -u
 name=$1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,7 +30,15 @@ trap 'exit 143' TERM
 
 st=0
 bash "$here/setup-$name.sh" start "$dir" 2>"$dir/setup.err" >"$dir/setup.out" || st=$?
-if [ "$st" -eq 77 ]; then
+required=no
+case " ${P11A_REQUIRE_TOKENS:-} " in
+*" all "* | *[\ ,]"$name"[\ ,]*) required=yes ;;
+esac
+if [ "$st" -eq 77 ] && [ "$required" = yes ]; then
+	printf '1..1\nnot ok 1 - setup-%s.sh start: P11A_REQUIRE_TOKENS requires %s, and it cannot run here\n' "$name" "$name"
+	printf '# %s\n' "$(tail -n 1 "$dir/setup.err")"
+	exit 1
+elif [ "$st" -eq 77 ]; then
 	printf '1..0 # SKIP %s\n' "$(tail -n 1 "$dir/setup.err")"
 	exit 0
 elif [ "$st" -ne 0 ]; then

@@ -9,8 +9,16 @@ set -eu
 
 TPM2_MODULE=${TPM2_PKCS11_MODULE:-/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so}
 if [ ! -f "$TPM2_MODULE" ]; then
-	printf '1..0 # SKIP tpm2-pkcs11 not installed (%s; apt-get install libtpm2-pkcs11-1)\n' "$TPM2_MODULE"
+	why="tpm2-pkcs11 not installed ($TPM2_MODULE; apt-get install libtpm2-pkcs11-1)"
+	# P11A_REQUIRE_TOKENS: see tests/tokens/run.sh.
 	finished=yes
+	case " ${P11A_REQUIRE_TOKENS:-} " in
+	*" all "* | *[\ ,]tpm2[\ ,]*)
+		printf '1..1\nnot ok 1 - P11A_REQUIRE_TOKENS requires tpm2: %s\n' "$why"
+		exit 1
+		;;
+	esac
+	printf '1..0 # SKIP %s\n' "$why"
 	exit 0
 fi
 require_agent_binaries
