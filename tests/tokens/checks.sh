@@ -228,6 +228,12 @@ done
 mkdir -p "$T/empty-tokens"
 printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
 	"$T/empty-tokens" >"$T/empty-softhsm2.conf"
+# With libasan preloaded (a sanitizer build), gnutls-cli never exits after
+# the page: libp11-kit's destructor deadlocks in freelocale() (seen with
+# gdb; pkcs11_lib.sh has the same for p11-kit-trust).  There the page
+# alone proves the handshake, and a shorter deadline keeps the test short.
+gnutls_timeout=$TLS_TIMEOUT
+[ -z "$PK_SAN_SKIP" ] || gnutls_timeout=10
 for spec in $TOKEN_KEYS; do
 	label=${spec#*:}
 	key=${URI[$label]}
@@ -236,11 +242,14 @@ for spec in $TOKEN_KEYS; do
 		out=$T/gnutls.$label.$tls
 		desc="$label: gnutls-cli TLS $tls through p11agent-pkcs11.so; the server saw the token's certificate"
 		st=0
-		tls_request | pk_client timeout "$TLS_TIMEOUT" gnutls-cli --provider "$PK_MODULE" \
+		tls_request | pk_client timeout "$gnutls_timeout" gnutls-cli --provider "$PK_MODULE" \
 			--priority "NORMAL:-VERS-ALL:+VERS-TLS$tls" --x509cafile "$T/server-ca.pem" \
 			--x509certfile "$cert" --x509keyfile "$key" -p "${PORT[srv]}" localhost \
 			>"$out" 2>&1 || st=$?
-		if [ "$st" -eq 0 ] && grep -q "Protocol  : TLSv$tls" "$out"; then
+		if [ "$st" -eq 124 ] && [ -n "$PK_SAN_SKIP" ] && grep -q "Protocol  : TLSv$tls" "$out"; then
+			diag "$label TLS $tls: gnutls-cli did not exit after the page ($PK_SAN_SKIP: p11-kit's destructor)"
+			server_saw_cert "$out" "$label" "$desc"
+		elif [ "$st" -eq 0 ] && grep -q "Protocol  : TLSv$tls" "$out"; then
 			server_saw_cert "$out" "$label" "$desc"
 		else
 			not_ok "$desc"
