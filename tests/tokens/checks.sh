@@ -231,9 +231,11 @@ printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR
 # With libasan preloaded (a sanitizer build), gnutls-cli never exits after
 # the page: libp11-kit's destructor deadlocks in freelocale() (seen with
 # gdb; pkcs11_lib.sh has the same for p11-kit-trust).  There the page
-# alone proves the handshake, and a shorter deadline keeps the test short.
+# alone proves the handshake, each handshake costs its whole deadline, so
+# the deadline is shorter and only the first key of each type is tried.
 gnutls_timeout=$TLS_TIMEOUT
 [ -z "$PK_SAN_SKIP" ] || gnutls_timeout=10
+declare -A gnutls_type_done
 for spec in $TOKEN_KEYS; do
 	label=${spec#*:}
 	key=${URI[$label]}
@@ -241,6 +243,11 @@ for spec in $TOKEN_KEYS; do
 	for tls in 1.2 1.3; do
 		out=$T/gnutls.$label.$tls
 		desc="$label: gnutls-cli TLS $tls through p11agent-pkcs11.so; the server saw the token's certificate"
+		if [ -n "$PK_SAN_SKIP" ] && [ "${gnutls_type_done[${spec%%:*}]:-$label}" != "$label" ]; then
+			skip "$desc" "$PK_SAN_SKIP: gnutls-cli hangs at exit; one key of each type is tried"
+			continue
+		fi
+		gnutls_type_done[${spec%%:*}]=$label
 		st=0
 		tls_request | pk_client timeout "$gnutls_timeout" gnutls-cli --provider "$PK_MODULE" \
 			--priority "NORMAL:-VERS-ALL:+VERS-TLS$tls" --x509cafile "$T/server-ca.pem" \
