@@ -923,16 +923,6 @@ wait_fd(int fd, short events, int64_t deadline)
 	}
 }
 
-static void
-close_keep_errno(int fd)
-{
-	int saved = errno;
-
-	if (fd >= 0)
-		close(fd);
-	errno = saved;
-}
-
 int
 p11a_frame_write(int fd, const struct p11a_buf *body, int fd_to_pass, int timeout_ms)
 {
@@ -1084,7 +1074,7 @@ static void
 reader_clear(struct p11a_reader *rd)
 {
 	while (rd->nheld > 0)
-		close_keep_errno(rd->held[--rd->nheld].fd);
+		p11a_close_keep_errno(rd->held[--rd->nheld].fd);
 	p11a_wipe(rd->buf, sizeof(rd->buf));
 	rd->pos += rd->len;
 	rd->off = 0;
@@ -1134,7 +1124,7 @@ hold_fd(void *arg, int fd)
 		rd->held[rd->nheld].fd = fd;
 		rd->nheld++;
 	} else {
-		close_keep_errno(fd);
+		p11a_close_keep_errno(fd);
 	}
 }
 
@@ -1163,7 +1153,7 @@ reader_claim_fds(struct p11a_reader *rd, uint64_t end, int *keep)
 		else if (keep != NULL && *keep < 0)
 			*keep = rd->held[i].fd;
 		else
-			close_keep_errno(rd->held[i].fd);
+			p11a_close_keep_errno(rd->held[i].fd);
 	}
 	rd->nheld = j;
 }
