@@ -17,7 +17,7 @@
 # second agent with `audit-ring 3` and `audit none` keeps the newest 3 and
 # writes nothing to the journal; a third with `audit syslog` reaches
 # journald's syslog socket through /dev/log (a tmpfs /dev in the
-# namespace, with links to the real device nodes).
+# namespace with its own device nodes).
 set -eu
 if [ -z "${T_AUDIT_NS:-}" ] && [ "$(id -u)" = 0 ] && unshare -m --propagation private true 2>/dev/null; then
 	T_AUDIT_NS=1 exec unshare -m --propagation private bash "$0" "$@"
@@ -298,13 +298,20 @@ fi
 # ---------------------------------------------------------------- syslog
 SYSLOG_SKIP=$JOURNAL_SKIP
 if [ -z "$SYSLOG_SKIP" ] && [ ! -e /dev/log ]; then
-	# A tmpfs /dev in the namespace: links to the real nodes, and /dev/log to journald's syslog socket.
-	mkdir -p "$T/realdev"
-	if mount --rbind /dev "$T/realdev" && mount -t tmpfs -o mode=0755 tmpfs /dev; then
-		for f in "$T"/realdev/* "$T"/realdev/.[!.]*; do
-			[ -e "$f" ] || [ -L "$f" ] || continue
-			ln -s "$f" "/dev/${f##*/}"
-		done
+	# A tmpfs /dev in the namespace with its own nodes (mknod: new inodes on
+	# that tmpfs, never the machine's devtmpfs, which is shared by every
+	# namespace) and /dev/log, a link to journald's syslog socket.  Nothing
+	# of the real /dev is bound anywhere: a removal cannot reach it.
+	if mount -t tmpfs -o mode=0755 tmpfs /dev; then
+		mknod -m 666 /dev/null c 1 3 && mknod -m 666 /dev/zero c 1 5 &&
+			mknod -m 666 /dev/random c 1 8 && mknod -m 666 /dev/urandom c 1 9 &&
+			mknod -m 666 /dev/tty c 5 0 ||
+			SYSLOG_SKIP="cannot make device nodes in the namespace's /dev"
+		ln -s /proc/self/fd /dev/fd
+		ln -s /proc/self/fd/0 /dev/stdin
+		ln -s /proc/self/fd/1 /dev/stdout
+		ln -s /proc/self/fd/2 /dev/stderr
+		mkdir /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 		ln -s /run/systemd/journal/dev-log /dev/log
 	else
 		SYSLOG_SKIP="cannot put a tmpfs over /dev in the namespace"
