@@ -6,22 +6,22 @@
 #include "text.h"
 #include "tlsclass.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/uio.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifdef HAVE_SYSTEMD
-#include <systemd/sd-journal.h>
-#endif
 
 /* journalctl MESSAGE_ID=... finds every audit event of p11agentd. */
-#define AUDIT_MESSAGE_ID "MESSAGE_ID=5a0b8d3c6f1e4a7b9c2d4e6f8a1b3c5d"
+#define AUDIT_MESSAGE_ID "5a0b8d3c6f1e4a7b9c2d4e6f8a1b3c5d"
 #define JOURNAL_SOCKET "/run/systemd/journal/socket"
+#define SYSLOG_SOCKET "/dev/log"           /* glibc's _PATH_LOG */
 
 /* ------------------------------------------------------------ ring */
 
@@ -107,6 +107,9 @@ enum sink { SINK_NONE, SINK_JOURNAL, SINK_SYSLOG };
 static struct audit_ring *ring;
 static enum sink sink;
 
+static int sink_open(const char *path);
+static void sink_close(void);
+
 uint64_t
 audit_now_us(void)
 {
@@ -144,29 +147,33 @@ audit_init(const struct agent_config *cfg)
 		sink = SINK_SYSLOG;
 		break;
 	case CONF_AUDIT_JOURNAL:
-#ifdef HAVE_SYSTEMD
 		sink = SINK_JOURNAL;
-#else
-		log_warn("audit journal: built without libsystemd; audit events go to syslog");
-		sink = SINK_SYSLOG;
-#endif
 		break;
 	default:
-#ifdef HAVE_SYSTEMD
-		sink = access(JOURNAL_SOCKET, W_OK) == 0 ? SINK_JOURNAL : SINK_SYSLOG;
-#else
-		sink = SINK_SYSLOG;
-#endif
+		/* Where nothing listens: the ring alone (p11agent log). */
+		if (access(JOURNAL_SOCKET, W_OK) == 0)
+			sink = SINK_JOURNAL;
+		else
+			sink = access(SYSLOG_SOCKET, W_OK) == 0 ? SINK_SYSLOG : SINK_NONE;
 		break;
 	}
-	log_debug("audit: %zu events kept, sent to %s", cap,
-		  sink == SINK_JOURNAL ? "the journal" : sink == SINK_SYSLOG ? "syslog" : "nowhere");
+	sink_close();
+	if (sink != SINK_NONE && sink_open(sink == SINK_JOURNAL ? JOURNAL_SOCKET : SYSLOG_SOCKET) != 0) {
+		log_warn("audit: cannot make a socket: %s; events are kept for 'p11agent log' only",
+			 strerror(errno));
+		sink = SINK_NONE;
+	}
+	log_info("audit: the latest %zu events kept for 'p11agent log'%s", cap,
+		 sink == SINK_JOURNAL ? ", each sent to the journal" : sink == SINK_SYSLOG ?
+		 ", each sent to syslog" : cfg->audit == CONF_AUDIT_NONE ? "" :
+		 "; neither a journal nor syslog (" SYSLOG_SOCKET ") to send them to");
 	return 0;
 }
 
 void
 audit_free(void)
 {
+	sink_close();
 	audit_ring_free(ring);
 	ring = NULL;
 }
@@ -237,75 +244,175 @@ priority_of(const struct p11a_event *e)
 	return LOG_NOTICE;
 }
 
-#ifdef HAVE_SYSTEMD
-#define JFIELDS 20
+/*
+ * The sinks write datagrams themselves, non-blocking: sd_journal_sendv()
+ * and syslog(3) send on a blocking socket, and a journal or syslog daemon
+ * that falls behind would then stop the agent's event loop.  An event the
+ * socket does not take at once is counted and left out (the ring still has
+ * it); the count is logged when the socket takes events again.
+ */
+static int sink_fd = -1;
+static struct sockaddr_un sink_addr;
+static unsigned long sink_dropped;
 
-/* One "KEY=value" field; values may hold any byte but NUL (sd_journal_sendv frames them). */
-static void
-jfield(struct iovec *iov, char (*buf)[600], size_t *n, const char *key, const char *val)
+static int
+sink_open(const char *path)
 {
-	int len;
-
-	if (val == NULL || *val == '\0' || *n >= JFIELDS)
-		return;
-	len = snprintf(buf[*n], sizeof(buf[0]), "%s=%s", key, val);
-	if (len < 0)
-		return;
-	iov[*n].iov_base = buf[*n];
-	iov[*n].iov_len = (size_t)len < sizeof(buf[0]) ? (size_t)len : sizeof(buf[0]) - 1;
-	(*n)++;
+	if (sink_fd < 0)
+		sink_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (sink_fd < 0)
+		return -1;
+	memset(&sink_addr, 0, sizeof(sink_addr));
+	sink_addr.sun_family = AF_UNIX;
+	snprintf(sink_addr.sun_path, sizeof(sink_addr.sun_path), "%s", path);
+	return 0;
 }
 
 static void
+sink_close(void)
+{
+	if (sink_fd >= 0)
+		close(sink_fd);
+	sink_fd = -1;
+}
+
+/* 0 sent, 1 left out (the daemon is behind), -1 nobody listens. */
+static int
+sink_send(const void *p, size_t n)
+{
+	ssize_t w;
+
+	if (sink_fd < 0)
+		return -1;
+	w = sendto(sink_fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL, (const struct sockaddr *)&sink_addr,
+		   sizeof(sink_addr));
+	if (w == (ssize_t)n) {
+		if (sink_dropped != 0) {
+			log_warn("audit: %lu events were not sent to %s (it did not keep up); "
+				 "'p11agent log' has them", sink_dropped, sink_addr.sun_path);
+			sink_dropped = 0;
+		}
+		return 0;
+	}
+	if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)) {
+		sink_dropped++;
+		return 1;
+	}
+	return -1;
+}
+
+/*
+ * The journal's native protocol (systemd's journal-native-protocol): a
+ * datagram of fields, "KEY=value\n", or "KEY\n", the value's length as a
+ * little-endian u64, the value and "\n" when the value holds a newline.
+ */
+struct jbuf {
+	char b[3 * P11A_TEXT_MAX + 2048];
+	size_t n;
+	int full;
+};
+
+static void
+jput(struct jbuf *j, const void *p, size_t n)
+{
+	if (j->full || sizeof(j->b) - j->n < n) {
+		j->full = 1;
+		return;
+	}
+	memcpy(j->b + j->n, p, n);
+	j->n += n;
+}
+
+static void
+jfield(struct jbuf *j, const char *key, const char *val)
+{
+	size_t len;
+
+	if (val == NULL || *val == '\0')
+		return;
+	len = strlen(val);
+	jput(j, key, strlen(key));
+	if (memchr(val, '\n', len) == NULL) {
+		jput(j, "=", 1);
+	} else {
+		uint8_t le[9];
+		le[0] = '\n';
+		for (int i = 0; i < 8; i++)
+			le[1 + i] = (uint8_t)((uint64_t)len >> (8 * i));
+		jput(j, le, sizeof(le));
+	}
+	jput(j, val, len);
+	jput(j, "\n", 1);
+}
+
+static void
+jfield_u64(struct jbuf *j, const char *key, uint64_t v)
+{
+	char num[24];
+
+	snprintf(num, sizeof(num), "%" PRIu64, v);
+	jfield(j, key, num);
+}
+
+static int
 journal_send(const struct p11a_event *e, const char *line)
 {
-	static char buf[JFIELDS][600];
-	struct iovec iov[JFIELDS];
-	char num[32];
+	static struct jbuf j;
 	const char *uri_key = e->kind == P11A_EV_UNLOCK || e->kind == P11A_EV_LOCK ||
 	    e->kind == P11A_EV_PIN_DIALOG ? "P11AGENT_TOKEN_URI" : "P11AGENT_KEY_URI";
-	size_t n = 0;
 	int r;
 
-	jfield(iov, buf, &n, "MESSAGE", line);
-	snprintf(num, sizeof(num), "%d", priority_of(e));
-	jfield(iov, buf, &n, "PRIORITY", num);
-	jfield(iov, buf, &n, "SYSLOG_IDENTIFIER", "p11agentd");
-	jfield(iov, buf, &n, "SYSLOG_FACILITY", "10");     /* authpriv */
-	iov[n].iov_base = (char *)AUDIT_MESSAGE_ID;
-	iov[n++].iov_len = strlen(AUDIT_MESSAGE_ID);
-	jfield(iov, buf, &n, "P11AGENT_EVENT", p11a_event_kind_name(e->kind));
-	jfield(iov, buf, &n, uri_key, e->uri);
-	jfield(iov, buf, &n, "P11AGENT_SCHEME", e->scheme ? p11a_scheme_name(e->scheme) : NULL);
-	jfield(iov, buf, &n, "P11AGENT_CONTENT", content_name(e->content));
+	j.n = 0;
+	j.full = 0;
+	jfield(&j, "MESSAGE", line);
+	jfield_u64(&j, "PRIORITY", (uint64_t)priority_of(e));
+	jfield(&j, "SYSLOG_IDENTIFIER", "p11agentd");
+	jfield_u64(&j, "SYSLOG_FACILITY", LOG_AUTHPRIV >> 3);
+	jfield_u64(&j, "SYSLOG_PID", (uint64_t)getpid());
+	jfield(&j, "MESSAGE_ID", AUDIT_MESSAGE_ID);
+	jfield(&j, "P11AGENT_EVENT", p11a_event_kind_name(e->kind));
+	jfield(&j, uri_key, e->uri);
+	jfield(&j, "P11AGENT_SCHEME", e->scheme ? p11a_scheme_name(e->scheme) : NULL);
+	jfield(&j, "P11AGENT_CONTENT", content_name(e->content));
 	if (e->pid != 0) {
-		snprintf(num, sizeof(num), "%" PRIu32, e->pid);
-		jfield(iov, buf, &n, "P11AGENT_PID", num);
-		snprintf(num, sizeof(num), "%" PRIu32, e->uid);
-		jfield(iov, buf, &n, "P11AGENT_UID", num);
+		jfield_u64(&j, "P11AGENT_PID", e->pid);
+		jfield_u64(&j, "P11AGENT_UID", e->uid);
 	}
-	jfield(iov, buf, &n, "P11AGENT_EXE", e->exe);
-	jfield(iov, buf, &n, "P11AGENT_FORWARDED", e->flags & P11A_EVENT_FORWARDED ? "yes" : NULL);
-	jfield(iov, buf, &n, "P11AGENT_RESULT", e->result == 0 ? "ok" : p11a_errname((int)e->result));
-	jfield(iov, buf, &n, "P11AGENT_ERROR", e->result != 0 ? e->message : NULL);
-	if (e->duration_us != 0) {
-		snprintf(num, sizeof(num), "%" PRIu64, e->duration_us);
-		jfield(iov, buf, &n, "P11AGENT_DURATION_US", num);
+	jfield(&j, "P11AGENT_EXE", e->exe);
+	jfield(&j, "P11AGENT_FORWARDED", e->flags & P11A_EVENT_FORWARDED ? "yes" : NULL);
+	jfield(&j, "P11AGENT_RESULT", e->result == 0 ? "ok" : p11a_errname((int)e->result));
+	jfield(&j, "P11AGENT_ERROR", e->result != 0 ? e->message : NULL);
+	if (e->duration_us != 0)
+		jfield_u64(&j, "P11AGENT_DURATION_US", e->duration_us);
+	jfield(&j, "P11AGENT_REASON", e->reason);
+	if (e->kind == P11A_EV_DROPPED)
+		jfield_u64(&j, "P11AGENT_DROPPED", e->count);
+	if (j.full) {
+		log_warn("audit: an event is too large for the journal");
+		return 1;
 	}
-	jfield(iov, buf, &n, "P11AGENT_REASON", e->reason);
-	if (e->kind == P11A_EV_DROPPED) {
-		snprintf(num, sizeof(num), "%" PRIu32, e->count);
-		jfield(iov, buf, &n, "P11AGENT_DROPPED", num);
-	}
-	if ((r = sd_journal_sendv(iov, (int)n)) < 0) {
-		/* No journal after all (it went away): syslog keeps the event. */
-		syslog(LOG_AUTHPRIV | priority_of(e), "%s", line);
-	}
-	for (size_t i = 0; i < n; i++)
-		if (iov[i].iov_base != (char *)AUDIT_MESSAGE_ID)
-			p11a_wipe(iov[i].iov_base, iov[i].iov_len);
+	r = sink_send(j.b, j.n);
+	p11a_wipe(j.b, j.n);
+	return r;
 }
-#endif
+
+/* RFC 3164 as syslog(3) writes it: "<PRI>Mmm dd hh:mm:ss p11agentd[PID]: text". */
+static int
+syslog_send(const struct p11a_event *e, const char *line)
+{
+	char out[1400], stamp[32];
+	time_t now = time(NULL);
+	struct tm tm;
+	int n;
+
+	localtime_r(&now, &tm);
+	strftime(stamp, sizeof(stamp), "%b %e %H:%M:%S", &tm);
+	n = snprintf(out, sizeof(out), "<%d>%s p11agentd[%ld]: %s", LOG_AUTHPRIV | priority_of(e),
+		     stamp, (long)getpid(), line);
+	if (n < 0)
+		return 1;
+	return sink_send(out, (size_t)n < sizeof(out) ? (size_t)n : sizeof(out) - 1);
+}
 
 void
 audit_record(const struct p11a_event *e)
@@ -321,13 +428,13 @@ audit_record(const struct p11a_event *e)
 		return;
 	audit_format(&ev, line, sizeof(line));
 	p11a_text_scrub(line);
-#ifdef HAVE_SYSTEMD
-	if (sink == SINK_JOURNAL) {
-		journal_send(&ev, line);
-		return;
+	if ((sink == SINK_JOURNAL ? journal_send(&ev, line) : syslog_send(&ev, line)) < 0) {
+		/* The daemon went away: say so once, and keep the ring. */
+		log_warn("audit: cannot send events to %s: %s; 'p11agent log' still has them",
+			 sink_addr.sun_path, strerror(errno));
+		sink = SINK_NONE;
+		sink_close();
 	}
-#endif
-	syslog(LOG_AUTHPRIV | priority_of(&ev), "%s", line);
 }
 
 void

@@ -50,12 +50,14 @@
 #define FD_RESERVE_MIN       128
 /*
  * Audit events wait in a queue of at most EVQ_MAX for the control thread,
- * which sends them in batches every EVQ_BATCH_MS at most: a channel thread
- * never waits for the agent, and a burst of signatures costs one wake-up
- * and one write per batch, not per signature.  A full queue drops events
+ * which sends them in batches EVQ_BATCH_MS after the first (at once when
+ * EVQ_URGENT are queued): a channel thread never waits for the agent, and
+ * a burst of signatures costs one wake-up and one write per batch, not
+ * per signature.  A full queue (the agent does not keep up) drops events
  * and counts them; the next H_EVENT carries the count.
  */
-#define EVQ_MAX              512
+#define EVQ_MAX              2048
+#define EVQ_URGENT           (EVQ_MAX / 2)   /* this many queued: send now, not after EVQ_BATCH_MS */
 #define EVQ_BATCH_MS         50
 
 struct evq {
@@ -274,7 +276,7 @@ evq_push(struct helper *h, const struct p11a_event *e)
 	} else {
 		q->n++;
 	}
-	if (!q->woken) {
+	if (!q->woken || q->n == EVQ_URGENT) {
 		q->woken = 1;
 		wake = 1;
 	}
@@ -1022,9 +1024,16 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		if (h->evq.efd >= 0 && (pfd[2].revents & POLLIN)) {
 			uint64_t cnt;
 
+			uint32_t queued;
+
 			if (read(h->evq.efd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
 				log_debug("audit eventfd: %s", strerror(errno));
-			if (h->ev_flush_at == 0)
+			pthread_mutex_lock(&h->evq.mu);
+			queued = h->evq.n;
+			pthread_mutex_unlock(&h->evq.mu);
+			if (queued >= EVQ_URGENT)
+				h->ev_flush_at = p11a_now_ms();
+			else if (h->ev_flush_at == 0)
 				h->ev_flush_at = p11a_now_ms() + EVQ_BATCH_MS;
 		}
 		if (pfd[1].revents & POLLIN) {

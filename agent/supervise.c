@@ -300,7 +300,8 @@ helper_events(struct server *s, const struct helper *h, const struct p11a_events
 	if (evs->dropped != 0) {
 		struct p11a_event d = { .kind = P11A_EV_DROPPED, .count = evs->dropped };
 
-		log_warn("helper %s: %u audit events dropped (the agent did not read them in time)",
+		log_warn("helper %s: %u audit events dropped (its queue was full: the agent did not "
+			 "read them in time)",
 			 h->mod->name, evs->dropped);
 		audit_record(&d);
 	}
