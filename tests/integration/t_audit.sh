@@ -120,6 +120,14 @@ else
 	check "curl TLS 1.2 with tls-only ec256" tls_curl "${PORT[any]}" 1.2 "$TOKDIR/ec256.cert.pem" "$T/ec256.key.pem" "$T/curl12.out"
 fi
 
+# An executable whose path holds a newline: the journal field takes the
+# binary-safe form of the native protocol, the one-line MESSAGE a '?'.
+NL_EXE="$T/odd
+p11agent"
+cp "$P11AGENT" "$NL_EXE"
+check "sign from an executable with a newline in its path" timeout "$CLI_TIMEOUT" "$NL_EXE" --socket "$SOCK" \
+	sign --key "$EC384" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig4"
+
 # The second part starts a second later: --since must tell them apart.
 sleep 1.1
 MID=$(date +%s)
@@ -144,17 +152,18 @@ log_has() {
 	p11a log --json >"$T/log.json" 2>"$T/log.err" &&
 		"$PYTHON3" -c 'import json,sys; sys.exit(0 if len(json.load(open(sys.argv[1]))) >= int(sys.argv[2]) else 1)' "$T/log.json" "$1"
 }
-# unlock x3 (wrong, right, again), sign x2, refused x1, lock request, SIGHUP; curl x2
-want=8
+# unlock x3 (wrong, right, again), sign x3, refused x1, lock request, SIGHUP; curl x2
+want=9
 [ -n "$CURL_SKIP" ] || want=$((want + 2))
 wait_for "p11agent log lists $want events" 10 log_has "$want" && ok "p11agent log lists $want events"
 
 # event_check DESC PYTHON-EXPR: one event of `p11agent log --json` makes EXPR true.
-"$PYTHON3" - "$T/log.json" "$CURL_EXE" "${CURL_SKIP:+skip}" >"$T/log.check" 2>&1 <<'PY' || true
+"$PYTHON3" - "$T/log.json" "$CURL_EXE" "${CURL_SKIP:+skip}" "$NL_EXE" >"$T/log.check" 2>&1 <<'PY' || true
 import json, sys
 ev = json.load(open(sys.argv[1]))
 curl = sys.argv[2]
 curl_skip = sys.argv[3] == "skip"
+nl_exe = sys.argv[4]
 def one(desc, pred):
     hits = [e for e in ev if pred(e)]
     print(("ok" if hits else "FAIL") + " " + desc)
@@ -169,6 +178,7 @@ one("tls-only refusal: refused, raw, POLICY", lambda e: e["event"] == "refused" 
 if not curl_skip:
     one("curl TLS 1.3: sign, tls1.3, program curl", lambda e: e["event"] == "sign" and e["content"] == "tls1.3" and e["exe"] == curl and e["program"] == "curl" and e["result"] == "ok" and agent_pid_ok(e))
     one("curl TLS 1.2: sign, tls1.2, program curl", lambda e: e["event"] == "sign" and e["content"] == "tls1.2" and e["exe"] == curl and e["result"] == "ok")
+one("an executable with a newline in its path", lambda e: e["event"] == "sign" and e["exe"] == nl_exe)
 one("p11agent lock: lock, reason request", lambda e: e["event"] == "lock" and e["reason"] == "request" and e["result"] == "ok" and e["program"] == "p11agent")
 one("SIGHUP: lock, reason SIGHUP", lambda e: e["event"] == "lock" and e["reason"] == "SIGHUP" and e["pid"] is None)
 times = [e["time_us"] for e in ev]
@@ -217,23 +227,25 @@ cp "$T/stdout" "$T/log.txt"
 
 # ---------------------------------------------------------------- the journal
 if [ -n "$JOURNAL_SKIP" ]; then
-	for d in "journal: sign tls1.3 by curl" "journal: refusal" "journal: wrong PIN" "journal: locks" "journal: PRIORITY"; do
+	for d in "journal: sign tls1.3 by curl" "journal: refusal" "journal: wrong PIN" "journal: locks" \
+		"journal: a newline in the executable's path" "journal: PRIORITY"; do
 		skip "$d" "$JOURNAL_SKIP"
 	done
 else
 	# journald may take a moment to write what it received.
 	jhas() { journal_json "$T/journal.json" && [ "$(wc -l <"$T/journal.json")" -ge "$want" ]; }
 	poll 10 jhas || diag "journal has $(wc -l <"$T/journal.json") audit events, want $want"
-	"$PYTHON3" - "$T/journal.json" "$CURL_EXE" "$AGENT_PID" "${CURL_SKIP:+skip}" >"$T/journal.check" 2>&1 <<'PY' || true
+	"$PYTHON3" - "$T/journal.json" "$CURL_EXE" "$AGENT_PID" "${CURL_SKIP:+skip}" "$NL_EXE" >"$T/journal.check" 2>&1 <<'PY' || true
 import json, sys
 ev = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-curl, agent, curl_skip = sys.argv[2], sys.argv[3], sys.argv[4] == "skip"
+curl, agent, curl_skip, nl_exe = sys.argv[2], sys.argv[3], sys.argv[4] == "skip", sys.argv[5]
 def one(desc, pred):
     hits = [e for e in ev if pred(e)]
     print(("ok" if hits else "FAIL") + " " + desc)
     if not hits:
         print("  events: " + json.dumps(ev)[:3000])
-g = lambda e, k: e.get(k) if isinstance(e.get(k), str) else None
+# journalctl -o json gives a value with unprintable bytes as an array of numbers.
+g = lambda e, k: e.get(k) if isinstance(e.get(k), str) else bytes(e[k]).decode("utf-8", "replace") if isinstance(e.get(k), list) else None
 if curl_skip:
     print("skip journal: sign tls1.3 by curl")
 else:
@@ -241,6 +253,7 @@ else:
 one("journal: refusal", lambda e: g(e, "P11AGENT_EVENT") == "refused" and g(e, "P11AGENT_RESULT") == "POLICY" and g(e, "P11AGENT_CONTENT") == "raw" and g(e, "PRIORITY") == "4")
 one("journal: wrong PIN", lambda e: g(e, "P11AGENT_EVENT") == "unlock" and g(e, "P11AGENT_RESULT") == "PIN_INCORRECT" and (g(e, "P11AGENT_TOKEN_URI") or "").startswith("pkcs11:"))
 one("journal: locks", lambda e: g(e, "P11AGENT_EVENT") == "lock" and g(e, "P11AGENT_REASON") == "SIGHUP")
+one("journal: a newline in the executable's path (binary field, MESSAGE scrubbed)", lambda e: g(e, "P11AGENT_EXE") == nl_exe and "\n" not in g(e, "MESSAGE") and "odd?p11agent" in g(e, "MESSAGE"))
 one("journal: PRIORITY", lambda e: g(e, "P11AGENT_EVENT") == "unlock" and g(e, "P11AGENT_RESULT") == "ok" and g(e, "PRIORITY") == "6")
 PY
 	while read -r st desc; do
@@ -251,7 +264,7 @@ PY
 		*) diag "$st $desc" ;;
 		esac
 	done <"$T/journal.check"
-	[ "$(grep -c '^\(ok\|FAIL\|skip\) ' "$T/journal.check")" = 5 ] || { not_ok "the journal check ran"; diag_file "$T/journal.check"; }
+	[ "$(grep -c '^\(ok\|FAIL\|skip\) ' "$T/journal.check")" = 6 ] || { not_ok "the journal check ran"; diag_file "$T/journal.check"; }
 fi
 
 # ---------------------------------------------------------------- no PIN anywhere
