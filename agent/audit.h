@@ -2,16 +2,17 @@
  * Audit events of the agent main process: who signed, unlocked, locked or
  * was refused what, and when.  Each event goes to a bounded in-memory ring
  * (`p11agent log`, protocol LOG) and to a sink: the journal with
- * structured P11AGENT_* fields (sd_journal_sendv), syslog (LOG_AUTHPRIV)
- * where there is no journal, or nowhere (`audit none`).  Token helpers
+ * structured P11AGENT_* fields (the journal's native protocol), syslog
+ * (authpriv) where there is no journal, or nowhere (`audit none`, or
+ * neither socket exists).  Token helpers
  * report their events (signatures, tls-only and allow-programs refusals,
  * idle and pin-ttl locks) with H_EVENT; the main process records them
  * here.
  *
  * Never pass a PIN or signed data: events carry URIs, names, codes and
- * times only.  Main process only (not thread-safe); never blocks for
- * long: the journal and syslog sockets are datagram sockets written once
- * per event.
+ * times only.  Main process only (not thread-safe); never blocks: one
+ * non-blocking datagram per event, and an event the daemon's socket does
+ * not take at once is counted and left out of the sink (not the ring).
  */
 #ifndef AGENT_AUDIT_H
 #define AGENT_AUDIT_H
@@ -45,7 +46,8 @@ size_t audit_ring_select(const struct audit_ring *r, uint64_t since_us, size_t m
 
 /*
  * Sets up the ring (cfg->audit_ring events) and picks the sink from
- * cfg->audit: auto = the journal when its socket exists, else syslog.
+ * cfg->audit: auto = the journal when its socket exists, else syslog when
+ * /dev/log exists, else none.
  * Call again after a configuration change; the ring is kept when its size
  * is unchanged.  -P11A_E_NOMEM.
  */
