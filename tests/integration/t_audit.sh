@@ -15,8 +15,9 @@
 # the journal holds the same events with their P11AGENT_* fields, and
 # neither PIN appears in any output, the agent's log or the journal.  A
 # second agent with `audit-ring 3` and `audit none` keeps the newest 3 and
-# writes nothing to the journal; a third with `audit syslog` reaches
-# journald's syslog socket through /dev/log (a tmpfs /dev in the
+# writes nothing to the journal; a third with `audit syslog` and
+# `idle-lock 2s` reaches journald's syslog socket through /dev/log, and
+# its helper reports the idle lock (a tmpfs /dev in the
 # namespace with its own device nodes).
 set -eu
 if [ -z "${T_AUDIT_NS:-}" ] && [ "$(id -u)" = 0 ] && unshare -m --propagation private true 2>/dev/null; then
@@ -333,10 +334,13 @@ fi
 if [ -n "$SYSLOG_SKIP" ]; then
 	skip "audit syslog: the event reaches syslog" "$SYSLOG_SKIP"
 	skip "audit syslog: facility authpriv" "$SYSLOG_SKIP"
+	skip "idle-lock: a lock event, reason idle, from the helper" "$SYSLOG_SKIP"
+	skip "idle-lock: the lock reaches syslog" "$SYSLOG_SKIP"
 else
 	stop_agent
-	write_conf "audit syslog"
-	check "agent with audit syslog" start_agent
+	write_conf "audit syslog
+idle-lock 2s"
+	check "agent with audit syslog, idle-lock 2s" start_agent
 	p11a unlock --pin-file "$T/good-pin" >/dev/null 2>&1 || true
 	check "sign (syslog)" p11a sign --key "$EC384" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig9"
 	slog() {
@@ -345,6 +349,18 @@ else
 	}
 	wait_for "audit syslog: the event reaches syslog" 10 slog && ok "audit syslog: the event reaches syslog"
 	file_has "$T/syslog.json" '"SYSLOG_FACILITY":"10"' "audit syslog: facility authpriv"
+	# The helper locks the idle token itself and reports it (H_EVENT).
+	idle_locked() {
+		p11a log --json >"$T/idle.json" &&
+			"$PYTHON3" -c 'import json,sys; sys.exit(0 if any(e["event"] == "lock" and e["reason"] == "idle" and e["pid"] is None and e["uri"].startswith("pkcs11:") for e in json.load(open(sys.argv[1]))) else 1)' "$T/idle.json"
+	}
+	wait_for "idle-lock: a lock event, reason idle, from the helper" 15 idle_locked &&
+		ok "idle-lock: a lock event, reason idle, from the helper"
+	islog() {
+		journalctl -D "$JOURNAL" -o json --no-pager _TRANSPORT=syslog SYSLOG_IDENTIFIER=p11agentd >"$T/syslog.json" 2>/dev/null &&
+			grep -q 'lock (idle): pkcs11:[^"]*: ok' "$T/syslog.json"
+	}
+	wait_for "idle-lock: the lock reaches syslog" 10 islog && ok "idle-lock: the lock reaches syslog"
 fi
 
 done_testing
