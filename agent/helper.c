@@ -67,6 +67,7 @@ struct evq {
 	uint32_t dropped;               /* since the last H_EVENT */
 	int woken;                      /* the control thread was woken for this batch */
 	int efd;                        /* eventfd that wakes the control thread; -1 none */
+	struct p11a_event batch[EVQ_MAX];       /* the control thread's copy while it sends */
 };
 
 struct helper {
@@ -298,13 +299,11 @@ realtime_us(void)
 }
 
 static void
-chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const char *msg,
-	   const struct timespec *t0)
+chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const char *msg, long us)
 {
 	struct p11a_event e;
 	enum p11a_tlsclass tc = p11a_tls_classify(req->data, req->data_len,
 						  req->input != P11A_INPUT_MESSAGE);
-	long us = us_since(t0);
 
 	memset(&e, 0, sizeof(e));
 	e.time_us = realtime_us();
@@ -342,7 +341,7 @@ static int
 evq_flush(struct helper *h)
 {
 	struct evq *q = &h->evq;
-	struct p11a_event *batch;
+	struct p11a_event *batch = q->batch;
 	struct p11a_msg m;
 	uint32_t n, dropped, i = 0;
 	uint64_t one;
@@ -350,8 +349,6 @@ evq_flush(struct helper *h)
 
 	if (q->efd >= 0 && read(q->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 		log_debug("audit eventfd: %s", strerror(errno));
-	if ((batch = malloc(sizeof(q->ev))) == NULL)
-		return 0;       /* try again next time: the queue keeps them */
 	pthread_mutex_lock(&q->mu);
 	n = q->n;
 	memcpy(batch, q->ev, n * sizeof(*batch));
@@ -390,7 +387,6 @@ evq_flush(struct helper *h)
 	} while (i < n && r == 0);
 	for (; i < n; i++)
 		p11a_event_clear(&batch[i]);
-	free(batch);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	return r;
@@ -408,7 +404,8 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	char msg[TOKEN_MSG_MAX];
 	struct p11a_msg rep;
 	struct token_peer peer;
-	int r;
+	long us;
+	int r, wr;
 
 	/* The deadline counts from the request's arrival. */
 	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
@@ -436,6 +433,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		p11a_wipe(sig, sizeof(sig));
 		log_warn("channel %d: the module returned after %ld ms, past the deadline; result dropped",
 			 c->fd, us_since(t0) / 1000);
+		chan_audit(c, req, -P11A_E_TIMEOUT, "the token did not answer in time", us_since(t0));
 		return -P11A_E_TIMEOUT;
 	}
 	pthread_mutex_unlock(&h->wlock);
@@ -448,17 +446,27 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	if (r == -P11A_E_POLICY)
 		log_warn("channel %d: pid %lu: refused %.300s: %s (executable %s)", c->fd,
 			 (unsigned long)c->pid, req->key_uri, msg, c->exe != NULL ? c->exe : "unknown");
-	chan_audit(c, req, r, msg, t0);
-	if (r != 0)
-		return chan_reply_error(c, out, r, msg);
-	memset(&rep, 0, sizeof(rep));
-	rep.type = P11A_MSG_SIGNATURE;
-	rep.u.signature.sig = sig;
-	rep.u.signature.sig_len = sig_len;
-	p11a_buf_reset(out);
-	if ((r = p11a_msg_encode(&rep, out)) != 0)
-		return chan_reply_error(c, out, r, "cannot encode the signature");
-	return p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+	/* The client hears first; the audit event costs it nothing. */
+	us = us_since(t0);
+	if (r != 0) {
+		wr = chan_reply_error(c, out, r, msg);
+	} else {
+		memset(&rep, 0, sizeof(rep));
+		rep.type = P11A_MSG_SIGNATURE;
+		rep.u.signature.sig = sig;
+		rep.u.signature.sig_len = sig_len;
+		p11a_buf_reset(out);
+		if ((wr = p11a_msg_encode(&rep, out)) != 0) {
+			r = wr;
+			snprintf(msg, sizeof(msg), "cannot encode the signature");
+			wr = chan_reply_error(c, out, r, msg);
+		} else {
+			wr = p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+		}
+		p11a_wipe(sig, sizeof(sig));
+	}
+	chan_audit(c, req, r, msg, us);
+	return wr;
 }
 
 static void *
