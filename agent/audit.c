@@ -254,6 +254,7 @@ priority_of(const struct p11a_event *e)
 static int sink_fd = -1;
 static struct sockaddr_un sink_addr;
 static unsigned long sink_dropped;
+static int64_t sink_warned_ms;          /* the last "not sent" warning: at most one per 10 s */
 
 static int
 sink_open(const char *path)
@@ -287,10 +288,11 @@ sink_send(const void *p, size_t n)
 	w = sendto(sink_fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL, (const struct sockaddr *)&sink_addr,
 		   sizeof(sink_addr));
 	if (w == (ssize_t)n) {
-		if (sink_dropped != 0) {
+		if (sink_dropped != 0 && p11a_now_ms() - sink_warned_ms >= 10000) {
 			log_warn("audit: %lu events were not sent to %s (it did not keep up); "
 				 "'p11agent log' has them", sink_dropped, sink_addr.sun_path);
 			sink_dropped = 0;
+			sink_warned_ms = p11a_now_ms();
 		}
 		return 0;
 	}
