@@ -336,6 +336,7 @@ if [ -n "$SYSLOG_SKIP" ]; then
 	skip "audit syslog: facility authpriv" "$SYSLOG_SKIP"
 	skip "idle-lock: a lock event, reason idle, from the helper" "$SYSLOG_SKIP"
 	skip "idle-lock: the lock reaches syslog" "$SYSLOG_SKIP"
+	skip "neither PIN in the syslog records or the agent's log" "$SYSLOG_SKIP"
 else
 	stop_agent
 	write_conf "audit syslog
@@ -361,6 +362,9 @@ idle-lock 2s"
 			grep -q 'lock (idle): pkcs11:[^"]*: ok' "$T/syslog.json"
 	}
 	wait_for "idle-lock: the lock reaches syslog" 10 islog && ok "idle-lock: the lock reaches syslog"
+	journalctl -D "$JOURNAL" -o export --no-pager >"$T/journal-all.export" 2>/dev/null
+	check "neither PIN in the syslog records or the agent's log" pin_nowhere "$T/syslog.json" \
+		"$T/journal-all.export" "$AGENT_LOG"
 fi
 
 done_testing
