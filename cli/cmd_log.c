@@ -203,10 +203,23 @@ print_human(const struct p11a_event *e)
 	       *dur ? "  (" : "", dur, *dur ? ")" : "");
 }
 
+/*
+ * JSON text is UTF-8: a path or URI that is not (a file name can be any
+ * bytes) has each byte of 0x80 and above shown as '?'.
+ */
 static void
 jadd_str(struct json_object *o, const char *k, const char *v)
 {
+	char *copy = NULL;
+
+	if (v != NULL && !p11a_utf8_valid(v) && (copy = strdup(v)) != NULL) {
+		for (char *p = copy; *p; p++)
+			if ((unsigned char)*p >= 0x80)
+				*p = '?';
+		v = copy;
+	}
 	json_object_object_add(o, k, v != NULL ? json_object_new_string(v) : NULL);
+	free(copy);
 }
 
 static struct json_object *

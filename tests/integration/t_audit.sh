@@ -128,6 +128,11 @@ p11agent"
 cp "$P11AGENT" "$NL_EXE"
 check "sign from an executable with a newline in its path" timeout "$CLI_TIMEOUT" "$NL_EXE" --socket "$SOCK" \
 	sign --key "$EC384" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig4"
+# And one whose path is not UTF-8: --json must still be JSON (UTF-8).
+BAD_EXE=$T/bad$'\xff'p11agent
+cp "$P11AGENT" "$BAD_EXE"
+check "sign from an executable whose path is not UTF-8" timeout "$CLI_TIMEOUT" "$BAD_EXE" --socket "$SOCK" \
+	sign --key "$EC384" --scheme ecdsa --hash sha256 --in "$T/doc" --out "$T/sig5"
 
 # The second part starts a second later: --since must tell them apart.
 sleep 1.1
@@ -153,18 +158,19 @@ log_has() {
 	p11a log --json >"$T/log.json" 2>"$T/log.err" &&
 		"$PYTHON3" -c 'import json,sys; sys.exit(0 if len(json.load(open(sys.argv[1]))) >= int(sys.argv[2]) else 1)' "$T/log.json" "$1"
 }
-# unlock x3 (wrong, right, again), sign x3, refused x1, lock request, SIGHUP; curl x2
-want=9
+# unlock x3 (wrong, right, again), sign x4, refused x1, lock request, SIGHUP; curl x2
+want=10
 [ -n "$CURL_SKIP" ] || want=$((want + 2))
 wait_for "p11agent log lists $want events" 10 log_has "$want" && ok "p11agent log lists $want events"
 
 # event_check DESC PYTHON-EXPR: one event of `p11agent log --json` makes EXPR true.
-"$PYTHON3" - "$T/log.json" "$CURL_EXE" "${CURL_SKIP:+skip}" "$NL_EXE" >"$T/log.check" 2>&1 <<'PY' || true
+"$PYTHON3" - "$T/log.json" "$CURL_EXE" "${CURL_SKIP:+skip}" "$NL_EXE" "$T" >"$T/log.check" 2>&1 <<'PY' || true
 import json, sys
 ev = json.load(open(sys.argv[1]))
 curl = sys.argv[2]
 curl_skip = sys.argv[3] == "skip"
 nl_exe = sys.argv[4]
+tdir = sys.argv[5]
 def one(desc, pred):
     hits = [e for e in ev if pred(e)]
     print(("ok" if hits else "FAIL") + " " + desc)
@@ -180,6 +186,7 @@ if not curl_skip:
     one("curl TLS 1.3: sign, tls1.3, program curl", lambda e: e["event"] == "sign" and e["content"] == "tls1.3" and e["exe"] == curl and e["program"] == "curl" and e["result"] == "ok" and agent_pid_ok(e))
     one("curl TLS 1.2: sign, tls1.2, program curl", lambda e: e["event"] == "sign" and e["content"] == "tls1.2" and e["exe"] == curl and e["result"] == "ok")
 one("an executable with a newline in its path", lambda e: e["event"] == "sign" and e["exe"] == nl_exe)
+one("an executable whose path is not UTF-8: '?' for the byte", lambda e: e["event"] == "sign" and e["exe"] == tdir + "/bad?p11agent")
 one("p11agent lock: lock, reason request", lambda e: e["event"] == "lock" and e["reason"] == "request" and e["result"] == "ok" and e["program"] == "p11agent")
 one("SIGHUP: lock, reason SIGHUP", lambda e: e["event"] == "lock" and e["reason"] == "SIGHUP" and e["pid"] is None)
 times = [e["time_us"] for e in ev]
