@@ -4,8 +4,11 @@
 #
 # The test runs in a private mount namespace with a real systemd-journald
 # (tmpfs over /run/systemd, /run/log and /var/log/journal, so nothing
-# reaches the machine's journal) and the agent's default `audit auto`
-# finds it.  The token's PIN is changed to a distinctive string first.
+# reaches the machine's journal; a tmpfs /dev with its own device nodes and
+# /dev/log, so nothing reaches the machine's /dev or kernel log) and the
+# agent's default `audit auto` finds it.  Never bind the real /dev into
+# the test's directory: the cleanup's rm -rf would go through it into
+# the devtmpfs every namespace shares.  The token's PIN is changed to a distinctive string first.
 # Then: a wrong PIN and the right one, `p11agent sign` of a file (raw) and
 # of a digest with an ordinary key, curl TLS 1.3 and 1.2 handshakes with a
 # tls-only key (through the provider and a key-reference file), a tls-only
@@ -17,8 +20,7 @@
 # second agent with `audit-ring 3` and `audit none` keeps the newest 3 and
 # writes nothing to the journal; a third with `audit syslog` and
 # `idle-lock 2s` reaches journald's syslog socket through /dev/log, and
-# its helper reports the idle lock (a tmpfs /dev in the
-# namespace with its own device nodes).
+# its helper reports the idle lock.
 set -eu
 if [ -z "${T_AUDIT_NS:-}" ] && [ "$(id -u)" = 0 ] && unshare -m --propagation private true 2>/dev/null; then
 	T_AUDIT_NS=1 exec unshare -m --propagation private bash "$0" "$@"
@@ -54,6 +56,26 @@ else
 			JOURNAL_SKIP="no $d to mount over"
 		fi
 	done
+	# A tmpfs /dev in the namespace with its own nodes (mknod: new inodes on
+	# that tmpfs, never the machine's devtmpfs, which every namespace
+	# shares) and /dev/log, a link to journald's syslog socket.  Nothing of
+	# the real /dev is bound anywhere, so no removal can reach it, and
+	# journald finds no /dev/kmsg: it neither reads nor writes the
+	# machine's kernel log.
+	if [ -z "$JOURNAL_SKIP" ] && mount -t tmpfs -o mode=0755 tmpfs /dev; then
+		mknod -m 666 /dev/null c 1 3 && mknod -m 666 /dev/zero c 1 5 &&
+			mknod -m 666 /dev/random c 1 8 && mknod -m 666 /dev/urandom c 1 9 &&
+			mknod -m 666 /dev/tty c 5 0 ||
+			JOURNAL_SKIP="cannot make device nodes in the namespace's /dev"
+		ln -s /proc/self/fd /dev/fd
+		ln -s /proc/self/fd/0 /dev/stdin
+		ln -s /proc/self/fd/1 /dev/stdout
+		ln -s /proc/self/fd/2 /dev/stderr
+		mkdir /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+		ln -s /run/systemd/journal/dev-log /dev/log
+	elif [ -z "$JOURNAL_SKIP" ]; then
+		JOURNAL_SKIP="cannot put a tmpfs over /dev in the namespace"
+	fi
 fi
 if [ -z "$JOURNAL_SKIP" ]; then
 	mkdir -p /run/systemd/journal /run/log/journal
@@ -318,26 +340,6 @@ fi
 
 # ---------------------------------------------------------------- syslog
 SYSLOG_SKIP=$JOURNAL_SKIP
-if [ -z "$SYSLOG_SKIP" ] && [ ! -e /dev/log ]; then
-	# A tmpfs /dev in the namespace with its own nodes (mknod: new inodes on
-	# that tmpfs, never the machine's devtmpfs, which is shared by every
-	# namespace) and /dev/log, a link to journald's syslog socket.  Nothing
-	# of the real /dev is bound anywhere: a removal cannot reach it.
-	if mount -t tmpfs -o mode=0755 tmpfs /dev; then
-		mknod -m 666 /dev/null c 1 3 && mknod -m 666 /dev/zero c 1 5 &&
-			mknod -m 666 /dev/random c 1 8 && mknod -m 666 /dev/urandom c 1 9 &&
-			mknod -m 666 /dev/tty c 5 0 ||
-			SYSLOG_SKIP="cannot make device nodes in the namespace's /dev"
-		ln -s /proc/self/fd /dev/fd
-		ln -s /proc/self/fd/0 /dev/stdin
-		ln -s /proc/self/fd/1 /dev/stdout
-		ln -s /proc/self/fd/2 /dev/stderr
-		mkdir /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-		ln -s /run/systemd/journal/dev-log /dev/log
-	else
-		SYSLOG_SKIP="cannot put a tmpfs over /dev in the namespace"
-	fi
-fi
 if [ -n "$SYSLOG_SKIP" ]; then
 	skip "audit syslog: the event reaches syslog" "$SYSLOG_SKIP"
 	skip "audit syslog: facility authpriv" "$SYSLOG_SKIP"
