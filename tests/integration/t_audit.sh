@@ -96,6 +96,27 @@ journal_json() {
 	journalctl -D "$JOURNAL" -o json --no-pager MESSAGE_ID=5a0b8d3c6f1e4a7b9c2d4e6f8a1b3c5d >"$1" 2>"$T/journalctl.err"
 }
 
+# ---------------------------------------------------------------- configuration
+# The administrator can lock the audit trail on; bad values name FILE:LINE.
+mkdir -p "$T/etc/p11agent" "$T/locked/p11agent"
+printf 'lock audit\naudit journal\n' >"$T/etc/p11agent/p11agentd.conf"
+printf 'audit none\n' >"$T/locked/p11agent/p11agentd.conf"
+run env XDG_CONFIG_HOME="$T/locked" "$P11AGENTD" --print-config --socket "$SOCK" --module "$SOFTHSM2_MODULE"
+rc_is 1 "a user's 'audit none' under the administrator's lock: the agent does not start"
+stderr_has "$T/locked/p11agent/p11agentd.conf:1: 'audit' is locked by the administrator ($T/etc/p11agent/p11agentd.conf:1)" \
+	"the lock's error names both files"
+rm "$T/etc/p11agent/p11agentd.conf"
+printf 'audit-ring 0\n' >"$T/locked/p11agent/p11agentd.conf"
+run env XDG_CONFIG_HOME="$T/locked" "$P11AGENTD" --print-config --socket "$SOCK" --module "$SOFTHSM2_MODULE"
+stderr_has "p11agentd.conf:1: audit-ring must be 1..100000 events, not '0'" "audit-ring 0 is refused"
+printf 'audit loud\n' >"$T/locked/p11agent/p11agentd.conf"
+run env XDG_CONFIG_HOME="$T/locked" "$P11AGENTD" --print-config --socket "$SOCK" --module "$SOFTHSM2_MODULE"
+stderr_has "p11agentd.conf:1: audit must be auto, journal, syslog or none, not 'loud'" "audit loud is refused"
+printf 'audit syslog\naudit-ring 50\n' >"$T/locked/p11agent/p11agentd.conf"
+run env XDG_CONFIG_HOME="$T/locked" "$P11AGENTD" --print-config --socket "$SOCK" --module "$SOFTHSM2_MODULE"
+stdout_has "audit syslog	# $T/locked/p11agent/p11agentd.conf:1" "--print-config: audit and where it comes from"
+stdout_has "audit-ring 50	# $T/locked/p11agent/p11agentd.conf:2" "--print-config: audit-ring"
+
 mkdir -p "$T/config/p11agent"
 CONF=$T/config/p11agent/p11agentd.conf
 write_conf() {
