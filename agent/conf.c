@@ -32,6 +32,13 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_ALLOW_PROGRAMS] = "allow-programs",
 	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
+	[SET_AUDIT] = "audit",
+	[SET_AUDIT_RING] = "audit-ring",
+};
+
+static const char *const audit_names[] = {
+	[CONF_AUDIT_AUTO] = "auto", [CONF_AUDIT_JOURNAL] = "journal",
+	[CONF_AUDIT_SYSLOG] = "syslog", [CONF_AUDIT_NONE] = "none",
 };
 
 const char *
@@ -51,6 +58,8 @@ config_init(struct agent_config *cfg)
 	cfg->max_channels_per_process = 256;
 	cfg->lock_on_suspend = 1;
 	cfg->lock_on_screen_lock = 1;
+	cfg->audit = CONF_AUDIT_AUTO;
+	cfg->audit_ring = CONFIG_AUDIT_RING_DEFAULT;
 	for (int i = 0; i < SET_COUNT; i++)
 		cfg->origin[i].layer = CONF_DEFAULT;
 	cfg->modules_layer = CONF_DEFAULT;
@@ -730,6 +739,23 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
 	if (strcmp(key, "lock-on-screen-lock") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SCREEN_LOCK, val, &cfg->lock_on_screen_lock);
+	if (strcmp(key, "audit-ring") == 0)
+		return set_int(p, SET_AUDIT_RING, val, 1, CONFIG_AUDIT_RING_MAX, 1, &cfg->audit_ring,
+			       "events");
+	if (strcmp(key, "audit") == 0) {
+		size_t i;
+
+		if (check_lock(cfg, SET_AUDIT, key, &p->at) != 0)
+			return -1;
+		for (i = 0; i < sizeof(audit_names) / sizeof(audit_names[0]); i++)
+			if (strcmp(val, audit_names[i]) == 0)
+				break;
+		if (i == sizeof(audit_names) / sizeof(audit_names[0]))
+			return perr(p, "audit must be auto, journal, syslog or none, not '%s'", val);
+		cfg->audit = (int)i;
+		cfg->origin[SET_AUDIT] = p->at;
+		return 0;
+	}
 	if (strcmp(key, "debug") == 0) {
 		if (check_lock(cfg, SET_DEBUG, key, &p->at) != 0)
 			return -1;
@@ -949,6 +975,9 @@ config_print(const struct agent_config *cfg, FILE *out)
 		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
 	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SCREEN_LOCK], cfg, SET_LOCK_ON_SCREEN_LOCK);
+	print_value(out, "audit", audit_names[cfg->audit], &cfg->origin[SET_AUDIT], cfg, SET_AUDIT);
+	snprintf(v, sizeof(v), "%d", cfg->audit_ring);
+	print_value(out, "audit-ring", v, &cfg->origin[SET_AUDIT_RING], cfg, SET_AUDIT_RING);
 	for (int s = 0; s < SET_COUNT; s++)
 		if (cfg->locked[s])
 			print_value(out, "lock", setting_names[s], &cfg->lock_origin[s], cfg, -1);

@@ -51,6 +51,8 @@ enum conf_setting {
 	/* logind (agent/logind.c): lock every token on these events */
 	SET_LOCK_ON_SUSPEND,     /* lock-on-suspend: PrepareForSleep(true) */
 	SET_LOCK_ON_SCREEN_LOCK, /* lock-on-screen-lock: our session's Lock or LockedHint */
+	SET_AUDIT,               /* audit: where audit events go (agent/audit.c) */
+	SET_AUDIT_RING,          /* audit-ring: events kept for `p11agent log` */
 	SET_COUNT
 };
 
@@ -114,6 +116,11 @@ struct conf_dropped {
 	struct conf_origin origin;   /* where it was found */
 };
 
+/* audit: auto = the journal when one runs, else syslog. */
+enum conf_audit { CONF_AUDIT_AUTO, CONF_AUDIT_JOURNAL, CONF_AUDIT_SYSLOG, CONF_AUDIT_NONE };
+#define CONFIG_AUDIT_RING_DEFAULT 1000
+#define CONFIG_AUDIT_RING_MAX     100000
+
 struct agent_config {
 	char *socket_path;
 	char *socket_tmpdir;     /* private directory the agent made for its socket, or NULL */
@@ -130,6 +137,8 @@ struct agent_config {
 	/* logind events (agent/logind.c); both 0: the system bus is not used */
 	int lock_on_suspend;     /* default 1 */
 	int lock_on_screen_lock; /* default 1 */
+	int audit;               /* enum conf_audit: where audit events go; default auto */
+	int audit_ring;          /* events the agent keeps in memory; default 1000 */
 	struct conf_origin origin[SET_COUNT];
 	int locked[SET_COUNT];
 	struct conf_origin lock_origin[SET_COUNT];

@@ -5,6 +5,7 @@
  */
 #include "config.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
@@ -74,6 +75,7 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	p->deadline = p11a_now_ms() + s->cfg->sign_timeout_ms;
 	p->what = strdup(what ? what : "");
 	p->channel_fd = -1;
+	p->started_us = audit_now_us();
 	s->npending++;
 	s->clients[ci].waiting++;
 	return p;
@@ -112,9 +114,26 @@ client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, con
 	c->wait_error_msg = NULL;
 }
 
+/* UNLOCK and LOCK outcomes go to the audit trail (never the PIN: it is not here). */
+static void
+pending_audit(struct server *s, const struct pending *p, int code, const char *msg)
+{
+	const struct client *c = &s->clients[p->client];
+	int same = c->fd >= 0 && c->serial == p->serial;
+	uint64_t now = audit_now_us();
+
+	if (p->type != P11A_MSG_UNLOCK && p->type != P11A_MSG_LOCK)
+		return;
+	audit_note(p->type == P11A_MSG_UNLOCK ? P11A_EV_UNLOCK : P11A_EV_LOCK, p->uri,
+		   same ? c->pid : 0, same ? (uid_t)c->uid : s->uid, same ? c->exe : NULL, code, msg,
+		   p->type == P11A_MSG_LOCK ? "request" : NULL,
+		   now > p->started_us ? now - p->started_us : 0);
+}
+
 static void
 pending_remove(struct server *s, size_t pi)
 {
+	free(s->pending[pi].uri);
 	free(s->pending[pi].what);
 	if (s->pending[pi].channel_fd >= 0)
 		close(s->pending[pi].channel_fd);
@@ -133,6 +152,7 @@ pending_fail_helper(struct server *s, size_t hi)
 		char msg[512];
 		snprintf(msg, sizeof(msg), "token helper for module %s stopped during %s; it is being restarted",
 			 s->helpers[hi].mod->name, p->what);
+		pending_audit(s, p, P11A_E_HELPER, msg);
 		client_reply_arrived(s, p->client, p->serial, P11A_E_HELPER, msg);
 		pending_remove(s, i);
 	}
@@ -160,6 +180,7 @@ pending_expire(struct server *s, int64_t now)
 		    "; the lock is still in progress: 'p11agent status' shows the outcome" : "";
 		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s%s", p->what,
 			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000, still);
+		pending_audit(s, p, P11A_E_TIMEOUT, msg);
 		client_reply_arrived(s, p->client, p->serial, P11A_E_TIMEOUT, msg);
 		pending_remove(s, i);
 	}
@@ -172,6 +193,11 @@ pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m
 		struct pending *p = &s->pending[i];
 		if (p->id != id || p->helper != hi)
 			continue;
+		if (m->type == P11A_MSG_ERROR)
+			pending_audit(s, p, (int)m->u.error.code, m->u.error.message);
+		else
+			pending_audit(s, p, m->type == P11A_MSG_OK ? 0 : P11A_E_INTERNAL,
+				      "unexpected reply from token helper");
 		if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
 			/* The helper serves the channel now: hand the other end over. */
 			struct client *c = &s->clients[p->client];
@@ -438,6 +464,7 @@ handle_unlock(struct server *s, size_t ci, struct p11a_msg *req)
 		send_error(s, ci, P11A_E_NOMEM, "out of memory");
 		goto out;
 	}
+	p->uri = strdup(exact);
 	log_info("client %d: unlock of token '%s'", s->clients[ci].fd, pick->token->label);
 	helper_send(s, pick->helper, p->id, req, -1);
 out:
@@ -462,6 +489,7 @@ handle_lock(struct server *s, size_t ci, const struct p11a_msg *req)
 		}
 		struct p11a_msg fwd = { .type = P11A_MSG_LOCK };
 		fwd.u.lock.token_uri = refs[i].token->uri;
+		p->uri = strdup(refs[i].token->uri ? refs[i].token->uri : "");
 		log_info("client %d: lock of token '%s'", s->clients[ci].fd, refs[i].token->label);
 		helper_send(s, refs[i].helper, p->id, &fwd, -1);
 	}
@@ -474,6 +502,17 @@ handle_lock(struct server *s, size_t ci, const struct p11a_msg *req)
  * that runs.  No client waits: the helpers answer with ids no pending
  * request has (dropped by pending_reply) and push their new inventory.
  */
+/* The reason an event names: logind's words (logind.c) become suspend and screen-lock. */
+static const char *
+audit_lock_reason(const char *why)
+{
+	if (strcmp(why, "PrepareForSleep") == 0)
+		return "suspend";
+	if (strncmp(why, "session ", 8) == 0)
+		return "screen-lock";
+	return why;
+}
+
 void
 tokens_lock_all(struct server *s, const char *why)
 {
@@ -491,6 +530,7 @@ tokens_lock_all(struct server *s, const char *why)
 		n++;
 	}
 	log_info("%s: locking every token (%zu module(s))", why, n);
+	audit_note(P11A_EV_LOCK, "", 0, s->uid, NULL, 0, NULL, audit_lock_reason(why), 0);
 }
 
 static void
@@ -562,6 +602,47 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	log_debug("client %d: signing channel to helper %s for %s", s->clients[ci].fd,
 		  h->mod->name, uri);
 	helper_send(s, hi, p->id, &adopt, sv[0]);
+}
+
+/*
+ * LOG (version 3): the ring's events since since_us, the newest max, as
+ * many as fit one frame (the oldest are left out first).
+ */
+static void
+handle_log(struct server *s, size_t ci, const struct p11a_log *lg)
+{
+	size_t n = audit_len(), first, bytes = 64;
+	const struct p11a_event **v = calloc(n ? n : 1, sizeof(*v));
+	struct p11a_event *ev = NULL;
+	struct p11a_msg m;
+
+	if (v == NULL) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	n = audit_select(lg->since_us, lg->max, v);
+	first = n;
+	while (first > 0 && n - first < P11A_LIST_MAX) {
+		size_t sz = p11a_event_wire_size(v[first - 1]);
+		if (bytes + sz > P11A_FRAME_MAX)
+			break;
+		bytes += sz;
+		first--;
+	}
+	if ((ev = calloc(n - first ? n - first : 1, sizeof(*ev))) == NULL) {
+		free(v);
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	for (size_t i = first; i < n; i++)
+		ev[i - first] = *v[i];          /* views: the ring keeps the strings */
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_LOG_REPLY;
+	m.u.events.n = (uint32_t)(n - first);
+	m.u.events.ev = ev;
+	send_msg(s, ci, &m, -1);
+	free(ev);
+	free(v);
 }
 
 void
@@ -641,6 +722,13 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 		break;
 	case P11A_MSG_LIST:
 		handle_list(s, ci, 1);
+		break;
+	case P11A_MSG_LOG:
+		if (s->clients[ci].version < 3)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 3", m.type);
+		else
+			handle_log(s, ci, &m.u.log);
 		break;
 	case P11A_MSG_UNLOCK:
 		handle_unlock(s, ci, &m);

@@ -16,6 +16,7 @@
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
+#include "tlsclass.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -29,6 +30,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +48,27 @@
  * take the last fd_reserve() descriptors under RLIMIT_NOFILE.
  */
 #define FD_RESERVE_MIN       128
+/*
+ * Audit events wait in a queue of at most EVQ_MAX for the control thread,
+ * which sends them in batches EVQ_BATCH_MS after the first (at once when
+ * EVQ_URGENT are queued): a channel thread never waits for the agent, and
+ * a burst of signatures costs one wake-up and one write per batch, not
+ * per signature.  A full queue (the agent does not keep up) drops events
+ * and counts them; the next H_EVENT carries the count.
+ */
+#define EVQ_MAX              2048
+#define EVQ_URGENT           (EVQ_MAX / 2)   /* this many queued: send now, not after EVQ_BATCH_MS */
+#define EVQ_BATCH_MS         50
+
+struct evq {
+	pthread_mutex_t mu;
+	struct p11a_event ev[EVQ_MAX];
+	uint32_t n;
+	uint32_t dropped;               /* since the last H_EVENT */
+	int woken;                      /* the control thread was woken for this batch */
+	int efd;                        /* eventfd that wakes the control thread; -1 none */
+	struct p11a_event batch[EVQ_MAX];       /* the control thread's copy while it sends */
+};
 
 struct helper {
 	struct token_module *tm;
@@ -66,6 +89,8 @@ struct helper {
 	int wd_timed;                   /* the watchdog sleeps until wd_until, not for ever */
 	struct timespec wd_until;
 	int wd_stop;
+	struct evq evq;
+	int64_t ev_flush_at;            /* control thread: send the queue then; 0 = nothing due */
 };
 
 /*
@@ -234,6 +259,139 @@ us_since(const struct timespec *t0)
 	return (long)(t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
 }
 
+/*
+ * Queues an audit event for the control thread (never the data, only what
+ * kind of content it was).  Channel threads and the control thread call
+ * it; it never waits for the agent.  Strings are copied; out of memory or
+ * a full queue counts the event as dropped.
+ */
+static void
+evq_push(struct helper *h, const struct p11a_event *e)
+{
+	struct evq *q = &h->evq;
+	int wake = 0;
+
+	pthread_mutex_lock(&q->mu);
+	if (q->n == EVQ_MAX || p11a_event_copy(&q->ev[q->n], e) != 0) {
+		q->dropped++;
+	} else {
+		q->n++;
+	}
+	if (!q->woken || q->n == EVQ_URGENT) {
+		q->woken = 1;
+		wake = 1;
+	}
+	pthread_mutex_unlock(&q->mu);
+	if (wake && q->efd >= 0) {
+		uint64_t one = 1;
+		ssize_t w = write(q->efd, &one, sizeof(one));
+		(void)w;        /* a counter that is already non-zero wakes the loop anyway */
+	}
+}
+
+static uint64_t
+realtime_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void
+chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const char *msg, long us)
+{
+	struct p11a_event e;
+	enum p11a_tlsclass tc = p11a_tls_classify(req->data, req->data_len,
+						  req->input != P11A_INPUT_MESSAGE);
+
+	memset(&e, 0, sizeof(e));
+	e.time_us = realtime_us();
+	e.kind = r == -P11A_E_POLICY ? P11A_EV_REFUSED : P11A_EV_SIGN;
+	e.uri = req->key_uri;
+	e.scheme = req->scheme;
+	e.content = (uint8_t)(tc + 1);
+	e.pid = c->pid;
+	e.exe = c->exe;
+	e.result = r < 0 ? (uint32_t)-r : (uint32_t)r;
+	e.message = r != 0 ? (char *)msg : NULL;
+	e.duration_us = us > 0 ? (uint64_t)us : 0;
+	evq_push(c->h, &e);
+}
+
+/* A lock the helper made itself (idle-lock, pin-ttl): token_autolock()'s hook. */
+static void
+autolock_audit(void *arg, const char *token_uri, const char *reason)
+{
+	struct p11a_event e;
+
+	memset(&e, 0, sizeof(e));
+	e.time_us = realtime_us();
+	e.kind = P11A_EV_LOCK;
+	e.uri = (char *)token_uri;
+	e.reason = (char *)reason;
+	evq_push(arg, &e);
+}
+
+/*
+ * Control thread: sends what the queue holds as H_EVENT frames (id 0),
+ * each under the frame cap, the dropped count with the first.
+ */
+static int
+evq_flush(struct helper *h)
+{
+	struct evq *q = &h->evq;
+	struct p11a_event *batch = q->batch;
+	struct p11a_msg m;
+	uint32_t n, dropped, i = 0;
+	uint64_t one;
+	int r = 0;
+
+	if (q->efd >= 0 && read(q->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		log_debug("audit eventfd: %s", strerror(errno));
+	pthread_mutex_lock(&q->mu);
+	n = q->n;
+	memcpy(batch, q->ev, n * sizeof(*batch));
+	dropped = q->dropped;
+	q->n = 0;
+	q->dropped = 0;
+	q->woken = 0;
+	pthread_mutex_unlock(&q->mu);
+	do {
+		size_t bytes = 64;
+		uint32_t k = 0;
+
+		while (i + k < n && bytes + p11a_event_wire_size(&batch[i + k]) < P11A_FRAME_MAX - 4) {
+			bytes += p11a_event_wire_size(&batch[i + k]);
+			k++;
+		}
+		if (k == 0 && i < n) {
+			dropped++;      /* cannot be: every field is bounded far below the cap */
+			p11a_event_clear(&batch[i++]);
+			continue;
+		}
+		memset(&m, 0, sizeof(m));
+		m.type = P11A_MSG_H_EVENT;
+		m.u.events.dropped = dropped;
+		m.u.events.n = k;
+		m.u.events.ev = batch + i;
+		p11a_buf_reset(h->out);
+		if (p11a_msg_encode_internal(0, &m, h->out) == 0)
+			r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+		else
+			log_warn("cannot encode %u audit events; dropped", k);
+		for (uint32_t j = 0; j < k; j++)
+			p11a_event_clear(&batch[i + j]);
+		i += k;
+		dropped = 0;
+	} while (i < n && r == 0);
+	for (; i < n; i++)
+		p11a_event_clear(&batch[i]);
+	if (r != 0)
+		log_err("cannot write to the agent: %s", p11a_strerror(r));
+	return r;
+}
+
 static int
 chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec *t0,
 	  struct p11a_buf *out)
@@ -246,7 +404,8 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	char msg[TOKEN_MSG_MAX];
 	struct p11a_msg rep;
 	struct token_peer peer;
-	int r;
+	long us;
+	int r, wr;
 
 	/* The deadline counts from the request's arrival. */
 	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
@@ -274,6 +433,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		p11a_wipe(sig, sizeof(sig));
 		log_warn("channel %d: the module returned after %ld ms, past the deadline; result dropped",
 			 c->fd, us_since(t0) / 1000);
+		chan_audit(c, req, -P11A_E_TIMEOUT, "the token did not answer in time", us_since(t0));
 		return -P11A_E_TIMEOUT;
 	}
 	pthread_mutex_unlock(&h->wlock);
@@ -286,16 +446,27 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	if (r == -P11A_E_POLICY)
 		log_warn("channel %d: pid %lu: refused %.300s: %s (executable %s)", c->fd,
 			 (unsigned long)c->pid, req->key_uri, msg, c->exe != NULL ? c->exe : "unknown");
-	if (r != 0)
-		return chan_reply_error(c, out, r, msg);
-	memset(&rep, 0, sizeof(rep));
-	rep.type = P11A_MSG_SIGNATURE;
-	rep.u.signature.sig = sig;
-	rep.u.signature.sig_len = sig_len;
-	p11a_buf_reset(out);
-	if ((r = p11a_msg_encode(&rep, out)) != 0)
-		return chan_reply_error(c, out, r, "cannot encode the signature");
-	return p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+	/* The client hears first; the audit event costs it nothing. */
+	us = us_since(t0);
+	if (r != 0) {
+		wr = chan_reply_error(c, out, r, msg);
+	} else {
+		memset(&rep, 0, sizeof(rep));
+		rep.type = P11A_MSG_SIGNATURE;
+		rep.u.signature.sig = sig;
+		rep.u.signature.sig_len = sig_len;
+		p11a_buf_reset(out);
+		if ((wr = p11a_msg_encode(&rep, out)) != 0) {
+			r = wr;
+			snprintf(msg, sizeof(msg), "cannot encode the signature");
+			wr = chan_reply_error(c, out, r, msg);
+		} else {
+			wr = p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+		}
+		p11a_wipe(sig, sizeof(sig));
+	}
+	chan_audit(c, req, r, msg, us);
+	return wr;
 }
 
 static void *
@@ -707,7 +878,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	struct helper *h = &the_helper;
 	struct p11a_buf *in = NULL;
 	struct p11a_frame_in cin;
-	struct pollfd pfd[2];
+	struct pollfd pfd[3];
 	int64_t next_check;
 	int n;
 
@@ -738,6 +909,10 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
 	pthread_mutex_init(&h->wlock, NULL);
+	pthread_mutex_init(&h->evq.mu, NULL);
+	h->evq.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (h->evq.efd < 0)
+		log_warn("eventfd: %s; audit events are sent every few seconds only", strerror(errno));
 	{
 		pthread_condattr_t ca;
 
@@ -806,6 +981,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		 */
 		if (now >= next_check) {
 			next_check = now + CHECK_INTERVAL_MS;
+			if (h->evq.efd < 0)
+				h->ev_flush_at = now;   /* no eventfd: batches every check */
 			if (token_check(h->tm) && refresh_and_push(h, 0) != 0)
 				break;
 			continue;
@@ -818,19 +995,32 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		if (h->idle_lock_ms > 0 || h->pin_ttl_ms > 0) {
 			int64_t due = INT64_MAX;
 
-			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due) > 0 &&
+			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due,
+					   autolock_audit, h) > 0 &&
 			    refresh_and_push(h, 1) != 0)
 				break;
 			if (due < wake)
 				wake = due;
 		}
+		/* Audit events go out in batches (EVQ_BATCH_MS after the first one). */
+		if (h->ev_flush_at != 0 && now >= h->ev_flush_at) {
+			h->ev_flush_at = 0;
+			if (evq_flush(h) != 0)
+				break;
+			continue;
+		}
+		if (h->ev_flush_at != 0 && h->ev_flush_at < wake)
+			wake = h->ev_flush_at;
 		pfd[0].fd = ctrl_fd;
 		pfd[0].events = POLLIN;
 		pfd[0].revents = 0;
 		pfd[1].fd = token_event_fd(h->tm);
 		pfd[1].events = POLLIN;
 		pfd[1].revents = 0;
-		n = poll(pfd, 2, wake > now ? (int)(wake - now) : 0);
+		pfd[2].fd = h->evq.efd;
+		pfd[2].events = POLLIN;
+		pfd[2].revents = 0;
+		n = poll(pfd, h->evq.efd >= 0 ? 3 : 2, wake > now ? (int)(wake - now) : 0);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -839,6 +1029,21 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		}
 		if (n == 0)
 			continue;
+		if (h->evq.efd >= 0 && (pfd[2].revents & POLLIN)) {
+			uint64_t cnt;
+
+			uint32_t queued;
+
+			if (read(h->evq.efd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+				log_debug("audit eventfd: %s", strerror(errno));
+			pthread_mutex_lock(&h->evq.mu);
+			queued = h->evq.n;
+			pthread_mutex_unlock(&h->evq.mu);
+			if (queued >= EVQ_URGENT)
+				h->ev_flush_at = p11a_now_ms();
+			else if (h->ev_flush_at == 0)
+				h->ev_flush_at = p11a_now_ms() + EVQ_BATCH_MS;
+		}
 		if (pfd[1].revents & POLLIN) {
 			token_event_clear(h->tm);
 			if (refresh_and_push(h, 0) != 0)

@@ -13,6 +13,7 @@
 #include "config.h"
 #include "server.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 #include "systemd.h"
 #include "p11a.h"
@@ -407,8 +408,12 @@ out:
 	pending_free_all(s);
 	free(s->pfd);
 	logind_free(s->logind);
-	if (s->helpers)
+	if (s->helpers) {
 		helpers_stop(s);
+		/* The helpers logged out (C_Finalize) as they exited. */
+		if (s->nhelpers > 0)
+			audit_note(P11A_EV_LOCK, "", 0, s->uid, NULL, 0, NULL, "exit", 0);
+	}
 	free(s->helpers);
 	close(s->sig_fd);
 	/* systemd's socket stays: the next connection starts the agent again. */

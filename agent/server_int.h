@@ -87,6 +87,8 @@ struct pending {
 	uint8_t type;              /* request forwarded */
 	char *what;                /* for timeout messages */
 	int channel_fd;            /* H_ADOPT: the client's end of the channel, or -1 */
+	char *uri;                 /* UNLOCK, LOCK: the token's URI, for the audit event */
+	uint64_t started_us;       /* when it was sent, for the audit event */
 };
 
 struct server {

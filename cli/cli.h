@@ -33,6 +33,7 @@ struct cli_ctx {
 
 /* Verb entry points (cmd_*.c). */
 int cmd_status(struct cli_ctx *ctx, int argc, char **argv);
+int cmd_log(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_list(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_unlock(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_lock(struct cli_ctx *ctx, int argc, char **argv);

@@ -622,6 +622,24 @@ p11a_client_health(struct p11a_client *c, struct p11a_msg *reply)
 }
 
 int
+p11a_client_log(struct p11a_client *c, uint64_t since_us, uint32_t max, struct p11a_msg *reply)
+{
+	struct p11a_msg req;
+
+	memset(reply, 0, sizeof(*reply));
+	if (c->version < 3) {
+		set_error(c, "the agent speaks protocol version %u, which has no LOG request "
+		    "(an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_LOG;
+	req.u.log.since_us = since_us;
+	req.u.log.max = max;
+	return call_expect(c, &req, P11A_MSG_LOG_REPLY, reply);
+}
+
+int
 p11a_client_list(struct p11a_client *c, struct p11a_msg *reply)
 {
 	struct p11a_msg req;

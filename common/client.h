@@ -70,6 +70,13 @@ int p11a_client_status(struct p11a_client *c, struct p11a_msg *reply);
  */
 int p11a_client_health(struct p11a_client *c, struct p11a_msg *reply);
 int p11a_client_list(struct p11a_client *c, struct p11a_msg *reply);
+/*
+ * LOG (protocol version 3): the agent's audit events at or after since_us
+ * (µs since the epoch, 0 = all), the newest max (0 = as many as fit),
+ * oldest first, in reply->u.events.  -P11A_E_UNSUPPORTED, without a round
+ * trip, when the agent chose an older version.
+ */
+int p11a_client_log(struct p11a_client *c, uint64_t since_us, uint32_t max, struct p11a_msg *reply);
 /* token_uri NULL or "" = the only token that needs a login; pin is not kept. */
 int p11a_client_unlock(struct p11a_client *c, const char *token_uri,
 		       const char *pin, size_t pin_len);

@@ -54,6 +54,22 @@ p11a_strerror(int err)
 	return err_text[e];
 }
 
+static const char *const err_names[] = {
+	"OK", "NOMEM", "TOO_LARGE", "TRUNCATED", "MALFORMED", "UNKNOWN_TYPE", "VERSION", "IO",
+	"NOT_RUNNING", "TIMEOUT", "DENIED", "NO_SUCH_KEY", "NO_SUCH_TOKEN", "AMBIGUOUS", "LOCKED",
+	"PIN_INCORRECT", "PIN_LOCKED", "PIN_INVALID", "TOKEN_NOT_PRESENT", "TOKEN", "UNSUPPORTED",
+	"BAD_REQUEST", "BUSY", "HELPER", "PROTOCOL", "URI", "INTERNAL", "CRYPTO", "POLICY",
+};
+
+const char *
+p11a_errname(int err)
+{
+	unsigned int e = err < 0 ? 0u - (unsigned int)err : (unsigned int)err;
+
+	_Static_assert(sizeof(err_names) / sizeof(err_names[0]) == P11A_E__MAX, "err_names");
+	return e < P11A_E__MAX ? err_names[e] : "UNKNOWN";
+}
+
 static const char *const scheme_names[] = {
 	[P11A_SCHEME_RSA_PKCS1] = "rsa-pkcs1",
 	[P11A_SCHEME_RSA_PSS] = "rsa-pss",

@@ -23,6 +23,7 @@
 #define KEY_MIN_WIRE	(4 * 4 + 1 + 4 + 4 * 5 + 4)
 #define MODULE_MIN_WIRE	(4 + 4 + 1 + 4 + 4 + 4)
 #define TEXT_MIN_WIRE	4
+#define EVENT_MIN_WIRE	(8 + 1 + 4 + 1 + 1 + 4 + 4 + 4 + 1 + 4 + 4 + 8 + 4 + 4)
 
 /* ------------------------------------------------------------ encoding */
 
@@ -152,6 +153,63 @@ put_health(struct p11a_buf *b, const struct p11a_health_reply *h)
 }
 
 static int
+put_event(struct p11a_buf *b, const struct p11a_event *e)
+{
+	int r;
+
+	if (e->kind == 0 || e->kind > P11A_EV_KIND_MAX || e->content > P11A_CONTENT_MAX)
+		return -P11A_E_INTERNAL;
+	if ((r = p11a_buf_put_u64(b, e->time_us)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->kind)) != 0 ||
+	    (r = put_text(b, e->uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->scheme)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->content)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->pid)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->uid)) != 0 ||
+	    (r = put_text(b, e->exe, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->flags)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->result)) != 0 ||
+	    (r = put_text(b, e->message, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u64(b, e->duration_us)) != 0 ||
+	    (r = put_text(b, e->reason, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->count)) != 0)
+		return r;
+	return 0;
+}
+
+static int
+put_events(struct p11a_buf *b, const struct p11a_events *ev, int with_dropped)
+{
+	int r;
+
+	if (ev->n > P11A_LIST_MAX)
+		return -P11A_E_TOO_LARGE;
+	if (ev->n != 0 && ev->ev == NULL)
+		return -P11A_E_INTERNAL;
+	if (with_dropped && (r = p11a_buf_put_u32(b, ev->dropped)) != 0)
+		return r;
+	if ((r = p11a_buf_put_u32(b, ev->n)) != 0)
+		return r;
+	for (uint32_t i = 0; i < ev->n; i++)
+		if ((r = put_event(b, &ev->ev[i])) != 0)
+			return r;
+	return 0;
+}
+
+static size_t
+text_wire(const char *s)
+{
+	return 4 + (s != NULL ? strlen(s) : 0);
+}
+
+size_t
+p11a_event_wire_size(const struct p11a_event *e)
+{
+	return EVENT_MIN_WIRE - 4 * 4 + text_wire(e->uri) + text_wire(e->exe) +
+	    text_wire(e->message) + text_wire(e->reason);
+}
+
+static int
 encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 {
 	int r;
@@ -232,6 +290,15 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		return 0;
 	case P11A_MSG_SIGNATURE:
 		return put_bytes(b, m->u.signature.sig, m->u.signature.sig_len, P11A_SIG_MAX);
+	case P11A_MSG_LOG:
+		if ((r = p11a_buf_put_u64(b, m->u.log.since_us)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.log.max)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LOG_REPLY:
+		return put_events(b, &m->u.events, 0);
+	case P11A_MSG_H_EVENT:
+		return put_events(b, &m->u.events, 1);
 	default:
 		return -P11A_E_UNKNOWN_TYPE;
 	}
@@ -417,6 +484,52 @@ get_health(struct p11a_buf *b, struct p11a_health_reply *h)
 }
 
 static int
+get_event(struct p11a_buf *b, struct p11a_event *e)
+{
+	int r;
+
+	if ((r = p11a_buf_get_u64(b, &e->time_us)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->kind)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->scheme)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->content)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->pid)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->uid)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->exe, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->flags)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->result)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->message, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u64(b, &e->duration_us)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->reason, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->count)) != 0)
+		return r;
+	if (e->kind == 0 || e->kind > P11A_EV_KIND_MAX || e->content > P11A_CONTENT_MAX)
+		return -P11A_E_MALFORMED;
+	return 0;
+}
+
+static int
+get_events(struct p11a_buf *b, struct p11a_events *ev, int with_dropped)
+{
+	uint32_t n, i;
+	int r;
+
+	if (with_dropped && (r = p11a_buf_get_u32(b, &ev->dropped)) != 0)
+		return r;
+	if ((r = get_count(b, &n, EVENT_MIN_WIRE)) != 0)
+		return r;
+	if (n == 0)
+		return 0;
+	if ((ev->ev = calloc(n, sizeof(*ev->ev))) == NULL)
+		return -P11A_E_NOMEM;
+	ev->n = n;    /* from here on, clear() frees whatever was decoded */
+	for (i = 0; i < n; i++)
+		if ((r = get_event(b, &ev->ev[i])) != 0)
+			return r;
+	return 0;
+}
+
+static int
 decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 {
 	const uint8_t *pin;
@@ -503,6 +616,15 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 		return 0;
 	case P11A_MSG_SIGNATURE:
 		return get_bytes(b, &m->u.signature.sig, &m->u.signature.sig_len, P11A_SIG_MAX);
+	case P11A_MSG_LOG:
+		if ((r = p11a_buf_get_u64(b, &m->u.log.since_us)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.log.max)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LOG_REPLY:
+		return get_events(b, &m->u.events, 0);
+	case P11A_MSG_H_EVENT:
+		return get_events(b, &m->u.events, 1);
 	default:
 		return -P11A_E_UNKNOWN_TYPE;
 	}
@@ -616,6 +738,27 @@ p11a_list_reply_clear(struct p11a_list_reply *l)
 }
 
 void
+p11a_event_clear(struct p11a_event *e)
+{
+	if (e == NULL)
+		return;
+	free(e->uri);
+	free(e->exe);
+	free(e->message);
+	free(e->reason);
+	memset(e, 0, sizeof(*e));
+}
+
+const char *
+p11a_event_kind_name(uint8_t kind)
+{
+	static const char *const names[] = { NULL, "sign", "unlock", "lock", "refused",
+					     "pin-dialog", "confirm", "dropped" };
+
+	return kind <= P11A_EV_KIND_MAX ? names[kind] : NULL;
+}
+
+void
 p11a_msg_clear(struct p11a_msg *m)
 {
 	if (m == NULL)
@@ -667,6 +810,12 @@ p11a_msg_clear(struct p11a_msg *m)
 		break;
 	case P11A_MSG_SIGNATURE:
 		free(m->u.signature.sig);
+		break;
+	case P11A_MSG_LOG_REPLY:
+	case P11A_MSG_H_EVENT:
+		for (uint32_t i = 0; i < m->u.events.n; i++)
+			p11a_event_clear(&m->u.events.ev[i]);
+		free(m->u.events.ev);
 		break;
 	default:
 		break;
@@ -825,6 +974,23 @@ dup_bytes(const uint8_t *p, size_t n, int *failed)
 }
 
 int
+p11a_event_copy(struct p11a_event *dst, const struct p11a_event *src)
+{
+	int failed = 0;
+
+	*dst = *src;
+	dst->uri = dup_text(src->uri != NULL ? src->uri : "", &failed);
+	dst->exe = dup_text(src->exe != NULL ? src->exe : "", &failed);
+	dst->message = dup_text(src->message != NULL ? src->message : "", &failed);
+	dst->reason = dup_text(src->reason != NULL ? src->reason : "", &failed);
+	if (failed) {
+		p11a_event_clear(dst);
+		return -P11A_E_NOMEM;
+	}
+	return 0;
+}
+
+int
 p11a_token_copy(struct p11a_token *dst, const struct p11a_token *src)
 {
 	int failed = 0;
@@ -850,7 +1016,7 @@ p11a_key_copy(struct p11a_key *dst, const struct p11a_key *src)
 	int failed = 0;
 
 	memset(dst, 0, sizeof(*dst));
-	dst->uri = dup_text(src->uri, &failed);
+	dst->uri = dup_text(src->uri != NULL ? src->uri : "", &failed);
 	dst->token_uri = dup_text(src->token_uri, &failed);
 	dst->label = dup_text(src->label, &failed);
 	dst->id = dup_bytes(src->id, src->id_len, &failed);

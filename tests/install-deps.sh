@@ -6,7 +6,8 @@
 #   tests/install-deps.sh build   build the tree (autotools, compilers, libraries)
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
-#                                 systemd-socket-activate and systemd-analyze;
+#                                 systemd-socket-activate, systemd-analyze and
+#                                 t_audit's private systemd-journald and journalctl;
 #                                 dbus and python3-dbus: t_logind's private bus)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use

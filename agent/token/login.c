@@ -276,7 +276,8 @@ tok_login_seen(struct tok_slot *s, int logged_in)
 
 int
 token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl_ms,
-	       int64_t *next)
+	       int64_t *next, void (*locked_cb)(void *arg, const char *token_uri, const char *reason),
+	       void *arg)
 {
 	int locked = 0, was_in;
 
@@ -313,6 +314,8 @@ token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl
 		rv = slot_logout(m, s, &was_in);
 		if (rv == CKR_OK) {
 			log_info("token '%s' locked: %s", s->tok.label, why);
+			if (locked_cb != NULL)
+				locked_cb(arg, s->tok.uri, now >= ttl_at ? "pin-ttl" : "idle");
 			locked++;
 			continue;
 		}

@@ -114,10 +114,13 @@ int token_lock(struct token_module *m, const char *token_uri, char *msg, size_t 
  * = that rule is off); each lock is logged with the token and the
  * reason.  now is p11a_now_ms().  Returns how many tokens it logged out
  * (push the inventory then) and lowers *next to the time it has to run
- * again (unchanged when no token is logged in).
+ * again (unchanged when no token is logged in).  Each lock is also told to
+ * locked(arg, token URI, "idle" or "pin-ttl") when locked is not NULL (the
+ * audit trail).
  */
 int token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl_ms,
-		   int64_t *next);
+		   int64_t *next, void (*locked)(void *arg, const char *token_uri,
+						 const char *reason), void *arg);
 
 /*
  * Signs per docs/protocol.md (SIGN): finds req->key_uri among the keys,

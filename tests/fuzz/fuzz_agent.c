@@ -26,6 +26,7 @@
  */
 #include "config.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
@@ -69,6 +70,11 @@ fz_setup(void)
 	fz_cfg.sign_timeout_ms = 1000;
 	fz_cfg.max_connections = 16;
 	if (config_add_module(&fz_cfg, "/nonexistent/fuzz-module.so", "fuzz", NULL, &fz_origin) != 0)
+		abort();
+	/* A small ring, so it wraps; no journal or syslog from a fuzzer. */
+	fz_cfg.audit = CONF_AUDIT_NONE;
+	fz_cfg.audit_ring = 8;
+	if (audit_init(&fz_cfg) != 0)
 		abort();
 #ifdef FUZZING_LIBFUZZER
 	/* Millions of "malformed message" warnings: keep them off the fuzzer's stderr. */
@@ -204,6 +210,7 @@ fz_start(struct fz *z, int with_inventory, int hello_done)
 	c->uid = s->uid;
 	c->pid = getpid();
 	c->hello_done = hello_done;
+	c->version = hello_done ? P11A_PROTO_VERSION : 0;
 	c->reply_fd = -1;
 	p11a_frame_in_init(&c->in, NULL, 0);
 	s->open_clients = 1;
@@ -347,7 +354,7 @@ fz_client_round(struct fz *z)
 	const char *k = h->inv.nkeys && h->inv.keys[0].uri ? h->inv.keys[0].uri : key_uri;
 	const char *t = h->inv.ntokens && h->inv.tokens[0].uri ? h->inv.tokens[0].uri : "";
 
-	for (int what = 0; what < 7; what++) {
+	for (int what = 0; what < 8; what++) {
 		struct client *c = &s->clients[0];
 		if (c->fd < 0 || c->waiting)
 			break;
@@ -375,9 +382,13 @@ fz_client_round(struct fz *z)
 			memcpy(m.u.unlock.pin, "1234", 4);
 			m.u.unlock.pin_len = 4;
 			break;
-		default:
+		case 6:
 			m.type = P11A_MSG_LOCK;
 			m.u.lock.token_uri = strdup("");
+			break;
+		default:
+			/* The ring holds whatever events the helper reported. */
+			m.type = P11A_MSG_LOG;
 			break;
 		}
 		client_dispatch(s, 0, &m);

@@ -73,7 +73,19 @@ static char recent_a[] = "2025-01-01 00:00:00 UTC module broken failed";
 static char recent_b[] = "";
 static char *sample_recent[] = { recent_a, recent_b };
 
-#define NSAMPLES 19
+static struct p11a_event sample_events[] = {
+	{ 1767225600123456ull, P11A_EV_SIGN, (char *)"pkcs11:object=k", P11A_SCHEME_ECDSA, 3, 4242,
+	  1000, (char *)"/usr/bin/curl", 0, 0, (char *)"", 310, (char *)"", 0 },
+	{ 1767225601000000ull, P11A_EV_LOCK, (char *)"", 0, 0, 0, 1000, (char *)"", 0, 0,
+	  (char *)"", 0, (char *)"SIGHUP", 0 },
+	{ 1767225602000000ull, P11A_EV_REFUSED, (char *)"pkcs11:object=k", P11A_SCHEME_ECDSA, 1,
+	  77, 1000, (char *)"/usr/bin/python3.11", P11A_EVENT_FORWARDED, P11A_E_POLICY,
+	  (char *)"tls-only", 12, (char *)"", 0 },
+	{ 1767225603000000ull, P11A_EV_DROPPED, (char *)"", 0, 0, 0, 0, (char *)"", 0, 0,
+	  (char *)"", 0, (char *)"", 5 },
+};
+
+#define NSAMPLES 22
 
 /* Fills m with sample i; every message type appears once or more. */
 static void
@@ -170,6 +182,22 @@ sample(size_t i, struct p11a_msg *m)
 		m->u.health.modules = sample_modules;
 		m->u.health.nrecent = 2;
 		m->u.health.recent = sample_recent;
+		break;
+	case 19:
+		m->type = P11A_MSG_LOG;
+		m->u.log.since_us = 1767225600000000ull;
+		m->u.log.max = 10;
+		break;
+	case 20:
+		m->type = P11A_MSG_LOG_REPLY;
+		m->u.events.n = 4;
+		m->u.events.ev = sample_events;
+		break;
+	case 21:
+		m->type = P11A_MSG_H_EVENT;
+		m->u.events.dropped = 3;
+		m->u.events.n = 2;
+		m->u.events.ev = sample_events + 1;
 		break;
 	default:
 		fail();
@@ -304,6 +332,33 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 		for (i = 0; i < a->u.health.nrecent; i++)
 			assert_str_same(a->u.health.recent[i], b->u.health.recent[i]);
 		break;
+	case P11A_MSG_LOG:
+		assert_true(a->u.log.since_us == b->u.log.since_us);
+		assert_int_equal(a->u.log.max, b->u.log.max);
+		break;
+	case P11A_MSG_LOG_REPLY:
+	case P11A_MSG_H_EVENT:
+		assert_int_equal(a->u.events.dropped, b->u.events.dropped);
+		assert_int_equal(a->u.events.n, b->u.events.n);
+		for (i = 0; i < a->u.events.n; i++) {
+			const struct p11a_event *x = &a->u.events.ev[i], *y = &b->u.events.ev[i];
+			assert_true(x->time_us == y->time_us);
+			assert_true(x->duration_us == y->duration_us);
+			assert_int_equal(x->kind, y->kind);
+			assert_int_equal(x->scheme, y->scheme);
+			assert_int_equal(x->content, y->content);
+			assert_int_equal(x->pid, y->pid);
+			assert_int_equal(x->uid, y->uid);
+			assert_int_equal(x->flags, y->flags);
+			assert_int_equal(x->result, y->result);
+			assert_int_equal(x->count, y->count);
+			assert_str_same(x->uri, y->uri);
+			assert_str_same(x->exe, y->exe);
+			assert_str_same(x->message, y->message);
+			assert_str_same(x->reason, y->reason);
+			assert_int_equal(p11a_event_wire_size(x), p11a_event_wire_size(y));
+		}
+		break;
 	default:
 		break;
 	}
@@ -360,6 +415,57 @@ test_roundtrip_all_types(void **state)
 		p11a_buf_free(b);
 		p11a_buf_free(b2);
 	}
+}
+
+/* Audit events: a bad kind or content makes the frame malformed; the size helper is exact. */
+static void
+test_event_values(void **state)
+{
+	struct p11a_event e = sample_events[0];
+	struct p11a_msg m, d;
+	struct p11a_buf *b = p11a_buf_new(P11A_FRAME_MAX);
+	const uint8_t bad_kinds[] = { 0, P11A_EV_KIND_MAX + 1, 0xff };
+	size_t kind_at, content_at;
+
+	(void)state;
+	assert_non_null(b);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_LOG_REPLY;
+	m.u.events.n = 1;
+	m.u.events.ev = &e;
+	assert_int_equal(p11a_msg_encode(&m, b), 0);
+	/* type, count, then the event */
+	assert_int_equal(p11a_buf_len(b), 1 + 4 + p11a_event_wire_size(&e));
+	kind_at = 1 + 4 + 8;
+	content_at = kind_at + 1 + 4 + strlen(e.uri) + 1;
+	for (size_t i = 0; i < sizeof(bad_kinds); i++) {
+		uint8_t *p = (uint8_t *)p11a_buf_ptr(b);
+		uint8_t keep = p[kind_at];
+		p[kind_at] = bad_kinds[i];
+		assert_int_equal(p11a_msg_decode(p, p11a_buf_len(b), &d), -P11A_E_MALFORMED);
+		p[kind_at] = keep;
+	}
+	{
+		uint8_t *p = (uint8_t *)p11a_buf_ptr(b);
+		p[content_at] = P11A_CONTENT_MAX + 1;
+		assert_int_equal(p11a_msg_decode(p, p11a_buf_len(b), &d), -P11A_E_MALFORMED);
+		p[content_at] = P11A_CONTENT_MAX;
+		assert_int_equal(p11a_msg_decode(p, p11a_buf_len(b), &d), 0);
+		assert_int_equal(d.u.events.ev[0].content, P11A_CONTENT_MAX);
+		p11a_msg_clear(&d);
+	}
+	/* The encoder refuses what the decoder would. */
+	e.kind = 0;
+	p11a_buf_reset(b);
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_INTERNAL);
+	assert_int_equal(p11a_buf_len(b), 0);
+	assert_string_equal(p11a_event_kind_name(P11A_EV_PIN_DIALOG), "pin-dialog");
+	assert_null(p11a_event_kind_name(99));
+	assert_string_equal(p11a_errname(P11A_E_POLICY), "POLICY");
+	assert_string_equal(p11a_errname(-P11A_E_PIN_INCORRECT), "PIN_INCORRECT");
+	assert_string_equal(p11a_errname(0), "OK");
+	assert_string_equal(p11a_errname(1000), "UNKNOWN");
+	p11a_buf_free(b);
 }
 
 /* Byte layouts written out by hand from docs/protocol.md. */
@@ -477,7 +583,7 @@ test_leftover_bytes(void **state)
 static void
 test_unknown_type(void **state)
 {
-	static const uint8_t types[] = { 0x00, 0x09, 0x3f, 0x43, 0x7f, 0x88, 0xff };
+	static const uint8_t types[] = { 0x00, 0x09, 0x3f, 0x43, 0x7f, 0xbf, 0xff };
 	struct p11a_buf *b = p11a_buf_new(100);
 	struct p11a_msg m, d;
 	uint8_t body[8];
@@ -2792,6 +2898,7 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_roundtrip_all_types),
+		cmocka_unit_test(test_event_values),
 		cmocka_unit_test(test_wire_layout),
 		cmocka_unit_test(test_key_field_order),
 		cmocka_unit_test(test_truncated_every_offset),
