@@ -2,7 +2,9 @@
  * Token helper process: see helper.h for the contract with the agent.
  *
  * Threads: the main thread runs the control loop on ctrl_fd (UNLOCK,
- * LOCK, H_REFRESH, H_ADOPT) and is the only writer to ctrl_fd.  Each
+ * LOCK, H_REFRESH, H_ADOPT, H_SIGN).  A relayed SIGN (H_SIGN) runs on a
+ * thread of its own that writes its reply to ctrl_fd; every write to
+ * ctrl_fd takes ctrl_lock.  Each
  * adopted signing channel gets a detached thread that reads SIGN, calls
  * token_sign() and answers on the channel; it never touches ctrl_fd.  A
  * channel thread that sees a token change wakes the control loop through
@@ -60,6 +62,8 @@ struct helper {
 	struct p11a_buf *out;           /* control replies, control thread only */
 	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
 	atomic_int channels;
+	atomic_int relays;              /* relayed SIGNs (H_SIGN) in progress */
+	pthread_mutex_t ctrl_lock;      /* one writer at a time on ctrl_fd (relay threads) */
 	pthread_mutex_t wlock;          /* guards the channel list, each channel's busy/expired, wd_* */
 	struct channel *chans;          /* adopted channels, for the watchdog */
 	pthread_cond_t wd_cond;         /* wakes the watchdog (CLOCK_MONOTONIC) */
@@ -98,6 +102,18 @@ struct channel {
 
 /* ------------------------------------------------------------ control writes */
 
+/* Writes one whole frame to the agent; relay threads write too, so under ctrl_lock. */
+static int
+ctrl_write(struct helper *h, struct p11a_buf *frame)
+{
+	int r;
+
+	pthread_mutex_lock(&h->ctrl_lock);
+	r = p11a_frame_write(h->ctrl_fd, frame, -1, CTRL_WRITE_MS);
+	pthread_mutex_unlock(&h->ctrl_lock);
+	return r;
+}
+
 static int
 ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
 {
@@ -108,7 +124,7 @@ ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
 		log_err("cannot encode reply type 0x%02x: %s", m->type, p11a_strerror(r));
 		return r;
 	}
-	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	r = ctrl_write(h, h->out);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	return r;
@@ -185,7 +201,7 @@ send_inventory(struct helper *h, uint32_t id, int force)
 	p11a_buf_reset(h->last_inv);
 	if (p11a_buf_put(h->last_inv, body, len) != 0)
 		p11a_buf_reset(h->last_inv);
-	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	r = ctrl_write(h, h->out);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	else if (id == 0)
@@ -264,6 +280,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	pthread_mutex_unlock(&h->wlock);
 	peer.pid = c->pid;
 	peer.exe = c->exe;
+	peer.forwarded = 0;     /* a channel's descriptor reached its client: local */
 	r = token_sign(h->tm, &c->memo, &peer, req, &deadline, sig, sizeof(sig), &sig_len, msg,
 		       sizeof(msg));
 	pthread_mutex_lock(&h->wlock);
@@ -587,6 +604,139 @@ chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, 
 	return 0;
 }
 
+/* ------------------------------------------------------------ relayed SIGN */
+
+/*
+ * A SIGN the agent relays for a client without a signing channel
+ * (H_SIGN, protocol version 3: ssh -R, a stream relay).  Each runs on a
+ * thread of its own, as a channel's SIGN does, so that the control loop
+ * never waits for the token; the answer goes back on the control socket
+ * with the request's id.  A module that hangs costs the thread: the agent
+ * answers its client TIMEOUT at the request's deadline and drops the late
+ * reply.  The agent sends one request per connection at a time; relays
+ * count against the helper's channel cap all the same.
+ */
+struct relay {
+	struct helper *h;
+	uint32_t id;
+	struct p11a_msg m;              /* H_SIGN, owned */
+	struct timespec t0;             /* arrival: the deadline counts from here */
+};
+
+static void *
+relay_main(void *arg)
+{
+	struct relay *rl = arg;
+	struct helper *h = rl->h;
+	const struct p11a_hsign *hs = &rl->m.u.hsign;
+	struct timespec deadline = rl->t0;
+	struct token_peer peer;
+	struct p11a_msg rep;
+	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	uint8_t sig[P11A_SIG_MAX];
+	char msg[TOKEN_MSG_MAX];
+	size_t sig_len = 0;
+	long ns;
+	int r;
+
+	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
+	deadline.tv_sec += h->sign_timeout_ms / 1000 + ns / 1000000000L;
+	deadline.tv_nsec = ns % 1000000000L;
+	msg[0] = '\0';
+	peer.pid = hs->pid;
+	peer.exe = hs->exe != NULL && hs->exe[0] != '\0' ? hs->exe : NULL;
+	peer.forwarded = (hs->flags & P11A_HSIGN_FORWARDED) != 0;
+	if (out == NULL) {
+		r = -P11A_E_NOMEM;
+		snprintf(msg, sizeof(msg), "out of memory");
+	} else {
+		r = token_sign(h->tm, NULL, &peer, &hs->sign, &deadline, sig, sizeof(sig), &sig_len,
+			       msg, sizeof(msg));
+	}
+	if (log_debug_enabled()) {
+		const char *sn = p11a_scheme_name(hs->sign.scheme), *hn = p11a_hash_name(hs->sign.hash);
+		log_debug("request %u: forwarded sign %.300s %s/%s input %u, %zu bytes: %s (%ld us)",
+			  rl->id, hs->sign.key_uri, sn ? sn : "?", hn ? hn : "?", hs->sign.input,
+			  hs->sign.data_len, r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r),
+			  us_since(&rl->t0));
+	}
+	if (r == -P11A_E_POLICY)
+		log_warn("forwarded connection, pid %lu: refused %.300s: %s (executable %s)",
+			 (unsigned long)hs->pid, hs->sign.key_uri, msg,
+			 peer.exe != NULL ? peer.exe : "unknown");
+	if (out != NULL) {
+		memset(&rep, 0, sizeof(rep));
+		if (r == 0) {
+			rep.type = P11A_MSG_SIGNATURE;
+			rep.u.signature.sig = sig;
+			rep.u.signature.sig_len = sig_len;
+			r = p11a_msg_encode_internal(rl->id, &rep, out);
+			if (r != 0)
+				snprintf(msg, sizeof(msg), "cannot encode the signature");
+		}
+		if (r != 0 && p11a_msg_set_error(&rep, r, "%s", msg) == 0) {
+			p11a_buf_reset(out);
+			if (p11a_msg_encode_internal(rl->id, &rep, out) != 0)
+				p11a_buf_reset(out);
+			p11a_msg_clear(&rep);
+		}
+		if (p11a_buf_len(out) > 0 && ctrl_write(h, out) != 0)
+			log_err("request %u: cannot write the forwarded signature's reply to the agent",
+				rl->id);
+	}
+	p11a_wipe(sig, sizeof(sig));
+	p11a_buf_free(out);
+	p11a_msg_clear(&rl->m);
+	free(rl);
+	atomic_fetch_sub(&h->relays, 1);
+	return NULL;
+}
+
+/* Takes *m (H_SIGN) over and starts its thread; on failure answers the agent itself. */
+static void
+relay_start(struct helper *h, uint32_t id, struct p11a_msg *m)
+{
+	struct relay *rl;
+	pthread_attr_t attr;
+	pthread_t t;
+	char msg[256];
+	int r;
+
+	/* A module that hangs must not collect threads without bound: the channel cap holds. */
+	if (atomic_fetch_add(&h->relays, 1) + atomic_load(&h->channels) >= channels_max_for_nofile()) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(m);
+		snprintf(msg, sizeof(msg), "token helper for module %s has as many signatures in "
+			 "progress as its descriptor limit allows; try again", h->name);
+		(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+		return;
+	}
+	if ((rl = calloc(1, sizeof(*rl))) == NULL) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(m);
+		(void)ctrl_send_error(h, id, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	rl->h = h;
+	rl->id = id;
+	rl->m = *m;
+	memset(m, 0, sizeof(*m));
+	clock_gettime(CLOCK_MONOTONIC, &rl->t0);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, CHANNEL_STACK_SIZE);
+	r = pthread_create(&t, &attr, relay_main, rl);
+	pthread_attr_destroy(&attr);
+	if (r != 0) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(&rl->m);
+		free(rl);
+		snprintf(msg, sizeof(msg), "cannot start a thread for a forwarded signature: %s",
+			 strerror(r));
+		(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+	}
+}
+
 /* ------------------------------------------------------------ control loop */
 
 /*
@@ -688,6 +838,9 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			(void)ctrl_send_ok(h, id);
 		}
 		break;
+	case P11A_MSG_H_SIGN:
+		relay_start(h, id, &m);
+		break;
 	default:
 		log_warn("request %u: message type 0x%02x is not for a token helper", id, m.type);
 		p11a_msg_clear(&m);
@@ -737,6 +890,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
+	atomic_init(&h->relays, 0);
+	pthread_mutex_init(&h->ctrl_lock, NULL);
 	pthread_mutex_init(&h->wlock, NULL);
 	{
 		pthread_condattr_t ca;

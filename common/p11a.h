@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define P11A_PROTO_VERSION      2       /* highest protocol version we speak */
+#define P11A_PROTO_VERSION      3       /* highest protocol version we speak */
 #define P11A_PROTO_VERSION_MIN  1       /* lowest one we accept */
 #define P11A_FRAME_MAX          (256u * 1024u)  /* body bytes, excluding the 4-byte length */
 #define P11A_PIN_MAX            256     /* bytes of a PIN, excluding NUL */
