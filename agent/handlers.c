@@ -191,6 +191,9 @@ pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m
 			continue;
 		if (p->type == P11A_MSG_H_SIGN && m->type == P11A_MSG_SIGNATURE) {
 			client_signature_arrived(s, p->client, p->serial, m);
+		} else if (p->type == P11A_MSG_H_SIGN && m->type != P11A_MSG_ERROR) {
+			client_reply_arrived(s, p->client, p->serial, P11A_E_INTERNAL,
+					     "unexpected reply from token helper to a forwarded signature");
 		} else if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
 			/* The helper serves the channel now: hand the other end over. */
 			struct client *c = &s->clients[p->client];
