@@ -575,11 +575,15 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	size_t hi = (size_t)li;
 	struct helper *h = &s->helpers[hi];
 	/*
-	 * A forwarded connection cannot carry a descriptor: CHANNEL without
-	 * one tells a version-3 client to sign here (docs/protocol.md,
-	 * version 3), and no helper thread waits on a channel nobody gets.
+	 * A connection that relayed a SIGN cannot carry a descriptor: CHANNEL
+	 * without one tells a version-3 client to sign here again
+	 * (docs/protocol.md, version 3), and no helper thread waits on a
+	 * channel nobody gets.  An ssh peer still gets a real channel: when
+	 * it is ssh itself that signs (PKCS11Provider with our module), the
+	 * descriptor reaches it and it is a local client; when ssh forwards,
+	 * the descriptor is dropped on the way and the client relays.
 	 */
-	if (c->forwarded && c->version >= 3) {
+	if (c->forwarded == FWD_RELAY && c->version >= 3) {
 		struct p11a_msg reply = { .type = P11A_MSG_CHANNEL };
 		log_debug("client %d: forwarded: CHANNEL without a descriptor for %s", c->fd, uri);
 		send_msg(s, ci, &reply, -1);

@@ -81,11 +81,13 @@ struct client {
 
 /*
  * struct client.forwarded: how the agent knows a connection comes from
- * elsewhere.  FWD_SSH at accept (the peer's executable is ssh or sshd);
- * FWD_RELAY from the first SIGN on the main connection (a client does that
- * only when a CHANNEL came without a descriptor: a relay in between, such
- * as socat, that the agent cannot see through).  Either way the
- * connection gets no signing channel and the key's forwarding policy.
+ * elsewhere.  FWD_SSH at accept (the peer's executable is ssh or sshd:
+ * logged as forwarded); FWD_RELAY from the first SIGN on the main
+ * connection (a client does that only when a CHANNEL came without a
+ * descriptor: ssh or a relay in between, such as socat, that the agent
+ * cannot see through).  Every relayed SIGN is a forwarded signature and
+ * meets the key's forwarding setting; a FWD_RELAY connection gets no
+ * more signing channels (CHANNEL without a descriptor).
  */
 enum { FWD_NO = 0, FWD_SSH = 1, FWD_RELAY = 2 };
 

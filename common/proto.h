@@ -24,7 +24,8 @@ enum p11a_msg_type {
 	P11A_MSG_UNLOCK = 0x04,
 	P11A_MSG_LOCK = 0x05,
 	P11A_MSG_OPEN_CHANNEL = 0x06,
-	/* request on a signing channel (client -> token helper) */
+	/* request on a signing channel (client -> token helper); from version 3
+	 * also on a main connection, relayed (a client without a channel) */
 	P11A_MSG_SIGN = 0x07,
 	/* protocol version 2 */
 	P11A_MSG_HEALTH = 0x08,
