@@ -182,6 +182,20 @@ rc_is 0 "remote: the signature verifies with openssl against the key's public ha
 is "$(($(n_relayed) - before))" 1 "the helper signed it as a forwarded (relayed) signature"
 file_has "$AGENT_LOG" "/usr/bin/ssh), forwarded (ssh)" "the agent logs the ssh peer's connection as forwarded"
 
+# lock and unlock from the remote side: the PIN goes through the forward.
+run remote timeout 30 "$P11AGENT" lock
+rc_is 0 "remote: p11agent lock"
+run remote timeout 30 "$P11AGENT" sign --key "${URI[ec256]}" --scheme ecdsa --in "$T/msg" --out "$T/r/sig-locked"
+rc_is 1 "remote: sign while locked fails"
+stderr_has "run 'p11agent unlock'" "remote: the error says to unlock"
+printf '%s\n' "$USER_PIN" >"$T/r/pin"
+chown "$FWD_USER:" "$T/r/pin"
+chmod 600 "$T/r/pin"
+run remote timeout 30 "$P11AGENT" unlock --pin-file "$T/r/pin"
+rc_is 0 "remote: p11agent unlock through the forward"
+run remote timeout 30 "$P11AGENT" sign --key "${URI[ec256]}" --scheme ecdsa --in "$T/msg" --out "$T/r/sig-unlocked"
+rc_is 0 "remote: sign after the remote unlock"
+
 # ---------------------------------------------------------------- remote: curl through the provider
 check "export-key ec256 (key-reference file)" p11a export-key "${URI[ec256]}" --out "$T/ec256.ref"
 chmod 644 "$T/ec256.ref"
