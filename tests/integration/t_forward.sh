@@ -380,4 +380,6 @@ run p11a sign --key "${URI[ec256]}" --scheme ecdsa --in "$T/msg" --out "$T/sig-o
 rc_is 0 "the agent's own user still signs"
 
 stop_agent
+is "$AGENT_RC" 0 "the agent exits cleanly"
+file_lacks "$AGENT_LOG" "Sanitizer" "no sanitizer report in the agent's log (its helpers included)"
 done_testing

@@ -186,4 +186,5 @@ if [ "$rc" -eq 0 ] && verify_b "$T/sig.b2"; then ok "the steady token signs rela
 
 stop_agent
 is "$AGENT_RC" 0 "the agent exits cleanly"
+file_lacks "$AGENT_LOG" "Sanitizer" "no sanitizer report in the agent's log (its helpers included)"
 done_testing
