@@ -7,7 +7,8 @@
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
 #                                 systemd-socket-activate and systemd-analyze;
-#                                 dbus and python3-dbus: t_logind's private bus)
+#                                 dbus and python3-dbus: t_logind's private bus;
+#                                 openssh-server, socat: t_forward's sshd and relay)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use
 #   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
