@@ -6,8 +6,9 @@
 # keys, started here and stopped by PID; a second local account made here
 # (removed at the end) is the "remote" user; `ssh -R REMOTE.sock:$SOCK`
 # from the agent's user.  On the remote side, as that account: `p11agent
-# list`, `p11agent sign` verified with openssl, curl with a key-reference
-# file through the provider against openssl s_server -Verify 1 (the page
+# list`, `p11agent sign` verified with openssl, lock and unlock, curl and
+# python with a key-reference file and openssl s_client with the key's
+# URI through the provider against openssl s_server -Verify 1 (the page
 # shows the client certificate), and git clone over https through the
 # PKCS#11 front-end module registered in that account's
 # ~/.config/pkcs11/modules (nginx's log shows the certificate).  No
@@ -221,6 +222,19 @@ if [ -z "$PK_SAN_SKIP" ]; then
 		curl -sS --tlsv1.2 --tls-max 1.2 --cacert "$TOKDIR/ca.pem" --cert "$TOKDIR/ec256.cert.pem" \
 		--key "$T/ec256.ref" "https://localhost:${PORT[fwd]}/"
 	rc_is 0 "remote: curl through the provider (TLS 1.2)"
+	# openssl s_client with the key's pkcs11: URI (the provider's store), and python's ssl.
+	run remote timeout 60 env OPENSSL_CONF="$PROVIDER_CONF" OPENSSL_MODULES="$PROVIDER_MODULE_DIR" \
+		sh -c 'printf "GET / HTTP/1.0\r\n\r\n" | exec openssl s_client -quiet -tls1_3 -servername localhost "$@"' \
+		sh -connect "127.0.0.1:${PORT[fwd]}" -CAfile "$TOKDIR/ca.pem" \
+		-cert "$TOKDIR/ec256.cert.pem" -key "${URI[ec256]}"
+	cp "$T/stdout" "$T/s_client.out"
+	saw_cert "$T/s_client.out" ec256 "remote: openssl s_client with the pkcs11: URI through the provider"
+	run remote timeout 60 env OPENSSL_CONF="$PROVIDER_CONF" OPENSSL_MODULES="$PROVIDER_MODULE_DIR" \
+		"$PYTHON3" "$lib_dir/tls_client.py" get "https://localhost:${PORT[fwd]}/" "$TOKDIR/ca.pem" \
+		"$TOKDIR/ec256.cert.pem" "$T/ec256.ref" --tls 1.3
+	rc_is 0 "remote: python's ssl with the key-reference file through the provider"
+	cp "$T/stdout" "$T/python.out"
+	saw_cert "$T/python.out" ec256 "remote: s_server saw ec256's certificate from python"
 
 	# ---------------------------------------------------------------- remote: git through the PKCS#11 module
 	mkdir -p "$T/repos" "$T/work"
