@@ -66,6 +66,7 @@ struct helper {
 	pthread_mutex_t ctrl_lock;      /* one writer at a time on ctrl_fd (relay threads) */
 	pthread_mutex_t wlock;          /* guards the channel list, each channel's busy/expired, wd_* */
 	struct channel *chans;          /* adopted channels, for the watchdog */
+	struct relay *relays_in;        /* relayed SIGNs in progress (under wlock) */
 	pthread_cond_t wd_cond;         /* wakes the watchdog (CLOCK_MONOTONIC) */
 	int wd_timed;                   /* the watchdog sleeps until wd_until, not for ever */
 	struct timespec wd_until;
@@ -516,6 +517,8 @@ channels_max_for_nofile(void)
  * runaway client from taking every channel; the helper-wide cap keeps the
  * descriptors the module needs.
  */
+static int relays_of_pid_locked(const struct helper *h, uint32_t pid);
+
 static int
 chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size_t msg_size)
 {
@@ -533,6 +536,7 @@ chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size
 		nconn += c->conn == conn;
 		npid += pid != 0 && c->pid == pid;
 	}
+	npid += relays_of_pid_locked(h, pid);
 	if (nconn >= h->per_conn_max) {
 		snprintf(msg, msg_size, "this connection holds %d signing channels to module %s "
 			 "(max-channels-per-connection %d); close some", nconn, h->name,
@@ -621,6 +625,7 @@ struct relay {
 	uint32_t id;
 	struct p11a_msg m;              /* H_SIGN, owned */
 	struct timespec t0;             /* arrival: the deadline counts from here */
+	struct relay *prev, *next;      /* h->relays_in, under h->wlock */
 };
 
 static void *
@@ -686,10 +691,55 @@ relay_main(void *arg)
 	}
 	p11a_wipe(sig, sizeof(sig));
 	p11a_buf_free(out);
+	pthread_mutex_lock(&h->wlock);
+	if (rl->prev != NULL)
+		rl->prev->next = rl->next;
+	else
+		h->relays_in = rl->next;
+	if (rl->next != NULL)
+		rl->next->prev = rl->prev;
+	pthread_mutex_unlock(&h->wlock);
 	p11a_msg_clear(&rl->m);
 	free(rl);
 	atomic_fetch_sub(&h->relays, 1);
 	return NULL;
+}
+
+/*
+ * A relayed SIGN counts against the peer process's cap as a channel does
+ * (max-channels-per-process): behind ssh every remote client has the
+ * same peer, the local ssh.  Only relays stuck in a module pile up (the
+ * agent sends one per connection at a time).  Under h->wlock.
+ */
+static int
+relays_of_pid_locked(const struct helper *h, uint32_t pid)
+{
+	int n = 0;
+
+	if (pid == 0)
+		return 0;
+	for (const struct relay *r = h->relays_in; r != NULL; r = r->next)
+		n += r->m.u.hsign.pid == pid;
+	return n;
+}
+
+static int
+relay_admit_locked(struct helper *h, uint32_t pid, char *msg, size_t msg_size)
+{
+	int npid;
+
+	if (pid == 0)
+		return 0;
+	npid = relays_of_pid_locked(h, pid);
+	for (const struct channel *c = h->chans; c != NULL; c = c->next)
+		npid += c->pid == pid;
+	if (npid >= h->per_pid_max) {
+		snprintf(msg, msg_size, "process %lu holds %d signing channels and forwarded "
+			 "signatures in progress on module %s (max-channels-per-process %d); "
+			 "try again", (unsigned long)pid, npid, h->name, h->per_pid_max);
+		return -P11A_E_BUSY;
+	}
+	return 0;
 }
 
 /* Takes *m (H_SIGN) over and starts its thread; on failure answers the agent itself. */
@@ -722,12 +772,31 @@ relay_start(struct helper *h, uint32_t id, struct p11a_msg *m)
 	rl->m = *m;
 	memset(m, 0, sizeof(*m));
 	clock_gettime(CLOCK_MONOTONIC, &rl->t0);
+	pthread_mutex_lock(&h->wlock);
+	if ((r = relay_admit_locked(h, rl->m.u.hsign.pid, msg, sizeof(msg))) != 0) {
+		pthread_mutex_unlock(&h->wlock);
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(&rl->m);
+		free(rl);
+		(void)ctrl_send_error(h, id, r, msg);
+		return;
+	}
+	rl->next = h->relays_in;
+	if (h->relays_in != NULL)
+		h->relays_in->prev = rl;
+	h->relays_in = rl;
+	pthread_mutex_unlock(&h->wlock);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	pthread_attr_setstacksize(&attr, CHANNEL_STACK_SIZE);
 	r = pthread_create(&t, &attr, relay_main, rl);
 	pthread_attr_destroy(&attr);
 	if (r != 0) {
+		pthread_mutex_lock(&h->wlock);
+		h->relays_in = rl->next;
+		if (rl->next != NULL)
+			rl->next->prev = NULL;
+		pthread_mutex_unlock(&h->wlock);
 		atomic_fetch_sub(&h->relays, 1);
 		p11a_msg_clear(&rl->m);
 		free(rl);

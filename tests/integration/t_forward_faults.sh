@@ -156,6 +156,56 @@ fi
 is "$(grep '^second' "$T/hang.out" | cut -f2)" verifies \
 	"the same connection's next SIGN gets its own signature, not the late one"
 
+# ---------------------------------------------------------------- relays count against the process cap
+# max-channels-per-process 2: one process with three connections that each
+# relay a SIGN into a hanging C_Sign.  Two wait in the module (TIMEOUT at
+# sign-timeout); the third is refused BUSY at once, naming the setting.
+cat >"$T/cap.py" <<'EOF'
+import sys, threading, time
+import p11a_proto as P
+sock, key = sys.argv[1], sys.argv[2]
+res = {}
+def one(i, delay):
+    time.sleep(delay)
+    s = P.raw_connect(sock, 30)
+    P.raw_request(s, P.hello("t_forward_faults cap.py", 1, 3))
+    t0 = time.monotonic()
+    r = P.raw_request(s, P.sign(key, P.SCHEME_ECDSA, P.HASH_SHA256, b"cap%d" % i))
+    res[i] = (P.error_code(r), time.monotonic() - t0, P.decode(r).message if P.error_code(r) else "")
+ts = [threading.Thread(target=one, args=(i, 0.0 if i < 2 else 1.0)) for i in range(3)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+for i in sorted(res):
+    print("%d\t%s\t%.1f\t%s" % (i, res[i][0], res[i][1], res[i][2]), flush=True)
+EOF
+stop_agent
+printf 'max-channels-per-process 2\n' >>"$T/agent.conf"
+start_agent --config "$T/agent.conf" --token "$TOKEN_LABEL" --token "$TWO_LABEL" ||
+	bail_out "agent restarted with max-channels-per-process 2"
+check "unlock the faulty token again" p11a unlock --token "pkcs11:token=$TOKEN_LABEL" --pin-file "$T/pin"
+check "unlock the steady token again" p11a unlock --token "pkcs11:token=$TWO_LABEL" --pin-file "$T/pin"
+set_ctl "C_Sign=hang"
+run timeout 60 "$PYTHON3" "$T/cap.py" "$SOCK" "$KEY_A"
+rc_is 0 "cap.py ran"
+cp "$T/stdout" "$T/cap.out"
+hung=$(awk -F '\t' '$2 == 9' "$T/cap.out" | wc -l)
+busy=$(awk -F '\t' '$2 == 22 && $3 < 1.0 && $4 ~ /max-channels-per-process 2/' "$T/cap.out" | wc -l)
+if [ "$hung" -eq 2 ] && [ "$busy" -eq 1 ]; then
+	ok "two relayed SIGNs wait in a hung module; the third from the same process is BUSY at once"
+	diag "$(awk -F '\t' '$2 == 22 { print $4 }' "$T/cap.out")"
+else
+	not_ok "two relayed SIGNs wait in a hung module; the third from the same process is BUSY at once"
+	diag_file "$T/cap.out"
+fi
+hung_done=$(grep -c '^C_Sign rv=0x00000030$' "$CTL.calls" || true)
+set_ctl "unhang"
+poll 10 released "$((hung_done + 1))" || true
+set_ctl ""
+relay_sign "$KEY_A" "$T/sig.cap"
+if [ "$rc" -eq 0 ] && verify_a "$T/sig.cap"; then ok "after the hang: relayed signature verifies"; else not_ok "after the hang: relayed signature verifies"; diag_last; fi
+
 # ---------------------------------------------------------------- C_Sign aborts the helper
 helpers_before=$(child_pid_list "$AGENT_PID")
 init_before=$(calls C_Initialize)
