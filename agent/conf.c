@@ -30,6 +30,7 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_PIN_TTL] = "pin-ttl",
 	[SET_TLS_ONLY] = "tls-only",
 	[SET_ALLOW_PROGRAMS] = "allow-programs",
+	[SET_FORWARDING] = "forwarding",
 	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
 	[SET_AUDIT] = "audit",
@@ -495,6 +496,7 @@ keysec_begin(struct parse *p, const char *arg)
 	if (!(l->pattern = strdup(arg)))
 		return perr(p, "out of memory");
 	l->tls_only = -1;
+	l->forwarding = -1;
 	l->origin = p->at;
 	p->keysec = (long)cfg->nkeysecs++;
 	p->section = -1;
@@ -517,6 +519,38 @@ set_tls_only(struct parse *p, struct conf_keysec *ks, const char *val)
 	} else {
 		p->cfg->tls_only = v;
 		p->cfg->origin[SET_TLS_ONLY] = p->at;
+	}
+	return 0;
+}
+
+const char *
+config_forwarding_name(int v)
+{
+	return v == CONF_FORWARDING_DENY ? "deny" : v == CONF_FORWARDING_CONFIRM ? "confirm" : "allow";
+}
+
+/* forwarding, globally (keysec NULL) or in a [key] section: lock-checked. */
+static int
+set_forwarding(struct parse *p, struct conf_keysec *ks, const char *val)
+{
+	int v;
+
+	if (check_lock(p->cfg, SET_FORWARDING, "forwarding", &p->at) != 0)
+		return -1;
+	if (strcmp(val, "allow") == 0)
+		v = CONF_FORWARDING_ALLOW;
+	else if (strcmp(val, "confirm") == 0)
+		v = CONF_FORWARDING_CONFIRM;
+	else if (strcmp(val, "deny") == 0)
+		v = CONF_FORWARDING_DENY;
+	else
+		return perr(p, "forwarding must be allow, confirm or deny, not '%s'", val);
+	if (ks != NULL) {
+		ks->forwarding = v;
+		ks->fwd_origin = p->at;
+	} else {
+		p->cfg->forwarding = v;
+		p->cfg->origin[SET_FORWARDING] = p->at;
 	}
 	return 0;
 }
@@ -573,8 +607,10 @@ keysec_setting(struct parse *p, const char *key, char *val)
 		return set_tls_only(p, &p->cfg->keysecs[p->keysec], val);
 	if (strcmp(key, "allow-programs") == 0)
 		return set_allow_programs(p, &p->cfg->keysecs[p->keysec], val);
-	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs); global "
-		    "settings go before the first section", key);
+	if (strcmp(key, "forwarding") == 0)
+		return set_forwarding(p, &p->cfg->keysecs[p->keysec], val);
+	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, forwarding); "
+		    "global settings go before the first section", key);
 }
 
 static int
@@ -735,6 +771,8 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_tls_only(p, NULL, val);
 	if (strcmp(key, "allow-programs") == 0)
 		return set_allow_programs(p, NULL, val);
+	if (strcmp(key, "forwarding") == 0)
+		return set_forwarding(p, NULL, val);
 	if (strcmp(key, "lock-on-suspend") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
 	if (strcmp(key, "lock-on-screen-lock") == 0)
@@ -971,6 +1009,8 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_value(out, "tls-only", cfg->tls_only ? "yes" : "no", &cfg->origin[SET_TLS_ONLY], cfg,
 		    SET_TLS_ONLY);
 	print_programs(out, &cfg->allow_programs, cfg);
+	print_value(out, "forwarding", config_forwarding_name(cfg->forwarding),
+		    &cfg->origin[SET_FORWARDING], cfg, SET_FORWARDING);
 	print_value(out, "lock-on-suspend", cfg->lock_on_suspend ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
 	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
@@ -1010,6 +1050,9 @@ config_print(const struct agent_config *cfg, FILE *out)
 				    SET_TLS_ONLY);
 		if (ks->programs.set)
 			print_programs(out, &ks->programs, cfg);
+		if (ks->forwarding >= 0)
+			print_value(out, "forwarding", config_forwarding_name(ks->forwarding),
+				    &ks->fwd_origin, cfg, SET_FORWARDING);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

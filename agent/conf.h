@@ -48,6 +48,7 @@ enum conf_setting {
 	SET_PIN_TTL,             /* pin-ttl: lock a token this long after its unlock */
 	SET_TLS_ONLY,            /* tls-only, globally and in [key] sections */
 	SET_ALLOW_PROGRAMS,      /* allow-programs, globally and in [key] sections */
+	SET_FORWARDING,          /* forwarding, globally and in [key] sections */
 	/* logind (agent/logind.c): lock every token on these events */
 	SET_LOCK_ON_SUSPEND,     /* lock-on-suspend: PrepareForSleep(true) */
 	SET_LOCK_ON_SCREEN_LOCK, /* lock-on-screen-lock: our session's Lock or LockedHint */
@@ -101,11 +102,19 @@ struct conf_programs {
 	struct conf_origin origin;   /* the last line */
 };
 
+/* forwarding: what a forwarded connection (ssh -R, a relay) may do with a key. */
+enum conf_forwarding {
+	CONF_FORWARDING_ALLOW = 0,
+	CONF_FORWARDING_CONFIRM = 1,     /* ask the user each time (needs a PIN dialog) */
+	CONF_FORWARDING_DENY = 2
+};
+
 struct conf_keysec {
 	char *pattern;           /* a pkcs11: URI, matched as SIGN matches key URIs */
 	int tls_only;            /* -1 = not set here, else 0/1 */
+	int forwarding;          /* -1 = not set here, else enum conf_forwarding */
 	struct conf_programs programs;
-	struct conf_origin origin, tls_origin;
+	struct conf_origin origin, tls_origin, fwd_origin;
 };
 
 /* A module that was found but is not used, and why (--print-config, status). */
@@ -156,6 +165,7 @@ struct agent_config {
 	size_t ndropped;
 
 	int tls_only;                    /* the default for keys no [key] section sets */
+	int forwarding;                  /* likewise; enum conf_forwarding, default allow */
 	struct conf_programs allow_programs; /* likewise */
 	struct conf_keysec *keysecs;
 	size_t nkeysecs;
@@ -234,5 +244,8 @@ void config_format_duration(int64_t ms, char *out, size_t out_size);
 
 /* The name of a setting as written in files ("sign-timeout"). */
 const char *config_setting_name(enum conf_setting s);
+
+/* "allow", "confirm" or "deny". */
+const char *config_forwarding_name(int v);
 
 #endif

@@ -1,6 +1,7 @@
 /*
  * The agent's request handlers (see server_int.h): HELLO, STATUS, LIST,
- * HEALTH, UNLOCK, LOCK, OPEN_CHANNEL, the requests forwarded to token
+ * HEALTH, UNLOCK, LOCK, OPEN_CHANNEL, SIGN relayed for clients without a
+ * signing channel (forwarded: ssh -R, a relay), the requests forwarded to token
  * helpers and waiting for their replies, and the one error reply.
  */
 #include "config.h"
@@ -130,6 +131,22 @@ pending_audit(struct server *s, const struct pending *p, int code, const char *m
 		   now > p->started_us ? now - p->started_us : 0);
 }
 
+/* A relayed SIGN's SIGNATURE: sent to the client as the helper made it. */
+static void
+client_signature_arrived(struct server *s, size_t ci, uint64_t serial, const struct p11a_msg *m)
+{
+	struct client *c = &s->clients[ci];
+
+	if (c->fd < 0 || c->serial != serial || c->waiting == 0)
+		return;
+	/* One H_SIGN per request: nothing else is awaited with it. */
+	c->waiting = 0;
+	c->wait_error = 0;
+	free(c->wait_error_msg);
+	c->wait_error_msg = NULL;
+	send_msg(s, ci, m, -1);
+}
+
 static void
 pending_remove(struct server *s, size_t pi)
 {
@@ -198,7 +215,12 @@ pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m
 		else
 			pending_audit(s, p, m->type == P11A_MSG_OK ? 0 : P11A_E_INTERNAL,
 				      "unexpected reply from token helper");
-		if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
+		if (p->type == P11A_MSG_H_SIGN && m->type == P11A_MSG_SIGNATURE) {
+			client_signature_arrived(s, p->client, p->serial, m);
+		} else if (p->type == P11A_MSG_H_SIGN && m->type != P11A_MSG_ERROR) {
+			client_reply_arrived(s, p->client, p->serial, P11A_E_INTERNAL,
+					     "unexpected reply from token helper to a forwarded signature");
+		} else if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
 			/* The helper serves the channel now: hand the other end over. */
 			struct client *c = &s->clients[p->client];
 			if (c->fd >= 0 && c->serial == p->serial && c->reply_fd < 0) {
@@ -533,15 +555,19 @@ tokens_lock_all(struct server *s, const char *why)
 	audit_note(P11A_EV_LOCK, "", 0, s->uid, NULL, 0, NULL, audit_lock_reason(why), 0);
 }
 
-static void
-handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
+/*
+ * The helper that holds the one key uri names, or -1 after answering the
+ * client with the reason (a bad URI, no such key, several, the helper
+ * restarting).  OPEN_CHANNEL and a relayed SIGN find their key alike.
+ */
+static long
+key_helper(struct server *s, size_t ci, const char *uri)
 {
-	const char *uri = oc->key_uri ? oc->key_uri : "";
 	size_t found = 0, hi = 0, n;
 	/* An empty list only checks that the URI parses. */
 	if (p11a_list_match_keys(NULL, uri, NULL, 0, &n) != 0) {
 		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
-		return;
+		return -1;
 	}
 	for (size_t i = 0; i < s->nhelpers; i++) {
 		if (p11a_list_match_keys(&s->helpers[i].inv, uri, NULL, 0, &n) == 0 && n > 0) {
@@ -557,21 +583,50 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 				send_error(s, ci, P11A_E_HELPER,
 					   "no key matches %s while the token helper for module %s "
 					   "is restarting; try again", uri, dh->mod->name);
-				return;
+				return -1;
 			}
 		}
 		send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
-		return;
+		return -1;
 	}
 	if (found > 1) {
 		send_error(s, ci, P11A_E_AMBIGUOUS,
 			   "%zu keys match %s; add id= or object= to the URI", found, uri);
-		return;
+		return -1;
 	}
 	struct helper *h = &s->helpers[hi];
 	if (h->fd < 0 || !h->up) {
 		send_error(s, ci, P11A_E_HELPER, "token helper for module %s is restarting",
 			   h->mod->name);
+		return -1;
+	}
+	return (long)hi;
+}
+
+static void
+handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
+{
+	const char *uri = oc->key_uri ? oc->key_uri : "";
+	struct client *c = &s->clients[ci];
+	long li = key_helper(s, ci, uri);
+
+	if (li < 0)
+		return;
+	size_t hi = (size_t)li;
+	struct helper *h = &s->helpers[hi];
+	/*
+	 * A connection that relayed a SIGN cannot carry a descriptor: CHANNEL
+	 * without one tells a version-3 client to sign here again
+	 * (docs/protocol.md, version 3), and no helper thread waits on a
+	 * channel nobody gets.  An ssh peer still gets a real channel: when
+	 * it is ssh itself that signs (PKCS11Provider with our module), the
+	 * descriptor reaches it and it is a local client; when ssh forwards,
+	 * the descriptor is dropped on the way and the client relays.
+	 */
+	if (c->forwarded == FWD_RELAY && c->version >= 3) {
+		struct p11a_msg reply = { .type = P11A_MSG_CHANNEL };
+		log_debug("client %d: forwarded: CHANNEL without a descriptor for %s", c->fd, uri);
+		send_msg(s, ci, &reply, -1);
 		return;
 	}
 	int sv[2];
@@ -645,6 +700,59 @@ handle_log(struct server *s, size_t ci, const struct p11a_log *lg)
 	free(v);
 }
 
+static const char *
+forwarded_how(const struct client *c)
+{
+	return c->forwarded == FWD_SSH ? "peer is ssh" : "signs through the agent";
+}
+
+/*
+ * SIGN on a main connection (version 3): the client got no descriptor
+ * (ssh -R, a stream relay), so the agent relays its signatures to the
+ * helper (H_SIGN) with the peer it checked at accept.  The helper applies
+ * the very checks of a channel (allow-programs, tls-only) and the key's
+ * forwarding setting; the agent applies every limit of the main
+ * connection (one request at a time, frame cap, half-frame and request
+ * deadlines) and never waits for the helper.
+ */
+static void
+handle_sign(struct server *s, size_t ci, const struct p11a_sign *sg)
+{
+	struct client *c = &s->clients[ci];
+	const char *uri = sg->key_uri ? sg->key_uri : "";
+
+	if (c->version < 3) {
+		send_error(s, ci, P11A_E_PROTOCOL,
+			   "SIGN goes on a signing channel: send OPEN_CHANNEL first");
+		return;
+	}
+	if (!c->forwarded) {
+		c->forwarded = FWD_RELAY;
+		log_info("client %d (pid %ld, %s): forwarded: signs on its main connection "
+			 "(it got no descriptor: a relay such as socat or ssh in between)",
+			 c->fd, (long)c->pid, c->exe ? c->exe : "executable unknown");
+	}
+	long li = key_helper(s, ci, uri);
+	if (li < 0)
+		return;
+	char what[160];
+	snprintf(what, sizeof(what), "a forwarded signature");
+	struct pending *p = pending_add(s, ci, (size_t)li, P11A_MSG_H_SIGN, what);
+	if (!p) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	struct p11a_msg fwd = { .type = P11A_MSG_H_SIGN };
+	fwd.u.hsign.conn = c->serial;
+	fwd.u.hsign.pid = c->pid > 0 ? (uint32_t)c->pid : 0;
+	fwd.u.hsign.exe = c->exe;          /* borrowed, as the sign fields: not cleared */
+	fwd.u.hsign.flags = P11A_HSIGN_FORWARDED;
+	fwd.u.hsign.sign = *sg;
+	log_debug("client %d: forwarded (%s): sign %.300s relayed to helper %s", c->fd,
+		  forwarded_how(c), uri, s->helpers[li].mod->name);
+	helper_send(s, (size_t)li, p->id, &fwd, -1);
+}
+
 void
 client_request(struct server *s, size_t ci)
 {
@@ -675,6 +783,7 @@ client_request(struct server *s, size_t ci)
 	case P11A_MSG_UNLOCK:
 	case P11A_MSG_LOCK:
 	case P11A_MSG_OPEN_CHANNEL:
+	case P11A_MSG_SIGN:
 		/*
 		 * These need the inventory: right after start-up (or a helper
 		 * restart) wait for the helpers to report rather than answer
@@ -740,8 +849,7 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 		handle_open_channel(s, ci, &m.u.open_channel);
 		break;
 	case P11A_MSG_SIGN:
-		send_error(s, ci, P11A_E_PROTOCOL,
-			   "SIGN goes on a signing channel: send OPEN_CHANNEL first");
+		handle_sign(s, ci, &m.u.sign);
 		break;
 	default:
 		send_error(s, ci, P11A_E_PROTOCOL, "message type 0x%02x is not a request", m.type);

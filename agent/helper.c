@@ -2,7 +2,9 @@
  * Token helper process: see helper.h for the contract with the agent.
  *
  * Threads: the main thread runs the control loop on ctrl_fd (UNLOCK,
- * LOCK, H_REFRESH, H_ADOPT) and is the only writer to ctrl_fd.  Each
+ * LOCK, H_REFRESH, H_ADOPT, H_SIGN).  A relayed SIGN (H_SIGN) runs on a
+ * thread of its own that writes its reply to ctrl_fd; every write to
+ * ctrl_fd takes ctrl_lock.  Each
  * adopted signing channel gets a detached thread that reads SIGN, calls
  * token_sign() and answers on the channel; it never touches ctrl_fd.  A
  * channel thread that sees a token change wakes the control loop through
@@ -83,8 +85,11 @@ struct helper {
 	struct p11a_buf *out;           /* control replies, control thread only */
 	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
 	atomic_int channels;
+	atomic_int relays;              /* relayed SIGNs (H_SIGN) in progress */
+	pthread_mutex_t ctrl_lock;      /* one writer at a time on ctrl_fd (relay threads) */
 	pthread_mutex_t wlock;          /* guards the channel list, each channel's busy/expired, wd_* */
 	struct channel *chans;          /* adopted channels, for the watchdog */
+	struct relay *relays_in;        /* relayed SIGNs in progress (under wlock) */
 	pthread_cond_t wd_cond;         /* wakes the watchdog (CLOCK_MONOTONIC) */
 	int wd_timed;                   /* the watchdog sleeps until wd_until, not for ever */
 	struct timespec wd_until;
@@ -123,6 +128,18 @@ struct channel {
 
 /* ------------------------------------------------------------ control writes */
 
+/* Writes one whole frame to the agent; relay threads write too, so under ctrl_lock. */
+static int
+ctrl_write(struct helper *h, struct p11a_buf *frame)
+{
+	int r;
+
+	pthread_mutex_lock(&h->ctrl_lock);
+	r = p11a_frame_write(h->ctrl_fd, frame, -1, CTRL_WRITE_MS);
+	pthread_mutex_unlock(&h->ctrl_lock);
+	return r;
+}
+
 static int
 ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
 {
@@ -133,7 +150,7 @@ ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
 		log_err("cannot encode reply type 0x%02x: %s", m->type, p11a_strerror(r));
 		return r;
 	}
-	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	r = ctrl_write(h, h->out);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	return r;
@@ -210,7 +227,7 @@ send_inventory(struct helper *h, uint32_t id, int force)
 	p11a_buf_reset(h->last_inv);
 	if (p11a_buf_put(h->last_inv, body, len) != 0)
 		p11a_buf_reset(h->last_inv);
-	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	r = ctrl_write(h, h->out);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	else if (id == 0)
@@ -298,8 +315,10 @@ realtime_us(void)
 	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
+/* A signature or a refusal, for the audit trail (never the data). */
 static void
-chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const char *msg, long us)
+sign_audit(struct helper *h, uint32_t pid, const char *exe, uint8_t flags,
+	   const struct p11a_sign *req, int r, const char *msg, long us)
 {
 	struct p11a_event e;
 	enum p11a_tlsclass tc = p11a_tls_classify(req->data, req->data_len,
@@ -311,12 +330,19 @@ chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const ch
 	e.uri = req->key_uri;
 	e.scheme = req->scheme;
 	e.content = (uint8_t)(tc + 1);
-	e.pid = c->pid;
-	e.exe = c->exe;
+	e.pid = pid;
+	e.exe = (char *)exe;
+	e.flags = flags;
 	e.result = r < 0 ? (uint32_t)-r : (uint32_t)r;
 	e.message = r != 0 ? (char *)msg : NULL;
 	e.duration_us = us > 0 ? (uint64_t)us : 0;
-	evq_push(c->h, &e);
+	evq_push(h, &e);
+}
+
+static void
+chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const char *msg, long us)
+{
+	sign_audit(c->h, c->pid, c->exe, 0, req, r, msg, us);
 }
 
 /* A lock the helper made itself (idle-lock, pin-ttl): token_autolock()'s hook. */
@@ -423,6 +449,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	pthread_mutex_unlock(&h->wlock);
 	peer.pid = c->pid;
 	peer.exe = c->exe;
+	peer.forwarded = 0;     /* a channel's descriptor reached its client: local */
 	r = token_sign(h->tm, &c->memo, &peer, req, &deadline, sig, sizeof(sig), &sig_len, msg,
 		       sizeof(msg));
 	pthread_mutex_lock(&h->wlock);
@@ -670,6 +697,8 @@ channels_max_for_nofile(void)
  * runaway client from taking every channel; the helper-wide cap keeps the
  * descriptors the module needs.
  */
+static int relays_of_pid_locked(const struct helper *h, uint32_t pid);
+
 static int
 chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size_t msg_size)
 {
@@ -687,6 +716,7 @@ chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size
 		nconn += c->conn == conn;
 		npid += pid != 0 && c->pid == pid;
 	}
+	npid += relays_of_pid_locked(h, pid);
 	if (nconn >= h->per_conn_max) {
 		snprintf(msg, msg_size, "this connection holds %d signing channels to module %s "
 			 "(max-channels-per-connection %d); close some", nconn, h->name,
@@ -756,6 +786,206 @@ chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, 
 	}
 	log_debug("channel %d adopted (%d open)", fd, atomic_load(&h->channels));
 	return 0;
+}
+
+/* ------------------------------------------------------------ relayed SIGN */
+
+/*
+ * A SIGN the agent relays for a client without a signing channel
+ * (H_SIGN, protocol version 3: ssh -R, a stream relay).  Each runs on a
+ * thread of its own, as a channel's SIGN does, so that the control loop
+ * never waits for the token; the answer goes back on the control socket
+ * with the request's id.  A module that hangs costs the thread: the agent
+ * answers its client TIMEOUT at the request's deadline and drops the late
+ * reply.  The agent sends one request per connection at a time; relays
+ * count against the helper's channel cap all the same.
+ */
+struct relay {
+	struct helper *h;
+	uint32_t id;
+	struct p11a_msg m;              /* H_SIGN, owned */
+	struct timespec t0;             /* arrival: the deadline counts from here */
+	struct relay *prev, *next;      /* h->relays_in, under h->wlock */
+};
+
+static void *
+relay_main(void *arg)
+{
+	struct relay *rl = arg;
+	struct helper *h = rl->h;
+	const struct p11a_hsign *hs = &rl->m.u.hsign;
+	struct timespec deadline = rl->t0;
+	struct token_peer peer;
+	struct p11a_msg rep;
+	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	uint8_t sig[P11A_SIG_MAX];
+	char msg[TOKEN_MSG_MAX];
+	size_t sig_len = 0;
+	long ns;
+	int r;
+
+	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
+	deadline.tv_sec += h->sign_timeout_ms / 1000 + ns / 1000000000L;
+	deadline.tv_nsec = ns % 1000000000L;
+	msg[0] = '\0';
+	peer.pid = hs->pid;
+	peer.exe = hs->exe != NULL && hs->exe[0] != '\0' ? hs->exe : NULL;
+	peer.forwarded = (hs->flags & P11A_HSIGN_FORWARDED) != 0;
+	if (out == NULL) {
+		r = -P11A_E_NOMEM;
+		snprintf(msg, sizeof(msg), "out of memory");
+	} else {
+		r = token_sign(h->tm, NULL, &peer, &hs->sign, &deadline, sig, sizeof(sig), &sig_len,
+			       msg, sizeof(msg));
+	}
+	if (log_debug_enabled()) {
+		const char *sn = p11a_scheme_name(hs->sign.scheme), *hn = p11a_hash_name(hs->sign.hash);
+		log_debug("request %u: forwarded sign %.300s %s/%s input %u, %zu bytes: %s (%ld us)",
+			  rl->id, hs->sign.key_uri, sn ? sn : "?", hn ? hn : "?", hs->sign.input,
+			  hs->sign.data_len, r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r),
+			  us_since(&rl->t0));
+	}
+	sign_audit(h, hs->pid, peer.exe, peer.forwarded ? P11A_EVENT_FORWARDED : 0, &hs->sign, r,
+		   msg, us_since(&rl->t0));
+	if (r == -P11A_E_POLICY)
+		log_warn("forwarded connection, pid %lu: refused %.300s: %s (executable %s)",
+			 (unsigned long)hs->pid, hs->sign.key_uri, msg,
+			 peer.exe != NULL ? peer.exe : "unknown");
+	if (out != NULL) {
+		memset(&rep, 0, sizeof(rep));
+		if (r == 0) {
+			rep.type = P11A_MSG_SIGNATURE;
+			rep.u.signature.sig = sig;
+			rep.u.signature.sig_len = sig_len;
+			r = p11a_msg_encode_internal(rl->id, &rep, out);
+			if (r != 0)
+				snprintf(msg, sizeof(msg), "cannot encode the signature");
+		}
+		if (r != 0 && p11a_msg_set_error(&rep, r, "%s", msg) == 0) {
+			p11a_buf_reset(out);
+			if (p11a_msg_encode_internal(rl->id, &rep, out) != 0)
+				p11a_buf_reset(out);
+			p11a_msg_clear(&rep);
+		}
+		if (p11a_buf_len(out) > 0 && ctrl_write(h, out) != 0)
+			log_err("request %u: cannot write the forwarded signature's reply to the agent",
+				rl->id);
+	}
+	p11a_wipe(sig, sizeof(sig));
+	p11a_buf_free(out);
+	pthread_mutex_lock(&h->wlock);
+	if (rl->prev != NULL)
+		rl->prev->next = rl->next;
+	else
+		h->relays_in = rl->next;
+	if (rl->next != NULL)
+		rl->next->prev = rl->prev;
+	pthread_mutex_unlock(&h->wlock);
+	p11a_msg_clear(&rl->m);
+	free(rl);
+	atomic_fetch_sub(&h->relays, 1);
+	return NULL;
+}
+
+/*
+ * A relayed SIGN counts against the peer process's cap as a channel does
+ * (max-channels-per-process): behind ssh every remote client has the
+ * same peer, the local ssh.  Only relays stuck in a module pile up (the
+ * agent sends one per connection at a time).  Under h->wlock.
+ */
+static int
+relays_of_pid_locked(const struct helper *h, uint32_t pid)
+{
+	int n = 0;
+
+	if (pid == 0)
+		return 0;
+	for (const struct relay *r = h->relays_in; r != NULL; r = r->next)
+		n += r->m.u.hsign.pid == pid;
+	return n;
+}
+
+static int
+relay_admit_locked(struct helper *h, uint32_t pid, char *msg, size_t msg_size)
+{
+	int npid;
+
+	if (pid == 0)
+		return 0;
+	npid = relays_of_pid_locked(h, pid);
+	for (const struct channel *c = h->chans; c != NULL; c = c->next)
+		npid += c->pid == pid;
+	if (npid >= h->per_pid_max) {
+		snprintf(msg, msg_size, "process %lu holds %d signing channels and forwarded "
+			 "signatures in progress on module %s (max-channels-per-process %d); "
+			 "try again", (unsigned long)pid, npid, h->name, h->per_pid_max);
+		return -P11A_E_BUSY;
+	}
+	return 0;
+}
+
+/* Takes *m (H_SIGN) over and starts its thread; on failure answers the agent itself. */
+static void
+relay_start(struct helper *h, uint32_t id, struct p11a_msg *m)
+{
+	struct relay *rl;
+	pthread_attr_t attr;
+	pthread_t t;
+	char msg[256];
+	int r;
+
+	/* A module that hangs must not collect threads without bound: the channel cap holds. */
+	if (atomic_fetch_add(&h->relays, 1) + atomic_load(&h->channels) >= channels_max_for_nofile()) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(m);
+		snprintf(msg, sizeof(msg), "token helper for module %s has as many signatures in "
+			 "progress as its descriptor limit allows; try again", h->name);
+		(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+		return;
+	}
+	if ((rl = calloc(1, sizeof(*rl))) == NULL) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(m);
+		(void)ctrl_send_error(h, id, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	rl->h = h;
+	rl->id = id;
+	rl->m = *m;
+	memset(m, 0, sizeof(*m));
+	clock_gettime(CLOCK_MONOTONIC, &rl->t0);
+	pthread_mutex_lock(&h->wlock);
+	if ((r = relay_admit_locked(h, rl->m.u.hsign.pid, msg, sizeof(msg))) != 0) {
+		pthread_mutex_unlock(&h->wlock);
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(&rl->m);
+		free(rl);
+		(void)ctrl_send_error(h, id, r, msg);
+		return;
+	}
+	rl->next = h->relays_in;
+	if (h->relays_in != NULL)
+		h->relays_in->prev = rl;
+	h->relays_in = rl;
+	pthread_mutex_unlock(&h->wlock);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, CHANNEL_STACK_SIZE);
+	r = pthread_create(&t, &attr, relay_main, rl);
+	pthread_attr_destroy(&attr);
+	if (r != 0) {
+		pthread_mutex_lock(&h->wlock);
+		h->relays_in = rl->next;
+		if (rl->next != NULL)
+			rl->next->prev = NULL;
+		pthread_mutex_unlock(&h->wlock);
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(&rl->m);
+		free(rl);
+		snprintf(msg, sizeof(msg), "cannot start a thread for a forwarded signature: %s",
+			 strerror(r));
+		(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+	}
 }
 
 /* ------------------------------------------------------------ control loop */
@@ -859,6 +1089,9 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			(void)ctrl_send_ok(h, id);
 		}
 		break;
+	case P11A_MSG_H_SIGN:
+		relay_start(h, id, &m);
+		break;
 	default:
 		log_warn("request %u: message type 0x%02x is not for a token helper", id, m.type);
 		p11a_msg_clear(&m);
@@ -908,6 +1141,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
+	atomic_init(&h->relays, 0);
+	pthread_mutex_init(&h->ctrl_lock, NULL);
 	pthread_mutex_init(&h->wlock, NULL);
 	pthread_mutex_init(&h->evq.mu, NULL);
 	h->evq.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

@@ -80,6 +80,57 @@ peer_exe(pid_t pid)
 	return strdup(buf);
 }
 
+/*
+ * A peer that is ssh or sshd forwards a connection from another host
+ * (ssh -R, or sshd's end of ssh -L): descriptors cannot reach its client.
+ */
+static int
+exe_is_ssh(const char *exe)
+{
+	const char *base;
+
+	if (exe == NULL || (base = strrchr(exe, '/')) == NULL)
+		return 0;
+	base++;
+	return strcmp(base, "ssh") == 0 || strcmp(base, "sshd") == 0;
+}
+
+/* The kernel's overflow uid (what an unmapped uid reads as), 65534 by default. */
+static unsigned long
+overflow_uid(void)
+{
+	unsigned long v = 65534;
+	FILE *f = fopen("/proc/sys/kernel/overflowuid", "re");
+
+	if (f != NULL) {
+		if (fscanf(f, "%lu", &v) != 1)
+			v = 65534;
+		fclose(f);
+	}
+	return v;
+}
+
+/*
+ * Logs why a peer of another uid is refused.  The overflow uid is what a
+ * process in a user namespace whose uid has no mapping in ours looks
+ * like (a container that does not map the user's uid): said so, since
+ * "uid 65534" alone reads like the nobody account.
+ */
+static void
+peer_uid_refused(const struct server *s, const struct ucred *cred)
+{
+	if ((unsigned long)cred->uid == overflow_uid())
+		log_warn("refused a connection from uid %u (pid %ld): that is the kernel's overflow "
+			 "uid, so the peer runs in a user namespace (a container) whose uid does not "
+			 "map to ours; only uid %u may use this agent: map the user's uid into the "
+			 "container (e.g. unshare -U -r, podman --userns=keep-id)",
+			 (unsigned)cred->uid, (long)cred->pid, (unsigned)s->uid);
+	else
+		log_warn("refused a connection from uid %u (pid %ld): only uid %u may use this agent "
+			 "(a peer in a user namespace shows as the uid its own uid maps to)",
+			 (unsigned)cred->uid, (long)cred->pid, (unsigned)s->uid);
+}
+
 void
 client_close(struct server *s, size_t i)
 {
@@ -134,8 +185,7 @@ client_accept(struct server *s)
 			continue;
 		}
 		if (cred.uid != s->uid) {
-			log_warn("refused a connection from uid %u (pid %ld): only uid %u may use this agent",
-				 (unsigned)cred.uid, (long)cred.pid, (unsigned)s->uid);
+			peer_uid_refused(s, &cred);
 			close(fd);
 			continue;
 		}
@@ -171,10 +221,13 @@ client_accept(struct server *s)
 		c->pid = cred.pid;
 		c->exe = peer_exe(cred.pid);
 		c->reply_fd = -1;
+		if (exe_is_ssh(c->exe))
+			c->forwarded = FWD_SSH;
 		p11a_frame_in_init(&c->in, NULL, 0);
 		s->open_clients++;
-		log_debug("client %d: connected (pid %ld, %s)", fd, (long)cred.pid,
-			  c->exe ? c->exe : "executable unknown");
+		log_debug("client %d: connected (pid %ld, %s)%s", fd, (long)cred.pid,
+			  c->exe ? c->exe : "executable unknown",
+			  c->forwarded ? ", forwarded (ssh)" : "");
 	}
 }
 

@@ -10,7 +10,7 @@
  *   without ever blocking the loop (SIGCHLD via the signalfd, a deadline
  *   after which SIGKILL goes out) and restart with back-off.
  * - handlers.c: requests (HELLO, STATUS, LIST, HEALTH, UNLOCK, LOCK,
- *   OPEN_CHANNEL), the requests forwarded to helpers and waiting for
+ *   OPEN_CHANNEL, SIGN relayed for forwarded clients), the requests forwarded to helpers and waiting for
  *   their reply (pending), and the error reply.
  */
 #ifndef AGENT_SERVER_INT_H
@@ -71,12 +71,25 @@ struct client {
 	uint32_t uid;
 	pid_t pid;
 	char *exe;                 /* /proc/PID/exe read at accept (allow-programs), NULL unknown */
+	int forwarded;             /* FWD_*: the peer is ssh, or the client signs on this connection */
 	struct p11a_frame_in in;
 	struct p11a_frame_out out;
 	int reply_fd;              /* descriptor for the awaited CHANNEL reply, or -1 */
 	int has_parked;            /* a request waits for helpers to come up */
 	struct p11a_msg parked;
 };
+
+/*
+ * struct client.forwarded: how the agent knows a connection comes from
+ * elsewhere.  FWD_SSH at accept (the peer's executable is ssh or sshd:
+ * logged as forwarded); FWD_RELAY from the first SIGN on the main
+ * connection (a client does that only when a CHANNEL came without a
+ * descriptor: ssh or a relay in between, such as socat, that the agent
+ * cannot see through).  Every relayed SIGN is a forwarded signature and
+ * meets the key's forwarding setting; a FWD_RELAY connection gets no
+ * more signing channels (CHANNEL without a descriptor).
+ */
+enum { FWD_NO = 0, FWD_SSH = 1, FWD_RELAY = 2 };
 
 struct pending {
 	uint32_t id;
@@ -90,6 +103,7 @@ struct pending {
 	char *uri;                 /* UNLOCK, LOCK: the token's URI, for the audit event */
 	uint64_t started_us;       /* when it was sent, for the audit event */
 };
+/* pending.type P11A_MSG_H_SIGN: the helper answers SIGNATURE (relayed as is) or ERROR. */
 
 struct server {
 	const struct agent_config *cfg;

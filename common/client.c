@@ -41,6 +41,7 @@ struct p11a_client {
 	int timeout_ms;     /* -1: no deadline */
 	uint64_t tick;
 	uint16_t version;   /* protocol version the agent chose at HELLO */
+	int relay;          /* CHANNEL came without a descriptor: sign on the main connection */
 	struct chan chans[CHAN_CACHE];
 	char last_error[512];
 };
@@ -435,6 +436,8 @@ client_open(struct p11a_client *c)
 	int r;
 
 	main_close(c);
+	/* A new connection may reach the agent another way: ask for a channel again. */
+	c->relay = 0;
 	if ((r = sock_connect(c)) != 0)
 		return r;
 	if ((r = reader_new(c->fd, P11A_READER_FDS, &c->rd)) != 0) {
@@ -691,7 +694,12 @@ p11a_client_lock(struct p11a_client *c, const char *token_uri)
 	return r;
 }
 
-/* Index of the cached channel for key_uri, opening one if needed. */
+/*
+ * Index of the cached channel for key_uri, opening one if needed.  1 (no
+ * slot) when the agent's CHANNEL came without a descriptor: a relay in
+ * between (ssh -R, socat) that carries none; c->relay is set and the
+ * caller signs on the main connection (protocol version 3).
+ */
 static int
 chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 {
@@ -718,9 +726,19 @@ chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 	req.u.open_channel.key_uri = (char *)key_uri;
 	if ((r = p11a_client_call(c, &req, &reply, &fd)) != 0)
 		return r;
+	if (reply.type == P11A_MSG_CHANNEL && fd < 0 && c->version >= 3) {
+		p11a_msg_clear(&reply);
+		c->relay = 1;
+		return 1;
+	}
 	if (reply.type != P11A_MSG_CHANNEL || fd < 0) {
-		set_error(c, "agent answered OPEN_CHANNEL with message type 0x%02x%s",
-		    reply.type, fd < 0 ? " and no descriptor" : "");
+		if (reply.type == P11A_MSG_CHANNEL)
+			set_error(c, "agent answered OPEN_CHANNEL without a descriptor (a forwarded "
+			    "socket carries none), and it speaks protocol version %u: signing through "
+			    "a forwarded socket needs version 3 (a newer p11agentd)", c->version);
+		else
+			set_error(c, "agent answered OPEN_CHANNEL with message type 0x%02x%s",
+			    reply.type, fd < 0 ? " and no descriptor" : "");
 		p11a_msg_clear(&reply);
 		fd_close(&fd);
 		main_close(c);
@@ -760,7 +778,7 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		 uint8_t **sig, size_t *sig_len)
 {
 	struct p11a_msg m, reply;
-	size_t slot;
+	size_t slot = CHAN_CACHE;   /* CHAN_CACHE: the main connection (relayed) */
 	enum xstate how;
 	int attempt, r;
 
@@ -776,15 +794,36 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 	m.type = P11A_MSG_SIGN;
 	m.u.sign = *req;
 	for (attempt = 0;; attempt++) {
-		if ((r = chan_get(c, req->key_uri, &slot)) != 0)
-			return r;
-		r = exchange(c, c->chans[slot].fd, c->chans[slot].rd, &m, &reply, NULL, &how);
+		if (!c->relay || c->fd < 0) {
+			if ((r = chan_get(c, req->key_uri, &slot)) < 0)
+				return r;
+		}
+		if (c->relay) {
+			/* Forwarded: the agent relays SIGN to the token helper. */
+			slot = CHAN_CACHE;
+			if (c->fd >= 0 && (p11a_reader_pending(c->rd) != 0 || !conn_alive(c->fd)))
+				main_close(c);
+			if (c->fd < 0) {
+				r = -P11A_E_IO;
+				how = XS_CLOSED;
+			} else {
+				r = exchange(c, c->fd, c->rd, &m, &reply, NULL, &how);
+			}
+		} else {
+			r = exchange(c, c->chans[slot].fd, c->chans[slot].rd, &m, &reply, NULL, &how);
+		}
 		if (how == XS_OK || how == XS_REMOTE || how == XS_UNSENT)
 			break;
-		/* Any local failure leaves the channel out of step: drop it. */
-		chan_drop(c, slot);
-		if (how != XS_CLOSED || attempt > 0)
+		/* Any local failure leaves the channel (or connection) out of step: drop it. */
+		if (slot < CHAN_CACHE)
+			chan_drop(c, slot);
+		else
+			main_close(c);
+		if (how != XS_CLOSED || attempt > 0) {
+			if (slot == CHAN_CACHE && c->last_error[0] == '\0')
+				set_error(c, "the connection to the agent closed");
 			return r;
+		}
 		/*
 		 * The helper or the agent went away.  chan_get() asks for a new
 		 * channel through p11a_client_call(), which reconnects first
@@ -794,9 +833,13 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 	if (r != 0)
 		return r;
 	if (reply.type != P11A_MSG_SIGNATURE) {
-		set_error(c, "signing channel answered with message type 0x%02x", reply.type);
+		set_error(c, "%s answered SIGN with message type 0x%02x",
+		    slot < CHAN_CACHE ? "signing channel" : "agent", reply.type);
 		p11a_msg_clear(&reply);
-		chan_drop(c, slot);
+		if (slot < CHAN_CACHE)
+			chan_drop(c, slot);
+		else
+			main_close(c);
 		return -P11A_E_PROTOCOL;
 	}
 	*sig = reply.u.signature.sig;

@@ -178,6 +178,22 @@ put_event(struct p11a_buf *b, const struct p11a_event *e)
 }
 
 static int
+put_sign(struct p11a_buf *b, const struct p11a_sign *sg)
+{
+	int r;
+
+	if ((r = put_text(b, sg->key_uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->scheme)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->hash)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->mgf1_hash)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->input)) != 0 ||
+	    (r = p11a_buf_put_u32(b, sg->salt_len)) != 0 ||
+	    (r = put_bytes(b, sg->data, sg->data_len, P11A_FRAME_MAX)) != 0)
+		return r;
+	return 0;
+}
+
+static int
 put_events(struct p11a_buf *b, const struct p11a_events *ev, int with_dropped)
 {
 	int r;
@@ -250,15 +266,19 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 	case P11A_MSG_OPEN_CHANNEL:
 		return put_text(b, m->u.open_channel.key_uri, P11A_URI_MAX);
 	case P11A_MSG_SIGN:
-		if ((r = put_text(b, m->u.sign.key_uri, P11A_URI_MAX)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.scheme)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.hash)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.mgf1_hash)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.input)) != 0 ||
-		    (r = p11a_buf_put_u32(b, m->u.sign.salt_len)) != 0 ||
-		    (r = put_bytes(b, m->u.sign.data, m->u.sign.data_len, P11A_FRAME_MAX)) != 0)
+		return put_sign(b, &m->u.sign);
+	case P11A_MSG_H_SIGN:
+		if ((r = p11a_buf_put_u64(b, m->u.hsign.conn)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.hsign.pid)) != 0)
 			return r;
-		return 0;
+		if (m->u.hsign.exe != NULL && m->u.hsign.exe[0] != '\0' && m->u.hsign.exe[0] != '/')
+			return -P11A_E_INTERNAL;
+		if ((m->u.hsign.flags & ~P11A_HSIGN_FORWARDED) != 0)
+			return -P11A_E_INTERNAL;
+		if ((r = put_text(b, m->u.hsign.exe, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->u.hsign.flags)) != 0)
+			return r;
+		return put_sign(b, &m->u.hsign.sign);
 	case P11A_MSG_ERROR:
 		if (m->u.error.code == 0)
 			return -P11A_E_INTERNAL;
@@ -530,6 +550,22 @@ get_events(struct p11a_buf *b, struct p11a_events *ev, int with_dropped)
 }
 
 static int
+get_sign(struct p11a_buf *b, struct p11a_sign *sg)
+{
+	int r;
+
+	if ((r = p11a_buf_get_cstring(b, &sg->key_uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->scheme)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->hash)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->mgf1_hash)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->input)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &sg->salt_len)) != 0 ||
+	    (r = get_bytes(b, &sg->data, &sg->data_len, P11A_FRAME_MAX)) != 0)
+		return r;
+	return 0;
+}
+
+static int
 decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 {
 	const uint8_t *pin;
@@ -578,15 +614,18 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 	case P11A_MSG_OPEN_CHANNEL:
 		return p11a_buf_get_cstring(b, &m->u.open_channel.key_uri, P11A_URI_MAX);
 	case P11A_MSG_SIGN:
-		if ((r = p11a_buf_get_cstring(b, &m->u.sign.key_uri, P11A_URI_MAX)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.scheme)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.hash)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.mgf1_hash)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.input)) != 0 ||
-		    (r = p11a_buf_get_u32(b, &m->u.sign.salt_len)) != 0 ||
-		    (r = get_bytes(b, &m->u.sign.data, &m->u.sign.data_len, P11A_FRAME_MAX)) != 0)
+		return get_sign(b, &m->u.sign);
+	case P11A_MSG_H_SIGN:
+		if ((r = p11a_buf_get_u64(b, &m->u.hsign.conn)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.hsign.pid)) != 0 ||
+		    (r = p11a_buf_get_cstring(b, &m->u.hsign.exe, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_get_u8(b, &m->u.hsign.flags)) != 0)
 			return r;
-		return 0;
+		if (m->u.hsign.exe[0] != '\0' && m->u.hsign.exe[0] != '/')
+			return -P11A_E_MALFORMED;
+		if ((m->u.hsign.flags & ~P11A_HSIGN_FORWARDED) != 0)
+			return -P11A_E_MALFORMED;
+		return get_sign(b, &m->u.hsign.sign);
 	case P11A_MSG_ERROR:
 		if ((r = p11a_buf_get_u32(b, &m->u.error.code)) != 0)
 			return r;
@@ -808,6 +847,11 @@ p11a_msg_clear(struct p11a_msg *m)
 		free(m->u.sign.key_uri);
 		free(m->u.sign.data);
 		break;
+	case P11A_MSG_H_SIGN:
+		free(m->u.hsign.exe);
+		free(m->u.hsign.sign.key_uri);
+		free(m->u.hsign.sign.data);
+		break;
 	case P11A_MSG_SIGNATURE:
 		free(m->u.signature.sig);
 		break;
@@ -886,6 +930,10 @@ p11a_msg_bad_text(const struct p11a_msg *m)
 		break;
 	case P11A_MSG_SIGN:
 		s = m->u.sign.key_uri;
+		what = "key URI";
+		break;
+	case P11A_MSG_H_SIGN:
+		s = m->u.hsign.sign.key_uri;
 		what = "key URI";
 		break;
 	default:

@@ -24,7 +24,8 @@ enum p11a_msg_type {
 	P11A_MSG_UNLOCK = 0x04,
 	P11A_MSG_LOCK = 0x05,
 	P11A_MSG_OPEN_CHANNEL = 0x06,
-	/* request on a signing channel (client -> token helper) */
+	/* request on a signing channel (client -> token helper); from version 3
+	 * also on a main connection, relayed (a client without a channel) */
 	P11A_MSG_SIGN = 0x07,
 	/* protocol version 2 */
 	P11A_MSG_HEALTH = 0x08,
@@ -36,6 +37,8 @@ enum p11a_msg_type {
 	P11A_MSG_H_REFRESH = 0x41,   /* main -> helper: re-enumerate, answer INVENTORY */
 	P11A_MSG_H_INVENTORY = 0x42, /* helper -> main: this module's tokens and keys */
 	P11A_MSG_H_EVENT = 0x45,     /* helper -> main: audit events (id 0) */
+	/* protocol version 3 (forwarding): a SIGN relayed by the main process */
+	P11A_MSG_H_SIGN = 0x46,      /* main -> helper: SIGN of a client without a channel */
 
 	/* replies */
 	P11A_MSG_OK = 0x80,
@@ -217,6 +220,22 @@ struct p11a_sign {                  /* SIGN */
 	size_t data_len;
 };
 
+/* H_SIGN flags */
+#define P11A_HSIGN_FORWARDED 0x1u   /* the connection is forwarded (ssh, a relay) */
+
+/*
+ * H_SIGN (internal, version 3): a SIGN that arrived on a main connection,
+ * relayed to the helper with the peer the agent checked at accept.  The
+ * helper answers SIGNATURE or ERROR with the request's id.
+ */
+struct p11a_hsign {
+	uint64_t conn;              /* the agent's serial of the connection that asked */
+	uint32_t pid;               /* that connection's peer pid (0 unknown) */
+	char *exe;                  /* as in H_ADOPT: absolute, or "" unknown */
+	uint8_t flags;              /* P11A_HSIGN_*; unknown bits are MALFORMED */
+	struct p11a_sign sign;
+};
+
 struct p11a_signature {             /* SIGNATURE */
 	uint8_t *sig;               /* ECDSA: DER; others: raw */
 	size_t sig_len;
@@ -236,6 +255,7 @@ struct p11a_msg {
 		struct p11a_open_channel open_channel;
 		struct p11a_adopt adopt;
 		struct p11a_sign sign;
+		struct p11a_hsign hsign;
 		struct p11a_signature signature;
 		struct p11a_log log;
 		struct p11a_events events;          /* LOG_REPLY, H_EVENT */

@@ -8,7 +8,8 @@
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
 #                                 systemd-socket-activate, systemd-analyze and
 #                                 t_audit's private systemd-journald and journalctl;
-#                                 dbus and python3-dbus: t_logind's private bus)
+#                                 dbus and python3-dbus: t_logind's private bus;
+#                                 openssh-server, socat: t_forward's sshd and relay)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use
 #   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
@@ -23,7 +24,8 @@ build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openss
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
-	dbus-daemon dbus-bin python3-dbus python3-gi"
+	dbus-daemon dbus-bin python3-dbus python3-gi
+	openssh-server openssh-client socat"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"
 pkg="$demo $pkgtools"

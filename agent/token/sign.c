@@ -37,6 +37,7 @@ struct sign_key {
 	char token_label[64];
 	uint8_t policy;                 /* TOK_POL_* */
 	const struct tok_programs *programs;    /* allow-programs; NULL any program */
+	uint8_t forwarding;             /* enum conf_forwarding */
 };
 
 /*
@@ -48,9 +49,11 @@ struct pol_sec {
 	int tls_only;                   /* -1 not set in this section */
 	int programs_set;
 	struct tok_programs programs;
+	int forwarding;                 /* -1 not set in this section */
 };
 static struct {
 	int tls_only;                   /* the default */
+	int forwarding;                 /* the default */
 	int programs_set;               /* the default allow-programs is set */
 	struct tok_programs programs;
 	struct pol_sec *secs;
@@ -81,6 +84,7 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	int err = 0;
 
 	policy.tls_only = cfg->tls_only;
+	policy.forwarding = cfg->forwarding;
 	policy.programs_set = cfg->allow_programs.set;
 	if (programs_from(&policy.programs, &cfg->allow_programs) != 0) {
 		tok_set_msg(msg, msg_size, "out of memory");
@@ -94,6 +98,7 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	}
 	for (size_t i = 0; i < cfg->nkeysecs; i++) {
 		policy.secs[i].tls_only = cfg->keysecs[i].tls_only;
+		policy.secs[i].forwarding = cfg->keysecs[i].forwarding;
 		policy.secs[i].programs_set = cfg->keysecs[i].programs.set;
 		if (programs_from(&policy.secs[i].programs, &cfg->keysecs[i].programs) != 0) {
 			tok_set_msg(msg, msg_size, "out of memory");
@@ -116,12 +121,12 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 static void
 policy_resolve(const struct tok_slot *s, struct tok_key *k)
 {
-	int tls_only = policy.tls_only;
+	int tls_only = policy.tls_only, fwd = policy.forwarding;
 	const struct tok_programs *progs = policy.programs_set ? &policy.programs : NULL;
 
 	for (size_t i = 0; i < policy.nsecs; i++) {
 		const struct pol_sec *ps = &policy.secs[i];
-		if (ps->tls_only < 0 && !ps->programs_set)
+		if (ps->tls_only < 0 && !ps->programs_set && ps->forwarding < 0)
 			continue;
 		if (p11a_uri_match_key(ps->um, &s->tok, &k->k) != 1)
 			continue;
@@ -129,9 +134,12 @@ policy_resolve(const struct tok_slot *s, struct tok_key *k)
 			tls_only = ps->tls_only;
 		if (ps->programs_set)
 			progs = &ps->programs;
+		if (ps->forwarding >= 0)
+			fwd = ps->forwarding;
 	}
 	k->policy = tls_only ? TOK_POL_TLS_ONLY : TOK_POL_ANY;
 	k->programs = progs;
+	k->forwarding = (uint8_t)fwd;
 }
 
 /* 1 when exe (NULL unknown) is one of the paths. */
@@ -295,6 +303,7 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 		policy_resolve(fs, found);
 	sk->policy = found->policy;
 	sk->programs = found->programs;
+	sk->forwarding = found->forwarding;
 	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
 	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
 	if (found->k.id_len > 0) {
@@ -663,6 +672,24 @@ sign_once(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, CK_ME
 	return rv;
 }
 
+/*
+ * forwarding = confirm: the user is to confirm each use of the key from a
+ * forwarded connection.  The dialog belongs to the main process (its
+ * pinentry CONFIRM, which lands with the policy work); until it is wired
+ * here, confirm refuses, with a message that says so.  0 = confirmed.
+ */
+static int
+forwarding_confirm(const struct sign_key *sk, const struct token_peer *peer, char *msg,
+		   size_t msg_size)
+{
+	(void)peer;
+	tok_set_msg(msg, msg_size, "not allowed by policy: key '%s' on token '%s' has "
+		    "forwarding = confirm, and forwarding = confirm needs a PIN dialog, which this "
+		    "agent cannot show yet; set forwarding = allow or deny", sk->label,
+		    sk->token_label);
+	return -P11A_E_POLICY;
+}
+
 int
 token_sign(struct token_module *m, struct token_keymemo **memo, const struct token_peer *peer,
 	   const struct p11a_sign *req,
@@ -687,6 +714,17 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	if ((r = key_lookup(m, memo, req->key_uri, &sk, msg, msg_size)) != 0)
 		return r;
 	/* From here on this thread counts in m->inflight. */
+	if (peer != NULL && peer->forwarded && sk.forwarding != CONF_FORWARDING_ALLOW) {
+		if (sk.forwarding == CONF_FORWARDING_DENY) {
+			tok_set_msg(msg, msg_size, "not allowed by policy: forwarding is denied for "
+				    "key '%s' on token '%s' (forwarding = deny) and this connection is "
+				    "forwarded (ssh or a relay)", sk.label, sk.token_label);
+			r = -P11A_E_POLICY;
+			goto out;
+		}
+		if ((r = forwarding_confirm(&sk, peer, msg, msg_size)) != 0)
+			goto out;
+	}
 	if (sk.programs != NULL) {
 		const char *exe = peer != NULL ? peer->exe : NULL;
 		if (!(listed = programs_has(sk.programs, exe))) {

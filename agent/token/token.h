@@ -142,11 +142,12 @@ struct token_keymemo;
 struct token_peer {
 	uint32_t pid;                   /* 0 unknown */
 	const char *exe;                /* /proc/PID/exe at accept; NULL unknown */
+	int forwarded;                  /* a forwarded connection (ssh, a relay): forwarding applies */
 };
 
 /*
  * The per-key policy of the configuration ([key URI-PATTERN] sections,
- * tls-only, allow-programs: docs/p11agentd.conf.5), for every later token_sign() of this
+ * tls-only, allow-programs, forwarding: docs/p11agentd.conf.5), for every later token_sign() of this
  * process.  Call once, before any signing thread starts.  Each key record
  * resolves its policy on its first SIGN and keeps it until the inventory
  * changes.  -1 (msg set) when a pattern does not parse or out of memory.

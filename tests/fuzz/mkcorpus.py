@@ -125,6 +125,18 @@ req = {
     "log-short": frame(hello(1, 3)) + frame(u8(0x0C) + u64(0)),
     "log-reply-as-request": frame(hello(1, 3)) + frame(u8(0x88) + u32(0)),
     "event-as-request": frame(hello(1, 3)) + frame(u8(0x45) + events([event()], 0)),
+    # Version 3 (forwarding): SIGN on the main connection is relayed to the helper.
+    "sign-on-main-v3": frame(hello(1, 3)) + frame(sign()) + frame(sign(data=b"two")),
+    "sign-on-main-v3-after-channel": frame(hello(1, 3)) + frame(u8(0x06) + s(KEY)) + frame(sign()),
+    "sign-on-main-v3-no-key": frame(hello(1, 3)) + frame(sign(uri="pkcs11:object=none")) +
+                              frame(sign(uri="not-a-uri")) + frame(u8(0x03)),
+    "sign-on-main-v3-rsa-pss": frame(hello(1, 3)) + frame(sign(scheme=2, hsh=4, mgf=3, salt=0xFFFFFFFE,
+                                                                 data=b"x" * 300)),
+    "sign-on-main-v3-leftover": frame(hello(1, 3)) + frame(sign() + b"junk"),
+    "sign-on-main-v3-half": frame(hello(1, 3)) + u32(200) + sign()[:40],
+    # H_SIGN is internal: a client sending it gets an error, never a relay.
+    "hsign-on-main": frame(hello(1, 3)) + frame(u8(0x46) + u64(7) + u32(4242) + s("/usr/bin/ssh") +
+                                                u8(1) + sign()[1:]),
     "many-requests": H + b"".join(frame(u8(t)) for t in (2, 3, 2, 3)) +
                      frame(u8(0x05) + s("")) + frame(u8(0x04) + s("") + s("0000")),
 }
@@ -169,6 +181,17 @@ intl = {
     "event-huge-count": internal(0, inv) + internal(0, u8(0x45) + u32(0) + b"\xff\xff\xff\xff"),
     "event-exe-nl": internal(0, inv) + internal(0, u8(0x45) + events(
         [event(exe="/tmp/a\nP11AGENT_RESULT=ok", uri="pkcs11:object=a%0a")], 0xffffffff)),
+    # Version 3: a helper's answers to relayed SIGNs (H_SIGN): SIGNATURE or
+    # ERROR by id; SIGNATURE to a request that was no H_SIGN is an error.
+    "hsign-signature": internal(0, inv) + internal(8, u8(0x86) + s(b"\x30\x06\x02\x01\x01\x02\x01\x01")),
+    "hsign-error": internal(0, inv) + internal(8, error(28, "forwarding is denied for key 'ec256'")),
+    "hsign-ok-unexpected": internal(0, inv) + internal(8, u8(0x80)) + internal(9, u8(0x80)),
+    "hsign-big-signature": internal(0, inv) + internal(8, u8(0x86) + s(b"\x01" * 1025)),
+    # H_SIGN goes agent -> helper; from a helper it is refused.
+    "hsign-from-helper": internal(0, inv) + internal(1, u8(0x46) + u64(7) + u32(1) + s("/usr/bin/ssh") +
+                                                    u8(1) + sign()[1:]),
+    "hsign-bad-flags": internal(0, inv) + internal(1, u8(0x46) + u64(7) + u32(1) + s("") +
+                                                  u8(0x80) + sign()[1:]),
 }
 for n, d in intl.items():
     write("fuzz_internal", n, d)

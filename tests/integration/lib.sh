@@ -407,8 +407,16 @@ child_pid_list() {
 	printf '%s\n' "${l% }"
 }
 
+# at_cleanup FUNCTION: call FUNCTION when the test ends, after its
+# processes are stopped and before $T is removed (an account the test
+# made, say).  Functions run in the order given.
+cleanup_funcs=()
+at_cleanup() {
+	cleanup_funcs+=("$1")
+}
+
 cleanup() {
-	local st=$? pid
+	local st=$? pid fn
 	set +e
 	if [ "$finished" != yes ]; then
 		test_num=$((test_num + 1))
@@ -427,6 +435,9 @@ cleanup() {
 			diag "agent helper $pid outlived the agent; stopping it"
 			stop_pid "$pid"
 		fi
+	done
+	for fn in ${cleanup_funcs[@]+"${cleanup_funcs[@]}"}; do
+		"$fn"
 	done
 	if [ -n "${KEEP_TMP:-}" ]; then
 		echo "# KEEP_TMP set: kept $T" >&2

@@ -85,7 +85,7 @@ static struct p11a_event sample_events[] = {
 	  (char *)"", 0, (char *)"", 5 },
 };
 
-#define NSAMPLES 22
+#define NSAMPLES 23
 
 /* Fills m with sample i; every message type appears once or more. */
 static void
@@ -199,6 +199,18 @@ sample(size_t i, struct p11a_msg *m)
 		m->u.events.n = 2;
 		m->u.events.ev = sample_events + 1;
 		break;
+	case 22:
+		m->type = P11A_MSG_H_SIGN;
+		m->u.hsign.conn = 0x0a0b0c0d01020304ull;
+		m->u.hsign.pid = 77;
+		m->u.hsign.exe = (char *)"/usr/bin/ssh";
+		m->u.hsign.flags = P11A_HSIGN_FORWARDED;
+		m->u.hsign.sign.key_uri = "pkcs11:object=k";
+		m->u.hsign.sign.scheme = P11A_SCHEME_ECDSA;
+		m->u.hsign.sign.hash = P11A_HASH_SHA256;
+		m->u.hsign.sign.data = sign_data;
+		m->u.hsign.sign.data_len = sizeof(sign_data);
+		break;
 	default:
 		fail();
 	}
@@ -274,6 +286,16 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 		assert_true(a->u.adopt.conn == b->u.adopt.conn);
 		assert_int_equal(a->u.adopt.pid, b->u.adopt.pid);
 		assert_str_same(a->u.adopt.exe, b->u.adopt.exe);
+		break;
+	case P11A_MSG_H_SIGN:
+		assert_true(a->u.hsign.conn == b->u.hsign.conn);
+		assert_int_equal(a->u.hsign.pid, b->u.hsign.pid);
+		assert_str_same(a->u.hsign.exe, b->u.hsign.exe);
+		assert_int_equal(a->u.hsign.flags, b->u.hsign.flags);
+		assert_str_same(a->u.hsign.sign.key_uri, b->u.hsign.sign.key_uri);
+		assert_int_equal(a->u.hsign.sign.scheme, b->u.hsign.sign.scheme);
+		assert_bytes_same(a->u.hsign.sign.data, a->u.hsign.sign.data_len,
+		    b->u.hsign.sign.data, b->u.hsign.sign.data_len);
 		break;
 	case P11A_MSG_SIGN:
 		assert_str_same(a->u.sign.key_uri, b->u.sign.key_uri);
@@ -867,6 +889,42 @@ test_decode_bad_values(void **state)
 		memset(&d, 0, sizeof(d));
 		d.type = P11A_MSG_H_ADOPT;
 		d.u.adopt.exe = (char *)"curl";
+		b = p11a_buf_new(P11A_FRAME_MAX);
+		assert_non_null(b);
+		assert_int_equal(p11a_msg_encode(&d, b), -P11A_E_INTERNAL);
+		p11a_buf_free(b);
+	}
+	/* H_SIGN (version 3): executable as in H_ADOPT; unknown flag bits are malformed. */
+	{
+		static const uint8_t flags[] = { 0, P11A_HSIGN_FORWARDED, 0x02, 0x81 };
+		struct p11a_msg d;
+
+		for (size_t i = 0; i < sizeof(flags); i++) {
+			for (int rel = 0; rel < 2; rel++) {
+				b = body_new(P11A_MSG_H_SIGN);
+				assert_int_equal(p11a_buf_put_u64(b, 7), 0);
+				assert_int_equal(p11a_buf_put_u32(b, 42), 0);
+				assert_int_equal(p11a_buf_put_cstring(b, rel ? "ssh" : "/usr/bin/ssh"), 0);
+				assert_int_equal(p11a_buf_put_u8(b, flags[i]), 0);
+				assert_int_equal(p11a_buf_put_cstring(b, "pkcs11:object=k"), 0);
+				for (int k = 0; k < 4; k++)
+					assert_int_equal(p11a_buf_put_u8(b, 3), 0);
+				assert_int_equal(p11a_buf_put_u32(b, 0), 0);
+				assert_int_equal(p11a_buf_put_string(b, "data", 4), 0);
+				if (flags[i] <= P11A_HSIGN_FORWARDED && !rel) {
+					assert_int_equal(p11a_msg_decode(p11a_buf_ptr(b), p11a_buf_len(b), &d), 0);
+					assert_int_equal(d.u.hsign.flags, flags[i]);
+					assert_string_equal(d.u.hsign.sign.key_uri, "pkcs11:object=k");
+					p11a_msg_clear(&d);
+					p11a_buf_free(b);
+				} else {
+					assert_int_equal(decode_buf(b), -P11A_E_MALFORMED);
+				}
+			}
+		}
+		memset(&d, 0, sizeof(d));
+		d.type = P11A_MSG_H_SIGN;
+		d.u.hsign.flags = 0x04;
 		b = p11a_buf_new(P11A_FRAME_MAX);
 		assert_non_null(b);
 		assert_int_equal(p11a_msg_encode(&d, b), -P11A_E_INTERNAL);
@@ -2305,6 +2363,7 @@ test_uri_bad(void **state)
 struct fake {
 	int fd[FAKE_MAX];
 	int chan[FAKE_MAX];
+	int fwd[FAKE_MAX];          /* as if forwarded: CHANNEL comes without a descriptor */
 	int n;
 	int opens;
 	int died, restarted;
@@ -2319,6 +2378,7 @@ fake_add(struct fake *f, int fd, int chan)
 	}
 	f->fd[f->n] = fd;
 	f->chan[f->n] = chan;
+	f->fwd[f->n] = 0;
 	f->n++;
 }
 
@@ -2328,6 +2388,7 @@ fake_del(struct fake *f, int i)
 	close(f->fd[i]);
 	f->fd[i] = f->fd[f->n - 1];
 	f->chan[i] = f->chan[f->n - 1];
+	f->fwd[i] = f->fwd[f->n - 1];
 	f->n--;
 }
 
@@ -2364,6 +2425,12 @@ fake_serve(struct fake *f, int i)
 	case P11A_MSG_HELLO:
 		r.type = P11A_MSG_HELLO_REPLY;
 		r.u.hello_reply.version = 1;
+		/* "fwd-client": a forwarded client of a version-3 agent; "fwd-old": of a version-1 one. */
+		if (strcmp(m.u.hello.client, "fwd-client") == 0 || strcmp(m.u.hello.client, "fwd-old") == 0) {
+			f->fwd[i] = 1;
+			if (strcmp(m.u.hello.client, "fwd-client") == 0)
+				r.u.hello_reply.version = 3;
+		}
 		r.u.hello_reply.agent = strdup("fake agent");
 		break;
 	case P11A_MSG_STATUS:
@@ -2401,6 +2468,10 @@ fake_serve(struct fake *f, int i)
 			    m.u.open_channel.key_uri);
 			break;
 		}
+		if (f->fwd[i]) {
+			r.type = P11A_MSG_CHANNEL;      /* the descriptor is lost on the way */
+			break;
+		}
 		if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
 			(void)p11a_msg_set_error(&r, P11A_E_INTERNAL, NULL);
 			break;
@@ -2413,7 +2484,7 @@ fake_serve(struct fake *f, int i)
 		p11a_msg_clear(&m);
 		return 0;
 	case P11A_MSG_SIGN:
-		if (!f->chan[i]) {
+		if (!f->chan[i] && !f->fwd[i]) {
 			(void)p11a_msg_set_error(&r, P11A_E_PROTOCOL, "SIGN on a main connection");
 			break;
 		}
@@ -2662,6 +2733,55 @@ test_client_requests(void **state)
 		assert_int_equal(p11a_client_status(c, &reply), 0);
 		p11a_msg_clear(&reply);
 	}
+	p11a_client_free(c);
+}
+
+/*
+ * Forwarded (protocol version 3): CHANNEL comes without a descriptor, and
+ * the client signs on its main connection with the channel path's error
+ * handling and retry; no channel is ever opened ("#0").  Against a
+ * version-1 agent the same CHANNEL is an error that says why.
+ */
+static void
+test_client_sign_relayed(void **state)
+{
+	struct agent_env *e = *state;
+	struct p11a_client *c = NULL;
+	struct p11a_sign s;
+	uint8_t *sig = (uint8_t *)1;
+	size_t len = 1;
+
+	assert_int_equal(p11a_client_connect(e->path, "fwd-client", 0, &c, NULL, 0), 0);
+	sign_expect(c, "pkcs11:object=one", "hello", "sig(hello)#0");
+	sign_expect(c, "pkcs11:object=two", "two", "sig(two)#0");
+	memset(&s, 0, sizeof(s));
+	s.key_uri = "pkcs11:object=one";
+	s.data = (uint8_t *)"locked";
+	s.data_len = 6;
+	assert_int_equal(p11a_client_sign(c, &s, &sig, &len), -P11A_E_LOCKED);
+	assert_null(sig);
+	assert_string_equal(p11a_client_last_error(c), "token 'A' is locked");
+	/* The connection stays after an ERROR; the agent goes away once: retried. */
+	sign_expect(c, "pkcs11:object=one", "after", "sig(after)#0");
+	sign_expect(c, "pkcs11:object=one", "die-once", "sig(die-once)#0");
+	sign_expect(c, "pkcs11:object=one", "restart-once", "sig(restart-once)#0");
+	/* Other requests share the main connection in turn. */
+	{
+		struct p11a_msg reply;
+
+		assert_int_equal(p11a_client_list(c, &reply), 0);
+		p11a_msg_clear(&reply);
+	}
+	sign_expect(c, "pkcs11:object=one", "last", "sig(last)#0");
+	p11a_client_free(c);
+
+	assert_int_equal(p11a_client_connect(e->path, "fwd-old", 0, &c, NULL, 0), 0);
+	s.data = (uint8_t *)"x";
+	s.data_len = 1;
+	sig = (uint8_t *)1;
+	assert_int_equal(p11a_client_sign(c, &s, &sig, &len), -P11A_E_PROTOCOL);
+	assert_null(sig);
+	assert_non_null(strstr(p11a_client_last_error(c), "needs version 3"));
 	p11a_client_free(c);
 }
 
@@ -2938,6 +3058,7 @@ main(void)
 		/* Each client test gets a fresh fake agent. */
 		cmocka_unit_test_setup_teardown(test_client_requests, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_sign_channels, setup_agent, teardown_agent),
+		cmocka_unit_test_setup_teardown(test_client_sign_relayed, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_connect_errors, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_refuses_other_owner, setup_agent, teardown_agent),
 	};
