@@ -32,6 +32,8 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_ALLOW_PROGRAMS] = "allow-programs",
 	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
+	[SET_PINENTRY_PROGRAM] = "pinentry-program",
+	[SET_CONFIRM] = "confirm",
 };
 
 const char *
@@ -105,6 +107,7 @@ config_free(struct agent_config *cfg)
 	}
 	free(cfg->keysecs);
 	programs_clear(&cfg->allow_programs);
+	free(cfg->pinentry_program);
 	free(cfg->admin_file);
 	free(cfg->user_file);
 	for (size_t i = 0; i < cfg->ninterned; i++)
@@ -486,6 +489,7 @@ keysec_begin(struct parse *p, const char *arg)
 	if (!(l->pattern = strdup(arg)))
 		return perr(p, "out of memory");
 	l->tls_only = -1;
+	l->confirm = -1;
 	l->origin = p->at;
 	p->keysec = (long)cfg->nkeysecs++;
 	p->section = -1;
@@ -557,6 +561,58 @@ set_allow_programs(struct parse *p, struct conf_keysec *ks, char *val)
 	return 0;
 }
 
+const char *
+config_confirm_name(int confirm)
+{
+	return confirm == CONFIRM_ALWAYS ? "always" : confirm == CONFIRM_ONCE ? "once" : "no";
+}
+
+/* confirm, globally (keysec NULL) or in a [key] section: lock-checked. */
+static int
+set_confirm(struct parse *p, struct conf_keysec *ks, const char *val)
+{
+	int v;
+
+	if (check_lock(p->cfg, SET_CONFIRM, "confirm", &p->at) != 0)
+		return -1;
+	if (strcmp(val, "no") == 0)
+		v = CONFIRM_NO;
+	else if (strcmp(val, "once") == 0)
+		v = CONFIRM_ONCE;
+	else if (strcmp(val, "always") == 0)
+		v = CONFIRM_ALWAYS;
+	else
+		return perr(p, "confirm must be no, once or always, not '%s'", val);
+	if (ks != NULL) {
+		ks->confirm = v;
+		ks->confirm_origin = p->at;
+	} else {
+		p->cfg->confirm = v;
+		p->cfg->origin[SET_CONFIRM] = p->at;
+	}
+	return 0;
+}
+
+int
+config_key_confirm(const struct agent_config *cfg, const struct p11a_token *tok,
+		   const struct p11a_key *key)
+{
+	int v = cfg->confirm;
+
+	for (size_t i = 0; i < cfg->nkeysecs; i++) {
+		const struct conf_keysec *ks = &cfg->keysecs[i];
+		struct p11a_uri_matcher *um;
+		int err = 0;
+
+		if (ks->confirm < 0 || (um = p11a_uri_matcher_new(ks->pattern, &err)) == NULL)
+			continue;
+		if (p11a_uri_match_key(um, tok, key) == 1)
+			v = ks->confirm;
+		p11a_uri_matcher_free(um);
+	}
+	return v;
+}
+
 static int
 keysec_setting(struct parse *p, const char *key, char *val)
 {
@@ -564,7 +620,9 @@ keysec_setting(struct parse *p, const char *key, char *val)
 		return set_tls_only(p, &p->cfg->keysecs[p->keysec], val);
 	if (strcmp(key, "allow-programs") == 0)
 		return set_allow_programs(p, &p->cfg->keysecs[p->keysec], val);
-	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs); global "
+	if (strcmp(key, "confirm") == 0)
+		return set_confirm(p, &p->cfg->keysecs[p->keysec], val);
+	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, confirm); global "
 		    "settings go before the first section", key);
 }
 
@@ -726,6 +784,15 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_tls_only(p, NULL, val);
 	if (strcmp(key, "allow-programs") == 0)
 		return set_allow_programs(p, NULL, val);
+	if (strcmp(key, "confirm") == 0)
+		return set_confirm(p, NULL, val);
+	if (strcmp(key, "pinentry-program") == 0) {
+		if (check_lock(cfg, SET_PINENTRY_PROGRAM, key, &p->at) != 0)
+			return -1;
+		if (val[0] != '/')
+			return perr(p, "pinentry-program needs an absolute path, not '%s'", val);
+		return set_text(p, &cfg->pinentry_program, &cfg->origin[SET_PINENTRY_PROGRAM], val);
+	}
 	if (strcmp(key, "lock-on-suspend") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
 	if (strcmp(key, "lock-on-screen-lock") == 0)
@@ -945,6 +1012,10 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_value(out, "tls-only", cfg->tls_only ? "yes" : "no", &cfg->origin[SET_TLS_ONLY], cfg,
 		    SET_TLS_ONLY);
 	print_programs(out, &cfg->allow_programs, cfg);
+	print_value(out, "confirm", config_confirm_name(cfg->confirm), &cfg->origin[SET_CONFIRM],
+		    cfg, SET_CONFIRM);
+	print_value(out, "pinentry-program", cfg->pinentry_program ? cfg->pinentry_program :
+		    PINENTRY_DEFAULT, &cfg->origin[SET_PINENTRY_PROGRAM], cfg, SET_PINENTRY_PROGRAM);
 	print_value(out, "lock-on-suspend", cfg->lock_on_suspend ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
 	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
@@ -981,6 +1052,9 @@ config_print(const struct agent_config *cfg, FILE *out)
 				    SET_TLS_ONLY);
 		if (ks->programs.set)
 			print_programs(out, &ks->programs, cfg);
+		if (ks->confirm >= 0)
+			print_value(out, "confirm", config_confirm_name(ks->confirm),
+				    &ks->confirm_origin, cfg, SET_CONFIRM);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

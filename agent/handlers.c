@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,8 +80,34 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	return p;
 }
 
-/* One awaited reply arrived (code 0 = OK) for a client; answer once all did. */
-static void
+struct pending *
+pending_add_dialog(struct server *s, size_t hi, uint8_t type, const char *what, uint64_t dialog)
+{
+	if (s->npending == s->cpending) {
+		size_t n = s->cpending ? s->cpending * 2 : 16;
+		struct pending *p = realloc(s->pending, n * sizeof(*p));
+		if (!p)
+			return NULL;
+		s->pending = p;
+		s->cpending = n;
+	}
+	struct pending *p = &s->pending[s->npending];
+	memset(p, 0, sizeof(*p));
+	if (++s->next_id == 0)
+		s->next_id = 1;
+	p->id = s->next_id;
+	p->client = SIZE_MAX;
+	p->helper = hi;
+	p->type = type;
+	p->deadline = p11a_now_ms() + s->cfg->sign_timeout_ms;
+	p->what = strdup(what ? what : "");
+	p->channel_fd = -1;
+	p->dialog = dialog;
+	s->npending++;
+	return p;
+}
+
+void
 client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, const char *msg)
 {
 	struct client *c = &s->clients[ci];
@@ -112,6 +139,16 @@ client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, con
 	c->wait_error_msg = NULL;
 }
 
+/* Where a helper's answer (or its failure) goes: the client, or the dialog that asked. */
+static void
+pending_deliver(struct server *s, const struct pending *p, int code, const char *msg)
+{
+	if (p->dialog != 0)
+		prompt_helper_reply(s, p->dialog, code, msg);
+	else
+		client_reply_arrived(s, p->client, p->serial, code, msg);
+}
+
 static void
 pending_remove(struct server *s, size_t pi)
 {
@@ -133,7 +170,8 @@ pending_fail_helper(struct server *s, size_t hi)
 		char msg[512];
 		snprintf(msg, sizeof(msg), "token helper for module %s stopped during %s; it is being restarted",
 			 s->helpers[hi].mod->name, p->what);
-		client_reply_arrived(s, p->client, p->serial, P11A_E_HELPER, msg);
+		struct pending copy = *p;
+		pending_deliver(s, &copy, P11A_E_HELPER, msg);
 		pending_remove(s, i);
 	}
 }
@@ -160,7 +198,8 @@ pending_expire(struct server *s, int64_t now)
 		    "; the lock is still in progress: 'p11agent status' shows the outcome" : "";
 		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s%s", p->what,
 			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000, still);
-		client_reply_arrived(s, p->client, p->serial, P11A_E_TIMEOUT, msg);
+		struct pending copy = *p;
+		pending_deliver(s, &copy, P11A_E_TIMEOUT, msg);
 		pending_remove(s, i);
 	}
 }
@@ -172,6 +211,19 @@ pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m
 		struct pending *p = &s->pending[i];
 		if (p->id != id || p->helper != hi)
 			continue;
+		if (p->dialog != 0) {
+			struct pending copy = *p;
+			pending_remove(s, i);
+			if (m->type == P11A_MSG_OK)
+				prompt_helper_reply(s, copy.dialog, 0, NULL);
+			else if (m->type == P11A_MSG_ERROR)
+				prompt_helper_reply(s, copy.dialog, (int)m->u.error.code,
+						    m->u.error.message);
+			else
+				prompt_helper_reply(s, copy.dialog, P11A_E_INTERNAL,
+						    "unexpected reply from token helper");
+			return;
+		}
 		if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
 			/* The helper serves the channel now: hand the other end over. */
 			struct client *c = &s->clients[p->client];
@@ -534,6 +586,19 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 			   h->mod->name);
 		return;
 	}
+	/* confirm = once: the process says yes (CONFIRM) before its first channel. */
+	uint32_t ki;
+	if (p11a_list_match_keys(&h->inv, uri, &ki, 1, &n) == 0 && n == 1) {
+		const struct p11a_key *k = &h->inv.keys[ki];
+		const struct p11a_token *t = p11a_list_find_token(&h->inv, k->token_uri);
+		if (t != NULL && config_key_confirm(s->cfg, t, k) == CONFIRM_ONCE &&
+		    !prompt_process_confirmed(s, ci, k->uri)) {
+			send_error(s, ci, P11A_E_NOT_CONFIRMED,
+				   "key '%s' needs your confirmation for this program (confirm = once)",
+				   k->label && *k->label ? k->label : k->uri);
+			return;
+		}
+	}
 	int sv[2];
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
 		send_error(s, ci, P11A_E_BUSY, "cannot create a signing channel: %s", strerror(errno));
@@ -594,6 +659,8 @@ client_request(struct server *s, size_t ci)
 	case P11A_MSG_UNLOCK:
 	case P11A_MSG_LOCK:
 	case P11A_MSG_OPEN_CHANNEL:
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
 		/*
 		 * These need the inventory: right after start-up (or a helper
 		 * restart) wait for the helpers to report rather than answer
@@ -650,6 +717,19 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 		break;
 	case P11A_MSG_OPEN_CHANNEL:
 		handle_open_channel(s, ci, &m.u.open_channel);
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+	case P11A_MSG_UPDATE_ENV:
+		if (s->clients[ci].version < 3)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 3", m.type);
+		else if (m.type == P11A_MSG_UNLOCK_PROMPT)
+			handle_unlock_prompt(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else if (m.type == P11A_MSG_CONFIRM)
+			handle_confirm(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else
+			handle_update_env(s, ci, &m.u.env);
 		break;
 	case P11A_MSG_SIGN:
 		send_error(s, ci, P11A_E_PROTOCOL,

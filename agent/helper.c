@@ -262,6 +262,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		pthread_cond_signal(&h->wd_cond);
 	}
 	pthread_mutex_unlock(&h->wlock);
+	peer.conn = c->conn;
 	peer.pid = c->pid;
 	peer.exe = c->exe;
 	r = token_sign(h->tm, &c->memo, &peer, req, &deadline, sig, sizeof(sig), &sig_len, msg,
@@ -658,6 +659,16 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			(void)ctrl_send_ok(h, id);
 		else
 			(void)ctrl_send_error(h, id, r, msg);
+		break;
+	case P11A_MSG_H_GRANT:
+		log_debug("request %u: a confirmed signature for connection %llu", id,
+			  (unsigned long long)m.u.grant.conn);
+		r = token_grant_add(m.u.grant.conn, m.u.grant.key_uri);
+		p11a_msg_clear(&m);
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, "out of memory");
 		break;
 	case P11A_MSG_H_REFRESH:
 		log_debug("request %u: refresh", id);

@@ -41,6 +41,8 @@ static const char *const err_text[P11A_E__MAX] = {
 	[P11A_E_INTERNAL] = "internal error",
 	[P11A_E_CRYPTO] = "cryptographic operation failed",
 	[P11A_E_POLICY] = "not allowed by the key's policy",
+	[P11A_E_CANCELLED] = "PIN entry cancelled",
+	[P11A_E_NOT_CONFIRMED] = "signature not confirmed by the user",
 };
 
 const char *

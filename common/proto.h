@@ -28,11 +28,16 @@ enum p11a_msg_type {
 	P11A_MSG_SIGN = 0x07,
 	/* protocol version 2 */
 	P11A_MSG_HEALTH = 0x08,
+	/* protocol version 3: PIN entry and confirm */
+	P11A_MSG_UNLOCK_PROMPT = 0x09,   /* unlock the token of a key/token URI with a PIN dialog */
+	P11A_MSG_CONFIRM = 0x0A,         /* ask the user to allow a signature with a key */
+	P11A_MSG_UPDATE_ENV = 0x0B,      /* the session's display/tty for pinentry */
 
 	/* internal, agent main process <-> token helper only */
 	P11A_MSG_H_ADOPT = 0x40,     /* main -> helper: a signing channel fd is attached */
 	P11A_MSG_H_REFRESH = 0x41,   /* main -> helper: re-enumerate, answer INVENTORY */
 	P11A_MSG_H_INVENTORY = 0x42, /* helper -> main: this module's tokens and keys */
+	P11A_MSG_H_GRANT = 0x44,     /* main -> helper: one confirmed signature for a connection */
 
 	/* replies */
 	P11A_MSG_OK = 0x80,
@@ -152,6 +157,22 @@ struct p11a_adopt {                 /* H_ADOPT (internal; the channel's descript
 				     * encodes as "") when unknown */
 };
 
+struct p11a_prompt {                /* UNLOCK_PROMPT, CONFIRM (version 3) */
+	char *uri;                  /* UNLOCK_PROMPT: a key or token URI; CONFIRM: the key URI */
+};
+
+#define P11A_ENV_MAX 32             /* entries of an UPDATE_ENV at most */
+
+struct p11a_update_env {            /* UPDATE_ENV (version 3) */
+	uint32_t n;
+	char **env;                 /* "NAME=value" each */
+};
+
+struct p11a_grant {                 /* H_GRANT (internal) */
+	uint64_t conn;              /* the agent's serial of the connection the grant is for */
+	char *key_uri;              /* the key as the client named it in CONFIRM */
+};
+
 struct p11a_sign {                  /* SIGN */
 	char *key_uri;
 	uint8_t scheme;             /* enum p11a_scheme */
@@ -181,6 +202,9 @@ struct p11a_msg {
 		struct p11a_lock lock;
 		struct p11a_open_channel open_channel;
 		struct p11a_adopt adopt;
+		struct p11a_prompt prompt;          /* UNLOCK_PROMPT, CONFIRM */
+		struct p11a_update_env env;         /* UPDATE_ENV */
+		struct p11a_grant grant;            /* H_GRANT */
 		struct p11a_sign sign;
 		struct p11a_signature signature;
 	} u;
