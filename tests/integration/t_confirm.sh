@@ -20,6 +20,7 @@ make_token
 PDIR=$T/pinentry
 mkdir -p "$PDIR"
 export TEST_PINENTRY_DIR=$PDIR
+unset P11AGENT_NO_PROMPT
 cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
 chmod 755 "$T/test-pinentry"
 cat >"$T/agent.conf" <<EOF

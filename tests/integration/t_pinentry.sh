@@ -29,6 +29,7 @@ fault_setup
 PDIR=$T/pinentry
 mkdir -p "$PDIR"
 export TEST_PINENTRY_DIR=$PDIR
+unset P11AGENT_NO_PROMPT
 cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
 chmod 755 "$T/test-pinentry"
 echo "pinentry-program $T/test-pinentry" >>"$T/agent.conf"

@@ -73,9 +73,11 @@ static char recent_a[] = "2025-01-01 00:00:00 UTC module broken failed";
 static char recent_b[] = "";
 static char *sample_recent[] = { recent_a, recent_b };
 
-#define NSAMPLES 19
+#define NSAMPLES 23
 
 /* Fills m with sample i; every message type appears once or more. */
+static char *sample_env[] = { "DISPLAY=:0", "TTY=/dev/pts/3" };
+
 static void
 sample(size_t i, struct p11a_msg *m)
 {
@@ -170,6 +172,24 @@ sample(size_t i, struct p11a_msg *m)
 		m->u.health.modules = sample_modules;
 		m->u.health.nrecent = 2;
 		m->u.health.recent = sample_recent;
+		break;
+	case 19:
+		m->type = P11A_MSG_UNLOCK_PROMPT;
+		m->u.prompt.uri = "pkcs11:token=A;object=k";
+		break;
+	case 20:
+		m->type = P11A_MSG_CONFIRM;
+		m->u.prompt.uri = "pkcs11:object=k";
+		break;
+	case 21:
+		m->type = P11A_MSG_UPDATE_ENV;
+		m->u.env.n = 2;
+		m->u.env.env = sample_env;
+		break;
+	case 22:
+		m->type = P11A_MSG_H_GRANT;
+		m->u.grant.conn = 0x0102030405060708ULL;
+		m->u.grant.key_uri = "pkcs11:object=k";
 		break;
 	default:
 		fail();
@@ -303,6 +323,19 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 		assert_int_equal(a->u.health.nrecent, b->u.health.nrecent);
 		for (i = 0; i < a->u.health.nrecent; i++)
 			assert_str_same(a->u.health.recent[i], b->u.health.recent[i]);
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		assert_str_same(a->u.prompt.uri, b->u.prompt.uri);
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		assert_int_equal(a->u.env.n, b->u.env.n);
+		for (i = 0; i < a->u.env.n; i++)
+			assert_str_same(a->u.env.env[i], b->u.env.env[i]);
+		break;
+	case P11A_MSG_H_GRANT:
+		assert_int_equal(a->u.grant.conn, b->u.grant.conn);
+		assert_str_same(a->u.grant.key_uri, b->u.grant.key_uri);
 		break;
 	default:
 		break;
@@ -477,7 +510,7 @@ test_leftover_bytes(void **state)
 static void
 test_unknown_type(void **state)
 {
-	static const uint8_t types[] = { 0x00, 0x09, 0x3f, 0x43, 0x7f, 0x88, 0xff };
+	static const uint8_t types[] = { 0x00, 0x0c, 0x3f, 0x43, 0x7f, 0x88, 0xff };
 	struct p11a_buf *b = p11a_buf_new(100);
 	struct p11a_msg m, d;
 	uint8_t body[8];
@@ -500,6 +533,36 @@ test_unknown_type(void **state)
 		assert_int_equal(p11a_buf_len(b), 2);
 		p11a_buf_reset(b);
 	}
+	p11a_buf_free(b);
+}
+
+/* UPDATE_ENV (version 3): NAME=value entries, at most P11A_ENV_MAX. */
+static void
+test_update_env_limits(void **state)
+{
+	struct p11a_buf *b = p11a_buf_new(100);
+	struct p11a_msg m, d;
+	char *bad[] = { "DISPLAY" };
+	char *many[P11A_ENV_MAX + 1];
+	uint8_t raw[] = { P11A_MSG_UPDATE_ENV, 0, 0, 0, 1, 0, 0, 0, 2, '=', 'x' };
+	uint8_t huge[] = { P11A_MSG_UPDATE_ENV, 0, 0, 0, P11A_ENV_MAX + 1 };
+
+	(void)state;
+	assert_non_null(b);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_UPDATE_ENV;
+	m.u.env.n = 1;
+	m.u.env.env = bad;
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_MALFORMED);
+	p11a_buf_reset(b);
+	for (size_t i = 0; i < P11A_ENV_MAX + 1; i++)
+		many[i] = "TERM=x";
+	m.u.env.n = P11A_ENV_MAX + 1;
+	m.u.env.env = many;
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_TOO_LARGE);
+	/* "=x": no name. */
+	assert_int_equal(p11a_msg_decode(raw, sizeof(raw), &d), -P11A_E_MALFORMED);
+	assert_int_equal(p11a_msg_decode(huge, sizeof(huge), &d), -P11A_E_TOO_LARGE);
 	p11a_buf_free(b);
 }
 
@@ -2797,6 +2860,7 @@ main(void)
 		cmocka_unit_test(test_truncated_every_offset),
 		cmocka_unit_test(test_leftover_bytes),
 		cmocka_unit_test(test_unknown_type),
+		cmocka_unit_test(test_update_env_limits),
 		cmocka_unit_test(test_utf8),
 		cmocka_unit_test(test_empty_and_fieldless),
 		cmocka_unit_test(test_decode_oversize),
