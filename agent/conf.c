@@ -11,6 +11,7 @@
 #include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/un.h>
@@ -33,6 +34,8 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_FORWARDING] = "forwarding",
 	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
+	[SET_PINENTRY_PROGRAM] = "pinentry-program",
+	[SET_CONFIRM] = "confirm",
 	[SET_AUDIT] = "audit",
 	[SET_AUDIT_RING] = "audit-ring",
 };
@@ -115,6 +118,7 @@ config_free(struct agent_config *cfg)
 	}
 	free(cfg->keysecs);
 	programs_clear(&cfg->allow_programs);
+	free(cfg->pinentry_program);
 	free(cfg->admin_file);
 	free(cfg->user_file);
 	for (size_t i = 0; i < cfg->ninterned; i++)
@@ -497,6 +501,7 @@ keysec_begin(struct parse *p, const char *arg)
 		return perr(p, "out of memory");
 	l->tls_only = -1;
 	l->forwarding = -1;
+	l->confirm = -1;
 	l->origin = p->at;
 	p->keysec = (long)cfg->nkeysecs++;
 	p->section = -1;
@@ -600,6 +605,78 @@ set_allow_programs(struct parse *p, struct conf_keysec *ks, char *val)
 	return 0;
 }
 
+const char *
+config_confirm_name(int confirm)
+{
+	return confirm == CONFIRM_ALWAYS ? "always" : confirm == CONFIRM_ONCE ? "once" : "no";
+}
+
+/* confirm, globally (keysec NULL) or in a [key] section: lock-checked. */
+static int
+set_confirm(struct parse *p, struct conf_keysec *ks, const char *val)
+{
+	int v;
+
+	if (check_lock(p->cfg, SET_CONFIRM, "confirm", &p->at) != 0)
+		return -1;
+	if (strcmp(val, "no") == 0)
+		v = CONFIRM_NO;
+	else if (strcmp(val, "once") == 0)
+		v = CONFIRM_ONCE;
+	else if (strcmp(val, "always") == 0)
+		v = CONFIRM_ALWAYS;
+	else
+		return perr(p, "confirm must be no, once or always, not '%s'", val);
+	if (ks != NULL) {
+		ks->confirm = v;
+		ks->confirm_origin = p->at;
+	} else {
+		p->cfg->confirm = v;
+		p->cfg->origin[SET_CONFIRM] = p->at;
+	}
+	return 0;
+}
+
+/*
+ * An int setting of the [key] sections for key: the last section that
+ * matches and sets it (the field at offset off, -1 = not set) wins over
+ * dflt.
+ */
+static int
+keysec_int(const struct agent_config *cfg, const struct p11a_token *tok,
+	   const struct p11a_key *key, int dflt, size_t off)
+{
+	int v = dflt;
+
+	for (size_t i = 0; i < cfg->nkeysecs; i++) {
+		const struct conf_keysec *ks = &cfg->keysecs[i];
+		int set = *(const int *)(const void *)((const char *)ks + off);
+		struct p11a_uri_matcher *um;
+		int err = 0;
+
+		if (set < 0 || (um = p11a_uri_matcher_new(ks->pattern, &err)) == NULL)
+			continue;
+		if (p11a_uri_match_key(um, tok, key) == 1)
+			v = set;
+		p11a_uri_matcher_free(um);
+	}
+	return v;
+}
+
+int
+config_key_confirm(const struct agent_config *cfg, const struct p11a_token *tok,
+		   const struct p11a_key *key)
+{
+	return keysec_int(cfg, tok, key, cfg->confirm, offsetof(struct conf_keysec, confirm));
+}
+
+int
+config_key_forwarding(const struct agent_config *cfg, const struct p11a_token *tok,
+		      const struct p11a_key *key)
+{
+	return keysec_int(cfg, tok, key, cfg->forwarding, offsetof(struct conf_keysec, forwarding));
+}
+
 static int
 keysec_setting(struct parse *p, const char *key, char *val)
 {
@@ -609,8 +686,10 @@ keysec_setting(struct parse *p, const char *key, char *val)
 		return set_allow_programs(p, &p->cfg->keysecs[p->keysec], val);
 	if (strcmp(key, "forwarding") == 0)
 		return set_forwarding(p, &p->cfg->keysecs[p->keysec], val);
-	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, forwarding); "
-		    "global settings go before the first section", key);
+	if (strcmp(key, "confirm") == 0)
+		return set_confirm(p, &p->cfg->keysecs[p->keysec], val);
+	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, forwarding, "
+		    "confirm); global settings go before the first section", key);
 }
 
 static int
@@ -773,6 +852,15 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_allow_programs(p, NULL, val);
 	if (strcmp(key, "forwarding") == 0)
 		return set_forwarding(p, NULL, val);
+	if (strcmp(key, "confirm") == 0)
+		return set_confirm(p, NULL, val);
+	if (strcmp(key, "pinentry-program") == 0) {
+		if (check_lock(cfg, SET_PINENTRY_PROGRAM, key, &p->at) != 0)
+			return -1;
+		if (val[0] != '/')
+			return perr(p, "pinentry-program needs an absolute path, not '%s'", val);
+		return set_text(p, &cfg->pinentry_program, &cfg->origin[SET_PINENTRY_PROGRAM], val);
+	}
 	if (strcmp(key, "lock-on-suspend") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
 	if (strcmp(key, "lock-on-screen-lock") == 0)
@@ -1011,6 +1099,10 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_programs(out, &cfg->allow_programs, cfg);
 	print_value(out, "forwarding", config_forwarding_name(cfg->forwarding),
 		    &cfg->origin[SET_FORWARDING], cfg, SET_FORWARDING);
+	print_value(out, "confirm", config_confirm_name(cfg->confirm), &cfg->origin[SET_CONFIRM],
+		    cfg, SET_CONFIRM);
+	print_value(out, "pinentry-program", cfg->pinentry_program ? cfg->pinentry_program :
+		    PINENTRY_DEFAULT, &cfg->origin[SET_PINENTRY_PROGRAM], cfg, SET_PINENTRY_PROGRAM);
 	print_value(out, "lock-on-suspend", cfg->lock_on_suspend ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
 	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
@@ -1053,6 +1145,9 @@ config_print(const struct agent_config *cfg, FILE *out)
 		if (ks->forwarding >= 0)
 			print_value(out, "forwarding", config_forwarding_name(ks->forwarding),
 				    &ks->fwd_origin, cfg, SET_FORWARDING);
+		if (ks->confirm >= 0)
+			print_value(out, "confirm", config_confirm_name(ks->confirm),
+				    &ks->confirm_origin, cfg, SET_CONFIRM);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

@@ -23,6 +23,7 @@
 #include <stdio.h>
 
 #define CONFIG_MAX_MODULES 32
+#define PINENTRY_DEFAULT "/usr/bin/pinentry"
 #define CONFIG_POOL_MAX 32       /* = TOKEN_POOL_MAX, the most sessions a pool holds */
 
 enum conf_layer {
@@ -54,6 +55,8 @@ enum conf_setting {
 	SET_LOCK_ON_SCREEN_LOCK, /* lock-on-screen-lock: our session's Lock or LockedHint */
 	SET_AUDIT,               /* audit: where audit events go (agent/audit.c) */
 	SET_AUDIT_RING,          /* audit-ring: events kept for `p11agent log` */
+	SET_PINENTRY_PROGRAM,    /* pinentry-program: the PIN and confirm dialog */
+	SET_CONFIRM,             /* confirm, globally and in [key] sections */
 	SET_COUNT
 };
 
@@ -109,12 +112,20 @@ enum conf_forwarding {
 	CONF_FORWARDING_DENY = 2
 };
 
+/* confirm: who must say yes before a key signs (pinentry CONFIRM). */
+enum conf_confirm {
+	CONFIRM_NO = 0,
+	CONFIRM_ONCE = 1,        /* the first signing channel of each client process */
+	CONFIRM_ALWAYS = 2       /* every signature */
+};
+
 struct conf_keysec {
 	char *pattern;           /* a pkcs11: URI, matched as SIGN matches key URIs */
 	int tls_only;            /* -1 = not set here, else 0/1 */
 	int forwarding;          /* -1 = not set here, else enum conf_forwarding */
+	int confirm;             /* -1 = not set here, else enum conf_confirm */
 	struct conf_programs programs;
-	struct conf_origin origin, tls_origin, fwd_origin;
+	struct conf_origin origin, tls_origin, fwd_origin, confirm_origin;
 };
 
 /* A module that was found but is not used, and why (--print-config, status). */
@@ -164,6 +175,8 @@ struct agent_config {
 	struct conf_dropped *dropped;
 	size_t ndropped;
 
+	char *pinentry_program;          /* absolute path; default PINENTRY_DEFAULT */
+	int confirm;                     /* enum conf_confirm: the default for keys */
 	int tls_only;                    /* the default for keys no [key] section sets */
 	int forwarding;                  /* likewise; enum conf_forwarding, default allow */
 	struct conf_programs allow_programs; /* likewise */
@@ -241,6 +254,22 @@ void config_print(const struct agent_config *cfg, FILE *out);
 int config_parse_duration(const char *text, int64_t *ms);
 /* "off", "90s", "5m", "2h": the largest unit that is exact. */
 void config_format_duration(int64_t ms, char *out, size_t out_size);
+
+/* "no", "once", "always". */
+const char *config_confirm_name(int confirm);
+
+/*
+ * The confirm setting of a key (its URI as the inventory lists it, with
+ * its token): the last [key] section matching it that sets confirm, else
+ * the default.  Patterns were checked at load.
+ */
+struct p11a_token;
+struct p11a_key;
+/* The forwarding setting (enum conf_forwarding) that applies to key. */
+int config_key_forwarding(const struct agent_config *cfg, const struct p11a_token *tok,
+			  const struct p11a_key *key);
+int config_key_confirm(const struct agent_config *cfg, const struct p11a_token *tok,
+		       const struct p11a_key *key);
 
 /* The name of a setting as written in files ("sign-timeout"). */
 const char *config_setting_name(enum conf_setting s);

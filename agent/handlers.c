@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,8 +54,9 @@ send_ok(struct server *s, size_t ci)
 
 /* ------------------------------------------------------------ pending */
 
+/* A new pending request to helper hi, with its id and deadline; NULL out of memory. */
 static struct pending *
-pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *what)
+pending_new(struct server *s, size_t hi, uint8_t type, const char *what)
 {
 	if (s->npending == s->cpending) {
 		size_t n = s->cpending ? s->cpending * 2 : 16;
@@ -69,8 +71,6 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	if (++s->next_id == 0)
 		s->next_id = 1;
 	p->id = s->next_id;
-	p->client = ci;
-	p->serial = s->clients[ci].serial;
 	p->helper = hi;
 	p->type = type;
 	p->deadline = p11a_now_ms() + s->cfg->sign_timeout_ms;
@@ -78,12 +78,35 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	p->channel_fd = -1;
 	p->started_us = audit_now_us();
 	s->npending++;
+	return p;
+}
+
+static struct pending *
+pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *what)
+{
+	struct pending *p = pending_new(s, hi, type, what);
+
+	if (p == NULL)
+		return NULL;
+	p->client = ci;
+	p->serial = s->clients[ci].serial;
 	s->clients[ci].waiting++;
 	return p;
 }
 
-/* One awaited reply arrived (code 0 = OK) for a client; answer once all did. */
-static void
+struct pending *
+pending_add_dialog(struct server *s, size_t hi, uint8_t type, const char *what, uint64_t dialog)
+{
+	struct pending *p = pending_new(s, hi, type, what);
+
+	if (p == NULL)
+		return NULL;
+	p->client = SIZE_MAX;
+	p->dialog = dialog;
+	return p;
+}
+
+void
 client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, const char *msg)
 {
 	struct client *c = &s->clients[ci];
@@ -119,12 +142,12 @@ client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, con
 static void
 pending_audit(struct server *s, const struct pending *p, int code, const char *msg)
 {
+	/* A dialog's UNLOCK is audited with the dialog's outcome (prompt.c); it has no client. */
+	if ((p->type != P11A_MSG_UNLOCK && p->type != P11A_MSG_LOCK) || p->dialog != 0)
+		return;
 	const struct client *c = &s->clients[p->client];
 	int same = c->fd >= 0 && c->serial == p->serial;
 	uint64_t now = audit_now_us();
-
-	if (p->type != P11A_MSG_UNLOCK && p->type != P11A_MSG_LOCK)
-		return;
 	audit_note(p->type == P11A_MSG_UNLOCK ? P11A_EV_UNLOCK : P11A_EV_LOCK, p->uri,
 		   same ? c->pid : 0, same ? (uid_t)c->uid : s->uid, same ? c->exe : NULL, code, msg,
 		   p->type == P11A_MSG_LOCK ? "request" : NULL,
@@ -145,6 +168,16 @@ client_signature_arrived(struct server *s, size_t ci, uint64_t serial, const str
 	free(c->wait_error_msg);
 	c->wait_error_msg = NULL;
 	send_msg(s, ci, m, -1);
+}
+
+/* Where a helper's answer (or its failure) goes: the client, or the dialog that asked. */
+static void
+pending_deliver(struct server *s, const struct pending *p, int code, const char *msg)
+{
+	if (p->dialog != 0)
+		prompt_helper_reply(s, p->dialog, code, msg);
+	else
+		client_reply_arrived(s, p->client, p->serial, code, msg);
 }
 
 static void
@@ -170,7 +203,8 @@ pending_fail_helper(struct server *s, size_t hi)
 		snprintf(msg, sizeof(msg), "token helper for module %s stopped during %s; it is being restarted",
 			 s->helpers[hi].mod->name, p->what);
 		pending_audit(s, p, P11A_E_HELPER, msg);
-		client_reply_arrived(s, p->client, p->serial, P11A_E_HELPER, msg);
+		struct pending copy = *p;
+		pending_deliver(s, &copy, P11A_E_HELPER, msg);
 		pending_remove(s, i);
 	}
 }
@@ -198,7 +232,8 @@ pending_expire(struct server *s, int64_t now)
 		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s%s", p->what,
 			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000, still);
 		pending_audit(s, p, P11A_E_TIMEOUT, msg);
-		client_reply_arrived(s, p->client, p->serial, P11A_E_TIMEOUT, msg);
+		struct pending copy = *p;
+		pending_deliver(s, &copy, P11A_E_TIMEOUT, msg);
 		pending_remove(s, i);
 	}
 }
@@ -210,6 +245,19 @@ pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m
 		struct pending *p = &s->pending[i];
 		if (p->id != id || p->helper != hi)
 			continue;
+		if (p->dialog != 0) {
+			struct pending copy = *p;
+			pending_remove(s, i);
+			if (m->type == P11A_MSG_OK)
+				prompt_helper_reply(s, copy.dialog, 0, NULL);
+			else if (m->type == P11A_MSG_ERROR)
+				prompt_helper_reply(s, copy.dialog, (int)m->u.error.code,
+						    m->u.error.message);
+			else
+				prompt_helper_reply(s, copy.dialog, P11A_E_INTERNAL,
+						    "unexpected reply from token helper");
+			return;
+		}
 		if (m->type == P11A_MSG_ERROR)
 			pending_audit(s, p, (int)m->u.error.code, m->u.error.message);
 		else
@@ -603,6 +651,30 @@ key_helper(struct server *s, size_t ci, const char *uri)
 	return (long)hi;
 }
 
+/*
+ * confirm = once: a process says yes (CONFIRM) before its first signature
+ * with the key, on a channel or relayed.  1 after answering the client
+ * NOT_CONFIRMED, else 0.
+ */
+static int
+confirm_once_refused(struct server *s, size_t ci, const struct helper *h, const char *uri)
+{
+	uint32_t ki;
+	size_t n;
+
+	if (p11a_list_match_keys(&h->inv, uri, &ki, 1, &n) != 0 || n != 1)
+		return 0;
+	const struct p11a_key *k = &h->inv.keys[ki];
+	const struct p11a_token *t = p11a_list_find_token(&h->inv, k->token_uri);
+	if (t == NULL || config_key_confirm(s->cfg, t, k) != CONFIRM_ONCE ||
+	    prompt_process_confirmed(s, ci, k->uri))
+		return 0;
+	send_error(s, ci, P11A_E_NOT_CONFIRMED,
+		   "key '%s' needs your confirmation for this program (confirm = once)",
+		   k->label && *k->label ? k->label : k->uri);
+	return 1;
+}
+
 static void
 handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
 {
@@ -629,6 +701,8 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 		send_msg(s, ci, &reply, -1);
 		return;
 	}
+	if (confirm_once_refused(s, ci, h, uri))
+		return;
 	int sv[2];
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
 		send_error(s, ci, P11A_E_BUSY, "cannot create a signing channel: %s", strerror(errno));
@@ -733,7 +807,7 @@ handle_sign(struct server *s, size_t ci, const struct p11a_sign *sg)
 			 c->fd, (long)c->pid, c->exe ? c->exe : "executable unknown");
 	}
 	long li = key_helper(s, ci, uri);
-	if (li < 0)
+	if (li < 0 || confirm_once_refused(s, ci, &s->helpers[li], uri))
 		return;
 	char what[160];
 	snprintf(what, sizeof(what), "a forwarded signature");
@@ -784,6 +858,8 @@ client_request(struct server *s, size_t ci)
 	case P11A_MSG_LOCK:
 	case P11A_MSG_OPEN_CHANNEL:
 	case P11A_MSG_SIGN:
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
 		/*
 		 * These need the inventory: right after start-up (or a helper
 		 * restart) wait for the helpers to report rather than answer
@@ -847,6 +923,19 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 		break;
 	case P11A_MSG_OPEN_CHANNEL:
 		handle_open_channel(s, ci, &m.u.open_channel);
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+	case P11A_MSG_UPDATE_ENV:
+		if (s->clients[ci].version < 3)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 3", m.type);
+		else if (m.type == P11A_MSG_UNLOCK_PROMPT)
+			handle_unlock_prompt(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else if (m.type == P11A_MSG_CONFIRM)
+			handle_confirm(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else
+			handle_update_env(s, ci, &m.u.env);
 		break;
 	case P11A_MSG_SIGN:
 		handle_sign(s, ci, &m.u.sign);

@@ -447,6 +447,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		pthread_cond_signal(&h->wd_cond);
 	}
 	pthread_mutex_unlock(&h->wlock);
+	peer.conn = c->conn;
 	peer.pid = c->pid;
 	peer.exe = c->exe;
 	peer.forwarded = 0;     /* a channel's descriptor reached its client: local */
@@ -828,6 +829,7 @@ relay_main(void *arg)
 	deadline.tv_sec += h->sign_timeout_ms / 1000 + ns / 1000000000L;
 	deadline.tv_nsec = ns % 1000000000L;
 	msg[0] = '\0';
+	peer.conn = hs->conn;
 	peer.pid = hs->pid;
 	peer.exe = hs->exe != NULL && hs->exe[0] != '\0' ? hs->exe : NULL;
 	peer.forwarded = (hs->flags & P11A_HSIGN_FORWARDED) != 0;
@@ -1059,6 +1061,16 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			(void)ctrl_send_ok(h, id);
 		else
 			(void)ctrl_send_error(h, id, r, msg);
+		break;
+	case P11A_MSG_H_GRANT:
+		log_debug("request %u: a confirmed signature for connection %llu", id,
+			  (unsigned long long)m.u.grant.conn);
+		r = token_grant_add(m.u.grant.conn, m.u.grant.key_uri);
+		p11a_msg_clear(&m);
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, "out of memory");
 		break;
 	case P11A_MSG_H_REFRESH:
 		log_debug("request %u: refresh", id);

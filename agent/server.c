@@ -131,6 +131,30 @@ peer_uid_refused(const struct server *s, const struct ucred *cred)
 			 (unsigned)cred->uid, (long)cred->pid, (unsigned)s->uid);
 }
 
+/* Field 22 of /proc/PID/stat (start time in clock ticks), 0 when unknown. */
+static uint64_t
+peer_start_time(pid_t pid)
+{
+	char path[64], buf[1024];
+	unsigned long long v = 0;
+	FILE *f;
+
+	if (pid <= 0)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+	if ((f = fopen(path, "re")) == NULL)
+		return 0;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* The command name may hold spaces and ')': fields count from the last ')'. */
+	char *p = strrchr(buf, ')');
+	if (p == NULL || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u "
+				"%*d %*d %*d %*d %*d %*d %llu", &v) != 1)
+		return 0;
+	return v;
+}
+
 void
 client_close(struct server *s, size_t i)
 {
@@ -220,6 +244,7 @@ client_accept(struct server *s)
 		c->uid = cred.uid;
 		c->pid = cred.pid;
 		c->exe = peer_exe(cred.pid);
+		c->start_time = peer_start_time(cred.pid);
 		c->reply_fd = -1;
 		if (exe_is_ssh(c->exe))
 			c->forwarded = FWD_SSH;
@@ -253,8 +278,8 @@ client_readable(struct server *s, size_t ci)
 
 /* ------------------------------------------------------------ loop */
 
-/* The poll set's entries before the helpers': signalfd, listener, system bus. */
-#define POLL_FIXED 3
+/* The poll set's entries before the helpers': signalfd, listener, system bus, dialogs. */
+#define POLL_FIXED 4
 
 static int
 handle_signals(struct server *s)
@@ -305,6 +330,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	struct server srv;
 	struct server *s = &srv;
 	memset(s, 0, sizeof(*s));
+	s->wake_rd = s->wake_wr = -1;
 	s->cfg = cfg;
 	s->listen_fd = listen_fd;
 	s->uid = getuid();
@@ -337,6 +363,8 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	if (s->nhelpers == 0)
 		log_warn("no PKCS#11 module to use: give --module PATH or register one with p11-kit");
 	s->logind = logind_new(cfg, s->uid, logind_lock, s);
+	if (prompt_init(s) != 0)
+		goto out;
 	/* Clients can connect from now on; requests wait for starting helpers themselves. */
 	sysd_notify("READY=1\nSTATUS=listening on %s, %zu module(s) starting", cfg->socket_path,
 		    s->nhelpers);
@@ -368,6 +396,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 		short bus_ev;
 		int bus_fd = logind_poll_fd(s->logind, &bus_ev, &next);
 		pfd[n++] = (struct pollfd){ bus_fd, bus_ev, 0 };
+		pfd[n++] = (struct pollfd){ s->wake_rd, POLLIN, 0 };
 		for (size_t i = 0; i < s->nhelpers; i++) {
 			struct helper *h = &s->helpers[i];
 			short ev = 0;
@@ -391,6 +420,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			pfd[n++] = (struct pollfd){ ev ? c->fd : -1, ev, 0 };
 		}
 		next = pending_next_deadline(s, next);
+		next = prompt_tick(s, now, next);
 		next = helpers_tick(s, now, next);
 		int timeout = next > now ? (int)(next - now) : 0;
 		int pr = poll(pfd, n, timeout);
@@ -403,6 +433,8 @@ server_run(const struct agent_config *cfg, int listen_fd)
 				handle_signals(s);
 			if (pfd[1].revents & POLLIN)
 				client_accept(s);
+			if (pfd[3].revents & POLLIN)
+				prompt_wake(s);
 			for (size_t i = 0; i < s->nhelpers; i++) {
 				struct helper *h = &s->helpers[i];
 				short re = pfd[POLL_FIXED + i].revents;
@@ -449,6 +481,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			}
 		}
 		pending_expire(s, now);
+		(void)prompt_tick(s, now, now);
 		clients_unpark(s, now);
 		(void)helpers_tick(s, now, now);
 	}
@@ -458,6 +491,7 @@ out:
 	for (size_t i = 0; i < s->nclients; i++)
 		client_close(s, i);
 	free(s->clients);
+	prompt_free(s);
 	pending_free_all(s);
 	free(s->pfd);
 	logind_free(s->logind);

@@ -44,6 +44,7 @@ int cmd_env(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_export_key(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_exec(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_setup(struct cli_ctx *ctx, int argc, char **argv);
+int cmd_updatestartuptty(struct cli_ctx *ctx, int argc, char **argv);
 /* 'p11agent setup openssl' (cmd_setup_openssl.c); conf NULL: the installed snippet. */
 int cli_setup_openssl(const char *conf);
 /* firefox-policy: print (file NULL, !system) or merge into policies.json. */

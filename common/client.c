@@ -773,9 +773,118 @@ chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 	return 0;
 }
 
+/*
+ * UNLOCK_PROMPT or CONFIRM: a person answers a dialog, so the deadline is
+ * the dialog's, not the usual one.  Neither is sent twice on a new
+ * connection (each shows a dialog).
+ */
+static int
+call_prompt(struct p11a_client *c, uint8_t type, const char *uri)
+{
+	struct p11a_msg req, reply;
+	int saved = c->timeout_ms, r;
+
+	if (c->version < 3) {
+		set_error(c, "the agent speaks protocol version %u, which has no PIN or confirm "
+		    "dialogs (an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = type;
+	req.u.prompt.uri = (char *)(uri != NULL ? uri : "");
+	if (c->timeout_ms >= 0 && c->timeout_ms < P11A_CLIENT_PROMPT_TIMEOUT_MS)
+		c->timeout_ms = P11A_CLIENT_PROMPT_TIMEOUT_MS;
+	r = call_expect(c, &req, P11A_MSG_OK, &reply);
+	c->timeout_ms = saved;
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+int
+p11a_client_unlock_prompt(struct p11a_client *c, const char *uri)
+{
+	c->last_error[0] = '\0';
+	return call_prompt(c, P11A_MSG_UNLOCK_PROMPT, uri);
+}
+
+int
+p11a_client_confirm(struct p11a_client *c, const char *key_uri)
+{
+	c->last_error[0] = '\0';
+	return call_prompt(c, P11A_MSG_CONFIRM, key_uri);
+}
+
+int
+p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n)
+{
+	struct p11a_msg req, reply;
+	int r;
+
+	c->last_error[0] = '\0';
+	if (c->version < 3) {
+		set_error(c, "the agent speaks protocol version %u, which has no UPDATE_ENV "
+		    "(an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	if (n > P11A_ENV_MAX) {
+		set_error(c, "more than %d variables", P11A_ENV_MAX);
+		return -P11A_E_TOO_LARGE;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_UPDATE_ENV;
+	req.u.env.n = (uint32_t)n;
+	req.u.env.env = (char **)env;
+	r = call_expect(c, &req, P11A_MSG_OK, &reply);
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+/* P11AGENT_NO_PROMPT=1 (or any value but 0 and ""): no dialogs on behalf of this program. */
+static int
+prompt_allowed(const struct p11a_client *c)
+{
+	const char *v = secure_getenv("P11AGENT_NO_PROMPT");
+
+	if (c->version < 3)
+		return 0;
+	return v == NULL || *v == '\0' || strcmp(v, "0") == 0;
+}
+
+static int sign_once(struct p11a_client *c, const struct p11a_sign *req, uint8_t **sig,
+		     size_t *sig_len);
+
 int
 p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		 uint8_t **sig, size_t *sig_len)
+{
+	int unlocked = 0, confirmed = 0, r, r2;
+
+	for (;;) {
+		r = sign_once(c, req, sig, sig_len);
+		/*
+		 * A locked token or a key that needs a yes: the agent shows the
+		 * dialog (on the main connection) and the signature is tried once
+		 * more.  The dialog's own error (cancelled, refused, a wrong PIN)
+		 * is what the caller gets.
+		 */
+		if (r == -P11A_E_LOCKED && !unlocked && prompt_allowed(c)) {
+			unlocked = 1;
+			if ((r2 = p11a_client_unlock_prompt(c, req->key_uri)) != 0)
+				return r2;
+			continue;
+		}
+		if (r == -P11A_E_NOT_CONFIRMED && !confirmed && prompt_allowed(c)) {
+			confirmed = 1;
+			if ((r2 = p11a_client_confirm(c, req->key_uri)) != 0)
+				return r2;
+			continue;
+		}
+		return r;
+	}
+}
+
+static int
+sign_once(struct p11a_client *c, const struct p11a_sign *req, uint8_t **sig, size_t *sig_len)
 {
 	struct p11a_msg m, reply;
 	size_t slot = CHAN_CACHE;   /* CHAN_CACHE: the main connection (relayed) */

@@ -41,6 +41,8 @@ static const char *const err_text[P11A_E__MAX] = {
 	[P11A_E_INTERNAL] = "internal error",
 	[P11A_E_CRYPTO] = "cryptographic operation failed",
 	[P11A_E_POLICY] = "not allowed by the key's policy",
+	[P11A_E_CANCELLED] = "PIN entry cancelled",
+	[P11A_E_NOT_CONFIRMED] = "signature not confirmed by the user",
 };
 
 const char *
@@ -59,6 +61,7 @@ static const char *const err_names[] = {
 	"NOT_RUNNING", "TIMEOUT", "DENIED", "NO_SUCH_KEY", "NO_SUCH_TOKEN", "AMBIGUOUS", "LOCKED",
 	"PIN_INCORRECT", "PIN_LOCKED", "PIN_INVALID", "TOKEN_NOT_PRESENT", "TOKEN", "UNSUPPORTED",
 	"BAD_REQUEST", "BUSY", "HELPER", "PROTOCOL", "URI", "INTERNAL", "CRYPTO", "POLICY",
+	"CANCELLED", "NOT_CONFIRMED",
 };
 
 const char *

@@ -31,6 +31,10 @@
  * agent's TIMEOUT reply arrives before the client gives up.
  */
 #define P11A_CLIENT_TIMEOUT_MS  (P11A_SIGN_TIMEOUT_MS + 5000)
+/* How long the agent keeps a PIN or confirm dialog open (a person is typing). */
+#define P11A_PROMPT_TIMEOUT_MS  (300 * 1000)
+/* A client's deadline for UNLOCK_PROMPT and CONFIRM: the dialog's and a little more. */
+#define P11A_CLIENT_PROMPT_TIMEOUT_MS (P11A_PROMPT_TIMEOUT_MS + P11A_CLIENT_TIMEOUT_MS)
 
 enum p11a_err {
 	P11A_OK = 0,
@@ -62,7 +66,9 @@ enum p11a_err {
 	P11A_E_INTERNAL = 26,        /* bug or unexpected library failure */
 	P11A_E_CRYPTO = 27,          /* local crypto (hashing, encoding) failed */
 	P11A_E_POLICY = 28,          /* the key's policy refuses this request (tls-only) */
-	P11A_E__MAX = 29
+	P11A_E_CANCELLED = 29,       /* the user cancelled the PIN dialog (version 3) */
+	P11A_E_NOT_CONFIRMED = 30,   /* the key needs the user's confirmation, or the user said no */
+	P11A_E__MAX = 31
 };
 
 /* Short human text for an error code (either sign); never NULL. */

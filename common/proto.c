@@ -265,6 +265,25 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		return put_text(b, m->u.lock.token_uri, P11A_URI_MAX);
 	case P11A_MSG_OPEN_CHANNEL:
 		return put_text(b, m->u.open_channel.key_uri, P11A_URI_MAX);
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		return put_text(b, m->u.prompt.uri, P11A_URI_MAX);
+	case P11A_MSG_UPDATE_ENV:
+		if (m->u.env.n > P11A_ENV_MAX)
+			return -P11A_E_TOO_LARGE;
+		if ((r = p11a_buf_put_u32(b, m->u.env.n)) != 0)
+			return r;
+		for (uint32_t i = 0; i < m->u.env.n; i++) {
+			if (m->u.env.env[i] == NULL || strchr(m->u.env.env[i], '=') == NULL)
+				return -P11A_E_MALFORMED;
+			if ((r = put_text(b, m->u.env.env[i], P11A_TEXT_MAX)) != 0)
+				return r;
+		}
+		return 0;
+	case P11A_MSG_H_GRANT:
+		if ((r = p11a_buf_put_u64(b, m->u.grant.conn)) != 0)
+			return r;
+		return put_text(b, m->u.grant.key_uri, P11A_URI_MAX);
 	case P11A_MSG_SIGN:
 		return put_sign(b, &m->u.sign);
 	case P11A_MSG_H_SIGN:
@@ -613,6 +632,34 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 		return p11a_buf_get_cstring(b, &m->u.lock.token_uri, P11A_URI_MAX);
 	case P11A_MSG_OPEN_CHANNEL:
 		return p11a_buf_get_cstring(b, &m->u.open_channel.key_uri, P11A_URI_MAX);
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		return p11a_buf_get_cstring(b, &m->u.prompt.uri, P11A_URI_MAX);
+	case P11A_MSG_UPDATE_ENV: {
+		uint32_t n;
+
+		if ((r = p11a_buf_get_u32(b, &n)) != 0)
+			return r;
+		if (n > P11A_ENV_MAX)
+			return -P11A_E_TOO_LARGE;
+		if (n == 0)
+			return 0;
+		if ((m->u.env.env = calloc(n, sizeof(*m->u.env.env))) == NULL)
+			return -P11A_E_NOMEM;
+		for (uint32_t i = 0; i < n; i++) {
+			if ((r = p11a_buf_get_cstring(b, &m->u.env.env[i], P11A_TEXT_MAX)) != 0)
+				return r;
+			m->u.env.n = i + 1;
+			/* NAME=value, NAME not empty */
+			if (strchr(m->u.env.env[i], '=') == NULL || m->u.env.env[i][0] == '=')
+				return -P11A_E_MALFORMED;
+		}
+		return 0;
+	}
+	case P11A_MSG_H_GRANT:
+		if ((r = p11a_buf_get_u64(b, &m->u.grant.conn)) != 0)
+			return r;
+		return p11a_buf_get_cstring(b, &m->u.grant.key_uri, P11A_URI_MAX);
 	case P11A_MSG_SIGN:
 		return get_sign(b, &m->u.sign);
 	case P11A_MSG_H_SIGN:
@@ -843,6 +890,18 @@ p11a_msg_clear(struct p11a_msg *m)
 	case P11A_MSG_H_ADOPT:
 		free(m->u.adopt.exe);
 		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		free(m->u.prompt.uri);
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		for (uint32_t i = 0; i < m->u.env.n; i++)
+			free(m->u.env.env[i]);
+		free(m->u.env.env);
+		break;
+	case P11A_MSG_H_GRANT:
+		free(m->u.grant.key_uri);
+		break;
 	case P11A_MSG_SIGN:
 		free(m->u.sign.key_uri);
 		free(m->u.sign.data);
@@ -935,6 +994,16 @@ p11a_msg_bad_text(const struct p11a_msg *m)
 	case P11A_MSG_H_SIGN:
 		s = m->u.hsign.sign.key_uri;
 		what = "key URI";
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		s = m->u.prompt.uri;
+		what = "URI";
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		for (uint32_t i = 0; i < m->u.env.n; i++)
+			if (!p11a_utf8_valid(m->u.env.env[i]))
+				return "environment";
 		break;
 	default:
 		break;

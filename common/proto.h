@@ -31,6 +31,10 @@ enum p11a_msg_type {
 	P11A_MSG_HEALTH = 0x08,
 	/* protocol version 3: audit */
 	P11A_MSG_LOG = 0x0C,
+	/* protocol version 3: PIN entry and confirm */
+	P11A_MSG_UNLOCK_PROMPT = 0x09,   /* unlock the token of a key/token URI with a PIN dialog */
+	P11A_MSG_CONFIRM = 0x0A,         /* ask the user to allow a signature with a key */
+	P11A_MSG_UPDATE_ENV = 0x0B,      /* the session's display/tty for pinentry */
 
 	/* internal, agent main process <-> token helper only */
 	P11A_MSG_H_ADOPT = 0x40,     /* main -> helper: a signing channel fd is attached */
@@ -39,6 +43,7 @@ enum p11a_msg_type {
 	P11A_MSG_H_EVENT = 0x45,     /* helper -> main: audit events (id 0) */
 	/* protocol version 3 (forwarding): a SIGN relayed by the main process */
 	P11A_MSG_H_SIGN = 0x46,      /* main -> helper: SIGN of a client without a channel */
+	P11A_MSG_H_GRANT = 0x44,     /* main -> helper: one confirmed signature for a connection */
 
 	/* replies */
 	P11A_MSG_OK = 0x80,
@@ -209,6 +214,22 @@ struct p11a_adopt {                 /* H_ADOPT (internal; the channel's descript
 				     * encodes as "") when unknown */
 };
 
+struct p11a_prompt {                /* UNLOCK_PROMPT, CONFIRM (version 3) */
+	char *uri;                  /* UNLOCK_PROMPT: a key or token URI; CONFIRM: the key URI */
+};
+
+#define P11A_ENV_MAX 32             /* entries of an UPDATE_ENV at most */
+
+struct p11a_update_env {            /* UPDATE_ENV (version 3) */
+	uint32_t n;
+	char **env;                 /* "NAME=value" each */
+};
+
+struct p11a_grant {                 /* H_GRANT (internal) */
+	uint64_t conn;              /* the agent's serial of the connection the grant is for */
+	char *key_uri;              /* the key as the client named it in CONFIRM */
+};
+
 struct p11a_sign {                  /* SIGN */
 	char *key_uri;
 	uint8_t scheme;             /* enum p11a_scheme */
@@ -254,6 +275,9 @@ struct p11a_msg {
 		struct p11a_lock lock;
 		struct p11a_open_channel open_channel;
 		struct p11a_adopt adopt;
+		struct p11a_prompt prompt;          /* UNLOCK_PROMPT, CONFIRM */
+		struct p11a_update_env env;         /* UPDATE_ENV */
+		struct p11a_grant grant;            /* H_GRANT */
 		struct p11a_sign sign;
 		struct p11a_hsign hsign;
 		struct p11a_signature signature;

@@ -20,11 +20,11 @@
 set -u
 
 build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openssl
-	libp11-kit-dev p11-kit libsystemd-dev libjson-c-dev"
+	libp11-kit-dev p11-kit libsystemd-dev libjson-c-dev libassuan-dev"
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
-	dbus-daemon dbus-bin python3-dbus python3-gi
+	dbus-daemon dbus-bin python3-dbus python3-gi pinentry-tty
 	openssh-server openssh-client socat"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"

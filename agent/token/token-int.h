@@ -59,6 +59,7 @@ struct tok_key {
 	uint8_t policy;                 /* TOK_POL_*: the key's policy, resolved once (sign.c) */
 	const struct tok_programs *programs;    /* its allow-programs, NULL any (with policy) */
 	uint8_t forwarding;             /* enum conf_forwarding, resolved with policy */
+	uint8_t confirm;                /* enum conf_confirm, resolved with policy */
 };
 
 /* An allow-programs list (sign.c; lives as long as the process). */

@@ -140,6 +140,7 @@ struct token_keymemo;
 
 /* The process a channel belongs to, as the agent saw it at accept (allow-programs). */
 struct token_peer {
+	uint64_t conn;                  /* the agent's serial of the connection that opened it */
 	uint32_t pid;                   /* 0 unknown */
 	const char *exe;                /* /proc/PID/exe at accept; NULL unknown */
 	int forwarded;                  /* a forwarded connection (ssh, a relay): forwarding applies */
@@ -153,6 +154,13 @@ struct token_peer {
  * changes.  -1 (msg set) when a pattern does not parse or out of memory.
  */
 int token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size);
+
+/*
+ * confirm = always (H_GRANT): lets one later SIGN for key_uri (the
+ * inventory's URI) on a channel of connection conn through, within a
+ * minute.  Any thread.  -P11A_E_NOMEM.
+ */
+int token_grant_add(uint64_t conn, const char *key_uri);
 
 int token_sign(struct token_module *m, struct token_keymemo **memo,
 	       const struct token_peer *peer, const struct p11a_sign *req, const struct timespec *deadline,

@@ -49,6 +49,10 @@ fi
 # Upper bound on any single CLI call, so a hung agent fails a test instead
 # of hanging the suite.
 CLI_TIMEOUT=${CLI_TIMEOUT:-60}
+# No PIN or confirm dialogs (pinentry) from a signature on a locked token:
+# a test run must not pop up windows on a developer's desktop, and the
+# tests of locked tokens expect the error.  t_pinentry and t_confirm unset it.
+export P11AGENT_NO_PROMPT=1
 
 TOKEN_LABEL=p11agent-test
 USER_PIN=1234

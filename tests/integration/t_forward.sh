@@ -48,9 +48,18 @@ unset OPENSSL_CONF
 
 # ---------------------------------------------------------------- the agent
 # ec256: default (allow); ec384: forwarding deny; rsa2048: forwarding confirm.
+# Dialogs (forwarding confirm, a PIN on first use) go to the test pinentry,
+# which answers from $PDIR/behaviour and logs one line per dialog.
+PDIR=$T/pinentry
+mkdir -p "$PDIR"
+export TEST_PINENTRY_DIR=$PDIR
+cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
+chmod 755 "$T/test-pinentry"
+printf 'action=cancel\n' >"$PDIR/behaviour"
 cat >"$T/agent.conf" <<EOF
 socket $SOCK
 module $SOFTHSM2_MODULE
+pinentry-program $T/test-pinentry
 [key pkcs11:token=$TOKEN_LABEL;object=ec384]
 forwarding deny
 [key pkcs11:token=$TOKEN_LABEL;object=rsa2048]
@@ -58,7 +67,7 @@ forwarding confirm
 EOF
 run env XDG_CONFIG_HOME="$T/config" "$P11AGENTD" --print-config --config "$T/agent.conf"
 rc_is 0 "--print-config with forwarding settings"
-stdout_has "forwarding deny	# $T/agent.conf:4" "--print-config: the [key] section's forwarding and its line"
+stdout_has "forwarding deny	# $T/agent.conf:5" "--print-config: the [key] section's forwarding and its line"
 stdout_has "forwarding allow	# default" "--print-config: the default is allow"
 printf '[key pkcs11:object=ec256]\nforwarding maybe\n' >"$T/bad.conf"
 run env XDG_CONFIG_HOME="$T/config" "$P11AGENTD" --print-config --config "$T/bad.conf" \
@@ -199,7 +208,7 @@ run remote timeout 30 "$P11AGENT" lock
 rc_is 0 "remote: p11agent lock"
 run remote timeout 30 "$P11AGENT" sign --key "${URI[ec256]}" --scheme ecdsa --in "$T/msg" --out "$T/r/sig-locked"
 rc_is 1 "remote: sign while locked fails"
-stderr_has "run 'p11agent unlock'" "remote: the error says to unlock"
+stderr_has "PIN entry cancelled" "remote: a locked token asks for the PIN on this machine (the test pinentry cancels)"
 printf '%s\n' "$USER_PIN" >"$T/r/pin"
 chown "$FWD_USER:" "$T/r/pin"
 chmod 600 "$T/r/pin"
@@ -285,11 +294,27 @@ stderr_has "forwarding is denied for key 'ec384'" "remote: the error says forwar
 file_has "$AGENT_LOG" "forwarded connection, pid" "the helper logs the refusal as forwarded"
 run p11a sign --key "${URI[ec384]}" --scheme ecdsa --hash sha384 --in "$T/msg" --out "$T/sig384"
 rc_is 0 "local: ec384 signs (forwarding deny concerns forwarded connections only)"
+# forwarding confirm: each forwarded signature asks on this machine.
+n_confirms() { grep -c '^CONFIRM' "$PDIR/log" 2>/dev/null || true; }
+c0=$(n_confirms)
+printf 'action=no\n' >"$PDIR/behaviour"
 run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa"
-rc_is 1 "remote: rsa2048 (forwarding confirm) is refused for now"
-stderr_has "forwarding = confirm needs a PIN dialog" "remote: the error says confirm needs a PIN dialog"
+rc_is 1 "remote: rsa2048 (forwarding confirm) answered no is refused"
+stderr_has "refused by the user" "remote: the error says the user refused"
+is "$(($(n_confirms) - c0))" 1 "remote: one confirm dialog for the refused signature"
+file_has "$PDIR/log" "forwarded connection" "the dialog says the request is forwarded"
+printf 'action=yes\n' >"$PDIR/behaviour"
+run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa"
+rc_is 0 "remote: rsa2048 (forwarding confirm) answered yes signs"
+run openssl dgst -sha256 -verify "$TOKDIR/rsa2048.pub.pem" -signature "$T/r/sigrsa" "$T/msg"
+rc_is 0 "remote: the confirmed signature verifies"
+run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa2"
+rc_is 0 "remote: a second forwarded signature, confirmed again"
+is "$(($(n_confirms) - c0))" 3 "remote: one dialog per forwarded signature (3 in all)"
 run p11a sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/sigrsa"
 rc_is 0 "local: rsa2048 signs"
+is "$(($(n_confirms) - c0))" 3 "local: no dialog for a local client (forwarding confirm concerns forwarded ones)"
+printf 'action=cancel\n' >"$PDIR/behaviour"
 if [ -z "$PK_SAN_SKIP" ]; then
 	run remote timeout 60 env OPENSSL_CONF="$PROVIDER_CONF" OPENSSL_MODULES="$PROVIDER_MODULE_DIR" \
 		curl -sS --tlsv1.3 --cacert "$TOKDIR/ca.pem" --cert "$TOKDIR/ec256.cert.pem" \

@@ -85,9 +85,11 @@ static struct p11a_event sample_events[] = {
 	  (char *)"", 0, (char *)"", 5 },
 };
 
-#define NSAMPLES 23
+#define NSAMPLES 27
 
 /* Fills m with sample i; every message type appears once or more. */
+static char *sample_env[] = { "DISPLAY=:0", "TTY=/dev/pts/3" };
+
 static void
 sample(size_t i, struct p11a_msg *m)
 {
@@ -210,6 +212,24 @@ sample(size_t i, struct p11a_msg *m)
 		m->u.hsign.sign.hash = P11A_HASH_SHA256;
 		m->u.hsign.sign.data = sign_data;
 		m->u.hsign.sign.data_len = sizeof(sign_data);
+		break;
+	case 23:
+		m->type = P11A_MSG_UNLOCK_PROMPT;
+		m->u.prompt.uri = "pkcs11:token=A;object=k";
+		break;
+	case 24:
+		m->type = P11A_MSG_CONFIRM;
+		m->u.prompt.uri = "pkcs11:object=k";
+		break;
+	case 25:
+		m->type = P11A_MSG_UPDATE_ENV;
+		m->u.env.n = 2;
+		m->u.env.env = sample_env;
+		break;
+	case 26:
+		m->type = P11A_MSG_H_GRANT;
+		m->u.grant.conn = 0x0102030405060708ULL;
+		m->u.grant.key_uri = "pkcs11:object=k";
 		break;
 	default:
 		fail();
@@ -380,6 +400,19 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 			assert_str_same(x->reason, y->reason);
 			assert_int_equal(p11a_event_wire_size(x), p11a_event_wire_size(y));
 		}
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		assert_str_same(a->u.prompt.uri, b->u.prompt.uri);
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		assert_int_equal(a->u.env.n, b->u.env.n);
+		for (i = 0; i < a->u.env.n; i++)
+			assert_str_same(a->u.env.env[i], b->u.env.env[i]);
+		break;
+	case P11A_MSG_H_GRANT:
+		assert_int_equal(a->u.grant.conn, b->u.grant.conn);
+		assert_str_same(a->u.grant.key_uri, b->u.grant.key_uri);
 		break;
 	default:
 		break;
@@ -605,7 +638,7 @@ test_leftover_bytes(void **state)
 static void
 test_unknown_type(void **state)
 {
-	static const uint8_t types[] = { 0x00, 0x09, 0x3f, 0x43, 0x7f, 0xbf, 0xff };
+	static const uint8_t types[] = { 0x00, 0x0d, 0x3f, 0x43, 0x7f, 0xbf, 0xff };
 	struct p11a_buf *b = p11a_buf_new(100);
 	struct p11a_msg m, d;
 	uint8_t body[8];
@@ -628,6 +661,36 @@ test_unknown_type(void **state)
 		assert_int_equal(p11a_buf_len(b), 2);
 		p11a_buf_reset(b);
 	}
+	p11a_buf_free(b);
+}
+
+/* UPDATE_ENV (version 3): NAME=value entries, at most P11A_ENV_MAX. */
+static void
+test_update_env_limits(void **state)
+{
+	struct p11a_buf *b = p11a_buf_new(100);
+	struct p11a_msg m, d;
+	char *bad[] = { "DISPLAY" };
+	char *many[P11A_ENV_MAX + 1];
+	uint8_t raw[] = { P11A_MSG_UPDATE_ENV, 0, 0, 0, 1, 0, 0, 0, 2, '=', 'x' };
+	uint8_t huge[] = { P11A_MSG_UPDATE_ENV, 0, 0, 0, P11A_ENV_MAX + 1 };
+
+	(void)state;
+	assert_non_null(b);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_UPDATE_ENV;
+	m.u.env.n = 1;
+	m.u.env.env = bad;
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_MALFORMED);
+	p11a_buf_reset(b);
+	for (size_t i = 0; i < P11A_ENV_MAX + 1; i++)
+		many[i] = "TERM=x";
+	m.u.env.n = P11A_ENV_MAX + 1;
+	m.u.env.env = many;
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_TOO_LARGE);
+	/* "=x": no name. */
+	assert_int_equal(p11a_msg_decode(raw, sizeof(raw), &d), -P11A_E_MALFORMED);
+	assert_int_equal(p11a_msg_decode(huge, sizeof(huge), &d), -P11A_E_TOO_LARGE);
 	p11a_buf_free(b);
 }
 
@@ -2758,7 +2821,10 @@ test_client_sign_relayed(void **state)
 	s.key_uri = "pkcs11:object=one";
 	s.data = (uint8_t *)"locked";
 	s.data_len = 6;
+	/* No PIN dialog (UNLOCK_PROMPT, which this fake agent does not know). */
+	setenv("P11AGENT_NO_PROMPT", "1", 1);
 	assert_int_equal(p11a_client_sign(c, &s, &sig, &len), -P11A_E_LOCKED);
+	unsetenv("P11AGENT_NO_PROMPT");
 	assert_null(sig);
 	assert_string_equal(p11a_client_last_error(c), "token 'A' is locked");
 	/* The connection stays after an ERROR; the agent goes away once: retried. */
@@ -3024,6 +3090,7 @@ main(void)
 		cmocka_unit_test(test_truncated_every_offset),
 		cmocka_unit_test(test_leftover_bytes),
 		cmocka_unit_test(test_unknown_type),
+		cmocka_unit_test(test_update_env_limits),
 		cmocka_unit_test(test_utf8),
 		cmocka_unit_test(test_empty_and_fieldless),
 		cmocka_unit_test(test_decode_oversize),
