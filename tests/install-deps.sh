@@ -23,6 +23,10 @@ demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
 	dbus-daemon dbus-bin python3-dbus python3-gi"
+# tests/tokens, OpenSC: a virtual CAC card (libcacard-dev, built into vcard_bridge)
+# in vsmartcard's vpcd reader behind a private pcscd (iproute2: its netns's lo).
+opensc_token="pcscd vsmartcard-vpcd libcacard-dev iproute2"
+test="$test $opensc_token"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"
 pkg="$demo $pkgtools"
