@@ -7,7 +7,8 @@
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
 #                                 systemd-socket-activate and systemd-analyze;
-#                                 dbus and python3-dbus: t_logind's private bus)
+#                                 dbus and python3-dbus: t_logind's private bus;
+#                                 libnss3, swtpm, tpm2-*: tests/tokens)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use
 #   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
@@ -22,7 +23,8 @@ build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openss
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
-	dbus-daemon dbus-bin python3-dbus python3-gi"
+	dbus-daemon dbus-bin python3-dbus python3-gi
+	libnss3 libnss3-tools swtpm swtpm-tools tpm2-abrmd libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools"
 # tests/tokens, OpenSC: a virtual CAC card (libcacard-dev, built into vcard_bridge)
 # in vsmartcard's vpcd reader behind a private pcscd (iproute2: its netns's lo).
 opensc_token="pcscd vsmartcard-vpcd libcacard-dev iproute2"

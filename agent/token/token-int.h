@@ -165,6 +165,17 @@ void tok_set_msg(char *msg, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Message "token 'LABEL': WHAT: CKR_X" and the code for rv. */
 int tok_fail_rv(char *msg, size_t size, const char *label, const char *what, CK_RV rv);
+/*
+ * A C_Login that failed with rv, and the token's user-PIN flags read just
+ * before and just after it (flags_known: both C_GetTokenInfo calls worked):
+ * the user's message in msg and the code.  *pin_refused is 1 when the token
+ * refused the PIN: a PIN code, or COUNT_LOW / FINAL_TRY / LOCKED appearing
+ * across the call whatever the code (the tries left are then in the
+ * message).  A module error with no PIN evidence is reported as that error,
+ * never as a wrong PIN.  Pure: no PKCS#11 calls.
+ */
+int tok_login_failure(CK_RV rv, int flags_known, CK_FLAGS before, CK_FLAGS after, const char *label,
+		      char *msg, size_t size, int *pin_refused);
 
 /* ---------------------------------------------- pool.c: session pool */
 

@@ -40,7 +40,10 @@ TOKEN_LABEL=p11agent-cac        # OpenSC names a CAC token after its first certi
 
 cmd=${1:-}
 DIR=${2:-}
-[ -n "$cmd" ] && [ -n "$DIR" ] || { echo "usage: $0 start|stop|remove|insert|stop-pcscd|start-pcscd DIR" >&2; exit 2; }
+if [ -z "$cmd" ] || [ -z "$DIR" ]; then
+	echo "usage: $0 start|stop|remove|insert|stop-pcscd|start-pcscd DIR" >&2
+	exit 2
+fi
 
 # pid_of NAME: the PID in DIR/NAME.pid when that process still runs.
 pid_of() {
