@@ -144,6 +144,11 @@ struct token_module {
 	atomic_uint igen;               /* inventory generation (key memos); bumped under lock */
 	pthread_rwlock_t copy_lock;     /* C_CopyObject shared, inventory searches exclusive */
 
+	/* The C_WaitForSlotEvent thread (slot.c), when it runs. */
+	pthread_t watcher;
+	int watching;                   /* control thread: the watcher was started */
+	atomic_int watch_stop;          /* closing: the watcher returns, whatever the module said */
+
 	pthread_mutex_t lock;
 	int closing;
 	struct tok_slot *slots[SLOT_MAX];
@@ -207,6 +212,20 @@ CK_RV tok_ctl_session_state(struct token_module *m, struct tok_slot *s, CK_SESSI
 			    unsigned *gen, int *logged_in);
 void tok_ctl_session_put(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h,
 			 unsigned gen, int drop);
+
+/* ---------------------------------------------- slot.c */
+
+/*
+ * 1 when the token in s left (the slot says so, or the control thread saw
+ * it go) within wait_ms and before deadline (CLOCK_MONOTONIC, or NULL):
+ * for a call that failed with a module's generic error while a card was
+ * pulled out.  Signing threads.
+ */
+int tok_slot_went(struct token_module *m, struct tok_slot *s, int wait_ms,
+		  const struct timespec *deadline);
+
+/* Ends the C_WaitForSlotEvent thread after C_Finalize woke it (bounded wait). */
+void tok_watch_join(struct token_module *m);
 
 /* ---------------------------------------------- login.c */
 

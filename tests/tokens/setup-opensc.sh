@@ -6,6 +6,9 @@
 #   setup-opensc.sh stop DIR      stops what start started, by PID
 #   setup-opensc.sh remove DIR    takes the card out of the reader (hotplug)
 #   setup-opensc.sh insert DIR    puts it back
+#   setup-opensc.sh hold DIR      the card leaves the next command APDU
+#                                 unanswered until remove (DIR/bridge.log
+#                                 says "held" when one arrives)
 #   setup-opensc.sh stop-pcscd DIR / start-pcscd DIR
 #                                 the reader goes away with pcscd and comes back
 #
@@ -41,7 +44,7 @@ TOKEN_LABEL=p11agent-cac        # OpenSC names a CAC token after its first certi
 cmd=${1:-}
 DIR=${2:-}
 if [ -z "$cmd" ] || [ -z "$DIR" ]; then
-	echo "usage: $0 start|stop|remove|insert|stop-pcscd|start-pcscd DIR" >&2
+	echo "usage: $0 start|stop|remove|insert|hold|stop-pcscd|start-pcscd DIR" >&2
 	exit 2
 fi
 
@@ -218,6 +221,12 @@ insert)
 	kill -USR2 "$p"
 	wait_until 10 bridge_says powered || die "pcscd did not power the card on after insertion"
 	;;
+hold)
+	p=$(pid_of bridge) || die "the card bridge is not running"
+	bridge_mark
+	kill -WINCH "$p"
+	wait_until 5 bridge_says holding || die "the bridge did not take the hold command"
+	;;
 stop-pcscd)
 	stop_by_pid pcscd
 	;;
@@ -228,7 +237,7 @@ start-pcscd)
 	wait_until 10 bridge_says powered || die "the new pcscd did not power the card on"
 	;;
 *)
-	echo "usage: $0 start|stop|remove|insert|stop-pcscd|start-pcscd DIR" >&2
+	echo "usage: $0 start|stop|remove|insert|hold|stop-pcscd|start-pcscd DIR" >&2
 	exit 2
 	;;
 esac

@@ -14,6 +14,9 @@
  *
  * Hotplug, for tests: "remove" on stdin or SIGUSR1 closes the connection
  * (vpcd reports the card gone), "insert" or SIGUSR2 connects again.
+ * "hold" or SIGWINCH: the next command APDU gets no answer ("held" is
+ * printed when it arrives) until "remove", so a test can take the card
+ * out while a signature is under way.
  * When vpcd goes away (pcscd stopped) the bridge keeps trying to connect
  * every 100 ms while the card is "inserted".  "quit", EOF on stdin only
  * when --stdin is given, SIGTERM and SIGINT end it.  Each state change
@@ -48,6 +51,8 @@ struct bridge {
 	int fd;                 /* connection to vpcd, -1 none */
 	int inserted;           /* the test wants the card in the reader */
 	int powered;            /* vpcd powered the card on since we connected */
+	int hold;               /* the next command APDU is left unanswered */
+	int holding;            /* one is: vpcd is not read until the card goes */
 	unsigned char atr[64];
 	int atr_len;
 };
@@ -176,6 +181,11 @@ serve_one(struct bridge *b)
 			return 0;
 		}
 	}
+	if (b->hold) {
+		b->holding = 1;
+		say("held");
+		return 0;
+	}
 	out_len = (int)sizeof(out);
 	if (vreader_xfr_bytes(b->reader, in, (int)len, out, &out_len) != VREADER_OK) {
 		/* No card answer: say "no precise diagnosis" rather than nothing. */
@@ -191,6 +201,7 @@ command(struct bridge *b, const char *line)
 {
 	if (strcmp(line, "remove") == 0) {
 		b->inserted = 0;
+		b->hold = b->holding = 0;
 		disconnect(b);
 		say("removed");
 	} else if (strcmp(line, "insert") == 0) {
@@ -198,10 +209,13 @@ command(struct bridge *b, const char *line)
 		if (b->fd < 0)
 			try_connect(b);
 		say("inserted");
+	} else if (strcmp(line, "hold") == 0) {
+		b->hold = 1;
+		say("holding");
 	} else if (strcmp(line, "quit") == 0) {
 		return 1;
 	} else if (line[0] != '\0') {
-		fprintf(stderr, "vcard_bridge: unknown command '%s' (remove, insert, quit)\n", line);
+		fprintf(stderr, "vcard_bridge: unknown command '%s' (remove, insert, hold, quit)\n", line);
 	}
 	return 0;
 }
@@ -275,6 +289,7 @@ main(int argc, char **argv)
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGUSR1);
 	sigaddset(&mask, SIGUSR2);
+	sigaddset(&mask, SIGWINCH);
 	sigaddset(&mask, SIGTERM);
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGHUP);
@@ -289,7 +304,7 @@ main(int argc, char **argv)
 		struct pollfd p[3] = {
 			{ .fd = sfd, .events = POLLIN },
 			{ .fd = use_stdin ? 0 : -1, .events = POLLIN },
-			{ .fd = b.fd, .events = POLLIN },
+			{ .fd = b.holding ? -1 : b.fd, .events = POLLIN },
 		};
 		int timeout = (b.inserted && b.fd < 0) ? RECONNECT_MS : -1;
 		int n = poll(p, 3, timeout);
@@ -311,6 +326,8 @@ main(int argc, char **argv)
 					command(&b, "remove");
 				else if (si.ssi_signo == SIGUSR2)
 					command(&b, "insert");
+				else if (si.ssi_signo == SIGWINCH)
+					command(&b, "hold");
 				else
 					done = 1;
 			}
