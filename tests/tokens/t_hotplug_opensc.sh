@@ -12,8 +12,9 @@
 #     C_WaitForSlotEvent (the helper's watcher thread, agent log), locked;
 #     signing works after an unlock;
 #   - pcscd stopped (by PID) and started again: the same;
-#   - the agent stops at once although its watcher thread waits in
-#     C_WaitForSlotEvent (C_Finalize wakes it).
+#   - an agent stops at once although its watcher thread waits in
+#     C_WaitForSlotEvent (C_Finalize wakes it), and after the watcher
+#     switched to CKF_DONT_BLOCK polling (pcscd restarted).
 # Every wait is on an event (a log line, a status field, a process exit),
 # bounded by a generous deadline.
 # shellcheck disable=SC2317 # functions called through poll, check and the EXIT trap
@@ -57,6 +58,22 @@ CAC_KEY="CAC ID Certificate"
 make_token
 SOFT=$TOKEN_LABEL
 SOFT_KEY=$(key_labels | head -n 1)
+
+# Shutdown while the watcher blocks in C_WaitForSlotEvent: an agent on the
+# card alone, stopped once it is up (C_Finalize must wake the wait).
+printf 'socket %s\nmodule %s\n' "$SOCK" "$TOKEN_MODULE" >"$T/card.conf"
+if start_agent --config "$T/card.conf" --token "$CAC"; then
+	ok "an agent on the card alone starts"
+	if stop_agent && [ "$AGENT_RC" = 0 ]; then
+		ok "it stops at once with its watcher blocked in C_WaitForSlotEvent"
+	else
+		not_ok "it stops at once with its watcher blocked in C_WaitForSlotEvent (rc $AGENT_RC)"
+	fi
+	file_lacks "$AGENT_LOG" "did not return after C_Finalize" "C_Finalize woke the blocked watcher"
+	file_lacks "$AGENT_LOG" "without blocking" "the watcher was blocking (not polling)"
+else
+	not_ok "an agent on the card alone starts"
+fi
 
 {
 	printf 'socket %s\n' "$SOCK"
@@ -234,9 +251,9 @@ forget_pid "$SOFT_LOOP"
 is "$(grep -c '^FAIL' "$T/soft.log" || :)" 0 "no SoftHSM2 signature failed ($(soft_oks) made)"
 grep '^FAIL' "$T/soft.log" | head -n 3 | while read -r l; do diag "$l"; done
 if stop_agent && [ "$AGENT_RC" = 0 ]; then
-	ok "the agent stops cleanly with its watcher in C_WaitForSlotEvent"
+	ok "the agent stops cleanly (its watcher polling since pcscd went)"
 else
-	not_ok "the agent stops cleanly with its watcher in C_WaitForSlotEvent (rc $AGENT_RC)"
+	not_ok "the agent stops cleanly (its watcher polling since pcscd went) (rc $AGENT_RC)"
 fi
-file_lacks "$AGENT_LOG" "did not return after C_Finalize" "C_Finalize woke the watcher"
+file_lacks "$AGENT_LOG" "did not return after C_Finalize" "the watcher ended after C_Finalize"
 done_testing
