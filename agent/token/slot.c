@@ -563,6 +563,8 @@ watch_main(void *arg)
 	CK_RV rv;
 
 	while (!atomic_load(&m->watch_stop)) {
+		if (!polling)
+			log_debug("module %s: waiting for slot events", m->name);
 		rv = m->f->C_WaitForSlotEvent(polling ? CKF_DONT_BLOCK : 0, &slot, NULL);
 		if (atomic_load(&m->watch_stop))
 			break;

@@ -64,6 +64,9 @@ SOFT_KEY=$(key_labels | head -n 1)
 printf 'socket %s\nmodule %s\n' "$SOCK" "$TOKEN_MODULE" >"$T/card.conf"
 if start_agent --config "$T/card.conf" --token "$CAC"; then
 	ok "an agent on the card alone starts"
+	# The watcher rests 200 ms after the first event: wait for it to block.
+	waiting() { [ "$(grep -c "opensc-pkcs11.so: waiting for slot events" "$AGENT_LOG")" -ge 2 ]; }
+	wait_for "its watcher waits in C_WaitForSlotEvent" 10 waiting
 	if stop_agent && [ "$AGENT_RC" = 0 ]; then
 		ok "it stops at once with its watcher blocked in C_WaitForSlotEvent"
 	else
