@@ -558,6 +558,7 @@ watch_main(void *arg)
 {
 	struct token_module *m = arg;
 	int polling = 0, failing = 0;
+	int64_t last_event = INT64_MIN / 2;
 	CK_SLOT_ID slot;
 	char nb[48];
 	CK_RV rv;
@@ -569,10 +570,20 @@ watch_main(void *arg)
 		if (atomic_load(&m->watch_stop))
 			break;
 		if (rv == CKR_OK) {
+			int64_t now = p11a_now_ms();
+			/*
+			 * Each event costs a refresh (the token re-read): events
+			 * coming faster than one a second, a module that reports
+			 * one at every call, are taken once a second.
+			 */
+			int rest = polling || now - last_event < WATCH_POLL_MS ? WATCH_POLL_MS :
+			    WATCH_REST_MS;
+
+			last_event = now;
 			failing = 0;
 			log_debug("module %s: slot %lu event", m->name, (unsigned long)slot);
 			tok_notify(m);
-			if (watch_sleep(m, polling ? WATCH_POLL_MS : WATCH_REST_MS))
+			if (watch_sleep(m, rest))
 				break;
 			continue;
 		}
