@@ -36,7 +36,7 @@ card_stop() {
 	if [ -n "${KEEP_TMP:-}" ]; then echo "# KEEP_TMP set: kept $CARD"; else rm -rf --one-file-system "$CARD"; fi
 }
 # The card's daemons go before lib.sh's cleanup (which reports and exits).
-trap 'st=$?; card_stop; (exit $st); cleanup' EXIT
+trap 'st=$?; set +e; card_stop; (exit $st); cleanup' EXIT
 
 st=0
 setup start 2>"$CARD/setup.err" >"$CARD/setup.out" || st=$?
@@ -66,7 +66,9 @@ if start_agent --config "$T/card.conf" --token "$CAC"; then
 	ok "an agent on the card alone starts"
 	# The watcher rests 200 ms after the first event: wait for it to block.
 	waiting() { [ "$(grep -c "opensc-pkcs11.so: waiting for slot events" "$AGENT_LOG")" -ge 2 ]; }
-	wait_for "its watcher waits in C_WaitForSlotEvent" 10 waiting
+	if wait_for "its watcher waits in C_WaitForSlotEvent" 10 waiting; then
+		ok "its watcher waits in C_WaitForSlotEvent"
+	fi
 	if stop_agent && [ "$AGENT_RC" = 0 ]; then
 		ok "it stops at once with its watcher blocked in C_WaitForSlotEvent"
 	else
@@ -176,13 +178,12 @@ gone_checks() {
 back_checks() {
 	wait_for "$1: list shows the card present again" 20 cac_listed true &&
 		ok "$1: list shows the card present again, no restart"
-	if [ -z "${2:-}" ]; then
-		:
-	elif logged_since "opensc-pkcs11.so: slot "; then
-		ok "$1: the helper saw it through C_WaitForSlotEvent"
-	else
-		not_ok "$1: the helper saw it through C_WaitForSlotEvent"
-		diag_file "$AGENT_LOG" 20
+	if [ -n "${2:-}" ]; then
+		# The 3 s poll may list it first while the watcher rests after
+		# the last event: wait for the event too.
+		wait_for "$1: the helper saw it through C_WaitForSlotEvent" 10 \
+			logged_since "opensc-pkcs11.so: slot " &&
+			ok "$1: the helper saw it through C_WaitForSlotEvent"
 	fi
 	if sign_with "$CAC_URI" rsa-pkcs1 "$T/back.sig"; then
 		not_ok "$1: the card is locked until unlocked"
