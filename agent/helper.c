@@ -1203,6 +1203,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		pthread_attr_destroy(&attr);
 	}
 	(void)token_refresh(h->tm);
+	/* Cards coming and going are seen at once where the module reports them. */
+	token_watch_start(h->tm);
 	/* The first inventory marks the helper up. */
 	if (send_inventory(h, 0, 1) != 0)
 		goto out;

@@ -20,6 +20,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/*
+ * After a generic module error, how long a signature waits to learn that
+ * the card was pulled out meanwhile: OpenSC re-reads a slot's state once
+ * a second, pcscd sees a removal within its polling period.
+ */
+#define GONE_WAIT_MS    1500
 
 /* What a signing thread needs of a key, copied out under m->lock. */
 struct sign_key {
@@ -912,6 +918,15 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 				  what, tok_ckr_name(rv, nb, sizeof(nb)));
 			rv = CKR_USER_NOT_LOGGED_IN;
 		}
+	}
+	if (have_session && (rv == CKR_GENERAL_ERROR || rv == CKR_DEVICE_ERROR ||
+			     rv == CKR_FUNCTION_FAILED) && tok_slot_went(m, sk.s, GONE_WAIT_MS, deadline)) {
+		/* The card was pulled out during the call: say so, not the module's generic error. */
+		char nb[48];
+
+		log_debug("token '%s': %s failed with %s as the token left: not present",
+			  sk.token_label, what, tok_ckr_name(rv, nb, sizeof(nb)));
+		rv = CKR_DEVICE_REMOVED;
 	}
 	if (have_session) {
 		drop = drop || tok_rv_session_gone(rv) || rv == CKR_OPERATION_ACTIVE;

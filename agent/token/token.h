@@ -80,6 +80,16 @@ int token_event_fd(const struct token_module *m);
 void token_event_clear(struct token_module *m);
 
 /*
+ * Slot events: a thread blocked in C_WaitForSlotEvent makes the event
+ * descriptor readable when a token comes or goes, so a card put back is
+ * listed at once instead of at the next poll.  A module without it
+ * (CKR_FUNCTION_NOT_SUPPORTED: SoftHSM2, NSS softokn) ends the thread and
+ * the helper's poll stays the only way.  Started by the control thread
+ * after the first token_refresh(); token_module_close() ends it.
+ */
+void token_watch_start(struct token_module *m);
+
+/*
  * Deep copy of the current inventory into out (zeroed first; the caller
  * releases it with p11a_msg_clear() on a message holding it, or by hand
  * with p11a_token_clear/p11a_key_clear and free).  -P11A_E_NOMEM.

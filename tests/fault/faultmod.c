@@ -9,7 +9,10 @@
  *     control=PATH   the control file (else $P11A_FAULT_CONTROL)
  *     label=LABEL    show only the token with this label (so that two
  *                    instances over one SoftHSM2 store show one token each)
- *   pReserved is not passed on: SoftHSM2 refuses a non-NULL one.
+ *     -- REST        REST (to the end, spaces and all) is passed on as the
+ *                    real module's pReserved (NSS softokn needs its
+ *                    configdir=... there); without "--" the real module
+ *                    gets NULL: SoftHSM2 refuses a non-NULL one.
  *
  * Control file, one directive a line ('#' comments):
  *   removed=1             the token is absent: left out of C_GetSlotList
@@ -78,6 +81,7 @@ static CK_FUNCTION_LIST fl;
 static char control[1024];
 static char label[33];          /* padded to 32 with blanks; "" = every token */
 static int was_removed;
+static char pass_on[2048];      /* the real module's pReserved ("" = NULL) */
 
 struct state {
 	int removed;
@@ -368,9 +372,18 @@ w_Initialize(CK_VOID_PTR p)
 	if (env)
 		snprintf(control, sizeof(control), "%s", env);
 	memset(label, 0, sizeof(label));
+	pass_on[0] = '\0';
 	if (in && in->pReserved) {
-		char spec[2048], *tok, *save = NULL;
+		char spec[2048], *tok, *save = NULL, *rest;
 		snprintf(spec, sizeof(spec), "%s", (const char *)in->pReserved);
+		if (strncmp(spec, "-- ", 3) == 0)
+			rest = spec;
+		else if ((rest = strstr(spec, " -- ")) != NULL)
+			rest++;
+		if (rest) {
+			snprintf(pass_on, sizeof(pass_on), "%s", rest + 3);
+			*rest = '\0';
+		}
 		for (tok = strtok_r(spec, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
 			if (strncmp(tok, "control=", 8) == 0)
 				snprintf(control, sizeof(control), "%s", tok + 8);
@@ -382,7 +395,7 @@ w_Initialize(CK_VOID_PTR p)
 	}
 	if (in) {
 		args = *in;
-		args.pReserved = NULL;
+		args.pReserved = pass_on[0] ? pass_on : NULL;
 		p = &args;
 	}
 	if (!fault("C_Initialize", 0, 0, &rv))
