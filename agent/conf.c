@@ -11,6 +11,7 @@
 #include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/un.h>
@@ -30,8 +31,18 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_PIN_TTL] = "pin-ttl",
 	[SET_TLS_ONLY] = "tls-only",
 	[SET_ALLOW_PROGRAMS] = "allow-programs",
+	[SET_FORWARDING] = "forwarding",
 	[SET_LOCK_ON_SUSPEND] = "lock-on-suspend",
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
+	[SET_PINENTRY_PROGRAM] = "pinentry-program",
+	[SET_CONFIRM] = "confirm",
+	[SET_AUDIT] = "audit",
+	[SET_AUDIT_RING] = "audit-ring",
+};
+
+static const char *const audit_names[] = {
+	[CONF_AUDIT_AUTO] = "auto", [CONF_AUDIT_JOURNAL] = "journal",
+	[CONF_AUDIT_SYSLOG] = "syslog", [CONF_AUDIT_NONE] = "none",
 };
 
 const char *
@@ -51,6 +62,8 @@ config_init(struct agent_config *cfg)
 	cfg->max_channels_per_process = 256;
 	cfg->lock_on_suspend = 1;
 	cfg->lock_on_screen_lock = 1;
+	cfg->audit = CONF_AUDIT_AUTO;
+	cfg->audit_ring = CONFIG_AUDIT_RING_DEFAULT;
 	for (int i = 0; i < SET_COUNT; i++)
 		cfg->origin[i].layer = CONF_DEFAULT;
 	cfg->modules_layer = CONF_DEFAULT;
@@ -105,6 +118,7 @@ config_free(struct agent_config *cfg)
 	}
 	free(cfg->keysecs);
 	programs_clear(&cfg->allow_programs);
+	free(cfg->pinentry_program);
 	free(cfg->admin_file);
 	free(cfg->user_file);
 	for (size_t i = 0; i < cfg->ninterned; i++)
@@ -486,6 +500,8 @@ keysec_begin(struct parse *p, const char *arg)
 	if (!(l->pattern = strdup(arg)))
 		return perr(p, "out of memory");
 	l->tls_only = -1;
+	l->forwarding = -1;
+	l->confirm = -1;
 	l->origin = p->at;
 	p->keysec = (long)cfg->nkeysecs++;
 	p->section = -1;
@@ -508,6 +524,38 @@ set_tls_only(struct parse *p, struct conf_keysec *ks, const char *val)
 	} else {
 		p->cfg->tls_only = v;
 		p->cfg->origin[SET_TLS_ONLY] = p->at;
+	}
+	return 0;
+}
+
+const char *
+config_forwarding_name(int v)
+{
+	return v == CONF_FORWARDING_DENY ? "deny" : v == CONF_FORWARDING_CONFIRM ? "confirm" : "allow";
+}
+
+/* forwarding, globally (keysec NULL) or in a [key] section: lock-checked. */
+static int
+set_forwarding(struct parse *p, struct conf_keysec *ks, const char *val)
+{
+	int v;
+
+	if (check_lock(p->cfg, SET_FORWARDING, "forwarding", &p->at) != 0)
+		return -1;
+	if (strcmp(val, "allow") == 0)
+		v = CONF_FORWARDING_ALLOW;
+	else if (strcmp(val, "confirm") == 0)
+		v = CONF_FORWARDING_CONFIRM;
+	else if (strcmp(val, "deny") == 0)
+		v = CONF_FORWARDING_DENY;
+	else
+		return perr(p, "forwarding must be allow, confirm or deny, not '%s'", val);
+	if (ks != NULL) {
+		ks->forwarding = v;
+		ks->fwd_origin = p->at;
+	} else {
+		p->cfg->forwarding = v;
+		p->cfg->origin[SET_FORWARDING] = p->at;
 	}
 	return 0;
 }
@@ -557,6 +605,78 @@ set_allow_programs(struct parse *p, struct conf_keysec *ks, char *val)
 	return 0;
 }
 
+const char *
+config_confirm_name(int confirm)
+{
+	return confirm == CONFIRM_ALWAYS ? "always" : confirm == CONFIRM_ONCE ? "once" : "no";
+}
+
+/* confirm, globally (keysec NULL) or in a [key] section: lock-checked. */
+static int
+set_confirm(struct parse *p, struct conf_keysec *ks, const char *val)
+{
+	int v;
+
+	if (check_lock(p->cfg, SET_CONFIRM, "confirm", &p->at) != 0)
+		return -1;
+	if (strcmp(val, "no") == 0)
+		v = CONFIRM_NO;
+	else if (strcmp(val, "once") == 0)
+		v = CONFIRM_ONCE;
+	else if (strcmp(val, "always") == 0)
+		v = CONFIRM_ALWAYS;
+	else
+		return perr(p, "confirm must be no, once or always, not '%s'", val);
+	if (ks != NULL) {
+		ks->confirm = v;
+		ks->confirm_origin = p->at;
+	} else {
+		p->cfg->confirm = v;
+		p->cfg->origin[SET_CONFIRM] = p->at;
+	}
+	return 0;
+}
+
+/*
+ * An int setting of the [key] sections for key: the last section that
+ * matches and sets it (the field at offset off, -1 = not set) wins over
+ * dflt.
+ */
+static int
+keysec_int(const struct agent_config *cfg, const struct p11a_token *tok,
+	   const struct p11a_key *key, int dflt, size_t off)
+{
+	int v = dflt;
+
+	for (size_t i = 0; i < cfg->nkeysecs; i++) {
+		const struct conf_keysec *ks = &cfg->keysecs[i];
+		int set = *(const int *)(const void *)((const char *)ks + off);
+		struct p11a_uri_matcher *um;
+		int err = 0;
+
+		if (set < 0 || (um = p11a_uri_matcher_new(ks->pattern, &err)) == NULL)
+			continue;
+		if (p11a_uri_match_key(um, tok, key) == 1)
+			v = set;
+		p11a_uri_matcher_free(um);
+	}
+	return v;
+}
+
+int
+config_key_confirm(const struct agent_config *cfg, const struct p11a_token *tok,
+		   const struct p11a_key *key)
+{
+	return keysec_int(cfg, tok, key, cfg->confirm, offsetof(struct conf_keysec, confirm));
+}
+
+int
+config_key_forwarding(const struct agent_config *cfg, const struct p11a_token *tok,
+		      const struct p11a_key *key)
+{
+	return keysec_int(cfg, tok, key, cfg->forwarding, offsetof(struct conf_keysec, forwarding));
+}
+
 static int
 keysec_setting(struct parse *p, const char *key, char *val)
 {
@@ -564,8 +684,12 @@ keysec_setting(struct parse *p, const char *key, char *val)
 		return set_tls_only(p, &p->cfg->keysecs[p->keysec], val);
 	if (strcmp(key, "allow-programs") == 0)
 		return set_allow_programs(p, &p->cfg->keysecs[p->keysec], val);
-	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs); global "
-		    "settings go before the first section", key);
+	if (strcmp(key, "forwarding") == 0)
+		return set_forwarding(p, &p->cfg->keysecs[p->keysec], val);
+	if (strcmp(key, "confirm") == 0)
+		return set_confirm(p, &p->cfg->keysecs[p->keysec], val);
+	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, forwarding, "
+		    "confirm); global settings go before the first section", key);
 }
 
 static int
@@ -726,10 +850,38 @@ global_setting(struct parse *p, const char *key, char *val)
 		return set_tls_only(p, NULL, val);
 	if (strcmp(key, "allow-programs") == 0)
 		return set_allow_programs(p, NULL, val);
+	if (strcmp(key, "forwarding") == 0)
+		return set_forwarding(p, NULL, val);
+	if (strcmp(key, "confirm") == 0)
+		return set_confirm(p, NULL, val);
+	if (strcmp(key, "pinentry-program") == 0) {
+		if (check_lock(cfg, SET_PINENTRY_PROGRAM, key, &p->at) != 0)
+			return -1;
+		if (val[0] != '/')
+			return perr(p, "pinentry-program needs an absolute path, not '%s'", val);
+		return set_text(p, &cfg->pinentry_program, &cfg->origin[SET_PINENTRY_PROGRAM], val);
+	}
 	if (strcmp(key, "lock-on-suspend") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SUSPEND, val, &cfg->lock_on_suspend);
 	if (strcmp(key, "lock-on-screen-lock") == 0)
 		return set_yes_no(p, SET_LOCK_ON_SCREEN_LOCK, val, &cfg->lock_on_screen_lock);
+	if (strcmp(key, "audit-ring") == 0)
+		return set_int(p, SET_AUDIT_RING, val, 1, CONFIG_AUDIT_RING_MAX, 1, &cfg->audit_ring,
+			       "events");
+	if (strcmp(key, "audit") == 0) {
+		size_t i;
+
+		if (check_lock(cfg, SET_AUDIT, key, &p->at) != 0)
+			return -1;
+		for (i = 0; i < sizeof(audit_names) / sizeof(audit_names[0]); i++)
+			if (strcmp(val, audit_names[i]) == 0)
+				break;
+		if (i == sizeof(audit_names) / sizeof(audit_names[0]))
+			return perr(p, "audit must be auto, journal, syslog or none, not '%s'", val);
+		cfg->audit = (int)i;
+		cfg->origin[SET_AUDIT] = p->at;
+		return 0;
+	}
 	if (strcmp(key, "debug") == 0) {
 		if (check_lock(cfg, SET_DEBUG, key, &p->at) != 0)
 			return -1;
@@ -945,10 +1097,19 @@ config_print(const struct agent_config *cfg, FILE *out)
 	print_value(out, "tls-only", cfg->tls_only ? "yes" : "no", &cfg->origin[SET_TLS_ONLY], cfg,
 		    SET_TLS_ONLY);
 	print_programs(out, &cfg->allow_programs, cfg);
+	print_value(out, "forwarding", config_forwarding_name(cfg->forwarding),
+		    &cfg->origin[SET_FORWARDING], cfg, SET_FORWARDING);
+	print_value(out, "confirm", config_confirm_name(cfg->confirm), &cfg->origin[SET_CONFIRM],
+		    cfg, SET_CONFIRM);
+	print_value(out, "pinentry-program", cfg->pinentry_program ? cfg->pinentry_program :
+		    PINENTRY_DEFAULT, &cfg->origin[SET_PINENTRY_PROGRAM], cfg, SET_PINENTRY_PROGRAM);
 	print_value(out, "lock-on-suspend", cfg->lock_on_suspend ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SUSPEND], cfg, SET_LOCK_ON_SUSPEND);
 	print_value(out, "lock-on-screen-lock", cfg->lock_on_screen_lock ? "yes" : "no",
 		    &cfg->origin[SET_LOCK_ON_SCREEN_LOCK], cfg, SET_LOCK_ON_SCREEN_LOCK);
+	print_value(out, "audit", audit_names[cfg->audit], &cfg->origin[SET_AUDIT], cfg, SET_AUDIT);
+	snprintf(v, sizeof(v), "%d", cfg->audit_ring);
+	print_value(out, "audit-ring", v, &cfg->origin[SET_AUDIT_RING], cfg, SET_AUDIT_RING);
 	for (int s = 0; s < SET_COUNT; s++)
 		if (cfg->locked[s])
 			print_value(out, "lock", setting_names[s], &cfg->lock_origin[s], cfg, -1);
@@ -981,6 +1142,12 @@ config_print(const struct agent_config *cfg, FILE *out)
 				    SET_TLS_ONLY);
 		if (ks->programs.set)
 			print_programs(out, &ks->programs, cfg);
+		if (ks->forwarding >= 0)
+			print_value(out, "forwarding", config_forwarding_name(ks->forwarding),
+				    &ks->fwd_origin, cfg, SET_FORWARDING);
+		if (ks->confirm >= 0)
+			print_value(out, "confirm", config_confirm_name(ks->confirm),
+				    &ks->confirm_origin, cfg, SET_CONFIRM);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

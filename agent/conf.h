@@ -23,6 +23,7 @@
 #include <stdio.h>
 
 #define CONFIG_MAX_MODULES 32
+#define PINENTRY_DEFAULT "/usr/bin/pinentry"
 #define CONFIG_POOL_MAX 32       /* = TOKEN_POOL_MAX, the most sessions a pool holds */
 
 enum conf_layer {
@@ -48,9 +49,14 @@ enum conf_setting {
 	SET_PIN_TTL,             /* pin-ttl: lock a token this long after its unlock */
 	SET_TLS_ONLY,            /* tls-only, globally and in [key] sections */
 	SET_ALLOW_PROGRAMS,      /* allow-programs, globally and in [key] sections */
+	SET_FORWARDING,          /* forwarding, globally and in [key] sections */
 	/* logind (agent/logind.c): lock every token on these events */
 	SET_LOCK_ON_SUSPEND,     /* lock-on-suspend: PrepareForSleep(true) */
 	SET_LOCK_ON_SCREEN_LOCK, /* lock-on-screen-lock: our session's Lock or LockedHint */
+	SET_AUDIT,               /* audit: where audit events go (agent/audit.c) */
+	SET_AUDIT_RING,          /* audit-ring: events kept for `p11agent log` */
+	SET_PINENTRY_PROGRAM,    /* pinentry-program: the PIN and confirm dialog */
+	SET_CONFIRM,             /* confirm, globally and in [key] sections */
 	SET_COUNT
 };
 
@@ -99,11 +105,27 @@ struct conf_programs {
 	struct conf_origin origin;   /* the last line */
 };
 
+/* forwarding: what a forwarded connection (ssh -R, a relay) may do with a key. */
+enum conf_forwarding {
+	CONF_FORWARDING_ALLOW = 0,
+	CONF_FORWARDING_CONFIRM = 1,     /* ask the user each time (needs a PIN dialog) */
+	CONF_FORWARDING_DENY = 2
+};
+
+/* confirm: who must say yes before a key signs (pinentry CONFIRM). */
+enum conf_confirm {
+	CONFIRM_NO = 0,
+	CONFIRM_ONCE = 1,        /* the first signing channel of each client process */
+	CONFIRM_ALWAYS = 2       /* every signature */
+};
+
 struct conf_keysec {
 	char *pattern;           /* a pkcs11: URI, matched as SIGN matches key URIs */
 	int tls_only;            /* -1 = not set here, else 0/1 */
+	int forwarding;          /* -1 = not set here, else enum conf_forwarding */
+	int confirm;             /* -1 = not set here, else enum conf_confirm */
 	struct conf_programs programs;
-	struct conf_origin origin, tls_origin;
+	struct conf_origin origin, tls_origin, fwd_origin, confirm_origin;
 };
 
 /* A module that was found but is not used, and why (--print-config, status). */
@@ -113,6 +135,11 @@ struct conf_dropped {
 	char *why;
 	struct conf_origin origin;   /* where it was found */
 };
+
+/* audit: auto = the journal when one runs, else syslog. */
+enum conf_audit { CONF_AUDIT_AUTO, CONF_AUDIT_JOURNAL, CONF_AUDIT_SYSLOG, CONF_AUDIT_NONE };
+#define CONFIG_AUDIT_RING_DEFAULT 1000
+#define CONFIG_AUDIT_RING_MAX     100000
 
 struct agent_config {
 	char *socket_path;
@@ -130,6 +157,8 @@ struct agent_config {
 	/* logind events (agent/logind.c); both 0: the system bus is not used */
 	int lock_on_suspend;     /* default 1 */
 	int lock_on_screen_lock; /* default 1 */
+	int audit;               /* enum conf_audit: where audit events go; default auto */
+	int audit_ring;          /* events the agent keeps in memory; default 1000 */
 	struct conf_origin origin[SET_COUNT];
 	int locked[SET_COUNT];
 	struct conf_origin lock_origin[SET_COUNT];
@@ -146,7 +175,10 @@ struct agent_config {
 	struct conf_dropped *dropped;
 	size_t ndropped;
 
+	char *pinentry_program;          /* absolute path; default PINENTRY_DEFAULT */
+	int confirm;                     /* enum conf_confirm: the default for keys */
 	int tls_only;                    /* the default for keys no [key] section sets */
+	int forwarding;                  /* likewise; enum conf_forwarding, default allow */
 	struct conf_programs allow_programs; /* likewise */
 	struct conf_keysec *keysecs;
 	size_t nkeysecs;
@@ -223,7 +255,26 @@ int config_parse_duration(const char *text, int64_t *ms);
 /* "off", "90s", "5m", "2h": the largest unit that is exact. */
 void config_format_duration(int64_t ms, char *out, size_t out_size);
 
+/* "no", "once", "always". */
+const char *config_confirm_name(int confirm);
+
+/*
+ * The confirm setting of a key (its URI as the inventory lists it, with
+ * its token): the last [key] section matching it that sets confirm, else
+ * the default.  Patterns were checked at load.
+ */
+struct p11a_token;
+struct p11a_key;
+/* The forwarding setting (enum conf_forwarding) that applies to key. */
+int config_key_forwarding(const struct agent_config *cfg, const struct p11a_token *tok,
+			  const struct p11a_key *key);
+int config_key_confirm(const struct agent_config *cfg, const struct p11a_token *tok,
+		       const struct p11a_key *key);
+
 /* The name of a setting as written in files ("sign-timeout"). */
 const char *config_setting_name(enum conf_setting s);
+
+/* "allow", "confirm" or "deny". */
+const char *config_forwarding_name(int v);
 
 #endif

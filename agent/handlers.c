@@ -1,10 +1,12 @@
 /*
  * The agent's request handlers (see server_int.h): HELLO, STATUS, LIST,
- * HEALTH, UNLOCK, LOCK, OPEN_CHANNEL, the requests forwarded to token
+ * HEALTH, UNLOCK, LOCK, OPEN_CHANNEL, SIGN relayed for clients without a
+ * signing channel (forwarded: ssh -R, a relay), the requests forwarded to token
  * helpers and waiting for their replies, and the one error reply.
  */
 #include "config.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
@@ -13,6 +15,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,8 +54,9 @@ send_ok(struct server *s, size_t ci)
 
 /* ------------------------------------------------------------ pending */
 
+/* A new pending request to helper hi, with its id and deadline; NULL out of memory. */
 static struct pending *
-pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *what)
+pending_new(struct server *s, size_t hi, uint8_t type, const char *what)
 {
 	if (s->npending == s->cpending) {
 		size_t n = s->cpending ? s->cpending * 2 : 16;
@@ -67,20 +71,42 @@ pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *wh
 	if (++s->next_id == 0)
 		s->next_id = 1;
 	p->id = s->next_id;
-	p->client = ci;
-	p->serial = s->clients[ci].serial;
 	p->helper = hi;
 	p->type = type;
 	p->deadline = p11a_now_ms() + s->cfg->sign_timeout_ms;
 	p->what = strdup(what ? what : "");
 	p->channel_fd = -1;
+	p->started_us = audit_now_us();
 	s->npending++;
+	return p;
+}
+
+static struct pending *
+pending_add(struct server *s, size_t ci, size_t hi, uint8_t type, const char *what)
+{
+	struct pending *p = pending_new(s, hi, type, what);
+
+	if (p == NULL)
+		return NULL;
+	p->client = ci;
+	p->serial = s->clients[ci].serial;
 	s->clients[ci].waiting++;
 	return p;
 }
 
-/* One awaited reply arrived (code 0 = OK) for a client; answer once all did. */
-static void
+struct pending *
+pending_add_dialog(struct server *s, size_t hi, uint8_t type, const char *what, uint64_t dialog)
+{
+	struct pending *p = pending_new(s, hi, type, what);
+
+	if (p == NULL)
+		return NULL;
+	p->client = SIZE_MAX;
+	p->dialog = dialog;
+	return p;
+}
+
+void
 client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, const char *msg)
 {
 	struct client *c = &s->clients[ci];
@@ -112,9 +138,52 @@ client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code, con
 	c->wait_error_msg = NULL;
 }
 
+/* UNLOCK and LOCK outcomes go to the audit trail (never the PIN: it is not here). */
+static void
+pending_audit(struct server *s, const struct pending *p, int code, const char *msg)
+{
+	/* A dialog's UNLOCK is audited with the dialog's outcome (prompt.c); it has no client. */
+	if ((p->type != P11A_MSG_UNLOCK && p->type != P11A_MSG_LOCK) || p->dialog != 0)
+		return;
+	const struct client *c = &s->clients[p->client];
+	int same = c->fd >= 0 && c->serial == p->serial;
+	uint64_t now = audit_now_us();
+	audit_note(p->type == P11A_MSG_UNLOCK ? P11A_EV_UNLOCK : P11A_EV_LOCK, p->uri,
+		   same ? c->pid : 0, same ? (uid_t)c->uid : s->uid, same ? c->exe : NULL, code, msg,
+		   p->type == P11A_MSG_LOCK ? "request" : NULL,
+		   now > p->started_us ? now - p->started_us : 0);
+}
+
+/* A relayed SIGN's SIGNATURE: sent to the client as the helper made it. */
+static void
+client_signature_arrived(struct server *s, size_t ci, uint64_t serial, const struct p11a_msg *m)
+{
+	struct client *c = &s->clients[ci];
+
+	if (c->fd < 0 || c->serial != serial || c->waiting == 0)
+		return;
+	/* One H_SIGN per request: nothing else is awaited with it. */
+	c->waiting = 0;
+	c->wait_error = 0;
+	free(c->wait_error_msg);
+	c->wait_error_msg = NULL;
+	send_msg(s, ci, m, -1);
+}
+
+/* Where a helper's answer (or its failure) goes: the client, or the dialog that asked. */
+static void
+pending_deliver(struct server *s, const struct pending *p, int code, const char *msg)
+{
+	if (p->dialog != 0)
+		prompt_helper_reply(s, p->dialog, code, msg);
+	else
+		client_reply_arrived(s, p->client, p->serial, code, msg);
+}
+
 static void
 pending_remove(struct server *s, size_t pi)
 {
+	free(s->pending[pi].uri);
 	free(s->pending[pi].what);
 	if (s->pending[pi].channel_fd >= 0)
 		close(s->pending[pi].channel_fd);
@@ -133,7 +202,9 @@ pending_fail_helper(struct server *s, size_t hi)
 		char msg[512];
 		snprintf(msg, sizeof(msg), "token helper for module %s stopped during %s; it is being restarted",
 			 s->helpers[hi].mod->name, p->what);
-		client_reply_arrived(s, p->client, p->serial, P11A_E_HELPER, msg);
+		pending_audit(s, p, P11A_E_HELPER, msg);
+		struct pending copy = *p;
+		pending_deliver(s, &copy, P11A_E_HELPER, msg);
 		pending_remove(s, i);
 	}
 }
@@ -160,7 +231,9 @@ pending_expire(struct server *s, int64_t now)
 		    "; the lock is still in progress: 'p11agent status' shows the outcome" : "";
 		snprintf(msg, sizeof(msg), "%s: module %s did not answer within %d s%s", p->what,
 			 s->helpers[p->helper].mod->name, s->cfg->sign_timeout_ms / 1000, still);
-		client_reply_arrived(s, p->client, p->serial, P11A_E_TIMEOUT, msg);
+		pending_audit(s, p, P11A_E_TIMEOUT, msg);
+		struct pending copy = *p;
+		pending_deliver(s, &copy, P11A_E_TIMEOUT, msg);
 		pending_remove(s, i);
 	}
 }
@@ -172,7 +245,30 @@ pending_reply(struct server *s, size_t hi, uint32_t id, const struct p11a_msg *m
 		struct pending *p = &s->pending[i];
 		if (p->id != id || p->helper != hi)
 			continue;
-		if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
+		if (p->dialog != 0) {
+			struct pending copy = *p;
+			pending_remove(s, i);
+			if (m->type == P11A_MSG_OK)
+				prompt_helper_reply(s, copy.dialog, 0, NULL);
+			else if (m->type == P11A_MSG_ERROR)
+				prompt_helper_reply(s, copy.dialog, (int)m->u.error.code,
+						    m->u.error.message);
+			else
+				prompt_helper_reply(s, copy.dialog, P11A_E_INTERNAL,
+						    "unexpected reply from token helper");
+			return;
+		}
+		if (m->type == P11A_MSG_ERROR)
+			pending_audit(s, p, (int)m->u.error.code, m->u.error.message);
+		else
+			pending_audit(s, p, m->type == P11A_MSG_OK ? 0 : P11A_E_INTERNAL,
+				      "unexpected reply from token helper");
+		if (p->type == P11A_MSG_H_SIGN && m->type == P11A_MSG_SIGNATURE) {
+			client_signature_arrived(s, p->client, p->serial, m);
+		} else if (p->type == P11A_MSG_H_SIGN && m->type != P11A_MSG_ERROR) {
+			client_reply_arrived(s, p->client, p->serial, P11A_E_INTERNAL,
+					     "unexpected reply from token helper to a forwarded signature");
+		} else if (m->type == P11A_MSG_OK && p->channel_fd >= 0) {
 			/* The helper serves the channel now: hand the other end over. */
 			struct client *c = &s->clients[p->client];
 			if (c->fd >= 0 && c->serial == p->serial && c->reply_fd < 0) {
@@ -438,6 +534,7 @@ handle_unlock(struct server *s, size_t ci, struct p11a_msg *req)
 		send_error(s, ci, P11A_E_NOMEM, "out of memory");
 		goto out;
 	}
+	p->uri = strdup(exact);
 	log_info("client %d: unlock of token '%s'", s->clients[ci].fd, pick->token->label);
 	helper_send(s, pick->helper, p->id, req, -1);
 out:
@@ -462,6 +559,7 @@ handle_lock(struct server *s, size_t ci, const struct p11a_msg *req)
 		}
 		struct p11a_msg fwd = { .type = P11A_MSG_LOCK };
 		fwd.u.lock.token_uri = refs[i].token->uri;
+		p->uri = strdup(refs[i].token->uri ? refs[i].token->uri : "");
 		log_info("client %d: lock of token '%s'", s->clients[ci].fd, refs[i].token->label);
 		helper_send(s, refs[i].helper, p->id, &fwd, -1);
 	}
@@ -474,6 +572,17 @@ handle_lock(struct server *s, size_t ci, const struct p11a_msg *req)
  * that runs.  No client waits: the helpers answer with ids no pending
  * request has (dropped by pending_reply) and push their new inventory.
  */
+/* The reason an event names: logind's words (logind.c) become suspend and screen-lock. */
+static const char *
+audit_lock_reason(const char *why)
+{
+	if (strcmp(why, "PrepareForSleep") == 0)
+		return "suspend";
+	if (strncmp(why, "session ", 8) == 0)
+		return "screen-lock";
+	return why;
+}
+
 void
 tokens_lock_all(struct server *s, const char *why)
 {
@@ -491,17 +600,22 @@ tokens_lock_all(struct server *s, const char *why)
 		n++;
 	}
 	log_info("%s: locking every token (%zu module(s))", why, n);
+	audit_note(P11A_EV_LOCK, "", 0, s->uid, NULL, 0, NULL, audit_lock_reason(why), 0);
 }
 
-static void
-handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
+/*
+ * The helper that holds the one key uri names, or -1 after answering the
+ * client with the reason (a bad URI, no such key, several, the helper
+ * restarting).  OPEN_CHANNEL and a relayed SIGN find their key alike.
+ */
+static long
+key_helper(struct server *s, size_t ci, const char *uri)
 {
-	const char *uri = oc->key_uri ? oc->key_uri : "";
 	size_t found = 0, hi = 0, n;
 	/* An empty list only checks that the URI parses. */
 	if (p11a_list_match_keys(NULL, uri, NULL, 0, &n) != 0) {
 		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
-		return;
+		return -1;
 	}
 	for (size_t i = 0; i < s->nhelpers; i++) {
 		if (p11a_list_match_keys(&s->helpers[i].inv, uri, NULL, 0, &n) == 0 && n > 0) {
@@ -517,23 +631,78 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 				send_error(s, ci, P11A_E_HELPER,
 					   "no key matches %s while the token helper for module %s "
 					   "is restarting; try again", uri, dh->mod->name);
-				return;
+				return -1;
 			}
 		}
 		send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
-		return;
+		return -1;
 	}
 	if (found > 1) {
 		send_error(s, ci, P11A_E_AMBIGUOUS,
 			   "%zu keys match %s; add id= or object= to the URI", found, uri);
-		return;
+		return -1;
 	}
 	struct helper *h = &s->helpers[hi];
 	if (h->fd < 0 || !h->up) {
 		send_error(s, ci, P11A_E_HELPER, "token helper for module %s is restarting",
 			   h->mod->name);
+		return -1;
+	}
+	return (long)hi;
+}
+
+/*
+ * confirm = once: a process says yes (CONFIRM) before its first signature
+ * with the key, on a channel or relayed.  1 after answering the client
+ * NOT_CONFIRMED, else 0.
+ */
+static int
+confirm_once_refused(struct server *s, size_t ci, const struct helper *h, const char *uri)
+{
+	uint32_t ki;
+	size_t n;
+
+	if (p11a_list_match_keys(&h->inv, uri, &ki, 1, &n) != 0 || n != 1)
+		return 0;
+	const struct p11a_key *k = &h->inv.keys[ki];
+	const struct p11a_token *t = p11a_list_find_token(&h->inv, k->token_uri);
+	if (t == NULL || config_key_confirm(s->cfg, t, k) != CONFIRM_ONCE ||
+	    prompt_process_confirmed(s, ci, k->uri))
+		return 0;
+	send_error(s, ci, P11A_E_NOT_CONFIRMED,
+		   "key '%s' needs your confirmation for this program (confirm = once)",
+		   k->label && *k->label ? k->label : k->uri);
+	return 1;
+}
+
+static void
+handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel *oc)
+{
+	const char *uri = oc->key_uri ? oc->key_uri : "";
+	struct client *c = &s->clients[ci];
+	long li = key_helper(s, ci, uri);
+
+	if (li < 0)
+		return;
+	size_t hi = (size_t)li;
+	struct helper *h = &s->helpers[hi];
+	/*
+	 * A connection that relayed a SIGN cannot carry a descriptor: CHANNEL
+	 * without one tells a version-3 client to sign here again
+	 * (docs/protocol.md, version 3), and no helper thread waits on a
+	 * channel nobody gets.  An ssh peer still gets a real channel: when
+	 * it is ssh itself that signs (PKCS11Provider with our module), the
+	 * descriptor reaches it and it is a local client; when ssh forwards,
+	 * the descriptor is dropped on the way and the client relays.
+	 */
+	if (c->forwarded == FWD_RELAY && c->version >= 3) {
+		struct p11a_msg reply = { .type = P11A_MSG_CHANNEL };
+		log_debug("client %d: forwarded: CHANNEL without a descriptor for %s", c->fd, uri);
+		send_msg(s, ci, &reply, -1);
 		return;
 	}
+	if (confirm_once_refused(s, ci, h, uri))
+		return;
 	int sv[2];
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
 		send_error(s, ci, P11A_E_BUSY, "cannot create a signing channel: %s", strerror(errno));
@@ -562,6 +731,100 @@ handle_open_channel(struct server *s, size_t ci, const struct p11a_open_channel 
 	log_debug("client %d: signing channel to helper %s for %s", s->clients[ci].fd,
 		  h->mod->name, uri);
 	helper_send(s, hi, p->id, &adopt, sv[0]);
+}
+
+/*
+ * LOG (version 3): the ring's events since since_us, the newest max, as
+ * many as fit one frame (the oldest are left out first).
+ */
+static void
+handle_log(struct server *s, size_t ci, const struct p11a_log *lg)
+{
+	size_t n = audit_len(), first, bytes = 64;
+	const struct p11a_event **v = calloc(n ? n : 1, sizeof(*v));
+	struct p11a_event *ev = NULL;
+	struct p11a_msg m;
+
+	if (v == NULL) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	n = audit_select(lg->since_us, lg->max, v);
+	first = n;
+	while (first > 0 && n - first < P11A_LIST_MAX) {
+		size_t sz = p11a_event_wire_size(v[first - 1]);
+		if (bytes + sz > P11A_FRAME_MAX)
+			break;
+		bytes += sz;
+		first--;
+	}
+	if ((ev = calloc(n - first ? n - first : 1, sizeof(*ev))) == NULL) {
+		free(v);
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	for (size_t i = first; i < n; i++)
+		ev[i - first] = *v[i];          /* views: the ring keeps the strings */
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_LOG_REPLY;
+	m.u.events.n = (uint32_t)(n - first);
+	m.u.events.ev = ev;
+	send_msg(s, ci, &m, -1);
+	free(ev);
+	free(v);
+}
+
+static const char *
+forwarded_how(const struct client *c)
+{
+	return c->forwarded == FWD_SSH ? "peer is ssh" : "signs through the agent";
+}
+
+/*
+ * SIGN on a main connection (version 3): the client got no descriptor
+ * (ssh -R, a stream relay), so the agent relays its signatures to the
+ * helper (H_SIGN) with the peer it checked at accept.  The helper applies
+ * the very checks of a channel (allow-programs, tls-only) and the key's
+ * forwarding setting; the agent applies every limit of the main
+ * connection (one request at a time, frame cap, half-frame and request
+ * deadlines) and never waits for the helper.
+ */
+static void
+handle_sign(struct server *s, size_t ci, const struct p11a_sign *sg)
+{
+	struct client *c = &s->clients[ci];
+	const char *uri = sg->key_uri ? sg->key_uri : "";
+
+	if (c->version < 3) {
+		send_error(s, ci, P11A_E_PROTOCOL,
+			   "SIGN goes on a signing channel: send OPEN_CHANNEL first");
+		return;
+	}
+	if (!c->forwarded) {
+		c->forwarded = FWD_RELAY;
+		log_info("client %d (pid %ld, %s): forwarded: signs on its main connection "
+			 "(it got no descriptor: a relay such as socat or ssh in between)",
+			 c->fd, (long)c->pid, c->exe ? c->exe : "executable unknown");
+	}
+	long li = key_helper(s, ci, uri);
+	if (li < 0 || confirm_once_refused(s, ci, &s->helpers[li], uri))
+		return;
+	char what[160];
+	snprintf(what, sizeof(what), "a forwarded signature");
+	struct pending *p = pending_add(s, ci, (size_t)li, P11A_MSG_H_SIGN, what);
+	if (!p) {
+		send_error(s, ci, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	struct p11a_msg fwd = { .type = P11A_MSG_H_SIGN };
+	fwd.u.hsign.conn = c->serial;
+	fwd.u.hsign.pid = c->pid > 0 ? (uint32_t)c->pid : 0;
+	fwd.u.hsign.exe = c->exe;          /* borrowed, as the sign fields: not cleared */
+	fwd.u.hsign.flags = P11A_HSIGN_FORWARDED;
+	fwd.u.hsign.sign = *sg;
+	log_debug("client %d: forwarded (%s): sign %.300s relayed to helper %s", c->fd,
+		  forwarded_how(c), uri, s->helpers[li].mod->name);
+	helper_send(s, (size_t)li, p->id, &fwd, -1);
 }
 
 void
@@ -594,6 +857,9 @@ client_request(struct server *s, size_t ci)
 	case P11A_MSG_UNLOCK:
 	case P11A_MSG_LOCK:
 	case P11A_MSG_OPEN_CHANNEL:
+	case P11A_MSG_SIGN:
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
 		/*
 		 * These need the inventory: right after start-up (or a helper
 		 * restart) wait for the helpers to report rather than answer
@@ -642,6 +908,13 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 	case P11A_MSG_LIST:
 		handle_list(s, ci, 1);
 		break;
+	case P11A_MSG_LOG:
+		if (s->clients[ci].version < 3)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 3", m.type);
+		else
+			handle_log(s, ci, &m.u.log);
+		break;
 	case P11A_MSG_UNLOCK:
 		handle_unlock(s, ci, &m);
 		break;
@@ -651,9 +924,21 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 	case P11A_MSG_OPEN_CHANNEL:
 		handle_open_channel(s, ci, &m.u.open_channel);
 		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+	case P11A_MSG_UPDATE_ENV:
+		if (s->clients[ci].version < 3)
+			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
+				   "message type 0x%02x needs protocol version 3", m.type);
+		else if (m.type == P11A_MSG_UNLOCK_PROMPT)
+			handle_unlock_prompt(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else if (m.type == P11A_MSG_CONFIRM)
+			handle_confirm(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else
+			handle_update_env(s, ci, &m.u.env);
+		break;
 	case P11A_MSG_SIGN:
-		send_error(s, ci, P11A_E_PROTOCOL,
-			   "SIGN goes on a signing channel: send OPEN_CHANNEL first");
+		handle_sign(s, ci, &m.u.sign);
 		break;
 	default:
 		send_error(s, ci, P11A_E_PROTOCOL, "message type 0x%02x is not a request", m.type);

@@ -2,7 +2,9 @@
  * Token helper process: see helper.h for the contract with the agent.
  *
  * Threads: the main thread runs the control loop on ctrl_fd (UNLOCK,
- * LOCK, H_REFRESH, H_ADOPT) and is the only writer to ctrl_fd.  Each
+ * LOCK, H_REFRESH, H_ADOPT, H_SIGN).  A relayed SIGN (H_SIGN) runs on a
+ * thread of its own that writes its reply to ctrl_fd; every write to
+ * ctrl_fd takes ctrl_lock.  Each
  * adopted signing channel gets a detached thread that reads SIGN, calls
  * token_sign() and answers on the channel; it never touches ctrl_fd.  A
  * channel thread that sees a token change wakes the control loop through
@@ -16,6 +18,7 @@
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
+#include "tlsclass.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -29,6 +32,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +50,27 @@
  * take the last fd_reserve() descriptors under RLIMIT_NOFILE.
  */
 #define FD_RESERVE_MIN       128
+/*
+ * Audit events wait in a queue of at most EVQ_MAX for the control thread,
+ * which sends them in batches EVQ_BATCH_MS after the first (at once when
+ * EVQ_URGENT are queued): a channel thread never waits for the agent, and
+ * a burst of signatures costs one wake-up and one write per batch, not
+ * per signature.  A full queue (the agent does not keep up) drops events
+ * and counts them; the next H_EVENT carries the count.
+ */
+#define EVQ_MAX              2048
+#define EVQ_URGENT           (EVQ_MAX / 2)   /* this many queued: send now, not after EVQ_BATCH_MS */
+#define EVQ_BATCH_MS         50
+
+struct evq {
+	pthread_mutex_t mu;
+	struct p11a_event ev[EVQ_MAX];
+	uint32_t n;
+	uint32_t dropped;               /* since the last H_EVENT */
+	int woken;                      /* the control thread was woken for this batch */
+	int efd;                        /* eventfd that wakes the control thread; -1 none */
+	struct p11a_event batch[EVQ_MAX];       /* the control thread's copy while it sends */
+};
 
 struct helper {
 	struct token_module *tm;
@@ -60,12 +85,17 @@ struct helper {
 	struct p11a_buf *out;           /* control replies, control thread only */
 	struct p11a_buf *last_inv;      /* body (without id) of the last inventory sent */
 	atomic_int channels;
+	atomic_int relays;              /* relayed SIGNs (H_SIGN) in progress */
+	pthread_mutex_t ctrl_lock;      /* one writer at a time on ctrl_fd (relay threads) */
 	pthread_mutex_t wlock;          /* guards the channel list, each channel's busy/expired, wd_* */
 	struct channel *chans;          /* adopted channels, for the watchdog */
+	struct relay *relays_in;        /* relayed SIGNs in progress (under wlock) */
 	pthread_cond_t wd_cond;         /* wakes the watchdog (CLOCK_MONOTONIC) */
 	int wd_timed;                   /* the watchdog sleeps until wd_until, not for ever */
 	struct timespec wd_until;
 	int wd_stop;
+	struct evq evq;
+	int64_t ev_flush_at;            /* control thread: send the queue then; 0 = nothing due */
 };
 
 /*
@@ -98,6 +128,18 @@ struct channel {
 
 /* ------------------------------------------------------------ control writes */
 
+/* Writes one whole frame to the agent; relay threads write too, so under ctrl_lock. */
+static int
+ctrl_write(struct helper *h, struct p11a_buf *frame)
+{
+	int r;
+
+	pthread_mutex_lock(&h->ctrl_lock);
+	r = p11a_frame_write(h->ctrl_fd, frame, -1, CTRL_WRITE_MS);
+	pthread_mutex_unlock(&h->ctrl_lock);
+	return r;
+}
+
 static int
 ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
 {
@@ -108,7 +150,7 @@ ctrl_send(struct helper *h, uint32_t id, const struct p11a_msg *m)
 		log_err("cannot encode reply type 0x%02x: %s", m->type, p11a_strerror(r));
 		return r;
 	}
-	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	r = ctrl_write(h, h->out);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	return r;
@@ -185,7 +227,7 @@ send_inventory(struct helper *h, uint32_t id, int force)
 	p11a_buf_reset(h->last_inv);
 	if (p11a_buf_put(h->last_inv, body, len) != 0)
 		p11a_buf_reset(h->last_inv);
-	r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+	r = ctrl_write(h, h->out);
 	if (r != 0)
 		log_err("cannot write to the agent: %s", p11a_strerror(r));
 	else if (id == 0)
@@ -234,6 +276,148 @@ us_since(const struct timespec *t0)
 	return (long)(t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
 }
 
+/*
+ * Queues an audit event for the control thread (never the data, only what
+ * kind of content it was).  Channel threads and the control thread call
+ * it; it never waits for the agent.  Strings are copied; out of memory or
+ * a full queue counts the event as dropped.
+ */
+static void
+evq_push(struct helper *h, const struct p11a_event *e)
+{
+	struct evq *q = &h->evq;
+	int wake = 0;
+
+	pthread_mutex_lock(&q->mu);
+	if (q->n == EVQ_MAX || p11a_event_copy(&q->ev[q->n], e) != 0) {
+		q->dropped++;
+	} else {
+		q->n++;
+	}
+	if (!q->woken || q->n == EVQ_URGENT) {
+		q->woken = 1;
+		wake = 1;
+	}
+	pthread_mutex_unlock(&q->mu);
+	if (wake && q->efd >= 0) {
+		uint64_t one = 1;
+		ssize_t w = write(q->efd, &one, sizeof(one));
+		(void)w;        /* a counter that is already non-zero wakes the loop anyway */
+	}
+}
+
+static uint64_t
+realtime_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* A signature or a refusal, for the audit trail (never the data). */
+static void
+sign_audit(struct helper *h, uint32_t pid, const char *exe, uint8_t flags,
+	   const struct p11a_sign *req, int r, const char *msg, long us)
+{
+	struct p11a_event e;
+	enum p11a_tlsclass tc = p11a_tls_classify(req->data, req->data_len,
+						  req->input != P11A_INPUT_MESSAGE);
+
+	memset(&e, 0, sizeof(e));
+	e.time_us = realtime_us();
+	e.kind = r == -P11A_E_POLICY ? P11A_EV_REFUSED : P11A_EV_SIGN;
+	e.uri = req->key_uri;
+	e.scheme = req->scheme;
+	e.content = (uint8_t)(tc + 1);
+	e.pid = pid;
+	e.exe = (char *)exe;
+	e.flags = flags;
+	e.result = r < 0 ? (uint32_t)-r : (uint32_t)r;
+	e.message = r != 0 ? (char *)msg : NULL;
+	e.duration_us = us > 0 ? (uint64_t)us : 0;
+	evq_push(h, &e);
+}
+
+static void
+chan_audit(const struct channel *c, const struct p11a_sign *req, int r, const char *msg, long us)
+{
+	sign_audit(c->h, c->pid, c->exe, 0, req, r, msg, us);
+}
+
+/* A lock the helper made itself (idle-lock, pin-ttl): token_autolock()'s hook. */
+static void
+autolock_audit(void *arg, const char *token_uri, const char *reason)
+{
+	struct p11a_event e;
+
+	memset(&e, 0, sizeof(e));
+	e.time_us = realtime_us();
+	e.kind = P11A_EV_LOCK;
+	e.uri = (char *)token_uri;
+	e.reason = (char *)reason;
+	evq_push(arg, &e);
+}
+
+/*
+ * Control thread: sends what the queue holds as H_EVENT frames (id 0),
+ * each under the frame cap, the dropped count with the first.
+ */
+static int
+evq_flush(struct helper *h)
+{
+	struct evq *q = &h->evq;
+	struct p11a_event *batch = q->batch;
+	struct p11a_msg m;
+	uint32_t n, dropped, i = 0;
+	uint64_t one;
+	int r = 0;
+
+	if (q->efd >= 0 && read(q->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		log_debug("audit eventfd: %s", strerror(errno));
+	pthread_mutex_lock(&q->mu);
+	n = q->n;
+	memcpy(batch, q->ev, n * sizeof(*batch));
+	dropped = q->dropped;
+	q->n = 0;
+	q->dropped = 0;
+	q->woken = 0;
+	pthread_mutex_unlock(&q->mu);
+	do {
+		size_t bytes = 64;
+		uint32_t k = 0;
+
+		while (i + k < n && bytes + p11a_event_wire_size(&batch[i + k]) < P11A_FRAME_MAX - 4) {
+			bytes += p11a_event_wire_size(&batch[i + k]);
+			k++;
+		}
+		if (k == 0 && i < n) {
+			dropped++;      /* cannot be: every field is bounded far below the cap */
+			p11a_event_clear(&batch[i++]);
+			continue;
+		}
+		memset(&m, 0, sizeof(m));
+		m.type = P11A_MSG_H_EVENT;
+		m.u.events.dropped = dropped;
+		m.u.events.n = k;
+		m.u.events.ev = batch + i;
+		p11a_buf_reset(h->out);
+		if (p11a_msg_encode_internal(0, &m, h->out) == 0)
+			r = p11a_frame_write(h->ctrl_fd, h->out, -1, CTRL_WRITE_MS);
+		else
+			log_warn("cannot encode %u audit events; dropped", k);
+		for (uint32_t j = 0; j < k; j++)
+			p11a_event_clear(&batch[i + j]);
+		i += k;
+		dropped = 0;
+	} while (i < n && r == 0);
+	for (; i < n; i++)
+		p11a_event_clear(&batch[i]);
+	if (r != 0)
+		log_err("cannot write to the agent: %s", p11a_strerror(r));
+	return r;
+}
+
 static int
 chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec *t0,
 	  struct p11a_buf *out)
@@ -246,7 +430,8 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	char msg[TOKEN_MSG_MAX];
 	struct p11a_msg rep;
 	struct token_peer peer;
-	int r;
+	long us;
+	int r, wr;
 
 	/* The deadline counts from the request's arrival. */
 	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
@@ -262,8 +447,10 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		pthread_cond_signal(&h->wd_cond);
 	}
 	pthread_mutex_unlock(&h->wlock);
+	peer.conn = c->conn;
 	peer.pid = c->pid;
 	peer.exe = c->exe;
+	peer.forwarded = 0;     /* a channel's descriptor reached its client: local */
 	r = token_sign(h->tm, &c->memo, &peer, req, &deadline, sig, sizeof(sig), &sig_len, msg,
 		       sizeof(msg));
 	pthread_mutex_lock(&h->wlock);
@@ -274,6 +461,7 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 		p11a_wipe(sig, sizeof(sig));
 		log_warn("channel %d: the module returned after %ld ms, past the deadline; result dropped",
 			 c->fd, us_since(t0) / 1000);
+		chan_audit(c, req, -P11A_E_TIMEOUT, "the token did not answer in time", us_since(t0));
 		return -P11A_E_TIMEOUT;
 	}
 	pthread_mutex_unlock(&h->wlock);
@@ -286,16 +474,27 @@ chan_sign(struct channel *c, const struct p11a_sign *req, const struct timespec 
 	if (r == -P11A_E_POLICY)
 		log_warn("channel %d: pid %lu: refused %.300s: %s (executable %s)", c->fd,
 			 (unsigned long)c->pid, req->key_uri, msg, c->exe != NULL ? c->exe : "unknown");
-	if (r != 0)
-		return chan_reply_error(c, out, r, msg);
-	memset(&rep, 0, sizeof(rep));
-	rep.type = P11A_MSG_SIGNATURE;
-	rep.u.signature.sig = sig;
-	rep.u.signature.sig_len = sig_len;
-	p11a_buf_reset(out);
-	if ((r = p11a_msg_encode(&rep, out)) != 0)
-		return chan_reply_error(c, out, r, "cannot encode the signature");
-	return p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+	/* The client hears first; the audit event costs it nothing. */
+	us = us_since(t0);
+	if (r != 0) {
+		wr = chan_reply_error(c, out, r, msg);
+	} else {
+		memset(&rep, 0, sizeof(rep));
+		rep.type = P11A_MSG_SIGNATURE;
+		rep.u.signature.sig = sig;
+		rep.u.signature.sig_len = sig_len;
+		p11a_buf_reset(out);
+		if ((wr = p11a_msg_encode(&rep, out)) != 0) {
+			r = wr;
+			snprintf(msg, sizeof(msg), "cannot encode the signature");
+			wr = chan_reply_error(c, out, r, msg);
+		} else {
+			wr = p11a_frame_write(c->fd, out, -1, CHAN_WRITE_MS);
+		}
+		p11a_wipe(sig, sizeof(sig));
+	}
+	chan_audit(c, req, r, msg, us);
+	return wr;
 }
 
 static void *
@@ -499,6 +698,8 @@ channels_max_for_nofile(void)
  * runaway client from taking every channel; the helper-wide cap keeps the
  * descriptors the module needs.
  */
+static int relays_of_pid_locked(const struct helper *h, uint32_t pid);
+
 static int
 chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size_t msg_size)
 {
@@ -516,6 +717,7 @@ chan_admit_locked(struct helper *h, uint64_t conn, uint32_t pid, char *msg, size
 		nconn += c->conn == conn;
 		npid += pid != 0 && c->pid == pid;
 	}
+	npid += relays_of_pid_locked(h, pid);
 	if (nconn >= h->per_conn_max) {
 		snprintf(msg, msg_size, "this connection holds %d signing channels to module %s "
 			 "(max-channels-per-connection %d); close some", nconn, h->name,
@@ -585,6 +787,207 @@ chan_adopt(struct helper *h, int fd, const struct p11a_adopt *owner, char *msg, 
 	}
 	log_debug("channel %d adopted (%d open)", fd, atomic_load(&h->channels));
 	return 0;
+}
+
+/* ------------------------------------------------------------ relayed SIGN */
+
+/*
+ * A SIGN the agent relays for a client without a signing channel
+ * (H_SIGN, protocol version 3: ssh -R, a stream relay).  Each runs on a
+ * thread of its own, as a channel's SIGN does, so that the control loop
+ * never waits for the token; the answer goes back on the control socket
+ * with the request's id.  A module that hangs costs the thread: the agent
+ * answers its client TIMEOUT at the request's deadline and drops the late
+ * reply.  The agent sends one request per connection at a time; relays
+ * count against the helper's channel cap all the same.
+ */
+struct relay {
+	struct helper *h;
+	uint32_t id;
+	struct p11a_msg m;              /* H_SIGN, owned */
+	struct timespec t0;             /* arrival: the deadline counts from here */
+	struct relay *prev, *next;      /* h->relays_in, under h->wlock */
+};
+
+static void *
+relay_main(void *arg)
+{
+	struct relay *rl = arg;
+	struct helper *h = rl->h;
+	const struct p11a_hsign *hs = &rl->m.u.hsign;
+	struct timespec deadline = rl->t0;
+	struct token_peer peer;
+	struct p11a_msg rep;
+	struct p11a_buf *out = p11a_buf_new(P11A_FRAME_MAX);
+	uint8_t sig[P11A_SIG_MAX];
+	char msg[TOKEN_MSG_MAX];
+	size_t sig_len = 0;
+	long ns;
+	int r;
+
+	ns = deadline.tv_nsec + (long)(h->sign_timeout_ms % 1000) * 1000000L;
+	deadline.tv_sec += h->sign_timeout_ms / 1000 + ns / 1000000000L;
+	deadline.tv_nsec = ns % 1000000000L;
+	msg[0] = '\0';
+	peer.conn = hs->conn;
+	peer.pid = hs->pid;
+	peer.exe = hs->exe != NULL && hs->exe[0] != '\0' ? hs->exe : NULL;
+	peer.forwarded = (hs->flags & P11A_HSIGN_FORWARDED) != 0;
+	if (out == NULL) {
+		r = -P11A_E_NOMEM;
+		snprintf(msg, sizeof(msg), "out of memory");
+	} else {
+		r = token_sign(h->tm, NULL, &peer, &hs->sign, &deadline, sig, sizeof(sig), &sig_len,
+			       msg, sizeof(msg));
+	}
+	if (log_debug_enabled()) {
+		const char *sn = p11a_scheme_name(hs->sign.scheme), *hn = p11a_hash_name(hs->sign.hash);
+		log_debug("request %u: forwarded sign %.300s %s/%s input %u, %zu bytes: %s (%ld us)",
+			  rl->id, hs->sign.key_uri, sn ? sn : "?", hn ? hn : "?", hs->sign.input,
+			  hs->sign.data_len, r == 0 ? "ok" : msg[0] ? msg : p11a_strerror(r),
+			  us_since(&rl->t0));
+	}
+	sign_audit(h, hs->pid, peer.exe, peer.forwarded ? P11A_EVENT_FORWARDED : 0, &hs->sign, r,
+		   msg, us_since(&rl->t0));
+	if (r == -P11A_E_POLICY)
+		log_warn("forwarded connection, pid %lu: refused %.300s: %s (executable %s)",
+			 (unsigned long)hs->pid, hs->sign.key_uri, msg,
+			 peer.exe != NULL ? peer.exe : "unknown");
+	if (out != NULL) {
+		memset(&rep, 0, sizeof(rep));
+		if (r == 0) {
+			rep.type = P11A_MSG_SIGNATURE;
+			rep.u.signature.sig = sig;
+			rep.u.signature.sig_len = sig_len;
+			r = p11a_msg_encode_internal(rl->id, &rep, out);
+			if (r != 0)
+				snprintf(msg, sizeof(msg), "cannot encode the signature");
+		}
+		if (r != 0 && p11a_msg_set_error(&rep, r, "%s", msg) == 0) {
+			p11a_buf_reset(out);
+			if (p11a_msg_encode_internal(rl->id, &rep, out) != 0)
+				p11a_buf_reset(out);
+			p11a_msg_clear(&rep);
+		}
+		if (p11a_buf_len(out) > 0 && ctrl_write(h, out) != 0)
+			log_err("request %u: cannot write the forwarded signature's reply to the agent",
+				rl->id);
+	}
+	p11a_wipe(sig, sizeof(sig));
+	p11a_buf_free(out);
+	pthread_mutex_lock(&h->wlock);
+	if (rl->prev != NULL)
+		rl->prev->next = rl->next;
+	else
+		h->relays_in = rl->next;
+	if (rl->next != NULL)
+		rl->next->prev = rl->prev;
+	pthread_mutex_unlock(&h->wlock);
+	p11a_msg_clear(&rl->m);
+	free(rl);
+	atomic_fetch_sub(&h->relays, 1);
+	return NULL;
+}
+
+/*
+ * A relayed SIGN counts against the peer process's cap as a channel does
+ * (max-channels-per-process): behind ssh every remote client has the
+ * same peer, the local ssh.  Only relays stuck in a module pile up (the
+ * agent sends one per connection at a time).  Under h->wlock.
+ */
+static int
+relays_of_pid_locked(const struct helper *h, uint32_t pid)
+{
+	int n = 0;
+
+	if (pid == 0)
+		return 0;
+	for (const struct relay *r = h->relays_in; r != NULL; r = r->next)
+		n += r->m.u.hsign.pid == pid;
+	return n;
+}
+
+static int
+relay_admit_locked(struct helper *h, uint32_t pid, char *msg, size_t msg_size)
+{
+	int npid;
+
+	if (pid == 0)
+		return 0;
+	npid = relays_of_pid_locked(h, pid);
+	for (const struct channel *c = h->chans; c != NULL; c = c->next)
+		npid += c->pid == pid;
+	if (npid >= h->per_pid_max) {
+		snprintf(msg, msg_size, "process %lu holds %d signing channels and forwarded "
+			 "signatures in progress on module %s (max-channels-per-process %d); "
+			 "try again", (unsigned long)pid, npid, h->name, h->per_pid_max);
+		return -P11A_E_BUSY;
+	}
+	return 0;
+}
+
+/* Takes *m (H_SIGN) over and starts its thread; on failure answers the agent itself. */
+static void
+relay_start(struct helper *h, uint32_t id, struct p11a_msg *m)
+{
+	struct relay *rl;
+	pthread_attr_t attr;
+	pthread_t t;
+	char msg[256];
+	int r;
+
+	/* A module that hangs must not collect threads without bound: the channel cap holds. */
+	if (atomic_fetch_add(&h->relays, 1) + atomic_load(&h->channels) >= channels_max_for_nofile()) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(m);
+		snprintf(msg, sizeof(msg), "token helper for module %s has as many signatures in "
+			 "progress as its descriptor limit allows; try again", h->name);
+		(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+		return;
+	}
+	if ((rl = calloc(1, sizeof(*rl))) == NULL) {
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(m);
+		(void)ctrl_send_error(h, id, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	rl->h = h;
+	rl->id = id;
+	rl->m = *m;
+	memset(m, 0, sizeof(*m));
+	clock_gettime(CLOCK_MONOTONIC, &rl->t0);
+	pthread_mutex_lock(&h->wlock);
+	if ((r = relay_admit_locked(h, rl->m.u.hsign.pid, msg, sizeof(msg))) != 0) {
+		pthread_mutex_unlock(&h->wlock);
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(&rl->m);
+		free(rl);
+		(void)ctrl_send_error(h, id, r, msg);
+		return;
+	}
+	rl->next = h->relays_in;
+	if (h->relays_in != NULL)
+		h->relays_in->prev = rl;
+	h->relays_in = rl;
+	pthread_mutex_unlock(&h->wlock);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, CHANNEL_STACK_SIZE);
+	r = pthread_create(&t, &attr, relay_main, rl);
+	pthread_attr_destroy(&attr);
+	if (r != 0) {
+		pthread_mutex_lock(&h->wlock);
+		h->relays_in = rl->next;
+		if (rl->next != NULL)
+			rl->next->prev = NULL;
+		pthread_mutex_unlock(&h->wlock);
+		atomic_fetch_sub(&h->relays, 1);
+		p11a_msg_clear(&rl->m);
+		free(rl);
+		snprintf(msg, sizeof(msg), "cannot start a thread for a forwarded signature: %s",
+			 strerror(r));
+		(void)ctrl_send_error(h, id, P11A_E_BUSY, msg);
+	}
 }
 
 /* ------------------------------------------------------------ control loop */
@@ -659,6 +1062,16 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 		else
 			(void)ctrl_send_error(h, id, r, msg);
 		break;
+	case P11A_MSG_H_GRANT:
+		log_debug("request %u: a confirmed signature for connection %llu", id,
+			  (unsigned long long)m.u.grant.conn);
+		r = token_grant_add(m.u.grant.conn, m.u.grant.key_uri);
+		p11a_msg_clear(&m);
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, "out of memory");
+		break;
 	case P11A_MSG_H_REFRESH:
 		log_debug("request %u: refresh", id);
 		p11a_msg_clear(&m);
@@ -688,6 +1101,9 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			(void)ctrl_send_ok(h, id);
 		}
 		break;
+	case P11A_MSG_H_SIGN:
+		relay_start(h, id, &m);
+		break;
 	default:
 		log_warn("request %u: message type 0x%02x is not for a token helper", id, m.type);
 		p11a_msg_clear(&m);
@@ -707,7 +1123,7 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	struct helper *h = &the_helper;
 	struct p11a_buf *in = NULL;
 	struct p11a_frame_in cin;
-	struct pollfd pfd[2];
+	struct pollfd pfd[3];
 	int64_t next_check;
 	int n;
 
@@ -737,7 +1153,13 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
+	atomic_init(&h->relays, 0);
+	pthread_mutex_init(&h->ctrl_lock, NULL);
 	pthread_mutex_init(&h->wlock, NULL);
+	pthread_mutex_init(&h->evq.mu, NULL);
+	h->evq.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (h->evq.efd < 0)
+		log_warn("eventfd: %s; audit events are sent every few seconds only", strerror(errno));
 	{
 		pthread_condattr_t ca;
 
@@ -781,6 +1203,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		pthread_attr_destroy(&attr);
 	}
 	(void)token_refresh(h->tm);
+	/* Cards coming and going are seen at once where the module reports them. */
+	token_watch_start(h->tm);
 	/* The first inventory marks the helper up. */
 	if (send_inventory(h, 0, 1) != 0)
 		goto out;
@@ -806,6 +1230,8 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		 */
 		if (now >= next_check) {
 			next_check = now + CHECK_INTERVAL_MS;
+			if (h->evq.efd < 0)
+				h->ev_flush_at = now;   /* no eventfd: batches every check */
 			if (token_check(h->tm) && refresh_and_push(h, 0) != 0)
 				break;
 			continue;
@@ -818,19 +1244,32 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		if (h->idle_lock_ms > 0 || h->pin_ttl_ms > 0) {
 			int64_t due = INT64_MAX;
 
-			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due) > 0 &&
+			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due,
+					   autolock_audit, h) > 0 &&
 			    refresh_and_push(h, 1) != 0)
 				break;
 			if (due < wake)
 				wake = due;
 		}
+		/* Audit events go out in batches (EVQ_BATCH_MS after the first one). */
+		if (h->ev_flush_at != 0 && now >= h->ev_flush_at) {
+			h->ev_flush_at = 0;
+			if (evq_flush(h) != 0)
+				break;
+			continue;
+		}
+		if (h->ev_flush_at != 0 && h->ev_flush_at < wake)
+			wake = h->ev_flush_at;
 		pfd[0].fd = ctrl_fd;
 		pfd[0].events = POLLIN;
 		pfd[0].revents = 0;
 		pfd[1].fd = token_event_fd(h->tm);
 		pfd[1].events = POLLIN;
 		pfd[1].revents = 0;
-		n = poll(pfd, 2, wake > now ? (int)(wake - now) : 0);
+		pfd[2].fd = h->evq.efd;
+		pfd[2].events = POLLIN;
+		pfd[2].revents = 0;
+		n = poll(pfd, h->evq.efd >= 0 ? 3 : 2, wake > now ? (int)(wake - now) : 0);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -839,6 +1278,21 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		}
 		if (n == 0)
 			continue;
+		if (h->evq.efd >= 0 && (pfd[2].revents & POLLIN)) {
+			uint64_t cnt;
+
+			uint32_t queued;
+
+			if (read(h->evq.efd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+				log_debug("audit eventfd: %s", strerror(errno));
+			pthread_mutex_lock(&h->evq.mu);
+			queued = h->evq.n;
+			pthread_mutex_unlock(&h->evq.mu);
+			if (queued >= EVQ_URGENT)
+				h->ev_flush_at = p11a_now_ms();
+			else if (h->ev_flush_at == 0)
+				h->ev_flush_at = p11a_now_ms() + EVQ_BATCH_MS;
+		}
 		if (pfd[1].revents & POLLIN) {
 			token_event_clear(h->tm);
 			if (refresh_and_push(h, 0) != 0)

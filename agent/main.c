@@ -1,5 +1,6 @@
 /* p11agentd: start-up, options, hardening, daemonizing. */
 #include "config.h"
+#include "audit.h"
 #include "conf.h"
 #include "paths.h"
 #include "log.h"
@@ -332,6 +333,10 @@ main(int argc, char **argv)
 		goto out;
 	}
 	log_start(&cfg, !foreground);
+	if (audit_init(&cfg) != 0) {
+		log_err("out of memory for the audit ring (audit-ring %d)", cfg.audit_ring);
+		goto out;
+	}
 	for (size_t i = 0; i < cfg.nmodules; i++)
 		log_info("module %s: %s", cfg.modules[i].name, cfg.modules[i].path);
 	for (size_t i = 0; i < cfg.ndropped; i++)
@@ -340,6 +345,7 @@ main(int argc, char **argv)
 	log_info("listening on %s%s", cfg.socket_path,
 		 cfg.socket_activated ? " (socket from systemd)" : "");
 	rc = server_run(&cfg, lfd);
+	audit_free();
 	if (cfg.socket_tmpdir && rmdir(cfg.socket_tmpdir) != 0)
 		log_warn("cannot remove %s: %s", cfg.socket_tmpdir, strerror(errno));
 out:

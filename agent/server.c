@@ -13,6 +13,7 @@
 #include "config.h"
 #include "server.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 #include "systemd.h"
 #include "p11a.h"
@@ -79,6 +80,81 @@ peer_exe(pid_t pid)
 	return strdup(buf);
 }
 
+/*
+ * A peer that is ssh or sshd forwards a connection from another host
+ * (ssh -R, or sshd's end of ssh -L): descriptors cannot reach its client.
+ */
+static int
+exe_is_ssh(const char *exe)
+{
+	const char *base;
+
+	if (exe == NULL || (base = strrchr(exe, '/')) == NULL)
+		return 0;
+	base++;
+	return strcmp(base, "ssh") == 0 || strcmp(base, "sshd") == 0;
+}
+
+/* The kernel's overflow uid (what an unmapped uid reads as), 65534 by default. */
+static unsigned long
+overflow_uid(void)
+{
+	unsigned long v = 65534;
+	FILE *f = fopen("/proc/sys/kernel/overflowuid", "re");
+
+	if (f != NULL) {
+		if (fscanf(f, "%lu", &v) != 1)
+			v = 65534;
+		fclose(f);
+	}
+	return v;
+}
+
+/*
+ * Logs why a peer of another uid is refused.  The overflow uid is what a
+ * process in a user namespace whose uid has no mapping in ours looks
+ * like (a container that does not map the user's uid): said so, since
+ * "uid 65534" alone reads like the nobody account.
+ */
+static void
+peer_uid_refused(const struct server *s, const struct ucred *cred)
+{
+	if ((unsigned long)cred->uid == overflow_uid())
+		log_warn("refused a connection from uid %u (pid %ld): that is the kernel's overflow "
+			 "uid, so the peer runs in a user namespace (a container) whose uid does not "
+			 "map to ours; only uid %u may use this agent: map the user's uid into the "
+			 "container (e.g. unshare -U -r, podman --userns=keep-id)",
+			 (unsigned)cred->uid, (long)cred->pid, (unsigned)s->uid);
+	else
+		log_warn("refused a connection from uid %u (pid %ld): only uid %u may use this agent "
+			 "(a peer in a user namespace shows as the uid its own uid maps to)",
+			 (unsigned)cred->uid, (long)cred->pid, (unsigned)s->uid);
+}
+
+/* Field 22 of /proc/PID/stat (start time in clock ticks), 0 when unknown. */
+static uint64_t
+peer_start_time(pid_t pid)
+{
+	char path[64], buf[1024];
+	unsigned long long v = 0;
+	FILE *f;
+
+	if (pid <= 0)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+	if ((f = fopen(path, "re")) == NULL)
+		return 0;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* The command name may hold spaces and ')': fields count from the last ')'. */
+	char *p = strrchr(buf, ')');
+	if (p == NULL || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u "
+				"%*d %*d %*d %*d %*d %*d %llu", &v) != 1)
+		return 0;
+	return v;
+}
+
 void
 client_close(struct server *s, size_t i)
 {
@@ -133,8 +209,7 @@ client_accept(struct server *s)
 			continue;
 		}
 		if (cred.uid != s->uid) {
-			log_warn("refused a connection from uid %u (pid %ld): only uid %u may use this agent",
-				 (unsigned)cred.uid, (long)cred.pid, (unsigned)s->uid);
+			peer_uid_refused(s, &cred);
 			close(fd);
 			continue;
 		}
@@ -169,11 +244,15 @@ client_accept(struct server *s)
 		c->uid = cred.uid;
 		c->pid = cred.pid;
 		c->exe = peer_exe(cred.pid);
+		c->start_time = peer_start_time(cred.pid);
 		c->reply_fd = -1;
+		if (exe_is_ssh(c->exe))
+			c->forwarded = FWD_SSH;
 		p11a_frame_in_init(&c->in, NULL, 0);
 		s->open_clients++;
-		log_debug("client %d: connected (pid %ld, %s)", fd, (long)cred.pid,
-			  c->exe ? c->exe : "executable unknown");
+		log_debug("client %d: connected (pid %ld, %s)%s", fd, (long)cred.pid,
+			  c->exe ? c->exe : "executable unknown",
+			  c->forwarded ? ", forwarded (ssh)" : "");
 	}
 }
 
@@ -199,8 +278,8 @@ client_readable(struct server *s, size_t ci)
 
 /* ------------------------------------------------------------ loop */
 
-/* The poll set's entries before the helpers': signalfd, listener, system bus. */
-#define POLL_FIXED 3
+/* The poll set's entries before the helpers': signalfd, listener, system bus, dialogs. */
+#define POLL_FIXED 4
 
 static int
 handle_signals(struct server *s)
@@ -251,6 +330,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	struct server srv;
 	struct server *s = &srv;
 	memset(s, 0, sizeof(*s));
+	s->wake_rd = s->wake_wr = -1;
 	s->cfg = cfg;
 	s->listen_fd = listen_fd;
 	s->uid = getuid();
@@ -283,6 +363,8 @@ server_run(const struct agent_config *cfg, int listen_fd)
 	if (s->nhelpers == 0)
 		log_warn("no PKCS#11 module to use: give --module PATH or register one with p11-kit");
 	s->logind = logind_new(cfg, s->uid, logind_lock, s);
+	if (prompt_init(s) != 0)
+		goto out;
 	/* Clients can connect from now on; requests wait for starting helpers themselves. */
 	sysd_notify("READY=1\nSTATUS=listening on %s, %zu module(s) starting", cfg->socket_path,
 		    s->nhelpers);
@@ -314,6 +396,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 		short bus_ev;
 		int bus_fd = logind_poll_fd(s->logind, &bus_ev, &next);
 		pfd[n++] = (struct pollfd){ bus_fd, bus_ev, 0 };
+		pfd[n++] = (struct pollfd){ s->wake_rd, POLLIN, 0 };
 		for (size_t i = 0; i < s->nhelpers; i++) {
 			struct helper *h = &s->helpers[i];
 			short ev = 0;
@@ -337,6 +420,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			pfd[n++] = (struct pollfd){ ev ? c->fd : -1, ev, 0 };
 		}
 		next = pending_next_deadline(s, next);
+		next = prompt_tick(s, now, next);
 		next = helpers_tick(s, now, next);
 		int timeout = next > now ? (int)(next - now) : 0;
 		int pr = poll(pfd, n, timeout);
@@ -349,6 +433,8 @@ server_run(const struct agent_config *cfg, int listen_fd)
 				handle_signals(s);
 			if (pfd[1].revents & POLLIN)
 				client_accept(s);
+			if (pfd[3].revents & POLLIN)
+				prompt_wake(s);
 			for (size_t i = 0; i < s->nhelpers; i++) {
 				struct helper *h = &s->helpers[i];
 				short re = pfd[POLL_FIXED + i].revents;
@@ -395,6 +481,7 @@ server_run(const struct agent_config *cfg, int listen_fd)
 			}
 		}
 		pending_expire(s, now);
+		(void)prompt_tick(s, now, now);
 		clients_unpark(s, now);
 		(void)helpers_tick(s, now, now);
 	}
@@ -404,11 +491,16 @@ out:
 	for (size_t i = 0; i < s->nclients; i++)
 		client_close(s, i);
 	free(s->clients);
+	prompt_free(s);
 	pending_free_all(s);
 	free(s->pfd);
 	logind_free(s->logind);
-	if (s->helpers)
+	if (s->helpers) {
 		helpers_stop(s);
+		/* The helpers logged out (C_Finalize) as they exited. */
+		if (s->nhelpers > 0)
+			audit_note(P11A_EV_LOCK, "", 0, s->uid, NULL, 0, NULL, "exit", 0);
+	}
 	free(s->helpers);
 	close(s->sig_fd);
 	/* systemd's socket stays: the next connection starts the agent again. */

@@ -10,7 +10,7 @@
  *   without ever blocking the loop (SIGCHLD via the signalfd, a deadline
  *   after which SIGKILL goes out) and restart with back-off.
  * - handlers.c: requests (HELLO, STATUS, LIST, HEALTH, UNLOCK, LOCK,
- *   OPEN_CHANNEL), the requests forwarded to helpers and waiting for
+ *   OPEN_CHANNEL, SIGN relayed for forwarded clients), the requests forwarded to helpers and waiting for
  *   their reply (pending), and the error reply.
  */
 #ifndef AGENT_SERVER_INT_H
@@ -71,12 +71,27 @@ struct client {
 	uint32_t uid;
 	pid_t pid;
 	char *exe;                 /* /proc/PID/exe read at accept (allow-programs), NULL unknown */
+	int forwarded;             /* FWD_*: the peer is ssh, or the client signs on this connection */
+	uint64_t start_time;       /* the peer's start time (/proc/PID/stat), 0 unknown: with
+				    * pid it names the process for confirm = once */
 	struct p11a_frame_in in;
 	struct p11a_frame_out out;
 	int reply_fd;              /* descriptor for the awaited CHANNEL reply, or -1 */
 	int has_parked;            /* a request waits for helpers to come up */
 	struct p11a_msg parked;
 };
+
+/*
+ * struct client.forwarded: how the agent knows a connection comes from
+ * elsewhere.  FWD_SSH at accept (the peer's executable is ssh or sshd:
+ * logged as forwarded); FWD_RELAY from the first SIGN on the main
+ * connection (a client does that only when a CHANNEL came without a
+ * descriptor: ssh or a relay in between, such as socat, that the agent
+ * cannot see through).  Every relayed SIGN is a forwarded signature and
+ * meets the key's forwarding setting; a FWD_RELAY connection gets no
+ * more signing channels (CHANNEL without a descriptor).
+ */
+enum { FWD_NO = 0, FWD_SSH = 1, FWD_RELAY = 2 };
 
 struct pending {
 	uint32_t id;
@@ -87,7 +102,15 @@ struct pending {
 	uint8_t type;              /* request forwarded */
 	char *what;                /* for timeout messages */
 	int channel_fd;            /* H_ADOPT: the client's end of the channel, or -1 */
+	char *uri;                 /* UNLOCK, LOCK: the token's URI, for the audit event */
+	uint64_t started_us;       /* when it was sent, for the audit event */
+	uint64_t dialog;           /* not 0: sent for this dialog (prompt.c), not for a client */
 };
+/* pending.type P11A_MSG_H_SIGN: the helper answers SIGNATURE (relayed as is) or ERROR. */
+
+struct dialog;                     /* prompt.c */
+struct tok_prompt;                 /* prompt.c */
+struct confirm_grant;              /* prompt.c */
 
 struct server {
 	const struct agent_config *cfg;
@@ -111,6 +134,17 @@ struct server {
 	struct pollfd *pfd;
 	size_t cpfd;
 	struct logind *logind;     /* logind's lock signals on the system bus, or NULL */
+	/* prompt.c: PIN and confirm dialogs */
+	int wake_rd, wake_wr;      /* a dialog thread ended (pipe), -1 when none */
+	struct dialog *dialogs;    /* queued and running, oldest first; one runs at a time */
+	size_t ndialogs, cdialogs;
+	uint64_t next_dialog;
+	struct tok_prompt *tprompt;        /* per token: back-off, last error */
+	size_t ntprompt;
+	struct confirm_grant *grants;      /* confirm = once: processes that said yes */
+	size_t ngrants;
+	char *env[16];             /* the session for pinentry, "NAME=value" */
+	size_t nenv;
 };
 
 /* ---- server.c: client connections */
@@ -148,6 +182,26 @@ void helpers_stop(struct server *s);
 /* Frees what helper hi holds (socket, queues, inventory); no process handling. */
 void helper_free(struct helper *h);
 
+/* ---- prompt.c: PIN and confirm dialogs (pinentry.c runs them) */
+
+/* Wake-up pipe, session environment from the agent's own; 0 or -1 (logged). */
+int prompt_init(struct server *s);
+void prompt_free(struct server *s);
+void handle_unlock_prompt(struct server *s, size_t ci, const char *uri);
+void handle_confirm(struct server *s, size_t ci, const char *uri);
+void handle_update_env(struct server *s, size_t ci, const struct p11a_update_env *env);
+/*
+ * OPEN_CHANNEL of a key with confirm = once: 1 when client ci's process
+ * has said yes for key_uri (the inventory's URI), else 0.
+ */
+int prompt_process_confirmed(const struct server *s, size_t ci, const char *key_uri);
+/* The wake-up pipe was readable: finished dialogs, the next one started. */
+void prompt_wake(struct server *s);
+/* Waiters and dialogs past their deadline; returns the earliest deadline or next. */
+int64_t prompt_tick(struct server *s, int64_t now, int64_t next);
+/* The helper answered a request sent for dialog id (code 0 = OK). */
+void prompt_helper_reply(struct server *s, uint64_t dialog, int code, const char *msg);
+
 /* ---- handlers.c: requests */
 
 /* A whole frame is in s->clients[ci].in: decode, check, dispatch. */
@@ -160,6 +214,19 @@ void clients_unpark(struct server *s, int64_t now);
 void send_error(struct server *s, size_t ci, int code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 void send_ok(struct server *s, size_t ci);
+/*
+ * One awaited reply arrived (code 0 = OK) for client ci with that serial
+ * (a closed or reused slot is left alone); the reply goes out once every
+ * awaited one did.  Whoever makes a client wait raises its waiting count.
+ */
+void client_reply_arrived(struct server *s, size_t ci, uint64_t serial, int code,
+			  const char *msg);
+/*
+ * A request to helper hi made by the agent itself for a dialog (not
+ * waited for by a client): its reply goes to prompt_helper_reply().
+ */
+struct pending *pending_add_dialog(struct server *s, size_t hi, uint8_t type, const char *what,
+				   uint64_t dialog);
 /* Locks every token of every module; why names the cause in the log ("SIGHUP"). */
 void tokens_lock_all(struct server *s, const char *why);
 /* A helper's reply to request id (or an unsolicited message, id 0). */

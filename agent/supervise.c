@@ -4,6 +4,7 @@
  */
 #include "config.h"
 #include "server_int.h"
+#include "audit.h"
 #include "helper.h"
 #include "log.h"
 #include "systemd.h"
@@ -288,6 +289,34 @@ helpers_starting(const struct server *s, int64_t now)
 	return 0;
 }
 
+/*
+ * Audit events a helper reports (H_EVENT): signatures, refusals and its
+ * own locks.  A helper runs vendor code, so it is believed only about
+ * those kinds; the uid is ours (every client is checked against it).
+ */
+static void
+helper_events(struct server *s, const struct helper *h, const struct p11a_events *evs)
+{
+	if (evs->dropped != 0) {
+		struct p11a_event d = { .kind = P11A_EV_DROPPED, .count = evs->dropped };
+
+		log_warn("helper %s: %u audit events dropped (its queue was full: the agent did not "
+			 "read them in time)",
+			 h->mod->name, evs->dropped);
+		audit_record(&d);
+	}
+	for (uint32_t i = 0; i < evs->n; i++) {
+		struct p11a_event e = evs->ev[i];
+
+		if (e.kind != P11A_EV_SIGN && e.kind != P11A_EV_REFUSED && e.kind != P11A_EV_LOCK) {
+			log_warn("helper %s: audit event of kind %u ignored", h->mod->name, e.kind);
+			continue;
+		}
+		e.uid = (uint32_t)s->uid;
+		audit_record(&e);
+	}
+}
+
 static void
 helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 {
@@ -304,6 +333,10 @@ helper_message(struct server *s, size_t hi, uint32_t id, struct p11a_msg *m)
 				  h->inv.ntokens, h->inv.nkeys);
 		h->up = 1;
 		notify_status(s);
+		return;
+	}
+	if (m->type == P11A_MSG_H_EVENT && id == 0) {
+		helper_events(s, h, &m->u.events);
 		return;
 	}
 	if (m->type == P11A_MSG_ERROR && id == 0) {

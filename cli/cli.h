@@ -33,6 +33,7 @@ struct cli_ctx {
 
 /* Verb entry points (cmd_*.c). */
 int cmd_status(struct cli_ctx *ctx, int argc, char **argv);
+int cmd_log(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_list(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_unlock(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_lock(struct cli_ctx *ctx, int argc, char **argv);
@@ -43,6 +44,7 @@ int cmd_env(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_export_key(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_exec(struct cli_ctx *ctx, int argc, char **argv);
 int cmd_setup(struct cli_ctx *ctx, int argc, char **argv);
+int cmd_updatestartuptty(struct cli_ctx *ctx, int argc, char **argv);
 /* 'p11agent setup openssl' (cmd_setup_openssl.c); conf NULL: the installed snippet. */
 int cli_setup_openssl(const char *conf);
 /* firefox-policy: print (file NULL, !system) or merge into policies.json. */

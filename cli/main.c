@@ -25,6 +25,8 @@ static const struct verb verbs[] = {
 	{ "list", cmd_list, "list tokens, keys and certificates" },
 	{ "unlock", cmd_unlock, "log in to a token with its PIN" },
 	{ "lock", cmd_lock, "log out of one token or all of them" },
+	{ "log", cmd_log, "show recent audit events: who signed, unlocked, locked what" },
+	{ "updatestartuptty", cmd_updatestartuptty, "show the agent's PIN dialogs in this session" },
 	{ "sign", cmd_sign, "sign a message or digest with a key" },
 	{ "pubkey", cmd_pubkey, "write a key's public key (PEM or DER)" },
 	{ "export-cert", cmd_export_cert, "write a key's certificate (PEM or DER)" },

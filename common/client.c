@@ -41,6 +41,7 @@ struct p11a_client {
 	int timeout_ms;     /* -1: no deadline */
 	uint64_t tick;
 	uint16_t version;   /* protocol version the agent chose at HELLO */
+	int relay;          /* CHANNEL came without a descriptor: sign on the main connection */
 	struct chan chans[CHAN_CACHE];
 	char last_error[512];
 };
@@ -435,6 +436,8 @@ client_open(struct p11a_client *c)
 	int r;
 
 	main_close(c);
+	/* A new connection may reach the agent another way: ask for a channel again. */
+	c->relay = 0;
 	if ((r = sock_connect(c)) != 0)
 		return r;
 	if ((r = reader_new(c->fd, P11A_READER_FDS, &c->rd)) != 0) {
@@ -622,6 +625,24 @@ p11a_client_health(struct p11a_client *c, struct p11a_msg *reply)
 }
 
 int
+p11a_client_log(struct p11a_client *c, uint64_t since_us, uint32_t max, struct p11a_msg *reply)
+{
+	struct p11a_msg req;
+
+	memset(reply, 0, sizeof(*reply));
+	if (c->version < 3) {
+		set_error(c, "the agent speaks protocol version %u, which has no LOG request "
+		    "(an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_LOG;
+	req.u.log.since_us = since_us;
+	req.u.log.max = max;
+	return call_expect(c, &req, P11A_MSG_LOG_REPLY, reply);
+}
+
+int
 p11a_client_list(struct p11a_client *c, struct p11a_msg *reply)
 {
 	struct p11a_msg req;
@@ -673,7 +694,12 @@ p11a_client_lock(struct p11a_client *c, const char *token_uri)
 	return r;
 }
 
-/* Index of the cached channel for key_uri, opening one if needed. */
+/*
+ * Index of the cached channel for key_uri, opening one if needed.  1 (no
+ * slot) when the agent's CHANNEL came without a descriptor: a relay in
+ * between (ssh -R, socat) that carries none; c->relay is set and the
+ * caller signs on the main connection (protocol version 3).
+ */
 static int
 chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 {
@@ -700,9 +726,19 @@ chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 	req.u.open_channel.key_uri = (char *)key_uri;
 	if ((r = p11a_client_call(c, &req, &reply, &fd)) != 0)
 		return r;
+	if (reply.type == P11A_MSG_CHANNEL && fd < 0 && c->version >= 3) {
+		p11a_msg_clear(&reply);
+		c->relay = 1;
+		return 1;
+	}
 	if (reply.type != P11A_MSG_CHANNEL || fd < 0) {
-		set_error(c, "agent answered OPEN_CHANNEL with message type 0x%02x%s",
-		    reply.type, fd < 0 ? " and no descriptor" : "");
+		if (reply.type == P11A_MSG_CHANNEL)
+			set_error(c, "agent answered OPEN_CHANNEL without a descriptor (a forwarded "
+			    "socket carries none), and it speaks protocol version %u: signing through "
+			    "a forwarded socket needs version 3 (a newer p11agentd)", c->version);
+		else
+			set_error(c, "agent answered OPEN_CHANNEL with message type 0x%02x%s",
+			    reply.type, fd < 0 ? " and no descriptor" : "");
 		p11a_msg_clear(&reply);
 		fd_close(&fd);
 		main_close(c);
@@ -737,12 +773,121 @@ chan_get(struct p11a_client *c, const char *key_uri, size_t *slot)
 	return 0;
 }
 
+/*
+ * UNLOCK_PROMPT or CONFIRM: a person answers a dialog, so the deadline is
+ * the dialog's, not the usual one.  Neither is sent twice on a new
+ * connection (each shows a dialog).
+ */
+static int
+call_prompt(struct p11a_client *c, uint8_t type, const char *uri)
+{
+	struct p11a_msg req, reply;
+	int saved = c->timeout_ms, r;
+
+	if (c->version < 3) {
+		set_error(c, "the agent speaks protocol version %u, which has no PIN or confirm "
+		    "dialogs (an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = type;
+	req.u.prompt.uri = (char *)(uri != NULL ? uri : "");
+	if (c->timeout_ms >= 0 && c->timeout_ms < P11A_CLIENT_PROMPT_TIMEOUT_MS)
+		c->timeout_ms = P11A_CLIENT_PROMPT_TIMEOUT_MS;
+	r = call_expect(c, &req, P11A_MSG_OK, &reply);
+	c->timeout_ms = saved;
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+int
+p11a_client_unlock_prompt(struct p11a_client *c, const char *uri)
+{
+	c->last_error[0] = '\0';
+	return call_prompt(c, P11A_MSG_UNLOCK_PROMPT, uri);
+}
+
+int
+p11a_client_confirm(struct p11a_client *c, const char *key_uri)
+{
+	c->last_error[0] = '\0';
+	return call_prompt(c, P11A_MSG_CONFIRM, key_uri);
+}
+
+int
+p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n)
+{
+	struct p11a_msg req, reply;
+	int r;
+
+	c->last_error[0] = '\0';
+	if (c->version < 3) {
+		set_error(c, "the agent speaks protocol version %u, which has no UPDATE_ENV "
+		    "(an older p11agentd)", c->version);
+		return -P11A_E_UNSUPPORTED;
+	}
+	if (n > P11A_ENV_MAX) {
+		set_error(c, "more than %d variables", P11A_ENV_MAX);
+		return -P11A_E_TOO_LARGE;
+	}
+	memset(&req, 0, sizeof(req));
+	req.type = P11A_MSG_UPDATE_ENV;
+	req.u.env.n = (uint32_t)n;
+	req.u.env.env = (char **)env;
+	r = call_expect(c, &req, P11A_MSG_OK, &reply);
+	p11a_msg_clear(&reply);
+	return r;
+}
+
+/* P11AGENT_NO_PROMPT=1 (or any value but 0 and ""): no dialogs on behalf of this program. */
+static int
+prompt_allowed(const struct p11a_client *c)
+{
+	const char *v = secure_getenv("P11AGENT_NO_PROMPT");
+
+	if (c->version < 3)
+		return 0;
+	return v == NULL || *v == '\0' || strcmp(v, "0") == 0;
+}
+
+static int sign_once(struct p11a_client *c, const struct p11a_sign *req, uint8_t **sig,
+		     size_t *sig_len);
+
 int
 p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		 uint8_t **sig, size_t *sig_len)
 {
+	int unlocked = 0, confirmed = 0, r, r2;
+
+	for (;;) {
+		r = sign_once(c, req, sig, sig_len);
+		/*
+		 * A locked token or a key that needs a yes: the agent shows the
+		 * dialog (on the main connection) and the signature is tried once
+		 * more.  The dialog's own error (cancelled, refused, a wrong PIN)
+		 * is what the caller gets.
+		 */
+		if (r == -P11A_E_LOCKED && !unlocked && prompt_allowed(c)) {
+			unlocked = 1;
+			if ((r2 = p11a_client_unlock_prompt(c, req->key_uri)) != 0)
+				return r2;
+			continue;
+		}
+		if (r == -P11A_E_NOT_CONFIRMED && !confirmed && prompt_allowed(c)) {
+			confirmed = 1;
+			if ((r2 = p11a_client_confirm(c, req->key_uri)) != 0)
+				return r2;
+			continue;
+		}
+		return r;
+	}
+}
+
+static int
+sign_once(struct p11a_client *c, const struct p11a_sign *req, uint8_t **sig, size_t *sig_len)
+{
 	struct p11a_msg m, reply;
-	size_t slot;
+	size_t slot = CHAN_CACHE;   /* CHAN_CACHE: the main connection (relayed) */
 	enum xstate how;
 	int attempt, r;
 
@@ -758,15 +903,36 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 	m.type = P11A_MSG_SIGN;
 	m.u.sign = *req;
 	for (attempt = 0;; attempt++) {
-		if ((r = chan_get(c, req->key_uri, &slot)) != 0)
-			return r;
-		r = exchange(c, c->chans[slot].fd, c->chans[slot].rd, &m, &reply, NULL, &how);
+		if (!c->relay || c->fd < 0) {
+			if ((r = chan_get(c, req->key_uri, &slot)) < 0)
+				return r;
+		}
+		if (c->relay) {
+			/* Forwarded: the agent relays SIGN to the token helper. */
+			slot = CHAN_CACHE;
+			if (c->fd >= 0 && (p11a_reader_pending(c->rd) != 0 || !conn_alive(c->fd)))
+				main_close(c);
+			if (c->fd < 0) {
+				r = -P11A_E_IO;
+				how = XS_CLOSED;
+			} else {
+				r = exchange(c, c->fd, c->rd, &m, &reply, NULL, &how);
+			}
+		} else {
+			r = exchange(c, c->chans[slot].fd, c->chans[slot].rd, &m, &reply, NULL, &how);
+		}
 		if (how == XS_OK || how == XS_REMOTE || how == XS_UNSENT)
 			break;
-		/* Any local failure leaves the channel out of step: drop it. */
-		chan_drop(c, slot);
-		if (how != XS_CLOSED || attempt > 0)
+		/* Any local failure leaves the channel (or connection) out of step: drop it. */
+		if (slot < CHAN_CACHE)
+			chan_drop(c, slot);
+		else
+			main_close(c);
+		if (how != XS_CLOSED || attempt > 0) {
+			if (slot == CHAN_CACHE && c->last_error[0] == '\0')
+				set_error(c, "the connection to the agent closed");
 			return r;
+		}
 		/*
 		 * The helper or the agent went away.  chan_get() asks for a new
 		 * channel through p11a_client_call(), which reconnects first
@@ -776,9 +942,13 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 	if (r != 0)
 		return r;
 	if (reply.type != P11A_MSG_SIGNATURE) {
-		set_error(c, "signing channel answered with message type 0x%02x", reply.type);
+		set_error(c, "%s answered SIGN with message type 0x%02x",
+		    slot < CHAN_CACHE ? "signing channel" : "agent", reply.type);
 		p11a_msg_clear(&reply);
-		chan_drop(c, slot);
+		if (slot < CHAN_CACHE)
+			chan_drop(c, slot);
+		else
+			main_close(c);
 		return -P11A_E_PROTOCOL;
 	}
 	*sig = reply.u.signature.sig;

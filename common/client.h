@@ -70,16 +70,42 @@ int p11a_client_status(struct p11a_client *c, struct p11a_msg *reply);
  */
 int p11a_client_health(struct p11a_client *c, struct p11a_msg *reply);
 int p11a_client_list(struct p11a_client *c, struct p11a_msg *reply);
+/*
+ * LOG (protocol version 3): the agent's audit events at or after since_us
+ * (µs since the epoch, 0 = all), the newest max (0 = as many as fit),
+ * oldest first, in reply->u.events.  -P11A_E_UNSUPPORTED, without a round
+ * trip, when the agent chose an older version.
+ */
+int p11a_client_log(struct p11a_client *c, uint64_t since_us, uint32_t max, struct p11a_msg *reply);
 /* token_uri NULL or "" = the only token that needs a login; pin is not kept. */
 int p11a_client_unlock(struct p11a_client *c, const char *token_uri,
 		       const char *pin, size_t pin_len);
 int p11a_client_lock(struct p11a_client *c, const char *token_uri);
 
 /*
+ * Protocol version 3 (-P11A_E_UNSUPPORTED, without a round trip, for an
+ * older agent).  UNLOCK_PROMPT: the agent asks for the PIN of the token
+ * of uri (a key or token URI; "" = the only token that needs one) with
+ * its pinentry; CONFIRM: it asks the user to allow a signature with
+ * key_uri.  Both wait for a person: their deadline is
+ * P11A_CLIENT_PROMPT_TIMEOUT_MS.  Errors include -P11A_E_CANCELLED,
+ * -P11A_E_PIN_INCORRECT (never retried) and -P11A_E_NOT_CONFIRMED.
+ * UPDATE_ENV: the session (display, terminal) for the agent's dialogs,
+ * "NAME=value" each.
+ */
+int p11a_client_unlock_prompt(struct p11a_client *c, const char *uri);
+int p11a_client_confirm(struct p11a_client *c, const char *key_uri);
+int p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n);
+
+/*
  * Signs: opens (or reuses) the signing channel for key_uri, sends SIGN,
  * returns the signature in a malloc'd block (*sig, *sig_len).  req->key_uri
  * is the key.  If the channel turns out closed (agent restarted) it is
- * reopened once, with a fresh main connection if needed.
+ * reopened once, with a fresh main connection if needed.  A locked token
+ * (LOCKED) makes it ask the agent for a PIN dialog (UNLOCK_PROMPT) and a
+ * key that needs a yes (NOT_CONFIRMED) for a confirm dialog (CONFIRM),
+ * each at most once, and sign again; not when P11AGENT_NO_PROMPT is set
+ * (to anything but "" or "0") or the agent is older than version 3.
  */
 int p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		     uint8_t **sig, size_t *sig_len);

@@ -11,8 +11,8 @@
 
 #define FD_PASS_MAX 8   /* descriptors taken per recvmsg; extras are closed */
 
-static void
-close_keep_errno(int fd)
+void
+p11a_close_keep_errno(int fd)
 {
 	int saved = errno;
 
@@ -74,7 +74,7 @@ p11a_frame_in_reset(struct p11a_frame_in *in)
 		p11a_buf_reset(in->body);
 	}
 	if (in->fd >= 0)
-		close_keep_errno(in->fd);
+		p11a_close_keep_errno(in->fd);
 	in->fd = -1;
 	p11a_wipe(in->hdr, sizeof(in->hdr));
 	in->hdr_got = 0;
@@ -191,7 +191,7 @@ frame_in_take_fds(struct p11a_frame_in *in, struct msghdr *mh)
 			if (in->fd < 0)
 				in->fd = fd;
 			else
-				close_keep_errno(fd);
+				p11a_close_keep_errno(fd);
 		}
 	}
 	/* A descriptor was sent, but this process had no slot left for it. */
@@ -296,7 +296,7 @@ p11a_frame_out_push(struct p11a_frame_out *q, const struct p11a_buf *body, int f
 	if (f != NULL)
 		p11a_buf_free(f->data);
 	free(f);
-	close_keep_errno(fd_to_pass);
+	p11a_close_keep_errno(fd_to_pass);
 	return r;
 }
 
@@ -309,7 +309,7 @@ frame_out_pop(struct p11a_frame_out *q)
 	if (q->head == NULL)
 		q->tail = NULL;
 	p11a_buf_free(f->data);
-	close_keep_errno(f->fd);
+	p11a_close_keep_errno(f->fd);
 	free(f);
 }
 
@@ -352,7 +352,7 @@ p11a_frame_out_flush(struct p11a_frame_out *q, int fd)
 		}
 		/* The descriptor went with the first byte. */
 		if (f->fd >= 0) {
-			close_keep_errno(f->fd);
+			p11a_close_keep_errno(f->fd);
 			f->fd = -1;
 		}
 		(void)p11a_buf_consume(f->data, (size_t)n);

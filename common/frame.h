@@ -73,6 +73,9 @@ void p11a_frame_hdr_put(uint8_t h[4], uint32_t len);
  */
 int p11a_frame_eof(int started);
 
+/* close(fd) unless fd < 0, keeping errno as it was. */
+void p11a_close_keep_errno(int fd);
+
 /*
  * Takes bytes from p[0..n): *used says how many (never past the end of
  * the current frame).  Returns 1 when a whole frame is in in->body (its

@@ -41,6 +41,8 @@ static const char *const err_text[P11A_E__MAX] = {
 	[P11A_E_INTERNAL] = "internal error",
 	[P11A_E_CRYPTO] = "cryptographic operation failed",
 	[P11A_E_POLICY] = "not allowed by the key's policy",
+	[P11A_E_CANCELLED] = "PIN entry cancelled",
+	[P11A_E_NOT_CONFIRMED] = "signature not confirmed by the user",
 };
 
 const char *
@@ -52,6 +54,23 @@ p11a_strerror(int err)
 	if (e >= P11A_E__MAX || err_text[e] == NULL)
 		return "unknown error";
 	return err_text[e];
+}
+
+static const char *const err_names[] = {
+	"OK", "NOMEM", "TOO_LARGE", "TRUNCATED", "MALFORMED", "UNKNOWN_TYPE", "VERSION", "IO",
+	"NOT_RUNNING", "TIMEOUT", "DENIED", "NO_SUCH_KEY", "NO_SUCH_TOKEN", "AMBIGUOUS", "LOCKED",
+	"PIN_INCORRECT", "PIN_LOCKED", "PIN_INVALID", "TOKEN_NOT_PRESENT", "TOKEN", "UNSUPPORTED",
+	"BAD_REQUEST", "BUSY", "HELPER", "PROTOCOL", "URI", "INTERNAL", "CRYPTO", "POLICY",
+	"CANCELLED", "NOT_CONFIRMED",
+};
+
+const char *
+p11a_errname(int err)
+{
+	unsigned int e = err < 0 ? 0u - (unsigned int)err : (unsigned int)err;
+
+	_Static_assert(sizeof(err_names) / sizeof(err_names[0]) == P11A_E__MAX, "err_names");
+	return e < P11A_E__MAX ? err_names[e] : "UNKNOWN";
 }
 
 static const char *const scheme_names[] = {

@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define P11A_PROTO_VERSION      2       /* highest protocol version we speak */
+#define P11A_PROTO_VERSION      3       /* highest protocol version we speak */
 #define P11A_PROTO_VERSION_MIN  1       /* lowest one we accept */
 #define P11A_FRAME_MAX          (256u * 1024u)  /* body bytes, excluding the 4-byte length */
 #define P11A_PIN_MAX            256     /* bytes of a PIN, excluding NUL */
@@ -31,6 +31,10 @@
  * agent's TIMEOUT reply arrives before the client gives up.
  */
 #define P11A_CLIENT_TIMEOUT_MS  (P11A_SIGN_TIMEOUT_MS + 5000)
+/* How long the agent keeps a PIN or confirm dialog open (a person is typing). */
+#define P11A_PROMPT_TIMEOUT_MS  (300 * 1000)
+/* A client's deadline for UNLOCK_PROMPT and CONFIRM: the dialog's and a little more. */
+#define P11A_CLIENT_PROMPT_TIMEOUT_MS (P11A_PROMPT_TIMEOUT_MS + P11A_CLIENT_TIMEOUT_MS)
 
 enum p11a_err {
 	P11A_OK = 0,
@@ -62,11 +66,15 @@ enum p11a_err {
 	P11A_E_INTERNAL = 26,        /* bug or unexpected library failure */
 	P11A_E_CRYPTO = 27,          /* local crypto (hashing, encoding) failed */
 	P11A_E_POLICY = 28,          /* the key's policy refuses this request (tls-only) */
-	P11A_E__MAX = 29
+	P11A_E_CANCELLED = 29,       /* the user cancelled the PIN dialog (version 3) */
+	P11A_E_NOT_CONFIRMED = 30,   /* the key needs the user's confirmation, or the user said no */
+	P11A_E__MAX = 31
 };
 
 /* Short human text for an error code (either sign); never NULL. */
 const char *p11a_strerror(int err);
+/* The code's stable name as docs/protocol.md lists it ("PIN_INCORRECT"); "OK" for 0, "UNKNOWN" past the table. */
+const char *p11a_errname(int err);
 
 /* Signature schemes (wire values). */
 enum p11a_scheme {

@@ -23,6 +23,7 @@
 #define KEY_MIN_WIRE	(4 * 4 + 1 + 4 + 4 * 5 + 4)
 #define MODULE_MIN_WIRE	(4 + 4 + 1 + 4 + 4 + 4)
 #define TEXT_MIN_WIRE	4
+#define EVENT_MIN_WIRE	(8 + 1 + 4 + 1 + 1 + 4 + 4 + 4 + 1 + 4 + 4 + 8 + 4 + 4)
 
 /* ------------------------------------------------------------ encoding */
 
@@ -152,6 +153,79 @@ put_health(struct p11a_buf *b, const struct p11a_health_reply *h)
 }
 
 static int
+put_event(struct p11a_buf *b, const struct p11a_event *e)
+{
+	int r;
+
+	if (e->kind == 0 || e->kind > P11A_EV_KIND_MAX || e->content > P11A_CONTENT_MAX)
+		return -P11A_E_INTERNAL;
+	if ((r = p11a_buf_put_u64(b, e->time_us)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->kind)) != 0 ||
+	    (r = put_text(b, e->uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->scheme)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->content)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->pid)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->uid)) != 0 ||
+	    (r = put_text(b, e->exe, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, e->flags)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->result)) != 0 ||
+	    (r = put_text(b, e->message, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u64(b, e->duration_us)) != 0 ||
+	    (r = put_text(b, e->reason, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_put_u32(b, e->count)) != 0)
+		return r;
+	return 0;
+}
+
+static int
+put_sign(struct p11a_buf *b, const struct p11a_sign *sg)
+{
+	int r;
+
+	if ((r = put_text(b, sg->key_uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->scheme)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->hash)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->mgf1_hash)) != 0 ||
+	    (r = p11a_buf_put_u8(b, sg->input)) != 0 ||
+	    (r = p11a_buf_put_u32(b, sg->salt_len)) != 0 ||
+	    (r = put_bytes(b, sg->data, sg->data_len, P11A_FRAME_MAX)) != 0)
+		return r;
+	return 0;
+}
+
+static int
+put_events(struct p11a_buf *b, const struct p11a_events *ev, int with_dropped)
+{
+	int r;
+
+	if (ev->n > P11A_LIST_MAX)
+		return -P11A_E_TOO_LARGE;
+	if (ev->n != 0 && ev->ev == NULL)
+		return -P11A_E_INTERNAL;
+	if (with_dropped && (r = p11a_buf_put_u32(b, ev->dropped)) != 0)
+		return r;
+	if ((r = p11a_buf_put_u32(b, ev->n)) != 0)
+		return r;
+	for (uint32_t i = 0; i < ev->n; i++)
+		if ((r = put_event(b, &ev->ev[i])) != 0)
+			return r;
+	return 0;
+}
+
+static size_t
+text_wire(const char *s)
+{
+	return 4 + (s != NULL ? strlen(s) : 0);
+}
+
+size_t
+p11a_event_wire_size(const struct p11a_event *e)
+{
+	return EVENT_MIN_WIRE - 4 * 4 + text_wire(e->uri) + text_wire(e->exe) +
+	    text_wire(e->message) + text_wire(e->reason);
+}
+
+static int
 encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 {
 	int r;
@@ -191,16 +265,39 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		return put_text(b, m->u.lock.token_uri, P11A_URI_MAX);
 	case P11A_MSG_OPEN_CHANNEL:
 		return put_text(b, m->u.open_channel.key_uri, P11A_URI_MAX);
-	case P11A_MSG_SIGN:
-		if ((r = put_text(b, m->u.sign.key_uri, P11A_URI_MAX)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.scheme)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.hash)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.mgf1_hash)) != 0 ||
-		    (r = p11a_buf_put_u8(b, m->u.sign.input)) != 0 ||
-		    (r = p11a_buf_put_u32(b, m->u.sign.salt_len)) != 0 ||
-		    (r = put_bytes(b, m->u.sign.data, m->u.sign.data_len, P11A_FRAME_MAX)) != 0)
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		return put_text(b, m->u.prompt.uri, P11A_URI_MAX);
+	case P11A_MSG_UPDATE_ENV:
+		if (m->u.env.n > P11A_ENV_MAX)
+			return -P11A_E_TOO_LARGE;
+		if ((r = p11a_buf_put_u32(b, m->u.env.n)) != 0)
 			return r;
+		for (uint32_t i = 0; i < m->u.env.n; i++) {
+			if (m->u.env.env[i] == NULL || strchr(m->u.env.env[i], '=') == NULL)
+				return -P11A_E_MALFORMED;
+			if ((r = put_text(b, m->u.env.env[i], P11A_TEXT_MAX)) != 0)
+				return r;
+		}
 		return 0;
+	case P11A_MSG_H_GRANT:
+		if ((r = p11a_buf_put_u64(b, m->u.grant.conn)) != 0)
+			return r;
+		return put_text(b, m->u.grant.key_uri, P11A_URI_MAX);
+	case P11A_MSG_SIGN:
+		return put_sign(b, &m->u.sign);
+	case P11A_MSG_H_SIGN:
+		if ((r = p11a_buf_put_u64(b, m->u.hsign.conn)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.hsign.pid)) != 0)
+			return r;
+		if (m->u.hsign.exe != NULL && m->u.hsign.exe[0] != '\0' && m->u.hsign.exe[0] != '/')
+			return -P11A_E_INTERNAL;
+		if ((m->u.hsign.flags & ~P11A_HSIGN_FORWARDED) != 0)
+			return -P11A_E_INTERNAL;
+		if ((r = put_text(b, m->u.hsign.exe, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_put_u8(b, m->u.hsign.flags)) != 0)
+			return r;
+		return put_sign(b, &m->u.hsign.sign);
 	case P11A_MSG_ERROR:
 		if (m->u.error.code == 0)
 			return -P11A_E_INTERNAL;
@@ -232,6 +329,15 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		return 0;
 	case P11A_MSG_SIGNATURE:
 		return put_bytes(b, m->u.signature.sig, m->u.signature.sig_len, P11A_SIG_MAX);
+	case P11A_MSG_LOG:
+		if ((r = p11a_buf_put_u64(b, m->u.log.since_us)) != 0 ||
+		    (r = p11a_buf_put_u32(b, m->u.log.max)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LOG_REPLY:
+		return put_events(b, &m->u.events, 0);
+	case P11A_MSG_H_EVENT:
+		return put_events(b, &m->u.events, 1);
 	default:
 		return -P11A_E_UNKNOWN_TYPE;
 	}
@@ -417,6 +523,68 @@ get_health(struct p11a_buf *b, struct p11a_health_reply *h)
 }
 
 static int
+get_event(struct p11a_buf *b, struct p11a_event *e)
+{
+	int r;
+
+	if ((r = p11a_buf_get_u64(b, &e->time_us)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->kind)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->scheme)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->content)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->pid)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->uid)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->exe, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &e->flags)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->result)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->message, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u64(b, &e->duration_us)) != 0 ||
+	    (r = p11a_buf_get_cstring(b, &e->reason, P11A_TEXT_MAX)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &e->count)) != 0)
+		return r;
+	if (e->kind == 0 || e->kind > P11A_EV_KIND_MAX || e->content > P11A_CONTENT_MAX)
+		return -P11A_E_MALFORMED;
+	return 0;
+}
+
+static int
+get_events(struct p11a_buf *b, struct p11a_events *ev, int with_dropped)
+{
+	uint32_t n, i;
+	int r;
+
+	if (with_dropped && (r = p11a_buf_get_u32(b, &ev->dropped)) != 0)
+		return r;
+	if ((r = get_count(b, &n, EVENT_MIN_WIRE)) != 0)
+		return r;
+	if (n == 0)
+		return 0;
+	if ((ev->ev = calloc(n, sizeof(*ev->ev))) == NULL)
+		return -P11A_E_NOMEM;
+	ev->n = n;    /* from here on, clear() frees whatever was decoded */
+	for (i = 0; i < n; i++)
+		if ((r = get_event(b, &ev->ev[i])) != 0)
+			return r;
+	return 0;
+}
+
+static int
+get_sign(struct p11a_buf *b, struct p11a_sign *sg)
+{
+	int r;
+
+	if ((r = p11a_buf_get_cstring(b, &sg->key_uri, P11A_URI_MAX)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->scheme)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->hash)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->mgf1_hash)) != 0 ||
+	    (r = p11a_buf_get_u8(b, &sg->input)) != 0 ||
+	    (r = p11a_buf_get_u32(b, &sg->salt_len)) != 0 ||
+	    (r = get_bytes(b, &sg->data, &sg->data_len, P11A_FRAME_MAX)) != 0)
+		return r;
+	return 0;
+}
+
+static int
 decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 {
 	const uint8_t *pin;
@@ -464,16 +632,47 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 		return p11a_buf_get_cstring(b, &m->u.lock.token_uri, P11A_URI_MAX);
 	case P11A_MSG_OPEN_CHANNEL:
 		return p11a_buf_get_cstring(b, &m->u.open_channel.key_uri, P11A_URI_MAX);
-	case P11A_MSG_SIGN:
-		if ((r = p11a_buf_get_cstring(b, &m->u.sign.key_uri, P11A_URI_MAX)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.scheme)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.hash)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.mgf1_hash)) != 0 ||
-		    (r = p11a_buf_get_u8(b, &m->u.sign.input)) != 0 ||
-		    (r = p11a_buf_get_u32(b, &m->u.sign.salt_len)) != 0 ||
-		    (r = get_bytes(b, &m->u.sign.data, &m->u.sign.data_len, P11A_FRAME_MAX)) != 0)
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		return p11a_buf_get_cstring(b, &m->u.prompt.uri, P11A_URI_MAX);
+	case P11A_MSG_UPDATE_ENV: {
+		uint32_t n;
+
+		if ((r = p11a_buf_get_u32(b, &n)) != 0)
 			return r;
+		if (n > P11A_ENV_MAX)
+			return -P11A_E_TOO_LARGE;
+		if (n == 0)
+			return 0;
+		if ((m->u.env.env = calloc(n, sizeof(*m->u.env.env))) == NULL)
+			return -P11A_E_NOMEM;
+		for (uint32_t i = 0; i < n; i++) {
+			if ((r = p11a_buf_get_cstring(b, &m->u.env.env[i], P11A_TEXT_MAX)) != 0)
+				return r;
+			m->u.env.n = i + 1;
+			/* NAME=value, NAME not empty */
+			if (strchr(m->u.env.env[i], '=') == NULL || m->u.env.env[i][0] == '=')
+				return -P11A_E_MALFORMED;
+		}
 		return 0;
+	}
+	case P11A_MSG_H_GRANT:
+		if ((r = p11a_buf_get_u64(b, &m->u.grant.conn)) != 0)
+			return r;
+		return p11a_buf_get_cstring(b, &m->u.grant.key_uri, P11A_URI_MAX);
+	case P11A_MSG_SIGN:
+		return get_sign(b, &m->u.sign);
+	case P11A_MSG_H_SIGN:
+		if ((r = p11a_buf_get_u64(b, &m->u.hsign.conn)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.hsign.pid)) != 0 ||
+		    (r = p11a_buf_get_cstring(b, &m->u.hsign.exe, P11A_TEXT_MAX)) != 0 ||
+		    (r = p11a_buf_get_u8(b, &m->u.hsign.flags)) != 0)
+			return r;
+		if (m->u.hsign.exe[0] != '\0' && m->u.hsign.exe[0] != '/')
+			return -P11A_E_MALFORMED;
+		if ((m->u.hsign.flags & ~P11A_HSIGN_FORWARDED) != 0)
+			return -P11A_E_MALFORMED;
+		return get_sign(b, &m->u.hsign.sign);
 	case P11A_MSG_ERROR:
 		if ((r = p11a_buf_get_u32(b, &m->u.error.code)) != 0)
 			return r;
@@ -503,6 +702,15 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 		return 0;
 	case P11A_MSG_SIGNATURE:
 		return get_bytes(b, &m->u.signature.sig, &m->u.signature.sig_len, P11A_SIG_MAX);
+	case P11A_MSG_LOG:
+		if ((r = p11a_buf_get_u64(b, &m->u.log.since_us)) != 0 ||
+		    (r = p11a_buf_get_u32(b, &m->u.log.max)) != 0)
+			return r;
+		return 0;
+	case P11A_MSG_LOG_REPLY:
+		return get_events(b, &m->u.events, 0);
+	case P11A_MSG_H_EVENT:
+		return get_events(b, &m->u.events, 1);
 	default:
 		return -P11A_E_UNKNOWN_TYPE;
 	}
@@ -616,6 +824,27 @@ p11a_list_reply_clear(struct p11a_list_reply *l)
 }
 
 void
+p11a_event_clear(struct p11a_event *e)
+{
+	if (e == NULL)
+		return;
+	free(e->uri);
+	free(e->exe);
+	free(e->message);
+	free(e->reason);
+	memset(e, 0, sizeof(*e));
+}
+
+const char *
+p11a_event_kind_name(uint8_t kind)
+{
+	static const char *const names[] = { NULL, "sign", "unlock", "lock", "refused",
+					     "pin-dialog", "confirm", "dropped" };
+
+	return kind <= P11A_EV_KIND_MAX ? names[kind] : NULL;
+}
+
+void
 p11a_msg_clear(struct p11a_msg *m)
 {
 	if (m == NULL)
@@ -661,12 +890,35 @@ p11a_msg_clear(struct p11a_msg *m)
 	case P11A_MSG_H_ADOPT:
 		free(m->u.adopt.exe);
 		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		free(m->u.prompt.uri);
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		for (uint32_t i = 0; i < m->u.env.n; i++)
+			free(m->u.env.env[i]);
+		free(m->u.env.env);
+		break;
+	case P11A_MSG_H_GRANT:
+		free(m->u.grant.key_uri);
+		break;
 	case P11A_MSG_SIGN:
 		free(m->u.sign.key_uri);
 		free(m->u.sign.data);
 		break;
+	case P11A_MSG_H_SIGN:
+		free(m->u.hsign.exe);
+		free(m->u.hsign.sign.key_uri);
+		free(m->u.hsign.sign.data);
+		break;
 	case P11A_MSG_SIGNATURE:
 		free(m->u.signature.sig);
+		break;
+	case P11A_MSG_LOG_REPLY:
+	case P11A_MSG_H_EVENT:
+		for (uint32_t i = 0; i < m->u.events.n; i++)
+			p11a_event_clear(&m->u.events.ev[i]);
+		free(m->u.events.ev);
 		break;
 	default:
 		break;
@@ -738,6 +990,20 @@ p11a_msg_bad_text(const struct p11a_msg *m)
 	case P11A_MSG_SIGN:
 		s = m->u.sign.key_uri;
 		what = "key URI";
+		break;
+	case P11A_MSG_H_SIGN:
+		s = m->u.hsign.sign.key_uri;
+		what = "key URI";
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		s = m->u.prompt.uri;
+		what = "URI";
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		for (uint32_t i = 0; i < m->u.env.n; i++)
+			if (!p11a_utf8_valid(m->u.env.env[i]))
+				return "environment";
 		break;
 	default:
 		break;
@@ -825,6 +1091,23 @@ dup_bytes(const uint8_t *p, size_t n, int *failed)
 }
 
 int
+p11a_event_copy(struct p11a_event *dst, const struct p11a_event *src)
+{
+	int failed = 0;
+
+	*dst = *src;
+	dst->uri = dup_text(src->uri != NULL ? src->uri : "", &failed);
+	dst->exe = dup_text(src->exe != NULL ? src->exe : "", &failed);
+	dst->message = dup_text(src->message != NULL ? src->message : "", &failed);
+	dst->reason = dup_text(src->reason != NULL ? src->reason : "", &failed);
+	if (failed) {
+		p11a_event_clear(dst);
+		return -P11A_E_NOMEM;
+	}
+	return 0;
+}
+
+int
 p11a_token_copy(struct p11a_token *dst, const struct p11a_token *src)
 {
 	int failed = 0;
@@ -850,7 +1133,7 @@ p11a_key_copy(struct p11a_key *dst, const struct p11a_key *src)
 	int failed = 0;
 
 	memset(dst, 0, sizeof(*dst));
-	dst->uri = dup_text(src->uri, &failed);
+	dst->uri = dup_text(src->uri != NULL ? src->uri : "", &failed);
 	dst->token_uri = dup_text(src->token_uri, &failed);
 	dst->label = dup_text(src->label, &failed);
 	dst->id = dup_bytes(src->id, src->id_len, &failed);
@@ -921,16 +1204,6 @@ wait_fd(int fd, short events, int64_t deadline)
 		/* POLLHUP/POLLERR: the next send/recv reports what happened. */
 		return 0;
 	}
-}
-
-static void
-close_keep_errno(int fd)
-{
-	int saved = errno;
-
-	if (fd >= 0)
-		close(fd);
-	errno = saved;
 }
 
 int
@@ -1084,7 +1357,7 @@ static void
 reader_clear(struct p11a_reader *rd)
 {
 	while (rd->nheld > 0)
-		close_keep_errno(rd->held[--rd->nheld].fd);
+		p11a_close_keep_errno(rd->held[--rd->nheld].fd);
 	p11a_wipe(rd->buf, sizeof(rd->buf));
 	rd->pos += rd->len;
 	rd->off = 0;
@@ -1134,7 +1407,7 @@ hold_fd(void *arg, int fd)
 		rd->held[rd->nheld].fd = fd;
 		rd->nheld++;
 	} else {
-		close_keep_errno(fd);
+		p11a_close_keep_errno(fd);
 	}
 }
 
@@ -1163,7 +1436,7 @@ reader_claim_fds(struct p11a_reader *rd, uint64_t end, int *keep)
 		else if (keep != NULL && *keep < 0)
 			*keep = rd->held[i].fd;
 		else
-			close_keep_errno(rd->held[i].fd);
+			p11a_close_keep_errno(rd->held[i].fd);
 	}
 	rd->nheld = j;
 }

@@ -24,15 +24,26 @@ enum p11a_msg_type {
 	P11A_MSG_UNLOCK = 0x04,
 	P11A_MSG_LOCK = 0x05,
 	P11A_MSG_OPEN_CHANNEL = 0x06,
-	/* request on a signing channel (client -> token helper) */
+	/* request on a signing channel (client -> token helper); from version 3
+	 * also on a main connection, relayed (a client without a channel) */
 	P11A_MSG_SIGN = 0x07,
 	/* protocol version 2 */
 	P11A_MSG_HEALTH = 0x08,
+	/* protocol version 3: audit */
+	P11A_MSG_LOG = 0x0C,
+	/* protocol version 3: PIN entry and confirm */
+	P11A_MSG_UNLOCK_PROMPT = 0x09,   /* unlock the token of a key/token URI with a PIN dialog */
+	P11A_MSG_CONFIRM = 0x0A,         /* ask the user to allow a signature with a key */
+	P11A_MSG_UPDATE_ENV = 0x0B,      /* the session's display/tty for pinentry */
 
 	/* internal, agent main process <-> token helper only */
 	P11A_MSG_H_ADOPT = 0x40,     /* main -> helper: a signing channel fd is attached */
 	P11A_MSG_H_REFRESH = 0x41,   /* main -> helper: re-enumerate, answer INVENTORY */
 	P11A_MSG_H_INVENTORY = 0x42, /* helper -> main: this module's tokens and keys */
+	P11A_MSG_H_EVENT = 0x45,     /* helper -> main: audit events (id 0) */
+	/* protocol version 3 (forwarding): a SIGN relayed by the main process */
+	P11A_MSG_H_SIGN = 0x46,      /* main -> helper: SIGN of a client without a channel */
+	P11A_MSG_H_GRANT = 0x44,     /* main -> helper: one confirmed signature for a connection */
 
 	/* replies */
 	P11A_MSG_OK = 0x80,
@@ -42,7 +53,58 @@ enum p11a_msg_type {
 	P11A_MSG_LIST_REPLY = 0x84,
 	P11A_MSG_CHANNEL = 0x85,     /* a signing channel fd is attached (SCM_RIGHTS) */
 	P11A_MSG_SIGNATURE = 0x86,
-	P11A_MSG_HEALTH_REPLY = 0x87     /* version 2 */
+	P11A_MSG_HEALTH_REPLY = 0x87,    /* version 2 */
+	P11A_MSG_LOG_REPLY = 0x88        /* version 3 */
+};
+
+/* Audit event kinds (docs/protocol.md, "Version 3: audit"). */
+enum p11a_event_kind {
+	P11A_EV_SIGN = 1,            /* a signature, made or failed */
+	P11A_EV_UNLOCK = 2,          /* a login attempt (never the PIN) */
+	P11A_EV_LOCK = 3,            /* a logout; reason says why */
+	P11A_EV_REFUSED = 4,         /* a request the key's policy refused */
+	P11A_EV_PIN_DIALOG = 5,      /* a PIN dialog's outcome */
+	P11A_EV_CONFIRM = 6,         /* a confirmation dialog's outcome */
+	P11A_EV_DROPPED = 7          /* count events were lost on the way (helper queue full) */
+};
+#define P11A_EV_KIND_MAX P11A_EV_DROPPED
+
+/*
+ * What was signed: 0 nothing (not a signature), else 1 + enum
+ * p11a_tlsclass (common/tlsclass.h): 1 raw, 2 digest, 3 tls1.3,
+ * 4 tls1.3-server, 5 tls1.2, 6 tls1.0/1.1.
+ */
+#define P11A_CONTENT_NONE 0
+#define P11A_CONTENT_MAX  6
+
+#define P11A_EVENT_FORWARDED 0x1u   /* the client came through a forwarded socket */
+
+struct p11a_event {
+	uint64_t time_us;           /* CLOCK_REALTIME, microseconds since the epoch */
+	uint8_t kind;               /* enum p11a_event_kind */
+	char *uri;                  /* key or token URI, "" none */
+	uint8_t scheme;             /* enum p11a_scheme, 0 none */
+	uint8_t content;            /* P11A_CONTENT_* */
+	uint32_t pid;               /* the client's pid, 0 none (the agent itself) */
+	uint32_t uid;
+	char *exe;                  /* the client's executable, "" unknown */
+	uint8_t flags;              /* P11A_EVENT_* */
+	uint32_t result;            /* 0 ok, else a P11A_E_* code */
+	char *message;              /* the error text, "" when ok */
+	uint64_t duration_us;
+	char *reason;               /* LOCK: request, idle, pin-ttl, suspend, screen-lock, SIGHUP, exit */
+	uint32_t count;             /* DROPPED: how many events were lost */
+};
+
+struct p11a_log {                   /* LOG (version 3) */
+	uint64_t since_us;          /* events at or after this time, 0 = all */
+	uint32_t max;               /* the newest max events at most, 0 = as many as fit */
+};
+
+struct p11a_events {                /* LOG_REPLY and H_EVENT */
+	uint32_t dropped;           /* H_EVENT: events the helper lost before these; LOG_REPLY 0 */
+	uint32_t n;
+	struct p11a_event *ev;      /* oldest first */
 };
 
 /* The state of a module in HEALTH_REPLY. */
@@ -152,6 +214,22 @@ struct p11a_adopt {                 /* H_ADOPT (internal; the channel's descript
 				     * encodes as "") when unknown */
 };
 
+struct p11a_prompt {                /* UNLOCK_PROMPT, CONFIRM (version 3) */
+	char *uri;                  /* UNLOCK_PROMPT: a key or token URI; CONFIRM: the key URI */
+};
+
+#define P11A_ENV_MAX 32             /* entries of an UPDATE_ENV at most */
+
+struct p11a_update_env {            /* UPDATE_ENV (version 3) */
+	uint32_t n;
+	char **env;                 /* "NAME=value" each */
+};
+
+struct p11a_grant {                 /* H_GRANT (internal) */
+	uint64_t conn;              /* the agent's serial of the connection the grant is for */
+	char *key_uri;              /* the key as the client named it in CONFIRM */
+};
+
 struct p11a_sign {                  /* SIGN */
 	char *key_uri;
 	uint8_t scheme;             /* enum p11a_scheme */
@@ -161,6 +239,22 @@ struct p11a_sign {                  /* SIGN */
 	uint32_t salt_len;          /* rsa-pss: bytes, or P11A_PSS_SALT_DIGEST/MAX */
 	uint8_t *data;
 	size_t data_len;
+};
+
+/* H_SIGN flags */
+#define P11A_HSIGN_FORWARDED 0x1u   /* the connection is forwarded (ssh, a relay) */
+
+/*
+ * H_SIGN (internal, version 3): a SIGN that arrived on a main connection,
+ * relayed to the helper with the peer the agent checked at accept.  The
+ * helper answers SIGNATURE or ERROR with the request's id.
+ */
+struct p11a_hsign {
+	uint64_t conn;              /* the agent's serial of the connection that asked */
+	uint32_t pid;               /* that connection's peer pid (0 unknown) */
+	char *exe;                  /* as in H_ADOPT: absolute, or "" unknown */
+	uint8_t flags;              /* P11A_HSIGN_*; unknown bits are MALFORMED */
+	struct p11a_sign sign;
 };
 
 struct p11a_signature {             /* SIGNATURE */
@@ -181,8 +275,14 @@ struct p11a_msg {
 		struct p11a_lock lock;
 		struct p11a_open_channel open_channel;
 		struct p11a_adopt adopt;
+		struct p11a_prompt prompt;          /* UNLOCK_PROMPT, CONFIRM */
+		struct p11a_update_env env;         /* UPDATE_ENV */
+		struct p11a_grant grant;            /* H_GRANT */
 		struct p11a_sign sign;
+		struct p11a_hsign hsign;
 		struct p11a_signature signature;
+		struct p11a_log log;
+		struct p11a_events events;          /* LOG_REPLY, H_EVENT */
 	} u;
 	/* STATUS, LIST, HEALTH, OK, CHANNEL, H_REFRESH carry no fields. */
 };
@@ -242,6 +342,15 @@ int p11a_msg_set_error_v(struct p11a_msg *m, int code, const char *fmt, va_list 
 int p11a_msg_encode_internal(uint32_t id, const struct p11a_msg *m, struct p11a_buf *out);
 /* *id is set whenever len >= 4, even when the body fails to decode. */
 int p11a_msg_decode_internal(const uint8_t *body, size_t len, uint32_t *id, struct p11a_msg *m);
+
+/* Frees what an event owns and zeroes it.  NULL is fine. */
+void p11a_event_clear(struct p11a_event *e);
+/* Deep copy (strings NULL become ""); -P11A_E_NOMEM with dst cleared. */
+int p11a_event_copy(struct p11a_event *dst, const struct p11a_event *src);
+/* Names: "sign", "unlock", "lock", "refused", "pin-dialog", "confirm", "dropped"; NULL unknown. */
+const char *p11a_event_kind_name(uint8_t kind);
+/* Bytes an event takes on the wire (for filling a reply up to the frame cap). */
+size_t p11a_event_wire_size(const struct p11a_event *e);
 
 /* Deep copies; clear() the destination afterwards. */
 int p11a_token_copy(struct p11a_token *dst, const struct p11a_token *src);

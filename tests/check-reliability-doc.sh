@@ -3,6 +3,7 @@
 #
 # Every table row of docs/reliability.md names its proof as
 #   `SCRIPT.sh`: "DESCRIPTION"       a TAP check of tests/integration/SCRIPT.sh
+#                                     (or tests/tokens/SCRIPT.sh)
 #   `fuzz_TARGET`: "SEED"             a seed in tests/fuzz/corpus/fuzz_TARGET/
 # This test fails when a named script or seed is gone, when a description no
 # longer appears in its script, or (when the script's log from this `make
@@ -38,10 +39,16 @@ except OSError as e:
     print("1..%d" % n)
     sys.exit(1)
 
+# Scripts live in tests/integration, the real-token ones in tests/tokens.
+def script_dir(name):
+    if os.path.isfile(os.path.join(src, "tests", "tokens", name)):
+        return "tokens"
+    return "integration"
+
 logs = {}
 def log_ok_lines(script):
     if script not in logs:
-        path = os.path.join(build, "tests", "integration", script[:-3] + ".log")
+        path = os.path.join(build, "tests", script_dir(script), script[:-3] + ".log")
         try:
             logs[script] = [l for l in open(path, encoding="utf-8", errors="replace")
                             if re.match(r"ok \d+ - ", l)]
@@ -66,7 +73,7 @@ for ln, line in enumerate(lines, 1):
         continue
     for name, desc in refs:
         if name.endswith(".sh"):
-            script = os.path.join(src, "tests", "integration", name)
+            script = os.path.join(src, "tests", script_dir(name), name)
             try:
                 text = open(script, encoding="utf-8").read()
             except OSError:

@@ -6,9 +6,11 @@
 #   tests/install-deps.sh build   build the tree (autotools, compilers, libraries)
 #   tests/install-deps.sh demo    build + what demo.sh runs (SoftHSM2, curl)
 #   tests/install-deps.sh test    demo + what the test suite uses (systemd: for
-#                                 systemd-socket-activate and systemd-analyze;
+#                                 systemd-socket-activate, systemd-analyze and
+#                                 t_audit's private systemd-journald and journalctl;
 #                                 dbus and python3-dbus: t_logind's private bus;
-#                                 libnss3, swtpm, tpm2-*, iproute2: tests/tokens)
+#                                 openssh-server, socat: t_forward's sshd and relay;
+#                                 libnss3, swtpm, tpm2-*, pcscd, vpcd: tests/tokens)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
 #                                 package test (tests/packages/run.sh) use
 #   tests/install-deps.sh ci      test + pkg + valgrind, clang (fuzzers, ASan)
@@ -19,12 +21,18 @@
 set -u
 
 build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openssl
-	libp11-kit-dev p11-kit libsystemd-dev libjson-c-dev"
+	libp11-kit-dev p11-kit libsystemd-dev libjson-c-dev libassuan-dev"
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
-	dbus-daemon dbus-bin python3-dbus python3-gi
-	libnss3 libnss3-tools swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools iproute2"
+	dbus-daemon dbus-bin python3-dbus python3-gi pinentry-tty
+	openssh-server openssh-client socat
+	libnss3 libnss3-tools swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools"
+# tests/tokens, OpenSC: a virtual CAC card (libcacard-dev, built into vcard_bridge)
+# in vsmartcard's vpcd reader behind a private pcscd (iproute2: the lo of its
+# netns, and of swtpm's in setup-tpm2.sh).
+opensc_token="pcscd vsmartcard-vpcd libcacard-dev iproute2"
+test="$test $opensc_token"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"
 pkg="$demo $pkgtools"

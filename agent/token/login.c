@@ -99,7 +99,9 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 	const char *label;
 	unsigned gen;
 	size_t n;
-	int r, logged_in = 0, drop = 0;
+	int r, logged_in = 0, drop = 0, before_known = 0, after_known, refused;
+	CK_FLAGS pin_before = 0;
+	char nb[48];
 	CK_RV rv;
 
 	*tried = 0;
@@ -124,6 +126,11 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 		tok_ctl_session_put(m, s, h, gen, 0);
 		return 0;
 	}
+	/* The PIN flags before the one C_Login, to tell afterwards what it cost. */
+	if (m->f->C_GetTokenInfo(s->id, &ti) == CKR_OK) {
+		before_known = 1;
+		pin_before = ti.flags;
+	}
 	*tried = 1;
 	if ((s->ti.flags & CKF_PROTECTED_AUTHENTICATION_PATH) && pin_len == 0) {
 		log_info("token '%s': PIN entry on the reader's keypad", label);
@@ -140,25 +147,6 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 		log_info("token '%s' logged in", label);
 		r = 0;
 		break;
-	case CKR_PIN_INCORRECT: {
-		const char *note = "";
-		if (m->f->C_GetTokenInfo(s->id, &ti) == CKR_OK) {
-			if (ti.flags & CKF_USER_PIN_LOCKED)
-				note = " (the PIN is now locked)";
-			else if (ti.flags & CKF_USER_PIN_FINAL_TRY)
-				note = " (final try before the PIN locks)";
-			else if (ti.flags & CKF_USER_PIN_COUNT_LOW)
-				note = " (PIN count low)";
-		}
-		tok_set_msg(msg, msg_size, "PIN incorrect for token '%s'%s", label, note);
-		log_warn("token '%s': PIN incorrect%s", label, note);
-		r = tok_rv_err(rv);
-		break;
-	}
-	case CKR_PIN_LOCKED:
-		tok_set_msg(msg, msg_size, "the user PIN of token '%s' is locked", label);
-		r = tok_rv_err(rv);
-		break;
 	case CKR_PIN_LEN_RANGE:
 	case CKR_PIN_INVALID:
 		if (s->ti.ulMaxPinLen != CK_UNAVAILABLE_INFORMATION && s->ti.ulMaxPinLen != 0)
@@ -172,9 +160,24 @@ token_unlock(struct token_module *m, const char *token_uri, const char *pin, siz
 		break;
 	default:
 		drop = tok_rv_session_gone(rv);
-		r = tok_fail_rv(msg, msg_size, label, "C_Login", rv);
-		if (tok_rv_token_gone(rv))
+		if (tok_rv_token_gone(rv)) {
+			r = tok_rv_err(rv);
 			tok_set_msg(msg, msg_size, "token '%s' is not present", label);
+			break;
+		}
+		/*
+		 * Was it the PIN?  The code alone may not say (OpenSC gives
+		 * CKR_GENERAL_ERROR on some cards): compare the PIN flags.
+		 */
+		after_known = before_known &&
+		    m->f->C_GetTokenInfo(s->id, &ti) == CKR_OK;
+		r = tok_login_failure(rv, after_known, pin_before, after_known ? ti.flags : 0, label,
+				      msg, msg_size, &refused);
+		if (refused)
+			log_warn("%s", msg);
+		else
+			log_warn("token '%s': C_Login failed: %s", label,
+				 tok_ckr_name(rv, nb, sizeof(nb)));
 		break;
 	}
 	tok_ctl_session_put(m, s, h, gen, drop);
@@ -276,7 +279,8 @@ tok_login_seen(struct tok_slot *s, int logged_in)
 
 int
 token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl_ms,
-	       int64_t *next)
+	       int64_t *next, void (*locked_cb)(void *arg, const char *token_uri, const char *reason),
+	       void *arg)
 {
 	int locked = 0, was_in;
 
@@ -313,6 +317,8 @@ token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl
 		rv = slot_logout(m, s, &was_in);
 		if (rv == CKR_OK) {
 			log_info("token '%s' locked: %s", s->tok.label, why);
+			if (locked_cb != NULL)
+				locked_cb(arg, s->tok.uri, now >= ttl_at ? "pin-ttl" : "idle");
 			locked++;
 			continue;
 		}

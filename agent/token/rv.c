@@ -146,3 +146,69 @@ tok_fail_rv(char *msg, size_t size, const char *label, const char *what, CK_RV r
 	tok_set_msg(msg, size, "token '%s': %s: %s", label, what, tok_ckr_name(rv, nb, sizeof(nb)));
 	return tok_rv_err(rv);
 }
+
+#define PIN_COUNTER_FLAGS (CKF_USER_PIN_COUNT_LOW | CKF_USER_PIN_FINAL_TRY | CKF_USER_PIN_LOCKED)
+
+/* What the user-PIN flags say about the tries left ("" when nothing). */
+static const char *
+tries_note(CK_FLAGS f)
+{
+	if (f & CKF_USER_PIN_LOCKED)
+		return "the PIN is now locked: no tries left";
+	if (f & CKF_USER_PIN_FINAL_TRY)
+		return "final try before the PIN locks: one try left";
+	if (f & CKF_USER_PIN_COUNT_LOW)
+		return "PIN count low: fewer tries left than the token allows";
+	return "";
+}
+
+int
+tok_login_failure(CK_RV rv, int flags_known, CK_FLAGS before, CK_FLAGS after, const char *label,
+		  char *msg, size_t size, int *pin_refused)
+{
+	CK_FLAGS moved = flags_known ? (after & ~before & PIN_COUNTER_FLAGS) : 0;
+	const char *note = flags_known ? tries_note(after) : "";
+	char nb[48];
+	const char *name = tok_ckr_name(rv, nb, sizeof(nb));
+
+	*pin_refused = 0;
+	if (rv == CKR_PIN_LOCKED) {
+		*pin_refused = 1;
+		tok_set_msg(msg, size, "the user PIN of token '%s' is locked", label);
+		return -P11A_E_PIN_LOCKED;
+	}
+	if (rv == CKR_PIN_INCORRECT) {
+		*pin_refused = 1;
+		if (note[0] != '\0')
+			tok_set_msg(msg, size, "PIN incorrect for token '%s': the token refused the PIN (%s)",
+				    label, note);
+		else
+			tok_set_msg(msg, size, "PIN incorrect for token '%s': the token refused the PIN",
+				    label);
+		return -P11A_E_PIN_INCORRECT;
+	}
+	if (moved != 0) {
+		/*
+		 * Not a PIN code, but the token's PIN counter moved during this
+		 * one C_Login: the token counted a wrong PIN.
+		 */
+		*pin_refused = 1;
+		tok_set_msg(msg, size, "PIN incorrect for token '%s': the token refused the PIN (%s; "
+			    "the module said %s, but the token's PIN counter moved)", label, note, name);
+		return (after & CKF_USER_PIN_LOCKED) ? -P11A_E_PIN_LOCKED : -P11A_E_PIN_INCORRECT;
+	}
+	if (flags_known && (rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED ||
+			    rv == CKR_DEVICE_ERROR)) {
+		/*
+		 * OpenSC on some cards (CAC) says CKR_GENERAL_ERROR for a wrong
+		 * PIN, and the card keeps no counter it reports: nothing tells
+		 * a wrong PIN from a failure.  Say both, claim neither.
+		 */
+		tok_set_msg(msg, size, "token '%s': C_Login: %s; the PIN may be wrong: some modules "
+			    "report a wrong PIN with this code, and the token's PIN state did not "
+			    "change (it reports no tries count)", label, name);
+		return tok_rv_err(rv);
+	}
+	tok_set_msg(msg, size, "token '%s': C_Login: %s", label, name);
+	return tok_rv_err(rv);
+}

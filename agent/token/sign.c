@@ -20,6 +20,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/*
+ * After a generic module error, how long a signature waits to learn that
+ * the card was pulled out meanwhile: OpenSC re-reads a slot's state once
+ * a second, pcscd sees a removal within its polling period.
+ */
+#define GONE_WAIT_MS    1500
 
 /* What a signing thread needs of a key, copied out under m->lock. */
 struct sign_key {
@@ -37,6 +43,9 @@ struct sign_key {
 	char token_label[64];
 	uint8_t policy;                 /* TOK_POL_* */
 	const struct tok_programs *programs;    /* allow-programs; NULL any program */
+	uint8_t forwarding;             /* enum conf_forwarding */
+	uint8_t confirm;                /* enum conf_confirm */
+	char *uri;                      /* the key's URI in the inventory (confirm grants) */
 };
 
 /*
@@ -46,11 +55,15 @@ struct sign_key {
 struct pol_sec {
 	struct p11a_uri_matcher *um;
 	int tls_only;                   /* -1 not set in this section */
+	int confirm;                    /* -1 not set in this section */
 	int programs_set;
 	struct tok_programs programs;
+	int forwarding;                 /* -1 not set in this section */
 };
 static struct {
 	int tls_only;                   /* the default */
+	int forwarding;                 /* the default */
+	int confirm;                    /* the default */
 	int programs_set;               /* the default allow-programs is set */
 	struct tok_programs programs;
 	struct pol_sec *secs;
@@ -81,6 +94,8 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	int err = 0;
 
 	policy.tls_only = cfg->tls_only;
+	policy.forwarding = cfg->forwarding;
+	policy.confirm = cfg->confirm;
 	policy.programs_set = cfg->allow_programs.set;
 	if (programs_from(&policy.programs, &cfg->allow_programs) != 0) {
 		tok_set_msg(msg, msg_size, "out of memory");
@@ -94,6 +109,8 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 	}
 	for (size_t i = 0; i < cfg->nkeysecs; i++) {
 		policy.secs[i].tls_only = cfg->keysecs[i].tls_only;
+		policy.secs[i].forwarding = cfg->keysecs[i].forwarding;
+		policy.secs[i].confirm = cfg->keysecs[i].confirm;
 		policy.secs[i].programs_set = cfg->keysecs[i].programs.set;
 		if (programs_from(&policy.secs[i].programs, &cfg->keysecs[i].programs) != 0) {
 			tok_set_msg(msg, msg_size, "out of memory");
@@ -116,22 +133,88 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 static void
 policy_resolve(const struct tok_slot *s, struct tok_key *k)
 {
-	int tls_only = policy.tls_only;
+	int tls_only = policy.tls_only, fwd = policy.forwarding, confirm = policy.confirm;
 	const struct tok_programs *progs = policy.programs_set ? &policy.programs : NULL;
 
 	for (size_t i = 0; i < policy.nsecs; i++) {
 		const struct pol_sec *ps = &policy.secs[i];
-		if (ps->tls_only < 0 && !ps->programs_set)
+		if (ps->tls_only < 0 && !ps->programs_set && ps->forwarding < 0 && ps->confirm < 0)
 			continue;
 		if (p11a_uri_match_key(ps->um, &s->tok, &k->k) != 1)
 			continue;
 		if (ps->tls_only >= 0)
 			tls_only = ps->tls_only;
+		if (ps->confirm >= 0)
+			confirm = ps->confirm;
 		if (ps->programs_set)
 			progs = &ps->programs;
+		if (ps->forwarding >= 0)
+			fwd = ps->forwarding;
 	}
 	k->policy = tls_only ? TOK_POL_TLS_ONLY : TOK_POL_ANY;
 	k->programs = progs;
+	k->forwarding = (uint8_t)fwd;
+	k->confirm = (uint8_t)confirm;
+}
+
+/*
+ * confirm = always: one-shot grants the agent hands over (H_GRANT) after
+ * the user said yes, per client connection and key; each lets one SIGN
+ * through and lapses unused after GRANT_TTL_MS.
+ */
+#define GRANTS_MAX   256
+#define GRANT_TTL_MS 60000
+static struct {
+	pthread_mutex_t lock;
+	struct grant { uint64_t conn; char *uri; int64_t until; } g[GRANTS_MAX];
+	size_t n;
+} grants = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+int
+token_grant_add(uint64_t conn, const char *key_uri)
+{
+	char *u = strdup(key_uri);
+	int64_t now = p11a_now_ms();
+
+	if (u == NULL)
+		return -P11A_E_NOMEM;
+	pthread_mutex_lock(&grants.lock);
+	for (size_t i = 0; i < grants.n;) {
+		if (grants.g[i].until <= now) {
+			free(grants.g[i].uri);
+			grants.g[i] = grants.g[--grants.n];
+		} else {
+			i++;
+		}
+	}
+	if (grants.n == GRANTS_MAX) {
+		free(grants.g[0].uri);
+		grants.g[0] = grants.g[--grants.n];
+	}
+	grants.g[grants.n++] = (struct grant){ conn, u, now + GRANT_TTL_MS };
+	pthread_mutex_unlock(&grants.lock);
+	return 0;
+}
+
+/* Takes the grant for (conn, uri): 1 when there was one, else 0. */
+static int
+grant_take(uint64_t conn, const char *uri)
+{
+	int64_t now = p11a_now_ms();
+	int r = 0;
+
+	pthread_mutex_lock(&grants.lock);
+	for (size_t i = 0; i < grants.n; i++) {
+		if (grants.g[i].conn == conn && grants.g[i].until > now &&
+		    strcmp(grants.g[i].uri, uri) == 0) {
+			free(grants.g[i].uri);
+			grants.g[i] = grants.g[--grants.n];
+			r = 1;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&grants.lock);
+	return r;
 }
 
 /* 1 when exe (NULL unknown) is one of the paths. */
@@ -295,6 +378,8 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 		policy_resolve(fs, found);
 	sk->policy = found->policy;
 	sk->programs = found->programs;
+	sk->forwarding = found->forwarding;
+	sk->confirm = found->confirm;
 	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
 	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
 	if (found->k.id_len > 0) {
@@ -303,6 +388,13 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 			goto out;
 		}
 		sk->id_len = found->k.id_len;
+	}
+	if ((sk->confirm == CONFIRM_ALWAYS || sk->forwarding == CONF_FORWARDING_CONFIRM) &&
+	    (sk->uri = strdup(found->k.uri)) == NULL) {
+		free(sk->id);
+		sk->id = NULL;
+		r = -P11A_E_NOMEM;
+		goto out;
 	}
 	/* Counted before the lock drops, so token_module_close() cannot miss us. */
 	atomic_fetch_add(&m->inflight, 1);
@@ -687,6 +779,15 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	if ((r = key_lookup(m, memo, req->key_uri, &sk, msg, msg_size)) != 0)
 		return r;
 	/* From here on this thread counts in m->inflight. */
+	if (peer != NULL && peer->forwarded && sk.forwarding != CONF_FORWARDING_ALLOW) {
+		if (sk.forwarding == CONF_FORWARDING_DENY) {
+			tok_set_msg(msg, msg_size, "not allowed by policy: forwarding is denied for "
+				    "key '%s' on token '%s' (forwarding = deny) and this connection is "
+				    "forwarded (ssh or a relay)", sk.label, sk.token_label);
+			r = -P11A_E_POLICY;
+			goto out;
+		}
+	}
 	if (sk.programs != NULL) {
 		const char *exe = peer != NULL ? peer->exe : NULL;
 		if (!(listed = programs_has(sk.programs, exe))) {
@@ -725,6 +826,18 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	if (sk.priv == CK_INVALID_HANDLE) {
 		tok_set_msg(msg, msg_size, "token '%s' is locked: run 'p11agent unlock'", sk.token_label);
 		r = -P11A_E_LOCKED;
+		goto out;
+	}
+	/* Last of the checks: a grant is spent only on a signature that can be made. */
+	int fwd_confirm = peer != NULL && peer->forwarded &&
+			  sk.forwarding == CONF_FORWARDING_CONFIRM;
+	if ((sk.confirm == CONFIRM_ALWAYS || fwd_confirm) &&
+	    (peer == NULL || sk.uri == NULL || !grant_take(peer->conn, sk.uri))) {
+		tok_set_msg(msg, msg_size, "key '%s' on token '%s' needs your confirmation for "
+			    "each signature (%s)", sk.label, sk.token_label,
+			    sk.confirm == CONFIRM_ALWAYS ? "confirm = always" :
+			    "forwarding = confirm, and this connection is forwarded");
+		r = -P11A_E_NOT_CONFIRMED;
 		goto out;
 	}
 	if ((plan = malloc(sizeof(*plan))) == NULL) {
@@ -805,6 +918,15 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 				  what, tok_ckr_name(rv, nb, sizeof(nb)));
 			rv = CKR_USER_NOT_LOGGED_IN;
 		}
+	}
+	if (have_session && (rv == CKR_GENERAL_ERROR || rv == CKR_DEVICE_ERROR ||
+			     rv == CKR_FUNCTION_FAILED) && tok_slot_went(m, sk.s, GONE_WAIT_MS, deadline)) {
+		/* The card was pulled out during the call: say so, not the module's generic error. */
+		char nb[48];
+
+		log_debug("token '%s': %s failed with %s as the token left: not present",
+			  sk.token_label, what, tok_ckr_name(rv, nb, sizeof(nb)));
+		rv = CKR_DEVICE_REMOVED;
 	}
 	if (have_session) {
 		drop = drop || tok_rv_session_gone(rv) || rv == CKR_OPERATION_ACTIVE;
@@ -892,5 +1014,6 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		free(plan);
 	}
 	free(sk.id);
+	free(sk.uri);
 	return r;
 }

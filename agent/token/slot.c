@@ -14,9 +14,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* PKCS#11 text field -> C string: cut at the first NUL, drop trailing blanks. */
@@ -467,4 +469,183 @@ token_inventory(struct token_module *m, struct p11a_list_reply *out)
 		memset(out, 0, sizeof(*out));
 	}
 	return r;
+}
+
+/* ------------------------------------------------------------ slot events */
+
+/*
+ * A card pulled out while the module talks to it fails the call in the
+ * module's own words (OpenSC on a CAC card: C_Sign CKR_GENERAL_ERROR), and
+ * the reader reports the removal a little later (pcscd polls it; OpenSC
+ * caches the slot state for a second).  Looks until the slot says, or the
+ * helper saw, that the token left, for at most wait_ms and not past the
+ * deadline (CLOCK_MONOTONIC).  A signing thread only.
+ */
+#define GONE_STEP_MS    50
+
+int
+tok_slot_went(struct token_module *m, struct tok_slot *s, int wait_ms,
+	      const struct timespec *deadline)
+{
+	int64_t until = p11a_now_ms() + wait_ms;
+	CK_SLOT_INFO si;
+	CK_RV rv;
+	int present;
+
+	if (deadline != NULL) {
+		int64_t d = (int64_t)deadline->tv_sec * 1000 + deadline->tv_nsec / 1000000;
+		if (d < until)
+			until = d;
+	}
+	for (;;) {
+		pthread_mutex_lock(&m->lock);
+		present = s->present;
+		pthread_mutex_unlock(&m->lock);
+		if (!present)
+			return 1;
+		rv = m->f->C_GetSlotInfo(s->id, &si);
+		if (rv == CKR_SLOT_ID_INVALID || tok_rv_token_gone(rv) ||
+		    (rv == CKR_OK && !(si.flags & CKF_TOKEN_PRESENT))) {
+			tok_notify(m);
+			return 1;
+		}
+		if (p11a_now_ms() + GONE_STEP_MS > until)
+			return 0;
+		{
+			struct timespec ts = { 0, GONE_STEP_MS * 1000000L };
+			while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+				;
+		}
+	}
+}
+
+/*
+ * Between two events the watcher rests this long: a module that reports
+ * one event after another must not spin, and a burst of events is one
+ * refresh anyway (the event descriptor counts, the control thread reads
+ * it once).
+ *
+ * The watcher blocks in C_WaitForSlotEvent until the module fails it once
+ * (pcscd stopped, a reader gone).  From then on it asks with
+ * CKF_DONT_BLOCK every WATCH_POLL_MS: OpenSC's blocking wait stays on the
+ * dead pcscd's context and never sees the reader come back, while its
+ * non-blocking one looks for readers again.  Such a look costs pcscd a
+ * status query, no APDU: cheap for the card.
+ */
+#define WATCH_REST_MS   200
+#define WATCH_POLL_MS   1000
+#define WATCH_STEP_MS   50
+#define WATCH_JOIN_MS   2000
+
+/* Sleeps ms, in steps, and returns 1 early when the module is closing. */
+static int
+watch_sleep(struct token_module *m, int ms)
+{
+	while (ms > 0) {
+		struct timespec ts = { 0, (long)(ms < WATCH_STEP_MS ? ms : WATCH_STEP_MS) * 1000000L };
+
+		if (atomic_load(&m->watch_stop))
+			return 1;
+		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+			;
+		ms -= WATCH_STEP_MS;
+	}
+	return atomic_load(&m->watch_stop);
+}
+
+static void *
+watch_main(void *arg)
+{
+	struct token_module *m = arg;
+	int polling = 0, failing = 0;
+	int64_t last_event = INT64_MIN / 2;
+	CK_SLOT_ID slot;
+	char nb[48];
+	CK_RV rv;
+
+	while (!atomic_load(&m->watch_stop)) {
+		if (!polling)
+			log_debug("module %s: waiting for slot events", m->name);
+		rv = m->f->C_WaitForSlotEvent(polling ? CKF_DONT_BLOCK : 0, &slot, NULL);
+		if (atomic_load(&m->watch_stop))
+			break;
+		if (rv == CKR_OK) {
+			int64_t now = p11a_now_ms();
+			/*
+			 * Each event costs a refresh (the token re-read): events
+			 * coming faster than one a second, a module that reports
+			 * one at every call, are taken once a second.
+			 */
+			int rest = polling || now - last_event < WATCH_POLL_MS ? WATCH_POLL_MS :
+			    WATCH_REST_MS;
+
+			last_event = now;
+			failing = 0;
+			log_debug("module %s: slot %lu event", m->name, (unsigned long)slot);
+			tok_notify(m);
+			if (watch_sleep(m, rest))
+				break;
+			continue;
+		}
+		if (rv == CKR_NO_EVENT && polling) {
+			failing = 0;
+			if (watch_sleep(m, WATCH_POLL_MS))
+				break;
+			continue;
+		}
+		if (rv == CKR_FUNCTION_NOT_SUPPORTED || rv == CKR_CRYPTOKI_NOT_INITIALIZED) {
+			if (rv == CKR_FUNCTION_NOT_SUPPORTED)
+				log_debug("module %s has no C_WaitForSlotEvent: tokens are polled",
+					  m->name);
+			break;
+		}
+		/* pcscd stopped, or the module lost its reader: the refresh sees the token go. */
+		if (!failing++)
+			log_info("module %s: C_WaitForSlotEvent: %s; %s every %d ms", m->name,
+				 tok_ckr_name(rv, nb, sizeof(nb)),
+				 polling ? "asking again" : "asking without blocking from now on",
+				 WATCH_POLL_MS);
+		polling = 1;
+		tok_notify(m);
+		if (watch_sleep(m, WATCH_POLL_MS))
+			break;
+	}
+	return NULL;
+}
+
+void
+token_watch_start(struct token_module *m)
+{
+	pthread_attr_t attr;
+	sigset_t all, old;
+
+	if (m->watching || m->f->C_WaitForSlotEvent == NULL)
+		return;
+	pthread_attr_init(&attr);
+	/* Signals stay with the control thread. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	if (pthread_create(&m->watcher, &attr, watch_main, m) == 0)
+		m->watching = 1;
+	else
+		log_warn("module %s: cannot start the slot-event thread; tokens are polled", m->name);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
+}
+
+void
+tok_watch_join(struct token_module *m)
+{
+	struct timespec until;
+
+	if (!m->watching)
+		return;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += WATCH_JOIN_MS / 1000;
+	if (pthread_timedjoin_np(m->watcher, NULL, &until) != 0) {
+		/* Still inside the module: it goes with the process. */
+		log_warn("module %s: C_WaitForSlotEvent did not return after C_Finalize", m->name);
+		pthread_detach(m->watcher);
+	}
+	m->watching = 0;
 }

@@ -58,6 +58,8 @@ struct tok_key {
 	CK_OBJECT_HANDLE priv;          /* CK_INVALID_HANDLE: private key not visible */
 	uint8_t policy;                 /* TOK_POL_*: the key's policy, resolved once (sign.c) */
 	const struct tok_programs *programs;    /* its allow-programs, NULL any (with policy) */
+	uint8_t forwarding;             /* enum conf_forwarding, resolved with policy */
+	uint8_t confirm;                /* enum conf_confirm, resolved with policy */
 };
 
 /* An allow-programs list (sign.c; lives as long as the process). */
@@ -144,6 +146,11 @@ struct token_module {
 	atomic_uint igen;               /* inventory generation (key memos); bumped under lock */
 	pthread_rwlock_t copy_lock;     /* C_CopyObject shared, inventory searches exclusive */
 
+	/* The C_WaitForSlotEvent thread (slot.c), when it runs. */
+	pthread_t watcher;
+	int watching;                   /* control thread: the watcher was started */
+	atomic_int watch_stop;          /* closing: the watcher returns, whatever the module said */
+
 	pthread_mutex_t lock;
 	int closing;
 	struct tok_slot *slots[SLOT_MAX];
@@ -165,6 +172,17 @@ void tok_set_msg(char *msg, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Message "token 'LABEL': WHAT: CKR_X" and the code for rv. */
 int tok_fail_rv(char *msg, size_t size, const char *label, const char *what, CK_RV rv);
+/*
+ * A C_Login that failed with rv, and the token's user-PIN flags read just
+ * before and just after it (flags_known: both C_GetTokenInfo calls worked):
+ * the user's message in msg and the code.  *pin_refused is 1 when the token
+ * refused the PIN: a PIN code, or COUNT_LOW / FINAL_TRY / LOCKED appearing
+ * across the call whatever the code (the tries left are then in the
+ * message).  A module error with no PIN evidence is reported as that error,
+ * never as a wrong PIN.  Pure: no PKCS#11 calls.
+ */
+int tok_login_failure(CK_RV rv, int flags_known, CK_FLAGS before, CK_FLAGS after, const char *label,
+		      char *msg, size_t size, int *pin_refused);
 
 /* ---------------------------------------------- pool.c: session pool */
 
@@ -196,6 +214,20 @@ CK_RV tok_ctl_session_state(struct token_module *m, struct tok_slot *s, CK_SESSI
 			    unsigned *gen, int *logged_in);
 void tok_ctl_session_put(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h,
 			 unsigned gen, int drop);
+
+/* ---------------------------------------------- slot.c */
+
+/*
+ * 1 when the token in s left (the slot says so, or the control thread saw
+ * it go) within wait_ms and before deadline (CLOCK_MONOTONIC, or NULL):
+ * for a call that failed with a module's generic error while a card was
+ * pulled out.  Signing threads.
+ */
+int tok_slot_went(struct token_module *m, struct tok_slot *s, int wait_ms,
+		  const struct timespec *deadline);
+
+/* Ends the C_WaitForSlotEvent thread after C_Finalize woke it (bounded wait). */
+void tok_watch_join(struct token_module *m);
 
 /* ---------------------------------------------- login.c */
 

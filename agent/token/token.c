@@ -128,7 +128,10 @@ token_module_close(struct token_module *m)
 		return;
 	}
 	/* Closing the sessions logs the tokens out (PKCS#11 login is per application). */
+	atomic_store(&m->watch_stop, 1);
 	(void)m->f->C_Finalize(NULL);
+	/* C_Finalize wakes a thread in C_WaitForSlotEvent (PKCS#11 2.40 5.4). */
+	tok_watch_join(m);
 	log_debug("module %s finalized", m->path);
 }
 

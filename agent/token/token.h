@@ -80,6 +80,16 @@ int token_event_fd(const struct token_module *m);
 void token_event_clear(struct token_module *m);
 
 /*
+ * Slot events: a thread blocked in C_WaitForSlotEvent makes the event
+ * descriptor readable when a token comes or goes, so a card put back is
+ * listed at once instead of at the next poll.  A module without it
+ * (CKR_FUNCTION_NOT_SUPPORTED: SoftHSM2, NSS softokn) ends the thread and
+ * the helper's poll stays the only way.  Started by the control thread
+ * after the first token_refresh(); token_module_close() ends it.
+ */
+void token_watch_start(struct token_module *m);
+
+/*
  * Deep copy of the current inventory into out (zeroed first; the caller
  * releases it with p11a_msg_clear() on a message holding it, or by hand
  * with p11a_token_clear/p11a_key_clear and free).  -P11A_E_NOMEM.
@@ -114,10 +124,13 @@ int token_lock(struct token_module *m, const char *token_uri, char *msg, size_t 
  * = that rule is off); each lock is logged with the token and the
  * reason.  now is p11a_now_ms().  Returns how many tokens it logged out
  * (push the inventory then) and lowers *next to the time it has to run
- * again (unchanged when no token is logged in).
+ * again (unchanged when no token is logged in).  Each lock is also told to
+ * locked(arg, token URI, "idle" or "pin-ttl") when locked is not NULL (the
+ * audit trail).
  */
 int token_autolock(struct token_module *m, int64_t now, int64_t idle_ms, int64_t ttl_ms,
-		   int64_t *next);
+		   int64_t *next, void (*locked)(void *arg, const char *token_uri,
+						 const char *reason), void *arg);
 
 /*
  * Signs per docs/protocol.md (SIGN): finds req->key_uri among the keys,
@@ -137,18 +150,27 @@ struct token_keymemo;
 
 /* The process a channel belongs to, as the agent saw it at accept (allow-programs). */
 struct token_peer {
+	uint64_t conn;                  /* the agent's serial of the connection that opened it */
 	uint32_t pid;                   /* 0 unknown */
 	const char *exe;                /* /proc/PID/exe at accept; NULL unknown */
+	int forwarded;                  /* a forwarded connection (ssh, a relay): forwarding applies */
 };
 
 /*
  * The per-key policy of the configuration ([key URI-PATTERN] sections,
- * tls-only, allow-programs: docs/p11agentd.conf.5), for every later token_sign() of this
+ * tls-only, allow-programs, forwarding: docs/p11agentd.conf.5), for every later token_sign() of this
  * process.  Call once, before any signing thread starts.  Each key record
  * resolves its policy on its first SIGN and keeps it until the inventory
  * changes.  -1 (msg set) when a pattern does not parse or out of memory.
  */
 int token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size);
+
+/*
+ * confirm = always (H_GRANT): lets one later SIGN for key_uri (the
+ * inventory's URI) on a channel of connection conn through, within a
+ * minute.  Any thread.  -P11A_E_NOMEM.
+ */
+int token_grant_add(uint64_t conn, const char *key_uri);
 
 int token_sign(struct token_module *m, struct token_keymemo **memo,
 	       const struct token_peer *peer, const struct p11a_sign *req, const struct timespec *deadline,

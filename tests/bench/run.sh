@@ -24,7 +24,7 @@
 #   BENCH_RUNS      runs of each short-lived process, item 4 [20]
 #   BENCH_CONNS     idle connections for item 5 [1000]
 #   BENCH_SIGS      signatures for item 5 [100000]
-#   BENCH_ITEMS     which items to run ["1 2 3 4 5"]
+#   BENCH_ITEMS     which items to run ["1 2 3 4 5 6"]
 #   BENCH_RAW       also keep the raw measurements in this file
 #   SOFTHSM2_MODULE, P11KIT_CLIENT, top_srcdir, top_builddir
 #
@@ -46,7 +46,7 @@ ALGS=${BENCH_ALGS:-"ec pss"}
 RUNS=${BENCH_RUNS:-20}
 CONNS=${BENCH_CONNS:-1000}
 SIGS=${BENCH_SIGS:-100000}
-ITEMS=${BENCH_ITEMS:-"1 2 3 4 5"}
+ITEMS=${BENCH_ITEMS:-"1 2 3 4 5 6"}
 PIN=1234
 TOKEN=p11agent-test
 export SOFTHSM2_MODULE
@@ -223,6 +223,28 @@ if [[ " $ITEMS " == *" 2 "* ]]; then
 			done
 		done
 	done
+fi
+
+# ---------------------------------------------------------------- 6: forwarded
+# A client behind a stream relay (socat, as ssh -R: no descriptor crosses
+# it) signs on its main connection and the agent relays to the helper
+# (protocol version 3), against a local client on its signing channel.
+if [[ " $ITEMS " == *" 6 "* ]]; then
+	if command -v socat >/dev/null; then
+		socat "UNIX-LISTEN:$T/relay.sock,fork,mode=600" "UNIX-CONNECT:$SOCK" 2>>"$T/errors.log" &
+		pids+=("$!")
+		for _ in $(seq 1 50); do [ -S "$T/relay.sock" ] && break; sleep 0.1; done
+		for t in 1 8; do
+			log "6: ECDSA, $t clients, local channel against relayed through socat"
+			for r in $(seq 1 "$REPS"); do
+				measure 6 "ec/$t" local "$r" "$B/signbench" agent "$SOCK" "$(uri ec256)" ec "$t" "$SECS"
+				measure 6 "ec/$t" relayed "$r" "$B/signbench" agent "$T/relay.sock" "$(uri ec256)" \
+					ec "$t" "$SECS"
+			done
+		done
+	else
+		log "socat missing: no item 6 (forwarded)"
+	fi
 fi
 
 # ---------------------------------------------------------------- TLS server material

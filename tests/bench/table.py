@@ -151,6 +151,27 @@ if states5:
         print(f"   {s:<14} " + " ".join(f"{c:>22}" for c in cells))
     print()
 
+# ---------------------------------------------------------------- 6
+groups6 = [g for g in ("ec/1", "ec/8") if ("6", g) in data]
+if groups6:
+    print("6. Forwarded: ECDSA P-256 through a socat stream relay (no descriptor crosses it, as with")
+    print("   ssh -R: the agent relays each SIGN to the helper) against a local signing channel")
+    print(f"   {'clients':>7}  {'variant':<8} {'sig/s':>24}  {'p50 us':>9}  {'p99 us':>9}")
+    for g in groups6:
+        for v in ("local", "relayed"):
+            rate = col("6", g, v, 0)
+            if rate:
+                print(f"   {g.split('/')[1]:>7}  {v:<8} {spread(rate):>24}"
+                      f"  {med(col('6', g, v, 1)):9.1f}  {med(col('6', g, v, 2)):9.1f}")
+    print("   Added latency of the relayed path (relayed p50 - local p50, per repetition), and throughput ratio:")
+    for g in groups6:
+        loc, rel = col("6", g, "local", 1), col("6", g, "relayed", 1)
+        added = [b - a for a, b in zip(loc, rel)]
+        in_rtt = f" = {spread([x / med(rtt) for x in added], '{:.2f}')}x the bare round trip" if rtt else ""
+        print(f"   {g.split('/')[1]:>7} clients: +{spread(added, '{:.1f}')} us{in_rtt};"
+              f" relayed/local sig/s {spread(ratios('6', g, 'relayed', 'local'), '{:.2f}')}")
+    print()
+
 # ---------------------------------------------------------------- targets
 print("Targets (the benchmark issue)")
 rows = []

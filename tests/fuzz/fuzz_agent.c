@@ -15,17 +15,19 @@
  * sends on its main connection: a sequence of frames, cut anywhere,
  * decoded by p11a_frame_in_recv()/client_request() and dispatched exactly as in
  * the event loop.  The fake helper holds a fixed inventory and answers
- * every forwarded request (UNLOCK, LOCK) with OK or ERROR, or lets it time
- * out, so the pending-request paths run too.
+ * every forwarded request (UNLOCK, LOCK) with OK or ERROR, a relayed SIGN
+ * (H_SIGN, version 3) with SIGNATURE or ERROR, or lets it time out, so the
+ * pending-request paths run too.
  *
  * FUZZ_MODE_INTERNAL (fuzz_internal): the input is the byte stream a token
  * helper sends the agent (internal frames: H_INVENTORY, OK, ERROR, with
  * request ids).  After each helper frame a client sends LIST, STATUS,
- * OPEN_CHANNEL, UNLOCK and LOCK, so that the inventory the fuzzer made is
+ * OPEN_CHANNEL, UNLOCK, LOCK and a relayed SIGN (version 3), so that the inventory the fuzzer made is
  * used (URI matching, list replies).
  */
 #include "config.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 #include "p11a.h"
 #include "proto.h"
@@ -69,6 +71,11 @@ fz_setup(void)
 	fz_cfg.sign_timeout_ms = 1000;
 	fz_cfg.max_connections = 16;
 	if (config_add_module(&fz_cfg, "/nonexistent/fuzz-module.so", "fuzz", NULL, &fz_origin) != 0)
+		abort();
+	/* A small ring, so it wraps; no journal or syslog from a fuzzer. */
+	fz_cfg.audit = CONF_AUDIT_NONE;
+	fz_cfg.audit_ring = 8;
+	if (audit_init(&fz_cfg) != 0)
 		abort();
 #ifdef FUZZING_LIBFUZZER
 	/* Millions of "malformed message" warnings: keep them off the fuzzer's stderr. */
@@ -204,6 +211,7 @@ fz_start(struct fz *z, int with_inventory, int hello_done)
 	c->uid = s->uid;
 	c->pid = getpid();
 	c->hello_done = hello_done;
+	c->version = hello_done ? P11A_PROTO_VERSION : 0;
 	c->reply_fd = -1;
 	p11a_frame_in_init(&c->in, NULL, 0);
 	s->open_clients = 1;
@@ -276,10 +284,24 @@ fz_helper_answers(struct fz *z)
 			close(rfd);
 		if (p11a_msg_decode_internal(p11a_buf_ptr(in), p11a_buf_len(in), &id, &m) != 0)
 			abort();   /* the agent must never send a malformed internal frame */
+		int relayed = m.type == P11A_MSG_H_SIGN;
 		p11a_msg_clear(&m);
 		if (id % 3 == 0)
 			continue;
 		memset(&rep, 0, sizeof(rep));
+		if (relayed && id % 2) {
+			/* A relayed SIGN (version 3) gets a signature (borrowed bytes). */
+			static uint8_t fake_sig[] = { 0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01 };
+			rep.type = P11A_MSG_SIGNATURE;
+			rep.u.signature.sig = fake_sig;
+			rep.u.signature.sig_len = sizeof(fake_sig);
+			p11a_buf_reset(out);
+			if (p11a_msg_encode_internal(id, &rep, out) != 0 ||
+			    p11a_frame_write(z->helper_peer, out, -1, 1000) != 0)
+				abort();
+			answered++;
+			continue;
+		}
 		if (id % 2)
 			rep.type = P11A_MSG_OK;
 		else if (p11a_msg_set_error(&rep, P11A_E_PIN_INCORRECT, "PIN incorrect (fuzz)") != 0)
@@ -347,7 +369,7 @@ fz_client_round(struct fz *z)
 	const char *k = h->inv.nkeys && h->inv.keys[0].uri ? h->inv.keys[0].uri : key_uri;
 	const char *t = h->inv.ntokens && h->inv.tokens[0].uri ? h->inv.tokens[0].uri : "";
 
-	for (int what = 0; what < 7; what++) {
+	for (int what = 0; what < 9; what++) {
 		struct client *c = &s->clients[0];
 		if (c->fd < 0 || c->waiting)
 			break;
@@ -375,9 +397,23 @@ fz_client_round(struct fz *z)
 			memcpy(m.u.unlock.pin, "1234", 4);
 			m.u.unlock.pin_len = 4;
 			break;
-		default:
+		case 6:
 			m.type = P11A_MSG_LOCK;
 			m.u.lock.token_uri = strdup("");
+			break;
+		case 7:
+			/* The ring holds whatever events the helper reported. */
+			m.type = P11A_MSG_LOG;
+			break;
+		default:
+			/* A forwarded client's SIGN on its main connection (version 3). */
+			c->version = 3;
+			m.type = P11A_MSG_SIGN;
+			m.u.sign.key_uri = strdup(k);
+			m.u.sign.scheme = P11A_SCHEME_ECDSA;
+			m.u.sign.hash = P11A_HASH_SHA256;
+			m.u.sign.data = (uint8_t *)strdup("fuzz");
+			m.u.sign.data_len = 4;
 			break;
 		}
 		client_dispatch(s, 0, &m);

@@ -11,7 +11,8 @@
  * socketpair whose other end holds the channel bytes); bytes that do not
  * parse as a frame go out as they are; then it closes.  Later connections
  * (the client reconnects after a close) are closed at once.  The client
- * runs connect (HELLO), STATUS, LIST, UNLOCK, LOCK and SIGN.
+ * runs connect (HELLO), STATUS, LIST, UNLOCK, LOCK, LOG (when the agent
+ * chose version 3) and SIGN.
  */
 #include "config.h"
 #include "client.h"
@@ -224,6 +225,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			p11a_msg_clear(&reply);
 		(void)p11a_client_unlock(c, NULL, "1234", 4);
 		(void)p11a_client_lock(c, "");
+		/* LOG goes out only when the agent chose version 3. */
+		if (p11a_client_log(c, 0, 0, &reply) == 0)
+			p11a_msg_clear(&reply);
 		memset(&sr, 0, sizeof(sr));
 		sr.key_uri = (char *)"pkcs11:object=ec256;type=private";
 		sr.scheme = P11A_SCHEME_ECDSA;

@@ -63,6 +63,17 @@ def list_body(tokens, keys):
     return u32(len(tokens)) + b"".join(tokens) + u32(len(keys)) + b"".join(keys)
 
 
+def event(kind=1, uri=KEY, scheme=3, content=3, pid=4242, uid=1000, exe="/usr/bin/curl",
+          flags=0, result=0, msg="", dur=310, reason="", count=0, t=1767225600000000):
+    return (u64(t) + u8(kind) + s(uri) + u8(scheme) + u8(content) + u32(pid) + u32(uid) +
+            s(exe) + u8(flags) + u32(result) + s(msg) + u64(dur) + s(reason) + u32(count))
+
+
+def events(evs, dropped=None):
+    head = b"" if dropped is None else u32(dropped)
+    return head + u32(len(evs)) + b"".join(evs)
+
+
 def error(code, msg):
     return u8(0x81) + u32(code) + s(msg)
 
@@ -107,6 +118,25 @@ req = {
     "text-with-nul": H + frame(u8(0x06) + s(b"pkcs11:object=a\x00b")),
     "health-v2": frame(hello(1, 2)) + frame(u8(0x08)) + frame(u8(0x02)),
     "health-on-v1": H + frame(u8(0x08)) + frame(u8(0x03)),
+    # Version 3: LOG (u64 since, u32 max); on a version-1/2 connection UNKNOWN_TYPE.
+    "log-v3": frame(hello(1, 3)) + frame(u8(0x0C) + u64(0) + u32(0)) +
+              frame(u8(0x04) + s("") + s("0000")) + frame(u8(0x0C) + u64(1) + u32(2)),
+    "log-on-v1": H + frame(u8(0x0C) + u64(0) + u32(0)) + frame(u8(0x03)),
+    "log-short": frame(hello(1, 3)) + frame(u8(0x0C) + u64(0)),
+    "log-reply-as-request": frame(hello(1, 3)) + frame(u8(0x88) + u32(0)),
+    "event-as-request": frame(hello(1, 3)) + frame(u8(0x45) + events([event()], 0)),
+    # Version 3 (forwarding): SIGN on the main connection is relayed to the helper.
+    "sign-on-main-v3": frame(hello(1, 3)) + frame(sign()) + frame(sign(data=b"two")),
+    "sign-on-main-v3-after-channel": frame(hello(1, 3)) + frame(u8(0x06) + s(KEY)) + frame(sign()),
+    "sign-on-main-v3-no-key": frame(hello(1, 3)) + frame(sign(uri="pkcs11:object=none")) +
+                              frame(sign(uri="not-a-uri")) + frame(u8(0x03)),
+    "sign-on-main-v3-rsa-pss": frame(hello(1, 3)) + frame(sign(scheme=2, hsh=4, mgf=3, salt=0xFFFFFFFE,
+                                                                 data=b"x" * 300)),
+    "sign-on-main-v3-leftover": frame(hello(1, 3)) + frame(sign() + b"junk"),
+    "sign-on-main-v3-half": frame(hello(1, 3)) + u32(200) + sign()[:40],
+    # H_SIGN is internal: a client sending it gets an error, never a relay.
+    "hsign-on-main": frame(hello(1, 3)) + frame(u8(0x46) + u64(7) + u32(4242) + s("/usr/bin/ssh") +
+                                                u8(1) + sign()[1:]),
     "many-requests": H + b"".join(frame(u8(t)) for t in (2, 3, 2, 3)) +
                      frame(u8(0x05) + s("")) + frame(u8(0x04) + s("") + s("0000")),
 }
@@ -140,6 +170,28 @@ intl = {
     "adopt-exe-unknown": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(0) + s("")),
     "adopt-exe-relative": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(1) + s("curl")),
     "adopt-old-layout": internal(0, inv) + internal(1, u8(0x40) + u64(7) + u32(1)),
+    # H_EVENT (version 3): u32 dropped, list of event; id 0.
+    "event-sign": internal(0, inv) + internal(0, u8(0x45) + events([event()], 0)),
+    "event-many": internal(0, inv) + internal(0, u8(0x45) + events(
+        [event(kind=4, content=1, result=28, msg="tls-only"), event(kind=3, uri=TOK, scheme=0,
+         content=0, pid=0, exe="", reason="idle"), event(kind=1, content=2)] * 4, 3)),
+    "event-bad-kind": internal(0, inv) + internal(0, u8(0x45) + events([event(kind=9)], 0)),
+    "event-foreign-kind": internal(0, inv) + internal(0, u8(0x45) + events([event(kind=2)], 0)),
+    "event-bad-content": internal(0, inv) + internal(0, u8(0x45) + events([event(content=7)], 0)),
+    "event-huge-count": internal(0, inv) + internal(0, u8(0x45) + u32(0) + b"\xff\xff\xff\xff"),
+    "event-exe-nl": internal(0, inv) + internal(0, u8(0x45) + events(
+        [event(exe="/tmp/a\nP11AGENT_RESULT=ok", uri="pkcs11:object=a%0a")], 0xffffffff)),
+    # Version 3: a helper's answers to relayed SIGNs (H_SIGN): SIGNATURE or
+    # ERROR by id; SIGNATURE to a request that was no H_SIGN is an error.
+    "hsign-signature": internal(0, inv) + internal(8, u8(0x86) + s(b"\x30\x06\x02\x01\x01\x02\x01\x01")),
+    "hsign-error": internal(0, inv) + internal(8, error(28, "forwarding is denied for key 'ec256'")),
+    "hsign-ok-unexpected": internal(0, inv) + internal(8, u8(0x80)) + internal(9, u8(0x80)),
+    "hsign-big-signature": internal(0, inv) + internal(8, u8(0x86) + s(b"\x01" * 1025)),
+    # H_SIGN goes agent -> helper; from a helper it is refused.
+    "hsign-from-helper": internal(0, inv) + internal(1, u8(0x46) + u64(7) + u32(1) + s("/usr/bin/ssh") +
+                                                    u8(1) + sign()[1:]),
+    "hsign-bad-flags": internal(0, inv) + internal(1, u8(0x46) + u64(7) + u32(1) + s("") +
+                                                  u8(0x80) + sign()[1:]),
 }
 for n, d in intl.items():
     write("fuzz_internal", n, d)
@@ -172,6 +224,13 @@ rep = {
     "len-over-cap": reply_input(HR + u32(FRAME_MAX + 1)),
     "leftover": reply_input(HR + frame(u8(0x80) + b"junk")),
     "huge-count": reply_input(HR + frame(u8(0x84) + b"\xff\xff\xff\xff")),
+    # Version 3: the client sends LOG after LOCK; LOG_REPLY is a list of event.
+    "log-reply": reply_input(frame(u8(0x82) + u16(3) + s("p11agentd 0.2")) + status + lst + ok + ok +
+                             frame(u8(0x88) + events([event(), event(kind=7, count=5)])) + chan, sig),
+    "log-reply-bad": reply_input(frame(u8(0x82) + u16(3) + s("p11agentd 0.2")) + status + lst + ok + ok +
+                                 frame(u8(0x88) + events([event(kind=0)]))),
+    "log-reply-error": reply_input(frame(u8(0x82) + u16(3) + s("p11agentd 0.2")) + status + lst + ok + ok +
+                                   frame(error(5, "unknown message type"))),
 }
 for n, d in rep.items():
     write("fuzz_reply", n, d)

@@ -42,7 +42,7 @@ cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,unde
 	-I"$top_builddir" -I"$src/common" -I"$src/agent")
 common=("$src"/common/{p11a,buf,frame,proto,sigenc,client,uri,keyref,text,hashalg,sigin,tlsclass}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
-agent=("$src"/agent/{server,supervise,handlers,log,conf,modules,registry,systemd,logind,helper}.c
+agent=("$src"/agent/{server,supervise,handlers,log,audit,conf,modules,registry,systemd,logind,helper}.c
 	"$src"/agent/token/{token,rv,pool,spki,object,slot,login,sign}.c)
 
 build() {

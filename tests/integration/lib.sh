@@ -49,6 +49,10 @@ fi
 # Upper bound on any single CLI call, so a hung agent fails a test instead
 # of hanging the suite.
 CLI_TIMEOUT=${CLI_TIMEOUT:-60}
+# No PIN or confirm dialogs (pinentry) from a signature on a locked token:
+# a test run must not pop up windows on a developer's desktop, and the
+# tests of locked tokens expect the error.  t_pinentry and t_confirm unset it.
+export P11AGENT_NO_PROMPT=1
 
 TOKEN_LABEL=p11agent-test
 USER_PIN=1234
@@ -416,8 +420,16 @@ child_pid_list() {
 	printf '%s\n' "${l% }"
 }
 
+# at_cleanup FUNCTION: call FUNCTION when the test ends, after its
+# processes are stopped and before $T is removed (an account the test
+# made, say).  Functions run in the order given.
+cleanup_funcs=()
+at_cleanup() {
+	cleanup_funcs+=("$1")
+}
+
 cleanup() {
-	local st=$? pid
+	local st=$? pid fn
 	set +e
 	if [ "$finished" != yes ]; then
 		test_num=$((test_num + 1))
@@ -436,6 +448,9 @@ cleanup() {
 			diag "agent helper $pid outlived the agent; stopping it"
 			stop_pid "$pid"
 		fi
+	done
+	for fn in ${cleanup_funcs[@]+"${cleanup_funcs[@]}"}; do
+		"$fn"
 	done
 	if [ -n "${KEEP_TMP:-}" ]; then
 		echo "# KEEP_TMP set: kept $T" >&2

@@ -56,6 +56,7 @@ SIGN = 0x07
 H_ADOPT = 0x40
 H_REFRESH = 0x41
 H_INVENTORY = 0x42
+H_SIGN = 0x46             # version 3 (forwarding): internal, never on a client socket
 OK = 0x80
 ERROR = 0x81
 HELLO_REPLY = 0x82

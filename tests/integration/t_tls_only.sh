@@ -65,9 +65,9 @@ bad_conf "tls-only value" 2 "tls-only must be yes or no, not 'maybe'" \
 tls-only maybe"
 bad_conf "[key] without a pattern" 1 "[key] needs a pkcs11: URI pattern" "[key]"
 bad_conf "[key] with no URI" 1 "[key nothing]: not a valid pkcs11: URI" "[key nothing]"
-bad_conf "unknown [key] setting" 2 "'confirm' is not a [key] setting (tls-only, allow-programs)" \
+bad_conf "unknown [key] setting" 2 "'frobnicate' is not a [key] setting (tls-only, allow-programs, forwarding, confirm)" \
 	"[key pkcs11:object=rsa2048]
-confirm yes"
+frobnicate yes"
 mv "$ADMIN.locked" "$ADMIN"
 run env XDG_CONFIG_HOME="$T/config" "$P11AGENTD" --print-config --socket "$SOCK" \
 	--module "$SOFTHSM2_MODULE"

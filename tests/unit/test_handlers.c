@@ -7,6 +7,7 @@
  */
 #include "config.h"
 #include "server_int.h"
+#include "audit.h"
 #include "log.h"
 
 #include <stdarg.h>
@@ -31,6 +32,8 @@ struct sent {
 static struct sent *fwd;
 static size_t nfwd, cfwd;
 static int replies, last_reply_type, last_error_code;
+static uint32_t log_n;                  /* LOG_REPLY: events, the last one's uri and reason */
+static char log_last_uri[64], log_last_reason[32];
 
 void
 send_msg(struct server *s, size_t ci, const struct p11a_msg *m, int fd_to_pass)
@@ -42,6 +45,16 @@ send_msg(struct server *s, size_t ci, const struct p11a_msg *m, int fd_to_pass)
 	replies++;
 	last_reply_type = m->type;
 	last_error_code = m->type == P11A_MSG_ERROR ? (int)m->u.error.code : 0;
+	if (m->type == P11A_MSG_LOG_REPLY) {
+		const struct p11a_event *e = m->u.events.n ? &m->u.events.ev[m->u.events.n - 1] : NULL;
+		log_n = m->u.events.n;
+		/* Its last characters: the URIs may be long. */
+		snprintf(log_last_uri, sizeof(log_last_uri), "%s", e == NULL ? "" :
+			 e->uri + (strlen(e->uri) > 60 ? strlen(e->uri) - 60 : 0));
+		snprintf(log_last_reason, sizeof(log_last_reason), "%s", e ? e->reason : "");
+		for (uint32_t i = 1; i < m->u.events.n; i++)    /* oldest first */
+			assert_true(m->u.events.ev[i - 1].time_us <= m->u.events.ev[i].time_us);
+	}
 }
 
 void
@@ -276,6 +289,111 @@ test_find_tokens(void **state)
 }
 
 /* A helper's error reaches the client with its text; an empty text gets the code's. */
+static const struct p11a_event *
+ring_last(size_t back)
+{
+	const struct p11a_event **v = calloc(audit_len() + 1, sizeof(*v));
+	const struct p11a_event *e;
+	size_t n;
+
+	assert_non_null(v);
+	n = audit_select(0, 0, v);
+	assert_true(n > back);
+	e = v[n - 1 - back];
+	free(v);
+	return e;
+}
+
+static void
+dispatch_log(struct server *s, uint64_t since, uint32_t max)
+{
+	struct p11a_msg m = { .type = P11A_MSG_LOG };
+	m.u.log.since_us = since;
+	m.u.log.max = max;
+	client_dispatch(s, 0, &m);
+}
+
+/* UNLOCK and LOCK outcomes and lock-all become audit events; LOG needs version 3 and fits a frame. */
+static void
+test_audit_events_and_log(void **state)
+{
+	struct server s;
+	struct p11a_msg err;
+	const struct p11a_event *e;
+	char uri[4100];
+	(void)state;
+
+	server_make(&s, 2, 1);
+	cfg.audit = CONF_AUDIT_NONE;
+	cfg.audit_ring = 200;
+	assert_int_equal(audit_init(&cfg), 0);
+	s.uid = 1000;
+	s.clients[0].pid = 4242;
+	s.clients[0].uid = 1000;
+	s.clients[0].exe = (char *)"/usr/bin/example";
+
+	dispatch_unlock(&s, "pkcs11:token=tok0");
+	assert_int_equal(nfwd, 1);
+	assert_int_equal(p11a_msg_set_error(&err, P11A_E_PIN_INCORRECT, "PIN incorrect"), 0);
+	pending_reply(&s, fwd[0].helper, fwd[0].id, &err);
+	p11a_msg_clear(&err);
+	e = ring_last(0);
+	assert_int_equal(e->kind, P11A_EV_UNLOCK);
+	assert_int_equal(e->result, P11A_E_PIN_INCORRECT);
+	assert_string_equal(e->message, "PIN incorrect");
+	assert_string_equal(e->uri, "pkcs11:token=tok0");
+	assert_int_equal(e->pid, 4242);
+	assert_int_equal(e->uid, 1000);
+	assert_string_equal(e->exe, "/usr/bin/example");
+
+	nfwd = 0;
+	dispatch_lock(&s, "");
+	helpers_answer_ok(&s);
+	assert_int_equal(ring_last(0)->kind, P11A_EV_LOCK);
+	assert_string_equal(ring_last(0)->reason, "request");
+	assert_int_equal(ring_last(0)->result, 0);
+	assert_int_equal(ring_last(1)->kind, P11A_EV_LOCK);
+
+	s.helpers[0].fd = s.helpers[1].fd = 99;    /* running: lock-all sends them LOCK */
+	tokens_lock_all(&s, "PrepareForSleep");
+	assert_string_equal(ring_last(0)->reason, "suspend");
+	assert_int_equal(ring_last(0)->pid, 0);
+	tokens_lock_all(&s, "session 3 locked");
+	assert_string_equal(ring_last(0)->reason, "screen-lock");
+	tokens_lock_all(&s, "SIGHUP");
+	assert_string_equal(ring_last(0)->reason, "SIGHUP");
+	s.helpers[0].fd = s.helpers[1].fd = -1;
+
+	/* Version 2: LOG is an unknown type there. */
+	replies = 0;
+	dispatch_log(&s, 0, 0);
+	assert_int_equal(last_reply_type, P11A_MSG_ERROR);
+	assert_int_equal(last_error_code, P11A_E_UNKNOWN_TYPE);
+	s.clients[0].version = 3;
+	dispatch_log(&s, 0, 0);
+	assert_int_equal(last_reply_type, P11A_MSG_LOG_REPLY);
+	assert_int_equal(log_n, 6);
+	assert_string_equal(log_last_reason, "SIGHUP");
+	dispatch_log(&s, 0, 2);
+	assert_int_equal(log_n, 2);
+	dispatch_log(&s, ring_last(0)->time_us + 1, 0);
+	assert_int_equal(log_n, 0);
+
+	/* 100 events of 4 KiB URIs do not fit one frame: the newest do. */
+	for (int i = 0; i < 100; i++) {
+		memset(uri, 'a', sizeof(uri));
+		snprintf(uri + 4000, 20, "%03d", i);
+		audit_note(P11A_EV_SIGN, uri, 1, 1000, "/usr/bin/x", 0, NULL, NULL, 5);
+	}
+	dispatch_log(&s, 0, 0);
+	assert_int_equal(last_reply_type, P11A_MSG_LOG_REPLY);
+	assert_true(log_n > 0 && log_n < 100);
+	assert_true(log_n * 4000 < P11A_FRAME_MAX);
+	assert_string_equal(log_last_uri + strlen(log_last_uri) - 3, "099");
+	audit_free();
+	server_free(&s);
+}
+
 static void
 test_error_reply(void **state)
 {
@@ -307,6 +425,7 @@ main(void)
 		cmocka_unit_test(test_unlock_ambiguous_and_missing),
 		cmocka_unit_test(test_find_tokens),
 		cmocka_unit_test(test_error_reply),
+		cmocka_unit_test(test_audit_events_and_log),
 	};
 	log_init("test_handlers", LOG_MODE_STDERR, 0);
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -73,9 +73,23 @@ static char recent_a[] = "2025-01-01 00:00:00 UTC module broken failed";
 static char recent_b[] = "";
 static char *sample_recent[] = { recent_a, recent_b };
 
-#define NSAMPLES 19
+static struct p11a_event sample_events[] = {
+	{ 1767225600123456ull, P11A_EV_SIGN, (char *)"pkcs11:object=k", P11A_SCHEME_ECDSA, 3, 4242,
+	  1000, (char *)"/usr/bin/curl", 0, 0, (char *)"", 310, (char *)"", 0 },
+	{ 1767225601000000ull, P11A_EV_LOCK, (char *)"", 0, 0, 0, 1000, (char *)"", 0, 0,
+	  (char *)"", 0, (char *)"SIGHUP", 0 },
+	{ 1767225602000000ull, P11A_EV_REFUSED, (char *)"pkcs11:object=k", P11A_SCHEME_ECDSA, 1,
+	  77, 1000, (char *)"/usr/bin/python3.11", P11A_EVENT_FORWARDED, P11A_E_POLICY,
+	  (char *)"tls-only", 12, (char *)"", 0 },
+	{ 1767225603000000ull, P11A_EV_DROPPED, (char *)"", 0, 0, 0, 0, (char *)"", 0, 0,
+	  (char *)"", 0, (char *)"", 5 },
+};
+
+#define NSAMPLES 27
 
 /* Fills m with sample i; every message type appears once or more. */
+static char *sample_env[] = { "DISPLAY=:0", "TTY=/dev/pts/3" };
+
 static void
 sample(size_t i, struct p11a_msg *m)
 {
@@ -171,6 +185,52 @@ sample(size_t i, struct p11a_msg *m)
 		m->u.health.nrecent = 2;
 		m->u.health.recent = sample_recent;
 		break;
+	case 19:
+		m->type = P11A_MSG_LOG;
+		m->u.log.since_us = 1767225600000000ull;
+		m->u.log.max = 10;
+		break;
+	case 20:
+		m->type = P11A_MSG_LOG_REPLY;
+		m->u.events.n = 4;
+		m->u.events.ev = sample_events;
+		break;
+	case 21:
+		m->type = P11A_MSG_H_EVENT;
+		m->u.events.dropped = 3;
+		m->u.events.n = 2;
+		m->u.events.ev = sample_events + 1;
+		break;
+	case 22:
+		m->type = P11A_MSG_H_SIGN;
+		m->u.hsign.conn = 0x0a0b0c0d01020304ull;
+		m->u.hsign.pid = 77;
+		m->u.hsign.exe = (char *)"/usr/bin/ssh";
+		m->u.hsign.flags = P11A_HSIGN_FORWARDED;
+		m->u.hsign.sign.key_uri = "pkcs11:object=k";
+		m->u.hsign.sign.scheme = P11A_SCHEME_ECDSA;
+		m->u.hsign.sign.hash = P11A_HASH_SHA256;
+		m->u.hsign.sign.data = sign_data;
+		m->u.hsign.sign.data_len = sizeof(sign_data);
+		break;
+	case 23:
+		m->type = P11A_MSG_UNLOCK_PROMPT;
+		m->u.prompt.uri = "pkcs11:token=A;object=k";
+		break;
+	case 24:
+		m->type = P11A_MSG_CONFIRM;
+		m->u.prompt.uri = "pkcs11:object=k";
+		break;
+	case 25:
+		m->type = P11A_MSG_UPDATE_ENV;
+		m->u.env.n = 2;
+		m->u.env.env = sample_env;
+		break;
+	case 26:
+		m->type = P11A_MSG_H_GRANT;
+		m->u.grant.conn = 0x0102030405060708ULL;
+		m->u.grant.key_uri = "pkcs11:object=k";
+		break;
 	default:
 		fail();
 	}
@@ -247,6 +307,16 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 		assert_int_equal(a->u.adopt.pid, b->u.adopt.pid);
 		assert_str_same(a->u.adopt.exe, b->u.adopt.exe);
 		break;
+	case P11A_MSG_H_SIGN:
+		assert_true(a->u.hsign.conn == b->u.hsign.conn);
+		assert_int_equal(a->u.hsign.pid, b->u.hsign.pid);
+		assert_str_same(a->u.hsign.exe, b->u.hsign.exe);
+		assert_int_equal(a->u.hsign.flags, b->u.hsign.flags);
+		assert_str_same(a->u.hsign.sign.key_uri, b->u.hsign.sign.key_uri);
+		assert_int_equal(a->u.hsign.sign.scheme, b->u.hsign.sign.scheme);
+		assert_bytes_same(a->u.hsign.sign.data, a->u.hsign.sign.data_len,
+		    b->u.hsign.sign.data, b->u.hsign.sign.data_len);
+		break;
 	case P11A_MSG_SIGN:
 		assert_str_same(a->u.sign.key_uri, b->u.sign.key_uri);
 		assert_int_equal(a->u.sign.scheme, b->u.sign.scheme);
@@ -304,6 +374,46 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 		for (i = 0; i < a->u.health.nrecent; i++)
 			assert_str_same(a->u.health.recent[i], b->u.health.recent[i]);
 		break;
+	case P11A_MSG_LOG:
+		assert_true(a->u.log.since_us == b->u.log.since_us);
+		assert_int_equal(a->u.log.max, b->u.log.max);
+		break;
+	case P11A_MSG_LOG_REPLY:
+	case P11A_MSG_H_EVENT:
+		assert_int_equal(a->u.events.dropped, b->u.events.dropped);
+		assert_int_equal(a->u.events.n, b->u.events.n);
+		for (i = 0; i < a->u.events.n; i++) {
+			const struct p11a_event *x = &a->u.events.ev[i], *y = &b->u.events.ev[i];
+			assert_true(x->time_us == y->time_us);
+			assert_true(x->duration_us == y->duration_us);
+			assert_int_equal(x->kind, y->kind);
+			assert_int_equal(x->scheme, y->scheme);
+			assert_int_equal(x->content, y->content);
+			assert_int_equal(x->pid, y->pid);
+			assert_int_equal(x->uid, y->uid);
+			assert_int_equal(x->flags, y->flags);
+			assert_int_equal(x->result, y->result);
+			assert_int_equal(x->count, y->count);
+			assert_str_same(x->uri, y->uri);
+			assert_str_same(x->exe, y->exe);
+			assert_str_same(x->message, y->message);
+			assert_str_same(x->reason, y->reason);
+			assert_int_equal(p11a_event_wire_size(x), p11a_event_wire_size(y));
+		}
+		break;
+	case P11A_MSG_UNLOCK_PROMPT:
+	case P11A_MSG_CONFIRM:
+		assert_str_same(a->u.prompt.uri, b->u.prompt.uri);
+		break;
+	case P11A_MSG_UPDATE_ENV:
+		assert_int_equal(a->u.env.n, b->u.env.n);
+		for (i = 0; i < a->u.env.n; i++)
+			assert_str_same(a->u.env.env[i], b->u.env.env[i]);
+		break;
+	case P11A_MSG_H_GRANT:
+		assert_int_equal(a->u.grant.conn, b->u.grant.conn);
+		assert_str_same(a->u.grant.key_uri, b->u.grant.key_uri);
+		break;
 	default:
 		break;
 	}
@@ -360,6 +470,57 @@ test_roundtrip_all_types(void **state)
 		p11a_buf_free(b);
 		p11a_buf_free(b2);
 	}
+}
+
+/* Audit events: a bad kind or content makes the frame malformed; the size helper is exact. */
+static void
+test_event_values(void **state)
+{
+	struct p11a_event e = sample_events[0];
+	struct p11a_msg m, d;
+	struct p11a_buf *b = p11a_buf_new(P11A_FRAME_MAX);
+	const uint8_t bad_kinds[] = { 0, P11A_EV_KIND_MAX + 1, 0xff };
+	size_t kind_at, content_at;
+
+	(void)state;
+	assert_non_null(b);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_LOG_REPLY;
+	m.u.events.n = 1;
+	m.u.events.ev = &e;
+	assert_int_equal(p11a_msg_encode(&m, b), 0);
+	/* type, count, then the event */
+	assert_int_equal(p11a_buf_len(b), 1 + 4 + p11a_event_wire_size(&e));
+	kind_at = 1 + 4 + 8;
+	content_at = kind_at + 1 + 4 + strlen(e.uri) + 1;
+	for (size_t i = 0; i < sizeof(bad_kinds); i++) {
+		uint8_t *p = (uint8_t *)p11a_buf_ptr(b);
+		uint8_t keep = p[kind_at];
+		p[kind_at] = bad_kinds[i];
+		assert_int_equal(p11a_msg_decode(p, p11a_buf_len(b), &d), -P11A_E_MALFORMED);
+		p[kind_at] = keep;
+	}
+	{
+		uint8_t *p = (uint8_t *)p11a_buf_ptr(b);
+		p[content_at] = P11A_CONTENT_MAX + 1;
+		assert_int_equal(p11a_msg_decode(p, p11a_buf_len(b), &d), -P11A_E_MALFORMED);
+		p[content_at] = P11A_CONTENT_MAX;
+		assert_int_equal(p11a_msg_decode(p, p11a_buf_len(b), &d), 0);
+		assert_int_equal(d.u.events.ev[0].content, P11A_CONTENT_MAX);
+		p11a_msg_clear(&d);
+	}
+	/* The encoder refuses what the decoder would. */
+	e.kind = 0;
+	p11a_buf_reset(b);
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_INTERNAL);
+	assert_int_equal(p11a_buf_len(b), 0);
+	assert_string_equal(p11a_event_kind_name(P11A_EV_PIN_DIALOG), "pin-dialog");
+	assert_null(p11a_event_kind_name(99));
+	assert_string_equal(p11a_errname(P11A_E_POLICY), "POLICY");
+	assert_string_equal(p11a_errname(-P11A_E_PIN_INCORRECT), "PIN_INCORRECT");
+	assert_string_equal(p11a_errname(0), "OK");
+	assert_string_equal(p11a_errname(1000), "UNKNOWN");
+	p11a_buf_free(b);
 }
 
 /* Byte layouts written out by hand from docs/protocol.md. */
@@ -477,7 +638,7 @@ test_leftover_bytes(void **state)
 static void
 test_unknown_type(void **state)
 {
-	static const uint8_t types[] = { 0x00, 0x09, 0x3f, 0x43, 0x7f, 0x88, 0xff };
+	static const uint8_t types[] = { 0x00, 0x0d, 0x3f, 0x43, 0x7f, 0xbf, 0xff };
 	struct p11a_buf *b = p11a_buf_new(100);
 	struct p11a_msg m, d;
 	uint8_t body[8];
@@ -500,6 +661,36 @@ test_unknown_type(void **state)
 		assert_int_equal(p11a_buf_len(b), 2);
 		p11a_buf_reset(b);
 	}
+	p11a_buf_free(b);
+}
+
+/* UPDATE_ENV (version 3): NAME=value entries, at most P11A_ENV_MAX. */
+static void
+test_update_env_limits(void **state)
+{
+	struct p11a_buf *b = p11a_buf_new(100);
+	struct p11a_msg m, d;
+	char *bad[] = { "DISPLAY" };
+	char *many[P11A_ENV_MAX + 1];
+	uint8_t raw[] = { P11A_MSG_UPDATE_ENV, 0, 0, 0, 1, 0, 0, 0, 2, '=', 'x' };
+	uint8_t huge[] = { P11A_MSG_UPDATE_ENV, 0, 0, 0, P11A_ENV_MAX + 1 };
+
+	(void)state;
+	assert_non_null(b);
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_UPDATE_ENV;
+	m.u.env.n = 1;
+	m.u.env.env = bad;
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_MALFORMED);
+	p11a_buf_reset(b);
+	for (size_t i = 0; i < P11A_ENV_MAX + 1; i++)
+		many[i] = "TERM=x";
+	m.u.env.n = P11A_ENV_MAX + 1;
+	m.u.env.env = many;
+	assert_int_equal(p11a_msg_encode(&m, b), -P11A_E_TOO_LARGE);
+	/* "=x": no name. */
+	assert_int_equal(p11a_msg_decode(raw, sizeof(raw), &d), -P11A_E_MALFORMED);
+	assert_int_equal(p11a_msg_decode(huge, sizeof(huge), &d), -P11A_E_TOO_LARGE);
 	p11a_buf_free(b);
 }
 
@@ -761,6 +952,42 @@ test_decode_bad_values(void **state)
 		memset(&d, 0, sizeof(d));
 		d.type = P11A_MSG_H_ADOPT;
 		d.u.adopt.exe = (char *)"curl";
+		b = p11a_buf_new(P11A_FRAME_MAX);
+		assert_non_null(b);
+		assert_int_equal(p11a_msg_encode(&d, b), -P11A_E_INTERNAL);
+		p11a_buf_free(b);
+	}
+	/* H_SIGN (version 3): executable as in H_ADOPT; unknown flag bits are malformed. */
+	{
+		static const uint8_t flags[] = { 0, P11A_HSIGN_FORWARDED, 0x02, 0x81 };
+		struct p11a_msg d;
+
+		for (size_t i = 0; i < sizeof(flags); i++) {
+			for (int rel = 0; rel < 2; rel++) {
+				b = body_new(P11A_MSG_H_SIGN);
+				assert_int_equal(p11a_buf_put_u64(b, 7), 0);
+				assert_int_equal(p11a_buf_put_u32(b, 42), 0);
+				assert_int_equal(p11a_buf_put_cstring(b, rel ? "ssh" : "/usr/bin/ssh"), 0);
+				assert_int_equal(p11a_buf_put_u8(b, flags[i]), 0);
+				assert_int_equal(p11a_buf_put_cstring(b, "pkcs11:object=k"), 0);
+				for (int k = 0; k < 4; k++)
+					assert_int_equal(p11a_buf_put_u8(b, 3), 0);
+				assert_int_equal(p11a_buf_put_u32(b, 0), 0);
+				assert_int_equal(p11a_buf_put_string(b, "data", 4), 0);
+				if (flags[i] <= P11A_HSIGN_FORWARDED && !rel) {
+					assert_int_equal(p11a_msg_decode(p11a_buf_ptr(b), p11a_buf_len(b), &d), 0);
+					assert_int_equal(d.u.hsign.flags, flags[i]);
+					assert_string_equal(d.u.hsign.sign.key_uri, "pkcs11:object=k");
+					p11a_msg_clear(&d);
+					p11a_buf_free(b);
+				} else {
+					assert_int_equal(decode_buf(b), -P11A_E_MALFORMED);
+				}
+			}
+		}
+		memset(&d, 0, sizeof(d));
+		d.type = P11A_MSG_H_SIGN;
+		d.u.hsign.flags = 0x04;
 		b = p11a_buf_new(P11A_FRAME_MAX);
 		assert_non_null(b);
 		assert_int_equal(p11a_msg_encode(&d, b), -P11A_E_INTERNAL);
@@ -2199,6 +2426,7 @@ test_uri_bad(void **state)
 struct fake {
 	int fd[FAKE_MAX];
 	int chan[FAKE_MAX];
+	int fwd[FAKE_MAX];          /* as if forwarded: CHANNEL comes without a descriptor */
 	int n;
 	int opens;
 	int died, restarted;
@@ -2213,6 +2441,7 @@ fake_add(struct fake *f, int fd, int chan)
 	}
 	f->fd[f->n] = fd;
 	f->chan[f->n] = chan;
+	f->fwd[f->n] = 0;
 	f->n++;
 }
 
@@ -2222,6 +2451,7 @@ fake_del(struct fake *f, int i)
 	close(f->fd[i]);
 	f->fd[i] = f->fd[f->n - 1];
 	f->chan[i] = f->chan[f->n - 1];
+	f->fwd[i] = f->fwd[f->n - 1];
 	f->n--;
 }
 
@@ -2258,6 +2488,12 @@ fake_serve(struct fake *f, int i)
 	case P11A_MSG_HELLO:
 		r.type = P11A_MSG_HELLO_REPLY;
 		r.u.hello_reply.version = 1;
+		/* "fwd-client": a forwarded client of a version-3 agent; "fwd-old": of a version-1 one. */
+		if (strcmp(m.u.hello.client, "fwd-client") == 0 || strcmp(m.u.hello.client, "fwd-old") == 0) {
+			f->fwd[i] = 1;
+			if (strcmp(m.u.hello.client, "fwd-client") == 0)
+				r.u.hello_reply.version = 3;
+		}
 		r.u.hello_reply.agent = strdup("fake agent");
 		break;
 	case P11A_MSG_STATUS:
@@ -2295,6 +2531,10 @@ fake_serve(struct fake *f, int i)
 			    m.u.open_channel.key_uri);
 			break;
 		}
+		if (f->fwd[i]) {
+			r.type = P11A_MSG_CHANNEL;      /* the descriptor is lost on the way */
+			break;
+		}
 		if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
 			(void)p11a_msg_set_error(&r, P11A_E_INTERNAL, NULL);
 			break;
@@ -2307,7 +2547,7 @@ fake_serve(struct fake *f, int i)
 		p11a_msg_clear(&m);
 		return 0;
 	case P11A_MSG_SIGN:
-		if (!f->chan[i]) {
+		if (!f->chan[i] && !f->fwd[i]) {
 			(void)p11a_msg_set_error(&r, P11A_E_PROTOCOL, "SIGN on a main connection");
 			break;
 		}
@@ -2559,6 +2799,58 @@ test_client_requests(void **state)
 	p11a_client_free(c);
 }
 
+/*
+ * Forwarded (protocol version 3): CHANNEL comes without a descriptor, and
+ * the client signs on its main connection with the channel path's error
+ * handling and retry; no channel is ever opened ("#0").  Against a
+ * version-1 agent the same CHANNEL is an error that says why.
+ */
+static void
+test_client_sign_relayed(void **state)
+{
+	struct agent_env *e = *state;
+	struct p11a_client *c = NULL;
+	struct p11a_sign s;
+	uint8_t *sig = (uint8_t *)1;
+	size_t len = 1;
+
+	assert_int_equal(p11a_client_connect(e->path, "fwd-client", 0, &c, NULL, 0), 0);
+	sign_expect(c, "pkcs11:object=one", "hello", "sig(hello)#0");
+	sign_expect(c, "pkcs11:object=two", "two", "sig(two)#0");
+	memset(&s, 0, sizeof(s));
+	s.key_uri = "pkcs11:object=one";
+	s.data = (uint8_t *)"locked";
+	s.data_len = 6;
+	/* No PIN dialog (UNLOCK_PROMPT, which this fake agent does not know). */
+	setenv("P11AGENT_NO_PROMPT", "1", 1);
+	assert_int_equal(p11a_client_sign(c, &s, &sig, &len), -P11A_E_LOCKED);
+	unsetenv("P11AGENT_NO_PROMPT");
+	assert_null(sig);
+	assert_string_equal(p11a_client_last_error(c), "token 'A' is locked");
+	/* The connection stays after an ERROR; the agent goes away once: retried. */
+	sign_expect(c, "pkcs11:object=one", "after", "sig(after)#0");
+	sign_expect(c, "pkcs11:object=one", "die-once", "sig(die-once)#0");
+	sign_expect(c, "pkcs11:object=one", "restart-once", "sig(restart-once)#0");
+	/* Other requests share the main connection in turn. */
+	{
+		struct p11a_msg reply;
+
+		assert_int_equal(p11a_client_list(c, &reply), 0);
+		p11a_msg_clear(&reply);
+	}
+	sign_expect(c, "pkcs11:object=one", "last", "sig(last)#0");
+	p11a_client_free(c);
+
+	assert_int_equal(p11a_client_connect(e->path, "fwd-old", 0, &c, NULL, 0), 0);
+	s.data = (uint8_t *)"x";
+	s.data_len = 1;
+	sig = (uint8_t *)1;
+	assert_int_equal(p11a_client_sign(c, &s, &sig, &len), -P11A_E_PROTOCOL);
+	assert_null(sig);
+	assert_non_null(strstr(p11a_client_last_error(c), "needs version 3"));
+	p11a_client_free(c);
+}
+
 static void
 test_client_sign_channels(void **state)
 {
@@ -2792,11 +3084,13 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_roundtrip_all_types),
+		cmocka_unit_test(test_event_values),
 		cmocka_unit_test(test_wire_layout),
 		cmocka_unit_test(test_key_field_order),
 		cmocka_unit_test(test_truncated_every_offset),
 		cmocka_unit_test(test_leftover_bytes),
 		cmocka_unit_test(test_unknown_type),
+		cmocka_unit_test(test_update_env_limits),
 		cmocka_unit_test(test_utf8),
 		cmocka_unit_test(test_empty_and_fieldless),
 		cmocka_unit_test(test_decode_oversize),
@@ -2831,6 +3125,7 @@ main(void)
 		/* Each client test gets a fresh fake agent. */
 		cmocka_unit_test_setup_teardown(test_client_requests, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_sign_channels, setup_agent, teardown_agent),
+		cmocka_unit_test_setup_teardown(test_client_sign_relayed, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_connect_errors, setup_agent, teardown_agent),
 		cmocka_unit_test_setup_teardown(test_client_refuses_other_owner, setup_agent, teardown_agent),
 	};

@@ -1,0 +1,169 @@
+#!/bin/bash
+# t_confirm: confirm = once | always per [key URI] section (issue 13).  A
+# signature with such a key makes the client library ask the agent for a
+# confirm dialog (CONFIRM) and sign once more.  once: one yes per program
+# (process) and key; always: one yes per signature.  The pinentry is
+# test_pinentry.py (answers from $PDIR/behaviour, logs one line per dialog).
+# One process making two signatures is curl fetching from two TLS servers
+# (two handshakes, each signs with the client key, through the provider).
+set -eu
+# shellcheck source=tests/integration/lib.sh
+. "$(dirname "$0")/lib.sh"
+# shellcheck source=tests/integration/tls_lib.sh
+. "$lib_dir/tls_lib.sh"
+
+require_cmd openssl curl timeout "$PYTHON3" softhsm2-util
+require_agent_binaries
+require_provider
+make_token
+
+PDIR=$T/pinentry
+mkdir -p "$PDIR"
+export TEST_PINENTRY_DIR=$PDIR
+unset P11AGENT_NO_PROMPT
+cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
+chmod 755 "$T/test-pinentry"
+cat >"$T/agent.conf" <<EOF
+socket $SOCK
+module $SOFTHSM2_MODULE
+pinentry-program $T/test-pinentry
+
+[key pkcs11:object=ec256]
+confirm once
+
+[key pkcs11:object=ec384]
+confirm always
+EOF
+
+behave() {
+	printf '%s\n' "$@" >"$PDIR/behaviour.new"
+	mv -f "$PDIR/behaviour.new" "$PDIR/behaviour"
+}
+
+confirms() {
+	local n=0
+	[ ! -f "$PDIR/log" ] || n=$(grep -c '^CONFIRM' "$PDIR/log" || true)
+	printf '%s\n' "$n"
+}
+
+last_dialog() {
+	tail -n 1 "$PDIR/log" 2>/dev/null
+}
+
+printf 'message to sign\n' >"$T/msg"
+# sign LABEL OUT [env...]: `p11agent sign` with key LABEL.
+sign() {
+	local label=$1 out=$2
+	shift 2
+	run env "$@" timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" sign \
+		--key "${URI[$label]}" --scheme "$(scheme "$label")" --in "$T/msg" --out "$out"
+}
+
+scheme() {
+	case $1 in rsa*) echo rsa-pkcs1 ;; *) echo ecdsa ;; esac
+}
+
+# curl2 LABEL OUT: one curl process, two TLS servers: two client signatures.
+curl2() {
+	provider_env timeout "$TLS_TIMEOUT" curl -sS --tlsv1.3 --cacert "$TOKDIR/ca.pem" \
+		--cert "$TOKDIR/$1.cert.pem" --key "${REF[$1]}" \
+		"https://localhost:${PORT[a]}/" "https://localhost:${PORT[b]}/" >"$2" 2>&1
+}
+
+# saw_twice OUT LABEL: both servers named the client certificate.
+saw_twice() {
+	[ "$(grep -cE "^ *$(subject_line "$2")\$" "$1")" -eq 2 ]
+}
+
+behave action=yes
+check "agent starts (confirm once for ec256, always for ec384)" start_agent --config "$T/agent.conf"
+running "$AGENT_PID" || bail_out "agent running"
+check "unlock" unlock_token
+check "list --json" list_json
+declare -A URI REF PORT
+for label in ec256 ec384 rsa2048; do
+	URI[$label]=$(json_key "$label" uri)
+	[ -n "${URI[$label]}" ] || bail_out "key $label listed"
+	REF[$label]=$T/$label.key.pem
+	check "export-key $label" p11a export-key "${URI[$label]}" --out "${REF[$label]}"
+done
+check "server certificate from the test CA" make_server_cert
+check "s_server a" start_tls_server a
+check "s_server b" start_tls_server b
+if [ -z "${PORT[a]:-}" ] || [ -z "${PORT[b]:-}" ]; then
+	bail_out "TLS servers running"
+fi
+
+# ------------------------------------------------------------ confirm = once
+n0=$(confirms)
+st=0
+curl2 ec256 "$T/curl.once" || st=$?
+if [ "$st" -eq 0 ] && saw_twice "$T/curl.once" ec256; then
+	ok "confirm once, yes: curl's two handshakes with ec256 complete"
+else
+	not_ok "confirm once, yes: curl's two handshakes with ec256 complete"
+	diag "curl exit status $st"
+	diag_file "$T/curl.once" 15
+fi
+is "$(($(confirms) - n0))" 1 "confirm once: one dialog for the two signatures of one program"
+d=$(last_dialog)
+case $d in
+CONFIRM*ec256*) ok "the confirm dialog names key ec256" ;;
+*) not_ok "the confirm dialog names key ec256"; diag "$d" ;;
+esac
+case $d in
+*curl*"(pid "[0-9]*) ok "the confirm dialog names the program (curl) and its pid" ;;
+*) not_ok "the confirm dialog names the program (curl) and its pid"; diag "$d" ;;
+esac
+sign ec256 "$T/sig.once2"
+rc_is 0 "confirm once: another program signs after its own yes"
+is "$(($(confirms) - n0))" 2 "confirm once: another program gets its own dialog"
+
+behave action=no
+sign ec256 "$T/sig.once.no"
+rc_is 1 "confirm once, no: the signature fails"
+stderr_has "refused" "and says the user refused it"
+if [ -s "$T/sig.once.no" ]; then
+	not_ok "confirm once, no: no signature written"
+else
+	ok "confirm once, no: no signature written"
+fi
+is "$(($(confirms) - n0))" 3 "confirm once, no: one dialog"
+
+# ------------------------------------------------------------ confirm = always
+behave action=yes
+n0=$(confirms)
+st=0
+curl2 ec384 "$T/curl.always" || st=$?
+if [ "$st" -eq 0 ] && saw_twice "$T/curl.always" ec384; then
+	ok "confirm always, yes: curl's two handshakes with ec384 complete"
+else
+	not_ok "confirm always, yes: curl's two handshakes with ec384 complete"
+	diag "curl exit status $st"
+	diag_file "$T/curl.always" 15
+fi
+is "$(($(confirms) - n0))" 2 "confirm always: a dialog for each of the two signatures"
+behave action=no
+sign ec384 "$T/sig.always.no"
+rc_is 1 "confirm always, no: the signature fails"
+stderr_has "refused" "and says the user refused it"
+if [ -s "$T/sig.always.no" ]; then
+	not_ok "confirm always, no: no signature written"
+else
+	ok "confirm always, no: no signature written"
+fi
+is "$(($(confirms) - n0))" 3 "confirm always, no: one dialog"
+
+# ------------------------------------------------------------ no confirm, no prompt
+n0=$(confirms)
+sign rsa2048 "$T/sig.plain"
+rc_is 0 "a key without confirm signs"
+is "$(($(confirms) - n0))" 0 "a key without confirm: no dialog"
+sign ec384 "$T/sig.noprompt" P11AGENT_NO_PROMPT=1
+rc_is 1 "P11AGENT_NO_PROMPT=1: a key with confirm = always does not sign"
+stderr_has "confirmation" "and says the key needs a confirmation"
+is "$(($(confirms) - n0))" 0 "P11AGENT_NO_PROMPT=1: no dialog"
+
+stop_agent
+is "$AGENT_RC" 0 "agent exits cleanly"
+done_testing
