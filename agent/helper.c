@@ -1072,6 +1072,18 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 		else
 			(void)ctrl_send_error(h, id, r, "out of memory");
 		break;
+	case P11A_MSG_H_CONTEXT_PIN:
+		log_debug("request %u: a context PIN for connection %llu", id,
+			  (unsigned long long)m.u.ctx_pin.conn);
+		r = token_ctxpin_add(m.u.ctx_pin.conn, m.u.ctx_pin.key_uri, m.u.ctx_pin.pin,
+				     m.u.ctx_pin.pin_len);
+		p11a_msg_clear(&m);     /* wipes the PIN */
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, r == -P11A_E_BUSY ? "too many context PINs "
+					      "wait for their signature" : p11a_strerror(r));
+		break;
 	case P11A_MSG_H_REFRESH:
 		log_debug("request %u: refresh", id);
 		p11a_msg_clear(&m);
@@ -1246,6 +1258,12 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 					   autolock_audit, h) > 0 &&
 			    refresh_and_push(h, 1) != 0)
 				break;
+			if (due < wake)
+				wake = due;
+		}
+		/* Context PINs nobody took are wiped when their time is up. */
+		{
+			int64_t due = token_ctxpin_sweep(now);
 			if (due < wake)
 				wake = due;
 		}

@@ -216,6 +216,19 @@ CK_RV tok_keys_read(struct token_module *m, CK_SESSION_HANDLE h, const CK_TOKEN_
 		    const char *token_uri, int private_visible, struct tok_key **out, size_t *count);
 void tok_keys_free(struct tok_key *keys, size_t n);
 
+/* ---------------------------------------------- ctxpin.c: context PINs */
+
+#define TOK_CTXPIN_MAX          64      /* PINs waiting for their signature at most */
+#define TOK_CTXPIN_TTL_MS       30000   /* one nobody takes is wiped after this */
+
+/*
+ * Takes the context PIN for (conn, key_uri): its slot (>= 0) with *pin
+ * pointing into locked memory, valid until tok_ctxpin_release(slot),
+ * which wipes it; -1 when there is none.
+ */
+int tok_ctxpin_take(uint64_t conn, const char *key_uri, const char **pin, size_t *pin_len);
+void tok_ctxpin_release(int slot);
+
 /* ---------------------------------------------- token.c: the module */
 
 /* Wakes the control thread (token_event_fd): a token may have changed. */
