@@ -66,6 +66,7 @@ struct dialog {
 	int forwarded;          /* a forwarding = confirm dialog (the client is forwarded) */
 	uint64_t started_us;    /* when it was asked for (audit) */
 	struct pinentry *pe;
+	int pad;                /* D_UNLOCK on a PIN pad: pe is the message, shown during C_Login */
 	int64_t abort_at;
 	struct waiter *w;
 	size_t nw;
@@ -311,6 +312,40 @@ program_text(const struct dialog *d, char *out, size_t size)
 		snprintf(out, size, "%s", d->exe ? d->exe : "an unknown program");
 }
 
+static void unlock_send(struct server *s, size_t di);
+
+/*
+ * A token with a protected authentication path (a PIN pad reader): the
+ * helper calls C_Login with a NULL PIN, which waits for the PIN typed on
+ * the reader's keypad, while a message (pinentry MESSAGE, one button, as
+ * gpg-agent's pinpad pop-up) tells the user so; the agent closes it when
+ * the login is over.  The message is decoration: a pinentry that cannot
+ * run does not stop the login.
+ */
+static void
+pad_open(struct server *s, size_t di, struct pinentry_req *req, const char *prog)
+{
+	struct dialog *d = &s->dialogs[di];
+	char desc[1200], msg[600];
+
+	snprintf(desc, sizeof(desc),
+		 "Please enter the PIN of token '%.200s'%s%.100s%s on the reader's keypad.\n\n"
+		 "Requested by %.400s.", d->label, d->serial && *d->serial ? " (serial " : "",
+		 d->serial && *d->serial ? d->serial : "", d->serial && *d->serial ? ")" : "", prog);
+	req->kind = PINENTRY_MESSAGE;
+	req->title = "p11agent: PIN pad";
+	req->desc = desc;
+	req->ok = "OK";
+	if (pinentry_start(req, s->wake_wr, &d->pe, msg, sizeof(msg)) != 0) {
+		log_warn("cannot show the PIN pad message for token '%s': %s", d->label, msg);
+		d->pe = NULL;
+	}
+	d->pad = 1;
+	log_info("token '%s' has a PIN pad: the PIN is typed on the reader (asked by %s)",
+		 d->label, prog);
+	unlock_send(s, di);
+}
+
 /* Opens the dialog of s->dialogs[di]; on failure its waiters are answered and it is gone. */
 static void
 dialog_open(struct server *s, size_t di)
@@ -336,6 +371,10 @@ dialog_open(struct server *s, size_t di)
 		if (n == 1 && (flags & P11A_TOKEN_LOGGED_IN)) {
 			/* Unlocked meanwhile (p11agent unlock): no dialog needed. */
 			dialog_finish(s, di, 0, NULL);
+			return;
+		}
+		if (flags & P11A_TOKEN_PROTECTED_PATH) {
+			pad_open(s, di, &req, prog);
 			return;
 		}
 		tp = tprompt_get(s, d->uri);
@@ -408,7 +447,7 @@ dialogs_run(struct server *s)
 	for (;;) {
 		size_t i, before = s->ndialogs;
 		for (i = 0; i < s->ndialogs; i++)
-			if (s->dialogs[i].stage == ST_OPEN)
+			if (s->dialogs[i].stage == ST_OPEN || s->dialogs[i].pad)
 				return;
 		for (i = 0; i < s->ndialogs; i++)
 			if (s->dialogs[i].stage == ST_QUEUED)
@@ -458,7 +497,12 @@ unlock_send(struct server *s, size_t di)
 	size_t len;
 	char what[600];
 
-	pin = pinentry_pin(d->pe, &len);
+	if (d->pad) {
+		pin = "";       /* an empty PIN on a PIN pad token: C_Login(NULL) */
+		len = 0;
+	} else {
+		pin = pinentry_pin(d->pe, &len);
+	}
 	if (h->fd < 0 || !h->up) {
 		snprintf(what, sizeof(what), "token helper for module %s is restarting; "
 			 "token '%s' was not unlocked", h->mod->name, d->label);
@@ -477,9 +521,11 @@ unlock_send(struct server *s, size_t di)
 	m.u.unlock.pin_len = len;
 	helper_send(s, d->helper, p->id, &m, -1);
 	p11a_wipe(&m, sizeof(m));
+	d->stage = ST_HELPER;
+	if (d->pad)
+		return;                         /* the message stays up during C_Login */
 	pinentry_free(d->pe);                   /* wipes the PIN's page */
 	d->pe = NULL;
-	d->stage = ST_HELPER;
 	log_info("PIN from the dialog sent for token '%s'", d->label);
 }
 
@@ -639,6 +685,8 @@ prompt_helper_reply(struct server *s, uint64_t id, int code, const char *msg)
 	if (di == SIZE_MAX)
 		return;
 	struct dialog *d = &s->dialogs[di];
+	if (d->pad && d->pe != NULL)
+		pinentry_abort(d->pe);          /* the login is over: close the message */
 	if (d->kind == D_CONTEXT_PIN) {
 		/* The helper holds the PIN; the client's retry spends it. */
 		struct tok_prompt *tp = tprompt_get(s, d->uri);
