@@ -749,8 +749,26 @@ section_setting(struct parse *p, const char *key, const char *val)
 		sec->pool_origin = p->at;
 		return 0;
 	}
-	return perr(p, "'%s' is not a [module] setting (init-args, session-pool); global "
-		    "settings go before the first section", key);
+	if (strcmp(key, "idle-lock") == 0 || strcmp(key, "pin-ttl") == 0) {
+		int idle = key[0] == 'i';
+		enum conf_setting s = idle ? SET_IDLE_LOCK : SET_PIN_TTL;
+		if (check_lock(p->cfg, s, key, &p->at) != 0)
+			return -1;
+		if (config_parse_duration(val, idle ? &sec->idle_lock_ms : &sec->pin_ttl_ms) != 0)
+			return perr(p, "%s must be off, 0, or a whole number of minutes, or of "
+				    "seconds, minutes or hours with s, m or h (\"90s\", \"5m\", "
+				    "\"1h\"; at most 168h), not '%s'", key, val);
+		if (idle) {
+			sec->has_idle_lock = 1;
+			sec->idle_origin = p->at;
+		} else {
+			sec->has_pin_ttl = 1;
+			sec->ttl_origin = p->at;
+		}
+		return 0;
+	}
+	return perr(p, "'%s' is not a [module] setting (init-args, session-pool, idle-lock, "
+		    "pin-ttl); global settings go before the first section", key);
 }
 
 static int
@@ -1133,6 +1151,10 @@ config_print(const struct agent_config *cfg, FILE *out)
 			print_value(out, "init-args", m->init_args, &m->init_origin, cfg, SET_MODULE);
 		snprintf(v, sizeof(v), "%d", m->session_pool);
 		print_value(out, "session-pool", v, &m->pool_origin, cfg, SET_SESSION_POOL);
+		config_format_duration(m->idle_lock_ms, v, sizeof(v));
+		print_value(out, "idle-lock", v, &m->idle_origin, cfg, SET_IDLE_LOCK);
+		config_format_duration(m->pin_ttl_ms, v, sizeof(v));
+		print_value(out, "pin-ttl", v, &m->ttl_origin, cfg, SET_PIN_TTL);
 	}
 	for (size_t i = 0; i < cfg->nkeysecs; i++) {
 		const struct conf_keysec *ks = &cfg->keysecs[i];

@@ -73,7 +73,9 @@ struct module_conf {
 	char *name;              /* short name for logs (p11-kit name or basename) */
 	char *init_args;         /* pReserved string for C_Initialize, or NULL */
 	int session_pool;        /* signing sessions per token at most, 1..CONFIG_POOL_MAX */
-	struct conf_origin origin, init_origin, pool_origin;
+	int64_t idle_lock_ms;    /* idle-lock for this module's tokens (global or [module]); 0 off */
+	int64_t pin_ttl_ms;      /* pin-ttl likewise */
+	struct conf_origin origin, init_origin, pool_origin, idle_origin, ttl_origin;
 };
 
 /* module-allow and module-skip lines. */
@@ -87,7 +89,9 @@ struct conf_section {
 	char *match;
 	char *init_args;         /* NULL = not set here */
 	int session_pool;        /* 0 = not set here */
-	struct conf_origin origin, init_origin, pool_origin;
+	int has_idle_lock, has_pin_ttl;
+	int64_t idle_lock_ms, pin_ttl_ms;
+	struct conf_origin origin, init_origin, pool_origin, idle_origin, ttl_origin;
 };
 
 /*

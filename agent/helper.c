@@ -1160,8 +1160,9 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	h->channels_max = channels_max_for_nofile();
 	h->per_conn_max = cfg->max_channels_per_connection;
 	h->per_pid_max = cfg->max_channels_per_process;
-	h->idle_lock_ms = cfg->idle_lock_ms;
-	h->pin_ttl_ms = cfg->pin_ttl_ms;
+	/* The module's own (a [module] section), else the global setting. */
+	h->idle_lock_ms = mod->idle_lock_ms;
+	h->pin_ttl_ms = mod->pin_ttl_ms;
 	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
