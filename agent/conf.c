@@ -36,6 +36,7 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
 	[SET_PINENTRY_PROGRAM] = "pinentry-program",
 	[SET_CONFIRM] = "confirm",
+	[SET_KEEP_CONTEXT_PIN] = "keep-context-pin",
 	[SET_AUDIT] = "audit",
 	[SET_AUDIT_RING] = "audit-ring",
 };
@@ -502,6 +503,7 @@ keysec_begin(struct parse *p, const char *arg)
 	l->tls_only = -1;
 	l->forwarding = -1;
 	l->confirm = -1;
+	l->keep_context_pin = -1;
 	l->origin = p->at;
 	p->keysec = (long)cfg->nkeysecs++;
 	p->section = -1;
@@ -688,8 +690,21 @@ keysec_setting(struct parse *p, const char *key, char *val)
 		return set_forwarding(p, &p->cfg->keysecs[p->keysec], val);
 	if (strcmp(key, "confirm") == 0)
 		return set_confirm(p, &p->cfg->keysecs[p->keysec], val);
+	if (strcmp(key, "keep-context-pin") == 0) {
+		struct conf_keysec *ks = &p->cfg->keysecs[p->keysec];
+		if (check_lock(p->cfg, SET_KEEP_CONTEXT_PIN, key, &p->at) != 0)
+			return -1;
+		if (strcmp(val, "yes") == 0)
+			ks->keep_context_pin = 1;
+		else if (strcmp(val, "no") == 0)
+			ks->keep_context_pin = 0;
+		else
+			return perr(p, "keep-context-pin must be yes or no, not '%s'", val);
+		ks->keep_origin = p->at;
+		return 0;
+	}
 	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, forwarding, "
-		    "confirm); global settings go before the first section", key);
+		    "confirm, keep-context-pin); global settings go before the first section", key);
 }
 
 static int
@@ -1170,6 +1185,9 @@ config_print(const struct agent_config *cfg, FILE *out)
 		if (ks->confirm >= 0)
 			print_value(out, "confirm", config_confirm_name(ks->confirm),
 				    &ks->confirm_origin, cfg, SET_CONFIRM);
+		if (ks->keep_context_pin >= 0)
+			print_value(out, "keep-context-pin", ks->keep_context_pin ? "yes" : "no",
+				    &ks->keep_origin, cfg, SET_KEEP_CONTEXT_PIN);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

@@ -57,6 +57,7 @@ enum conf_setting {
 	SET_AUDIT_RING,          /* audit-ring: events kept for `p11agent log` */
 	SET_PINENTRY_PROGRAM,    /* pinentry-program: the PIN and confirm dialog */
 	SET_CONFIRM,             /* confirm, globally and in [key] sections */
+	SET_KEEP_CONTEXT_PIN,    /* keep-context-pin, in [key] sections */
 	SET_COUNT
 };
 
@@ -128,8 +129,9 @@ struct conf_keysec {
 	int tls_only;            /* -1 = not set here, else 0/1 */
 	int forwarding;          /* -1 = not set here, else enum conf_forwarding */
 	int confirm;             /* -1 = not set here, else enum conf_confirm */
+	int keep_context_pin;    /* -1 = not set here, else 0/1 */
 	struct conf_programs programs;
-	struct conf_origin origin, tls_origin, fwd_origin, confirm_origin;
+	struct conf_origin origin, tls_origin, fwd_origin, confirm_origin, keep_origin;
 };
 
 /* A module that was found but is not used, and why (--print-config, status). */

@@ -1056,6 +1056,7 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 		log_debug("request %u: lock %s", id, m.u.lock.token_uri[0] ? m.u.lock.token_uri : "(all)");
 		r = token_lock(h->tm, m.u.lock.token_uri, msg, sizeof(msg));
 		p11a_msg_clear(&m);
+		token_ctxpin_forget(NULL);      /* keep-context-pin: wiped on lock */
 		(void)refresh_and_push(h, 1);
 		if (r == 0)
 			(void)ctrl_send_ok(h, id);
@@ -1255,9 +1256,11 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		if (h->idle_lock_ms > 0 || h->pin_ttl_ms > 0) {
 			int64_t due = INT64_MAX;
 
-			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due,
-					   autolock_audit, h) > 0 &&
-			    refresh_and_push(h, 1) != 0)
+			int locked = token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due,
+						    autolock_audit, h);
+			if (locked > 0)
+				token_ctxpin_forget(NULL);      /* keep-context-pin: wiped on lock */
+			if (locked > 0 && refresh_and_push(h, 1) != 0)
 				break;
 			if (due < wake)
 				wake = due;

@@ -8,6 +8,13 @@
  * page-aligned block locked in memory (best effort: RLIMIT_MEMLOCK may be
  * 0) and left out of core dumps; the URIs, which are no secret, live on
  * the heap.
+ *
+ * keep-context-pin: a PIN that signed is kept for its key (one per key,
+ * no TTL) in the same block, shared by concurrent signers (users), until
+ * the token is locked (token_ctxpin_forget from the helper's LOCK and
+ * automatic locks, or a SIGN that finds the token logged out) or the
+ * token refuses it once; one being used when it is forgotten is wiped by
+ * its last user.
  */
 #include "config.h"
 #include "token-int.h"
@@ -26,7 +33,9 @@ struct ctxpin_secret {
 };
 
 struct ctxpin_meta {
-	int used;                       /* 1 waiting, 2 taken (a signer holds it) */
+	int used;                       /* 1 waiting, 2 taken (a signer holds it), 3 kept */
+	int users;                      /* kept: signers using it now */
+	int doomed;                     /* kept: wipe when the last user is done */
 	uint64_t conn;
 	char *uri;
 	int64_t until;
@@ -107,7 +116,8 @@ token_ctxpin_add(uint64_t conn, const char *key_uri, const char *pin, size_t pin
 		free(u);
 		return -P11A_E_BUSY;
 	}
-	cp.meta[free_i] = (struct ctxpin_meta){ 1, conn, u, now + TOK_CTXPIN_TTL_MS };
+	cp.meta[free_i] = (struct ctxpin_meta){ .used = 1, .conn = conn, .uri = u,
+						.until = now + TOK_CTXPIN_TTL_MS };
 	memcpy(cp.sec[free_i].pin, pin, pin_len);
 	cp.sec[free_i].pin[pin_len] = '\0';
 	cp.sec[free_i].len = pin_len;
@@ -146,6 +156,77 @@ tok_ctxpin_release(int slot)
 	pthread_mutex_lock(&cp.lock);
 	if (cp.meta[slot].used == 2)
 		ctxpin_wipe((size_t)slot);
+	else if (cp.meta[slot].used == 3 && --cp.meta[slot].users <= 0 && cp.meta[slot].doomed)
+		ctxpin_wipe((size_t)slot);
+	pthread_mutex_unlock(&cp.lock);
+}
+
+/* Under cp.lock: the kept PIN in slot i goes now, or with its last user. */
+static void
+kept_forget(size_t i)
+{
+	if (cp.meta[i].users > 0)
+		cp.meta[i].doomed = 1;
+	else
+		ctxpin_wipe(i);
+}
+
+int
+tok_ctxpin_kept_take(const char *key_uri, const char **pin, size_t *pin_len)
+{
+	int r = -1;
+
+	*pin = NULL;
+	*pin_len = 0;
+	pthread_mutex_lock(&cp.lock);
+	for (size_t i = 0; cp.sec != NULL && i < TOK_CTXPIN_MAX; i++) {
+		struct ctxpin_meta *e = &cp.meta[i];
+		if (e->used == 3 && !e->doomed && strcmp(e->uri, key_uri) == 0) {
+			e->users++;
+			*pin = cp.sec[i].pin;
+			*pin_len = cp.sec[i].len;
+			r = (int)i;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&cp.lock);
+	return r;
+}
+
+void
+tok_ctxpin_keep(const char *key_uri, const char *pin, size_t pin_len)
+{
+	size_t i, free_i = TOK_CTXPIN_MAX;
+	char *u;
+
+	if (pin_len > P11A_PIN_MAX || (u = strdup(key_uri)) == NULL)
+		return;         /* not kept: the next signature asks */
+	pthread_mutex_lock(&cp.lock);
+	for (i = 0; cp.sec != NULL && i < TOK_CTXPIN_MAX; i++) {
+		if (cp.meta[i].used == 3 && !cp.meta[i].doomed && strcmp(cp.meta[i].uri, key_uri) == 0)
+			kept_forget(i);
+		if (cp.meta[i].used == 0 && free_i == TOK_CTXPIN_MAX)
+			free_i = i;
+	}
+	if (cp.sec == NULL || free_i == TOK_CTXPIN_MAX) {
+		pthread_mutex_unlock(&cp.lock);
+		free(u);
+		return;
+	}
+	cp.meta[free_i] = (struct ctxpin_meta){ .used = 3, .uri = u, .until = INT64_MAX };
+	memcpy(cp.sec[free_i].pin, pin, pin_len);
+	cp.sec[free_i].pin[pin_len] = '\0';
+	cp.sec[free_i].len = pin_len;
+	pthread_mutex_unlock(&cp.lock);
+}
+
+void
+token_ctxpin_forget(const char *key_uri)
+{
+	pthread_mutex_lock(&cp.lock);
+	for (size_t i = 0; cp.sec != NULL && i < TOK_CTXPIN_MAX; i++)
+		if (cp.meta[i].used == 3 && (key_uri == NULL || strcmp(cp.meta[i].uri, key_uri) == 0))
+			kept_forget(i);
 	pthread_mutex_unlock(&cp.lock);
 }
 

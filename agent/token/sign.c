@@ -39,6 +39,8 @@ struct sign_key {
 	const struct tok_programs *programs;    /* allow-programs; NULL any program */
 	uint8_t forwarding;             /* enum conf_forwarding */
 	uint8_t confirm;                /* enum conf_confirm */
+	uint8_t keep_ctx;               /* keep-context-pin */
+	uint32_t tok_flags;             /* the token's P11A_TOKEN_* at look-up */
 	char *uri;                      /* the key's URI in the inventory (confirm grants, context PINs) */
 };
 
@@ -60,6 +62,7 @@ struct pol_sec {
 	int programs_set;
 	struct tok_programs programs;
 	int forwarding;                 /* -1 not set in this section */
+	int keep_ctx;                   /* -1 not set in this section */
 };
 static struct {
 	int tls_only;                   /* the default */
@@ -112,6 +115,7 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 		policy.secs[i].tls_only = cfg->keysecs[i].tls_only;
 		policy.secs[i].forwarding = cfg->keysecs[i].forwarding;
 		policy.secs[i].confirm = cfg->keysecs[i].confirm;
+		policy.secs[i].keep_ctx = cfg->keysecs[i].keep_context_pin;
 		policy.secs[i].programs_set = cfg->keysecs[i].programs.set;
 		if (programs_from(&policy.secs[i].programs, &cfg->keysecs[i].programs) != 0) {
 			tok_set_msg(msg, msg_size, "out of memory");
@@ -134,12 +138,13 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 static void
 policy_resolve(const struct tok_slot *s, struct tok_key *k)
 {
-	int tls_only = policy.tls_only, fwd = policy.forwarding, confirm = policy.confirm;
+	int tls_only = policy.tls_only, fwd = policy.forwarding, confirm = policy.confirm, keep = 0;
 	const struct tok_programs *progs = policy.programs_set ? &policy.programs : NULL;
 
 	for (size_t i = 0; i < policy.nsecs; i++) {
 		const struct pol_sec *ps = &policy.secs[i];
-		if (ps->tls_only < 0 && !ps->programs_set && ps->forwarding < 0 && ps->confirm < 0)
+		if (ps->tls_only < 0 && !ps->programs_set && ps->forwarding < 0 && ps->confirm < 0 &&
+		    ps->keep_ctx < 0)
 			continue;
 		if (p11a_uri_match_key(ps->um, &s->tok, &k->k) != 1)
 			continue;
@@ -147,6 +152,8 @@ policy_resolve(const struct tok_slot *s, struct tok_key *k)
 			tls_only = ps->tls_only;
 		if (ps->confirm >= 0)
 			confirm = ps->confirm;
+		if (ps->keep_ctx >= 0)
+			keep = ps->keep_ctx;
 		if (ps->programs_set)
 			progs = &ps->programs;
 		if (ps->forwarding >= 0)
@@ -156,6 +163,7 @@ policy_resolve(const struct tok_slot *s, struct tok_key *k)
 	k->programs = progs;
 	k->forwarding = (uint8_t)fwd;
 	k->confirm = (uint8_t)confirm;
+	k->keep_ctx = (uint8_t)keep;
 }
 
 /*
@@ -381,6 +389,8 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 	sk->programs = found->programs;
 	sk->forwarding = found->forwarding;
 	sk->confirm = found->confirm;
+	sk->keep_ctx = found->keep_ctx;
+	sk->tok_flags = fs->tok.flags;
 	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
 	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
 	if (found->k.id_len > 0) {
@@ -788,7 +798,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	CK_RV rv = CKR_OK, prv;
 	const char *what = "C_Sign";
 	unsigned gen = 0;
-	int r, drop = 0, have_session = 0, is_copy = 0, listed = 0, ctx_slot = -1;
+	int r, drop = 0, have_session = 0, is_copy = 0, listed = 0, ctx_slot = -1, ctx_kept = 0;
 	struct ctx_login cl = { NULL, 0, CKR_OK };
 
 	*sig_len = 0;
@@ -837,6 +847,8 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		}
 	}
 	if (!sk.present) {
+		if (sk.keep_ctx && sk.uri != NULL)
+			token_ctxpin_forget(sk.uri);
 		tok_set_msg(msg, msg_size, "token '%s' is not present", sk.token_label);
 		r = -P11A_E_TOKEN_NOT_PRESENT;
 		goto out;
@@ -862,9 +874,17 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	 * CKA_ALWAYS_AUTHENTICATE: the PIN the user typed for this signature
 	 * (CONTEXT_PIN, H_CONTEXT_PIN), taken now and wiped at the end.
 	 */
+	if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && !sk.logged_in && sk.keep_ctx && sk.uri != NULL)
+		token_ctxpin_forget(sk.uri);    /* locked meanwhile: a kept PIN goes */
 	if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && sk.logged_in) {
-		if (peer == NULL || sk.uri == NULL ||
-		    (ctx_slot = tok_ctxpin_take(peer->conn, sk.uri, &cl.pin, &cl.len)) < 0) {
+		if (peer != NULL && sk.uri != NULL)
+			ctx_slot = tok_ctxpin_take(peer->conn, sk.uri, &cl.pin, &cl.len);
+		/* keep-context-pin: not while the token reports few tries left. */
+		if (ctx_slot < 0 && sk.keep_ctx && sk.uri != NULL &&
+		    !(sk.tok_flags & (P11A_TOKEN_PIN_COUNT_LOW | P11A_TOKEN_PIN_FINAL_TRY)) &&
+		    (ctx_slot = tok_ctxpin_kept_take(sk.uri, &cl.pin, &cl.len)) >= 0)
+			ctx_kept = 1;
+		if (ctx_slot < 0) {
 			tok_set_msg(msg, msg_size, "key '%s' on token '%s' needs its PIN for each "
 				    "signature (CKA_ALWAYS_AUTHENTICATE)", sk.label, sk.token_label);
 			r = -P11A_E_CONTEXT_PIN;
@@ -967,6 +987,12 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	}
 	if (r != 0)
 		goto out;
+	if (ctx_slot >= 0 && sk.keep_ctx && sk.uri != NULL) {
+		if (rv == CKR_OK && !ctx_kept)
+			tok_ctxpin_keep(sk.uri, cl.pin, cl.len);
+		else if (cl.failed != CKR_OK)
+			token_ctxpin_forget(sk.uri);    /* a refused kept PIN is not tried again */
+	}
 
 	switch (rv) {
 	case CKR_OK:

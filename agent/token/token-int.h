@@ -60,6 +60,7 @@ struct tok_key {
 	const struct tok_programs *programs;    /* its allow-programs, NULL any (with policy) */
 	uint8_t forwarding;             /* enum conf_forwarding, resolved with policy */
 	uint8_t confirm;                /* enum conf_confirm, resolved with policy */
+	uint8_t keep_ctx;               /* keep-context-pin, resolved with policy */
 };
 
 /* An allow-programs list (sign.c; lives as long as the process). */
@@ -228,6 +229,12 @@ void tok_keys_free(struct tok_key *keys, size_t n);
  */
 int tok_ctxpin_take(uint64_t conn, const char *key_uri, const char **pin, size_t *pin_len);
 void tok_ctxpin_release(int slot);
+/*
+ * keep-context-pin: the kept PIN of key_uri (a slot as tok_ctxpin_take,
+ * shared by concurrent signers; -1 none), and keeping one that signed.
+ */
+int tok_ctxpin_kept_take(const char *key_uri, const char **pin, size_t *pin_len);
+void tok_ctxpin_keep(const char *key_uri, const char *pin, size_t pin_len);
 
 /* ---------------------------------------------- token.c: the module */
 

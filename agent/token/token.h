@@ -170,6 +170,8 @@ int token_grant_add(uint64_t conn, const char *key_uri);
  * -P11A_E_NOMEM, -P11A_E_BUSY (64 PINs already wait), -P11A_E_PIN_INVALID.
  */
 int token_ctxpin_add(uint64_t conn, const char *key_uri, const char *pin, size_t pin_len);
+/* keep-context-pin: wipes the kept PIN of key_uri, or every kept PIN (NULL): on a lock. */
+void token_ctxpin_forget(const char *key_uri);
 /* Wipes the context PINs past their time; the next one's deadline (INT64_MAX none). */
 int64_t token_ctxpin_sweep(int64_t now);
 

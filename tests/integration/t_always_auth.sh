@@ -189,4 +189,47 @@ is "$(pin_events)" 6 "p11agent log: a pin-dialog event per context PIN dialog"
 file_lacks "$AGENT_LOG" "99999999" "the wrong PIN is nowhere in the agent's log"
 stop_agent
 is "$AGENT_RC" 0 "agent exits cleanly"
+
+# ------------------------------------------------------------ keep-context-pin
+# The administrator lets the agent keep the PIN of aa256: one dialog, then
+# none until the token is locked; not used while the token reports few tries.
+cp "$T/agent.conf" "$T/keep.conf"
+printf '\n[key pkcs11:object=aa256]\nkeep-context-pin yes\n' >>"$T/keep.conf"
+run "$P11AGENTD" --config "$T/keep.conf" --print-config
+stdout_has "keep-context-pin yes" "--print-config shows keep-context-pin"
+check "agent starts with keep-context-pin yes for aa256" start_agent --config "$T/keep.conf"
+check "unlock" p11a unlock --token "pkcs11:token=$TOKEN_LABEL" --pin-file "$T/pin"
+n0=$(dialogs)
+c0=$(calls C_Login:context)
+sign "$AA" "$T/keep1"
+rc_is 0 "keep-context-pin: the first signature signs after a dialog"
+sign "$AA" "$T/keep2"
+rc_is 0 "keep-context-pin: the second signature signs"
+is "$(($(dialogs) - n0))" 1 "keep-context-pin: one dialog for two signatures"
+is "$(calls C_Login:context)" "$((c0 + 2))" "keep-context-pin: a context login per signature"
+if openssl dgst -sha256 -verify "$T/aa.pub.pem" -signature "$T/keep2" "$T/msg" >/dev/null 2>&1; then
+	ok "keep-context-pin: the signature with the kept PIN verifies"
+else
+	not_ok "keep-context-pin: the signature with the kept PIN verifies"
+fi
+printf '%s\n' "pinflags=count_low" >"$CTL"
+count_low() {
+	list_json 2>/dev/null && [ "$(json_token pin_count_low)" = true ]
+}
+if wait_for "the agent sees the token report PIN count low" 15 count_low; then
+	ok "the agent sees the token report PIN count low"
+fi
+n0=$(dialogs)
+sign "$AA" "$T/keep3"
+rc_is 0 "keep-context-pin, PIN count low: the signature signs"
+is "$(($(dialogs) - n0))" 1 "keep-context-pin, PIN count low: the kept PIN is not used (a dialog)"
+: >"$CTL"
+check "lock" p11a lock
+check "unlock" p11a unlock --token "pkcs11:token=$TOKEN_LABEL" --pin-file "$T/pin"
+n0=$(dialogs)
+sign "$AA" "$T/keep4"
+rc_is 0 "keep-context-pin after a lock: the signature signs"
+is "$(($(dialogs) - n0))" 1 "keep-context-pin: the lock wiped the kept PIN (a dialog again)"
+stop_agent
+is "$AGENT_RC" 0 "agent exits cleanly (keep-context-pin)"
 done_testing
