@@ -111,8 +111,9 @@ int p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n);
  * (LOCKED) makes it ask the agent for a PIN dialog (UNLOCK_PROMPT) and a
  * key that needs a yes (NOT_CONFIRMED) for a confirm dialog (CONFIRM),
  * and a key that wants its PIN for every signature (error CONTEXT_PIN)
- * for a PIN dialog (CONTEXT_PIN), each at most once, and sign again; not when P11AGENT_NO_PROMPT is set
- * (to anything but "" or "0") or the agent is older than version 3.
+ * for a PIN dialog (CONTEXT_PIN), each at most once, and sign again;
+ * not when P11AGENT_NO_PROMPT is set (to anything but "" or "0") or the
+ * agent is older than version 3.
  */
 int p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		     uint8_t **sig, size_t *sig_len);
