@@ -36,6 +36,7 @@ static const char *const setting_names[SET_COUNT] = {
 	[SET_LOCK_ON_SCREEN_LOCK] = "lock-on-screen-lock",
 	[SET_PINENTRY_PROGRAM] = "pinentry-program",
 	[SET_CONFIRM] = "confirm",
+	[SET_KEEP_CONTEXT_PIN] = "keep-context-pin",
 	[SET_AUDIT] = "audit",
 	[SET_AUDIT_RING] = "audit-ring",
 };
@@ -502,6 +503,7 @@ keysec_begin(struct parse *p, const char *arg)
 	l->tls_only = -1;
 	l->forwarding = -1;
 	l->confirm = -1;
+	l->keep_context_pin = -1;
 	l->origin = p->at;
 	p->keysec = (long)cfg->nkeysecs++;
 	p->section = -1;
@@ -688,8 +690,21 @@ keysec_setting(struct parse *p, const char *key, char *val)
 		return set_forwarding(p, &p->cfg->keysecs[p->keysec], val);
 	if (strcmp(key, "confirm") == 0)
 		return set_confirm(p, &p->cfg->keysecs[p->keysec], val);
+	if (strcmp(key, "keep-context-pin") == 0) {
+		struct conf_keysec *ks = &p->cfg->keysecs[p->keysec];
+		if (check_lock(p->cfg, SET_KEEP_CONTEXT_PIN, key, &p->at) != 0)
+			return -1;
+		if (strcmp(val, "yes") == 0)
+			ks->keep_context_pin = 1;
+		else if (strcmp(val, "no") == 0)
+			ks->keep_context_pin = 0;
+		else
+			return perr(p, "keep-context-pin must be yes or no, not '%s'", val);
+		ks->keep_origin = p->at;
+		return 0;
+	}
 	return perr(p, "'%s' is not a [key] setting (tls-only, allow-programs, forwarding, "
-		    "confirm); global settings go before the first section", key);
+		    "confirm, keep-context-pin); global settings go before the first section", key);
 }
 
 static int
@@ -749,8 +764,26 @@ section_setting(struct parse *p, const char *key, const char *val)
 		sec->pool_origin = p->at;
 		return 0;
 	}
-	return perr(p, "'%s' is not a [module] setting (init-args, session-pool); global "
-		    "settings go before the first section", key);
+	if (strcmp(key, "idle-lock") == 0 || strcmp(key, "pin-ttl") == 0) {
+		int idle = key[0] == 'i';
+		enum conf_setting s = idle ? SET_IDLE_LOCK : SET_PIN_TTL;
+		if (check_lock(p->cfg, s, key, &p->at) != 0)
+			return -1;
+		if (config_parse_duration(val, idle ? &sec->idle_lock_ms : &sec->pin_ttl_ms) != 0)
+			return perr(p, "%s must be off, 0, or a whole number of minutes, or of "
+				    "seconds, minutes or hours with s, m or h (\"90s\", \"5m\", "
+				    "\"1h\"; at most 168h), not '%s'", key, val);
+		if (idle) {
+			sec->has_idle_lock = 1;
+			sec->idle_origin = p->at;
+		} else {
+			sec->has_pin_ttl = 1;
+			sec->ttl_origin = p->at;
+		}
+		return 0;
+	}
+	return perr(p, "'%s' is not a [module] setting (init-args, session-pool, idle-lock, "
+		    "pin-ttl); global settings go before the first section", key);
 }
 
 static int
@@ -1133,6 +1166,10 @@ config_print(const struct agent_config *cfg, FILE *out)
 			print_value(out, "init-args", m->init_args, &m->init_origin, cfg, SET_MODULE);
 		snprintf(v, sizeof(v), "%d", m->session_pool);
 		print_value(out, "session-pool", v, &m->pool_origin, cfg, SET_SESSION_POOL);
+		config_format_duration(m->idle_lock_ms, v, sizeof(v));
+		print_value(out, "idle-lock", v, &m->idle_origin, cfg, SET_IDLE_LOCK);
+		config_format_duration(m->pin_ttl_ms, v, sizeof(v));
+		print_value(out, "pin-ttl", v, &m->ttl_origin, cfg, SET_PIN_TTL);
 	}
 	for (size_t i = 0; i < cfg->nkeysecs; i++) {
 		const struct conf_keysec *ks = &cfg->keysecs[i];
@@ -1148,6 +1185,9 @@ config_print(const struct agent_config *cfg, FILE *out)
 		if (ks->confirm >= 0)
 			print_value(out, "confirm", config_confirm_name(ks->confirm),
 				    &ks->confirm_origin, cfg, SET_CONFIRM);
+		if (ks->keep_context_pin >= 0)
+			print_value(out, "keep-context-pin", ks->keep_context_pin ? "yes" : "no",
+				    &ks->keep_origin, cfg, SET_KEEP_CONTEXT_PIN);
 	}
 	for (size_t i = 0; i < cfg->ndropped; i++) {
 		char where[PATH_MAX + 64];

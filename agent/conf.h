@@ -57,6 +57,7 @@ enum conf_setting {
 	SET_AUDIT_RING,          /* audit-ring: events kept for `p11agent log` */
 	SET_PINENTRY_PROGRAM,    /* pinentry-program: the PIN and confirm dialog */
 	SET_CONFIRM,             /* confirm, globally and in [key] sections */
+	SET_KEEP_CONTEXT_PIN,    /* keep-context-pin, in [key] sections */
 	SET_COUNT
 };
 
@@ -73,7 +74,9 @@ struct module_conf {
 	char *name;              /* short name for logs (p11-kit name or basename) */
 	char *init_args;         /* pReserved string for C_Initialize, or NULL */
 	int session_pool;        /* signing sessions per token at most, 1..CONFIG_POOL_MAX */
-	struct conf_origin origin, init_origin, pool_origin;
+	int64_t idle_lock_ms;    /* idle-lock for this module's tokens (global or [module]); 0 off */
+	int64_t pin_ttl_ms;      /* pin-ttl likewise */
+	struct conf_origin origin, init_origin, pool_origin, idle_origin, ttl_origin;
 };
 
 /* module-allow and module-skip lines. */
@@ -87,7 +90,9 @@ struct conf_section {
 	char *match;
 	char *init_args;         /* NULL = not set here */
 	int session_pool;        /* 0 = not set here */
-	struct conf_origin origin, init_origin, pool_origin;
+	int has_idle_lock, has_pin_ttl;
+	int64_t idle_lock_ms, pin_ttl_ms;
+	struct conf_origin origin, init_origin, pool_origin, idle_origin, ttl_origin;
 };
 
 /*
@@ -124,8 +129,9 @@ struct conf_keysec {
 	int tls_only;            /* -1 = not set here, else 0/1 */
 	int forwarding;          /* -1 = not set here, else enum conf_forwarding */
 	int confirm;             /* -1 = not set here, else enum conf_confirm */
+	int keep_context_pin;    /* -1 = not set here, else 0/1 */
 	struct conf_programs programs;
-	struct conf_origin origin, tls_origin, fwd_origin, confirm_origin;
+	struct conf_origin origin, tls_origin, fwd_origin, confirm_origin, keep_origin;
 };
 
 /* A module that was found but is not used, and why (--print-config, status). */

@@ -860,6 +860,7 @@ client_request(struct server *s, size_t ci)
 	case P11A_MSG_SIGN:
 	case P11A_MSG_UNLOCK_PROMPT:
 	case P11A_MSG_CONFIRM:
+	case P11A_MSG_CONTEXT_PIN:
 		/*
 		 * These need the inventory: right after start-up (or a helper
 		 * restart) wait for the helpers to report rather than answer
@@ -926,6 +927,7 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 		break;
 	case P11A_MSG_UNLOCK_PROMPT:
 	case P11A_MSG_CONFIRM:
+	case P11A_MSG_CONTEXT_PIN:
 	case P11A_MSG_UPDATE_ENV:
 		if (s->clients[ci].version < 3)
 			send_error(s, ci, P11A_E_UNKNOWN_TYPE,
@@ -934,6 +936,8 @@ client_dispatch(struct server *s, size_t ci, struct p11a_msg *req)
 			handle_unlock_prompt(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
 		else if (m.type == P11A_MSG_CONFIRM)
 			handle_confirm(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
+		else if (m.type == P11A_MSG_CONTEXT_PIN)
+			handle_context_pin(s, ci, m.u.prompt.uri ? m.u.prompt.uri : "");
 		else
 			handle_update_env(s, ci, &m.u.env);
 		break;

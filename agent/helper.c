@@ -1056,6 +1056,7 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 		log_debug("request %u: lock %s", id, m.u.lock.token_uri[0] ? m.u.lock.token_uri : "(all)");
 		r = token_lock(h->tm, m.u.lock.token_uri, msg, sizeof(msg));
 		p11a_msg_clear(&m);
+		token_ctxpin_forget(NULL);      /* keep-context-pin: wiped on lock */
 		(void)refresh_and_push(h, 1);
 		if (r == 0)
 			(void)ctrl_send_ok(h, id);
@@ -1071,6 +1072,18 @@ ctrl_handle(struct helper *h, struct p11a_frame_in *cin)
 			(void)ctrl_send_ok(h, id);
 		else
 			(void)ctrl_send_error(h, id, r, "out of memory");
+		break;
+	case P11A_MSG_H_CONTEXT_PIN:
+		log_debug("request %u: a context PIN for connection %llu", id,
+			  (unsigned long long)m.u.ctx_pin.conn);
+		r = token_ctxpin_add(m.u.ctx_pin.conn, m.u.ctx_pin.key_uri, m.u.ctx_pin.pin,
+				     m.u.ctx_pin.pin_len);
+		p11a_msg_clear(&m);     /* wipes the PIN */
+		if (r == 0)
+			(void)ctrl_send_ok(h, id);
+		else
+			(void)ctrl_send_error(h, id, r, r == -P11A_E_BUSY ? "too many context PINs "
+					      "wait for their signature" : p11a_strerror(r));
 		break;
 	case P11A_MSG_H_REFRESH:
 		log_debug("request %u: refresh", id);
@@ -1148,8 +1161,9 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 	h->channels_max = channels_max_for_nofile();
 	h->per_conn_max = cfg->max_channels_per_connection;
 	h->per_pid_max = cfg->max_channels_per_process;
-	h->idle_lock_ms = cfg->idle_lock_ms;
-	h->pin_ttl_ms = cfg->pin_ttl_ms;
+	/* The module's own (a [module] section), else the global setting. */
+	h->idle_lock_ms = mod->idle_lock_ms;
+	h->pin_ttl_ms = mod->pin_ttl_ms;
 	log_debug("module %s: up to %d signing channels, %d per connection, %d per process",
 		  h->name, h->channels_max, h->per_conn_max, h->per_pid_max);
 	atomic_init(&h->channels, 0);
@@ -1244,10 +1258,18 @@ helper_main(const struct module_conf *mod, int ctrl_fd, const struct agent_confi
 		if (h->idle_lock_ms > 0 || h->pin_ttl_ms > 0) {
 			int64_t due = INT64_MAX;
 
-			if (token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due,
-					   autolock_audit, h) > 0 &&
-			    refresh_and_push(h, 1) != 0)
+			int locked = token_autolock(h->tm, now, h->idle_lock_ms, h->pin_ttl_ms, &due,
+						    autolock_audit, h);
+			if (locked > 0)
+				token_ctxpin_forget(NULL);      /* keep-context-pin: wiped on lock */
+			if (locked > 0 && refresh_and_push(h, 1) != 0)
 				break;
+			if (due < wake)
+				wake = due;
+		}
+		/* Context PINs nobody took are wiped when their time is up. */
+		{
+			int64_t due = token_ctxpin_sweep(now);
 			if (due < wake)
 				wake = due;
 		}

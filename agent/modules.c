@@ -180,6 +180,10 @@ apply_sections(struct agent_config *cfg, struct module_conf *m)
 {
 	m->session_pool = cfg->session_pool;
 	m->pool_origin = cfg->origin[SET_SESSION_POOL];
+	m->idle_lock_ms = cfg->idle_lock_ms;
+	m->idle_origin = cfg->origin[SET_IDLE_LOCK];
+	m->pin_ttl_ms = cfg->pin_ttl_ms;
+	m->ttl_origin = cfg->origin[SET_PIN_TTL];
 	for (size_t k = 0; k < cfg->nsections; k++) {
 		const struct conf_section *sec = &cfg->sections[k];
 		if (!names_module(sec->match, m, m->load_path))
@@ -193,6 +197,14 @@ apply_sections(struct agent_config *cfg, struct module_conf *m)
 		if (sec->session_pool && rank(sec->pool_origin.layer) >= rank(m->pool_origin.layer)) {
 			m->session_pool = sec->session_pool;
 			m->pool_origin = sec->pool_origin;
+		}
+		if (sec->has_idle_lock && rank(sec->idle_origin.layer) >= rank(m->idle_origin.layer)) {
+			m->idle_lock_ms = sec->idle_lock_ms;
+			m->idle_origin = sec->idle_origin;
+		}
+		if (sec->has_pin_ttl && rank(sec->ttl_origin.layer) >= rank(m->ttl_origin.layer)) {
+			m->pin_ttl_ms = sec->pin_ttl_ms;
+			m->ttl_origin = sec->ttl_origin;
 		}
 	}
 	return 0;

@@ -252,6 +252,8 @@ converse(struct pinentry *p)
 		goto failed;
 	if (p->kind == PINENTRY_GETPIN)
 		e = assuan_transact(ctx, "GETPIN", pin_data, p, NULL, NULL, NULL, NULL);
+	else if (p->kind == PINENTRY_MESSAGE)
+		e = assuan_transact(ctx, "MESSAGE", NULL, NULL, NULL, NULL, NULL, NULL);
 	else
 		e = assuan_transact(ctx, "CONFIRM", NULL, NULL, NULL, NULL, NULL, NULL);
 	if (e == 0 && p->pin_too_long) {

@@ -18,7 +18,8 @@
 
 enum pinentry_kind {
 	PINENTRY_GETPIN,
-	PINENTRY_CONFIRM
+	PINENTRY_CONFIRM,
+	PINENTRY_MESSAGE         /* MESSAGE: one button (a PIN pad's "use the keypad") */
 };
 
 enum pinentry_result {

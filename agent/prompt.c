@@ -13,6 +13,11 @@
  * answers every waiter CANCELLED and starts a back-off (2 s doubling to
  * 60 s, reset by a successful unlock) during which new requests for that
  * token are refused at once, so a looping client cannot flood the screen.
+ *
+ * CONTEXT_PIN (CKA_ALWAYS_AUTHENTICATE keys) shows a PIN dialog per
+ * signature; its PIN goes to the key's helper as H_CONTEXT_PIN, a
+ * one-shot PIN for that connection and key, and is wiped here.  A cancel
+ * starts the same back-off, per key.
  */
 #include "config.h"
 #include "server_int.h"
@@ -36,7 +41,7 @@
 #define DIALOG_GRACE_MS     5000        /* past the pinentry's own timeout: SIGKILL */
 #define GRANTS_MAX          1024
 
-enum dkind { D_UNLOCK, D_CONFIRM_ONCE, D_CONFIRM_ALWAYS };
+enum dkind { D_UNLOCK, D_CONFIRM_ONCE, D_CONFIRM_ALWAYS, D_CONTEXT_PIN };
 enum dstage { ST_QUEUED, ST_OPEN, ST_HELPER };
 
 struct waiter {
@@ -50,17 +55,18 @@ struct dialog {
 	enum dkind kind;
 	enum dstage stage;
 	size_t helper;
-	char *uri;              /* D_UNLOCK: the token's URI; confirm: the key's */
+	char *uri;              /* D_UNLOCK: the token's URI; confirm, context PIN: the key's */
 	char *label;            /* the token's or key's label, for messages */
 	char *serial;           /* the token's serial (D_UNLOCK) */
-	char *token_label;      /* the key's token (confirm) */
+	char *token_label;      /* the key's token (confirm, context PIN) */
 	pid_t pid;              /* the process that asked first */
 	uint64_t start;
 	char *exe;
-	uint64_t conn;          /* D_CONFIRM_ALWAYS: the connection the grant is for */
+	uint64_t conn;          /* D_CONFIRM_ALWAYS, D_CONTEXT_PIN: the connection the grant is for */
 	int forwarded;          /* a forwarding = confirm dialog (the client is forwarded) */
 	uint64_t started_us;    /* when it was asked for (audit) */
 	struct pinentry *pe;
+	int pad;                /* D_UNLOCK on a PIN pad: pe is the message, shown during C_Login */
 	int64_t abort_at;
 	struct waiter *w;
 	size_t nw;
@@ -222,7 +228,8 @@ dialog_finish(struct server *s, size_t di, int code, const char *msg)
 
 		memset(&e, 0, sizeof(e));
 		e.time_us = now;
-		e.kind = d->kind == D_UNLOCK ? P11A_EV_PIN_DIALOG : P11A_EV_CONFIRM;
+		e.kind = d->kind == D_UNLOCK || d->kind == D_CONTEXT_PIN ? P11A_EV_PIN_DIALOG :
+			 P11A_EV_CONFIRM;
 		e.uri = d->uri;
 		e.pid = d->pid > 0 ? (uint32_t)d->pid : 0;
 		e.uid = (uint32_t)s->uid;
@@ -305,6 +312,40 @@ program_text(const struct dialog *d, char *out, size_t size)
 		snprintf(out, size, "%s", d->exe ? d->exe : "an unknown program");
 }
 
+static void unlock_send(struct server *s, size_t di);
+
+/*
+ * A token with a protected authentication path (a PIN pad reader): the
+ * helper calls C_Login with a NULL PIN, which waits for the PIN typed on
+ * the reader's keypad, while a message (pinentry MESSAGE, one button, as
+ * gpg-agent's pinpad pop-up) tells the user so; the agent closes it when
+ * the login is over.  The message is decoration: a pinentry that cannot
+ * run does not stop the login.
+ */
+static void
+pad_open(struct server *s, size_t di, struct pinentry_req *req, const char *prog)
+{
+	struct dialog *d = &s->dialogs[di];
+	char desc[1200], msg[600];
+
+	snprintf(desc, sizeof(desc),
+		 "Please enter the PIN of token '%.200s'%s%.100s%s on the reader's keypad.\n\n"
+		 "Requested by %.400s.", d->label, d->serial && *d->serial ? " (serial " : "",
+		 d->serial && *d->serial ? d->serial : "", d->serial && *d->serial ? ")" : "", prog);
+	req->kind = PINENTRY_MESSAGE;
+	req->title = "p11agent: PIN pad";
+	req->desc = desc;
+	req->ok = "OK";
+	if (pinentry_start(req, s->wake_wr, &d->pe, msg, sizeof(msg)) != 0) {
+		log_warn("cannot show the PIN pad message for token '%s': %s", d->label, msg);
+		d->pe = NULL;
+	}
+	d->pad = 1;
+	log_info("token '%s' has a PIN pad: the PIN is typed on the reader (asked by %s)",
+		 d->label, prog);
+	unlock_send(s, di);
+}
+
 /* Opens the dialog of s->dialogs[di]; on failure its waiters are answered and it is gone. */
 static void
 dialog_open(struct server *s, size_t di)
@@ -332,6 +373,10 @@ dialog_open(struct server *s, size_t di)
 			dialog_finish(s, di, 0, NULL);
 			return;
 		}
+		if (flags & P11A_TOKEN_PROTECTED_PATH) {
+			pad_open(s, di, &req, prog);
+			return;
+		}
 		tp = tprompt_get(s, d->uri);
 		snprintf(desc, sizeof(desc),
 			 "Please enter the PIN of token '%.200s'%s%.100s%s.\n\nRequested by %.400s.%s",
@@ -348,6 +393,20 @@ dialog_open(struct server *s, size_t di)
 			snprintf(err, sizeof(err), "%s", tp->err);
 		req.kind = PINENTRY_GETPIN;
 		req.title = "p11agent: PIN";
+		req.desc = desc;
+		req.prompt = "PIN:";
+		req.error = err[0] ? err : NULL;
+	} else if (d->kind == D_CONTEXT_PIN) {
+		tp = tprompt_get(s, d->uri);
+		snprintf(desc, sizeof(desc),
+			 "Please enter the PIN for one signature with key '%.200s' on token '%.200s'.\n\n"
+			 "Requested by %.400s.\n\nThis key asks for the PIN before every signature.",
+			 d->label, d->token_label ? d->token_label : "", prog);
+		err[0] = '\0';
+		if (tp != NULL && tp->err[0])
+			snprintf(err, sizeof(err), "%s", tp->err);
+		req.kind = PINENTRY_GETPIN;
+		req.title = "p11agent: PIN for a signature";
 		req.desc = desc;
 		req.prompt = "PIN:";
 		req.error = err[0] ? err : NULL;
@@ -370,14 +429,15 @@ dialog_open(struct server *s, size_t di)
 	if (pinentry_start(&req, s->wake_wr, &d->pe, msg, sizeof(msg)) != 0) {
 		char text[800];
 		snprintf(text, sizeof(text), "cannot show a dialog: %s", msg);
-		dialog_finish(s, di, d->kind == D_UNLOCK ? P11A_E_LOCKED : P11A_E_NOT_CONFIRMED, text);
+		dialog_finish(s, di, d->kind == D_UNLOCK ? P11A_E_LOCKED :
+			      d->kind == D_CONTEXT_PIN ? P11A_E_CONTEXT_PIN : P11A_E_NOT_CONFIRMED, text);
 		return;
 	}
 	d->stage = ST_OPEN;
 	d->abort_at = p11a_now_ms() + P11A_PROMPT_TIMEOUT_MS + DIALOG_GRACE_MS;
 	log_info("%s dialog for %s '%s' shown (asked by %s)",
-		 d->kind == D_UNLOCK ? "PIN" : "confirm", d->kind == D_UNLOCK ? "token" : "key",
-		 d->label, prog);
+		 d->kind == D_UNLOCK ? "PIN" : d->kind == D_CONTEXT_PIN ? "signature PIN" : "confirm",
+		 d->kind == D_UNLOCK ? "token" : "key", d->label, prog);
 }
 
 /* Opens the oldest queued dialog when none is open. */
@@ -387,7 +447,7 @@ dialogs_run(struct server *s)
 	for (;;) {
 		size_t i, before = s->ndialogs;
 		for (i = 0; i < s->ndialogs; i++)
-			if (s->dialogs[i].stage == ST_OPEN)
+			if (s->dialogs[i].stage == ST_OPEN || s->dialogs[i].pad)
 				return;
 		for (i = 0; i < s->ndialogs; i++)
 			if (s->dialogs[i].stage == ST_QUEUED)
@@ -415,9 +475,13 @@ unlock_cancelled(struct server *s, size_t di)
 			tp->backoff_ms = BACKOFF_MAX_MS;
 		tp->until = p11a_now_ms() + tp->backoff_ms;
 	}
-	snprintf(text, sizeof(text), "PIN entry cancelled: token '%s' stays locked", d->label);
-	log_info("PIN dialog for token '%s' cancelled; no new dialog for %d s", d->label,
-		 tp ? tp->backoff_ms / 1000 : 0);
+	if (d->kind == D_CONTEXT_PIN)
+		snprintf(text, sizeof(text), "PIN entry cancelled: no signature with key '%s'",
+			 d->label);
+	else
+		snprintf(text, sizeof(text), "PIN entry cancelled: token '%s' stays locked", d->label);
+	log_info("PIN dialog for %s '%s' cancelled; no new dialog for %d s",
+		 d->kind == D_CONTEXT_PIN ? "key" : "token", d->label, tp ? tp->backoff_ms / 1000 : 0);
 	dialog_finish(s, di, P11A_E_CANCELLED, text);
 }
 
@@ -433,7 +497,12 @@ unlock_send(struct server *s, size_t di)
 	size_t len;
 	char what[600];
 
-	pin = pinentry_pin(d->pe, &len);
+	if (d->pad) {
+		pin = "";       /* an empty PIN on a PIN pad token: C_Login(NULL) */
+		len = 0;
+	} else {
+		pin = pinentry_pin(d->pe, &len);
+	}
 	if (h->fd < 0 || !h->up) {
 		snprintf(what, sizeof(what), "token helper for module %s is restarting; "
 			 "token '%s' was not unlocked", h->mod->name, d->label);
@@ -452,10 +521,49 @@ unlock_send(struct server *s, size_t di)
 	m.u.unlock.pin_len = len;
 	helper_send(s, d->helper, p->id, &m, -1);
 	p11a_wipe(&m, sizeof(m));
+	d->stage = ST_HELPER;
+	if (d->pad)
+		return;                         /* the message stays up during C_Login */
+	pinentry_free(d->pe);                   /* wipes the PIN's page */
+	d->pe = NULL;
+	log_info("PIN from the dialog sent for token '%s'", d->label);
+}
+
+/* The PIN of context-PIN dialog di goes to its helper for one signature of its connection. */
+static void
+ctxpin_send(struct server *s, size_t di)
+{
+	struct dialog *d = &s->dialogs[di];
+	struct helper *h = &s->helpers[d->helper];
+	struct p11a_msg m;
+	struct pending *p;
+	const char *pin;
+	size_t len;
+	char what[600];
+
+	pin = pinentry_pin(d->pe, &len);
+	if (h->fd < 0 || !h->up) {
+		snprintf(what, sizeof(what), "token helper for module %s is restarting; "
+			 "no signature with key '%s'", h->mod->name, d->label);
+		dialog_finish(s, di, P11A_E_HELPER, what);
+		return;
+	}
+	snprintf(what, sizeof(what), "PIN for a signature with key '%s'", d->label);
+	if ((p = pending_add_dialog(s, d->helper, P11A_MSG_H_CONTEXT_PIN, what, d->id)) == NULL) {
+		dialog_finish(s, di, P11A_E_NOMEM, "out of memory");
+		return;
+	}
+	memset(&m, 0, sizeof(m));
+	m.type = P11A_MSG_H_CONTEXT_PIN;
+	m.u.ctx_pin.conn = d->conn;
+	m.u.ctx_pin.key_uri = d->uri;           /* borrowed */
+	memcpy(m.u.ctx_pin.pin, pin, len);
+	m.u.ctx_pin.pin_len = len;
+	helper_send(s, d->helper, p->id, &m, -1);
+	p11a_wipe(&m, sizeof(m));
 	pinentry_free(d->pe);                   /* wipes the PIN's page */
 	d->pe = NULL;
 	d->stage = ST_HELPER;
-	log_info("PIN from the dialog sent for token '%s'", d->label);
 }
 
 static int
@@ -532,9 +640,12 @@ prompt_wake(struct server *s)
 			continue;
 		if (r == PINENTRY_OK && d->kind == D_UNLOCK) {
 			unlock_send(s, i);
+		} else if (r == PINENTRY_OK && d->kind == D_CONTEXT_PIN) {
+			ctxpin_send(s, i);
 		} else if (r == PINENTRY_OK) {
 			confirm_yes(s, i);
-		} else if (r == PINENTRY_CANCELLED && d->kind == D_UNLOCK) {
+		} else if (r == PINENTRY_CANCELLED &&
+			   (d->kind == D_UNLOCK || d->kind == D_CONTEXT_PIN)) {
 			unlock_cancelled(s, i);
 		} else if (r == PINENTRY_CANCELLED) {
 			char text[600];
@@ -544,16 +655,22 @@ prompt_wake(struct server *s)
 			dialog_finish(s, i, P11A_E_NOT_CONFIRMED, text);
 		} else {
 			char text[1000];
-			log_warn("%s dialog for '%s' failed: %s", d->kind == D_UNLOCK ? "PIN" : "confirm",
+			log_warn("%s dialog for '%s' failed: %s", d->kind == D_CONFIRM_ONCE ||
+				 d->kind == D_CONFIRM_ALWAYS ? "confirm" : "PIN",
 				 d->label, pinentry_message(d->pe));
-			if (d->kind == D_UNLOCK)
+			if (d->kind == D_CONTEXT_PIN)
+				snprintf(text, sizeof(text), "key '%s' needs its PIN for each signature "
+					 "and the PIN dialog failed: %s", d->label,
+					 pinentry_message(d->pe));
+			else if (d->kind == D_UNLOCK)
 				snprintf(text, sizeof(text), "token '%s' is locked and the PIN dialog "
 					 "failed: %s; run 'p11agent unlock'", d->label,
 					 pinentry_message(d->pe));
 			else
 				snprintf(text, sizeof(text), "key '%s' needs confirmation and the "
 					 "dialog failed: %s", d->label, pinentry_message(d->pe));
-			dialog_finish(s, i, d->kind == D_UNLOCK ? P11A_E_LOCKED : P11A_E_NOT_CONFIRMED,
+			dialog_finish(s, i, d->kind == D_UNLOCK ? P11A_E_LOCKED :
+				      d->kind == D_CONTEXT_PIN ? P11A_E_CONTEXT_PIN : P11A_E_NOT_CONFIRMED,
 				      text);
 		}
 		break;  /* one dialog is open at a time; the array may have changed */
@@ -568,7 +685,16 @@ prompt_helper_reply(struct server *s, uint64_t id, int code, const char *msg)
 	if (di == SIZE_MAX)
 		return;
 	struct dialog *d = &s->dialogs[di];
-	if (d->kind == D_UNLOCK) {
+	if (d->pad && d->pe != NULL)
+		pinentry_abort(d->pe);          /* the login is over: close the message */
+	if (d->kind == D_CONTEXT_PIN) {
+		/* The helper holds the PIN; the client's retry spends it. */
+		struct tok_prompt *tp = tprompt_get(s, d->uri);
+		if (tp != NULL && code == 0) {
+			tp->backoff_ms = 0;
+			tp->until = 0;
+		}
+	} else if (d->kind == D_UNLOCK) {
 		struct tok_prompt *tp = tprompt_get(s, d->uri);
 		if (tp != NULL) {
 			if (code == 0) {
@@ -601,7 +727,7 @@ prompt_tick(struct server *s, int64_t now, int64_t next)
 				continue;
 			}
 			client_reply_arrived(s, d->w[j].ci, d->w[j].serial, P11A_E_TIMEOUT,
-					     d->kind == D_UNLOCK ?
+					     d->kind == D_UNLOCK || d->kind == D_CONTEXT_PIN ?
 					     "nobody entered the PIN in time" :
 					     "nobody answered the confirm dialog in time");
 			d->w[j] = d->w[--d->nw];
@@ -807,6 +933,78 @@ handle_confirm(struct server *s, size_t ci, const char *uri)
 		return;
 	d->token_label = tok->label ? strdup(tok->label) : NULL;
 	d->forwarded = fwd_confirm;
+	dialogs_run(s);
+}
+
+/*
+ * CONTEXT_PIN: a PIN dialog for one signature with a CKA_ALWAYS_AUTHENTICATE
+ * key.  Every request gets its own dialog (each signature needs its PIN);
+ * a cancel holds new ones back as for UNLOCK_PROMPT.
+ */
+void
+handle_context_pin(struct server *s, size_t ci, const char *uri)
+{
+	struct p11a_uri_matcher *um;
+	const struct p11a_key *key = NULL;
+	const struct p11a_token *tok = NULL;
+	size_t hi = 0, n = 0;
+	int err = 0;
+
+	if ((um = p11a_uri_matcher_new(uri, &err)) == NULL) {
+		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
+		return;
+	}
+	for (size_t i = 0; i < s->nhelpers; i++) {
+		const struct p11a_list_reply *inv = &s->helpers[i].inv;
+		for (uint32_t k = 0; k < inv->nkeys; k++) {
+			const struct p11a_token *t = p11a_list_find_token(inv, inv->keys[k].token_uri);
+			if (t == NULL || p11a_uri_match_key(um, t, &inv->keys[k]) != 1)
+				continue;
+			n++;
+			key = &inv->keys[k];
+			tok = t;
+			hi = i;
+		}
+	}
+	p11a_uri_matcher_free(um);
+	if (n != 1) {
+		if (n == 0)
+			send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
+		else
+			send_error(s, ci, P11A_E_AMBIGUOUS, "%zu keys match %s", n, uri);
+		return;
+	}
+	if (!(key->flags & P11A_KEY_ALWAYS_AUTH)) {
+		send_ok(s, ci);         /* an ordinary key: its token's login is enough */
+		return;
+	}
+	if (!(tok->flags & P11A_TOKEN_PRESENT)) {
+		send_error(s, ci, P11A_E_TOKEN_NOT_PRESENT, "token '%s' is not present", tok->label);
+		return;
+	}
+	if (tok->flags & P11A_TOKEN_PIN_LOCKED) {
+		send_error(s, ci, P11A_E_PIN_LOCKED, "the user PIN of token '%s' is locked; "
+			   "no PIN dialog is shown", tok->label);
+		return;
+	}
+	if ((tok->flags & P11A_TOKEN_LOGIN_REQUIRED) && !(tok->flags & P11A_TOKEN_LOGGED_IN)) {
+		send_error(s, ci, P11A_E_LOCKED, "token '%s' is locked: unlock it first (UNLOCK_PROMPT "
+			   "or 'p11agent unlock')", tok->label);
+		return;
+	}
+	struct tok_prompt *tp = tprompt_get(s, key->uri);
+	int64_t now = p11a_now_ms();
+	if (tp != NULL && tp->until > now) {
+		send_error(s, ci, P11A_E_CANCELLED, "PIN entry for key '%s' was cancelled; no new "
+			   "dialog for %lld s", key->label && *key->label ? key->label : key->uri,
+			   (long long)((tp->until - now + 999) / 1000));
+		return;
+	}
+	const char *label = key->label && *key->label ? key->label : key->uri;
+	struct dialog *d = dialog_new(s, ci, D_CONTEXT_PIN, hi, key->uri, label);
+	if (d == NULL)
+		return;
+	d->token_label = tok->label ? strdup(tok->label) : NULL;
 	dialogs_run(s);
 }
 

@@ -189,6 +189,7 @@ int prompt_init(struct server *s);
 void prompt_free(struct server *s);
 void handle_unlock_prompt(struct server *s, size_t ci, const char *uri);
 void handle_confirm(struct server *s, size_t ci, const char *uri);
+void handle_context_pin(struct server *s, size_t ci, const char *uri);
 void handle_update_env(struct server *s, size_t ci, const struct p11a_update_env *env);
 /*
  * OPEN_CHANNEL of a key with confirm = once: 1 when client ci's process

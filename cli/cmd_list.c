@@ -330,7 +330,7 @@ print_key(const struct p11a_key *k)
 	if (!(k->flags & P11A_KEY_PRIVATE_VISIBLE))
 		printf("    private key:  not visible until the token is unlocked\n");
 	if (k->flags & P11A_KEY_ALWAYS_AUTH)
-		printf("    note:         the token asks for the PIN for every signature\n");
+		printf("    note:         always-auth: a PIN dialog for every signature\n");
 	if (k->cert_len > 0) {
 		struct cert_info ci;
 

@@ -815,6 +815,13 @@ p11a_client_confirm(struct p11a_client *c, const char *key_uri)
 }
 
 int
+p11a_client_context_pin(struct p11a_client *c, const char *key_uri)
+{
+	c->last_error[0] = '\0';
+	return call_prompt(c, P11A_MSG_CONTEXT_PIN, key_uri);
+}
+
+int
 p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n)
 {
 	struct p11a_msg req, reply;
@@ -857,7 +864,7 @@ int
 p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		 uint8_t **sig, size_t *sig_len)
 {
-	int unlocked = 0, confirmed = 0, r, r2;
+	int unlocked = 0, confirmed = 0, ctx_pin = 0, r, r2;
 
 	for (;;) {
 		r = sign_once(c, req, sig, sig_len);
@@ -876,6 +883,13 @@ p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		if (r == -P11A_E_NOT_CONFIRMED && !confirmed && prompt_allowed(c)) {
 			confirmed = 1;
 			if ((r2 = p11a_client_confirm(c, req->key_uri)) != 0)
+				return r2;
+			continue;
+		}
+		/* An always-auth key: one PIN dialog for this signature, never two. */
+		if (r == -P11A_E_CONTEXT_PIN && !ctx_pin && prompt_allowed(c)) {
+			ctx_pin = 1;
+			if ((r2 = p11a_client_context_pin(c, req->key_uri)) != 0)
 				return r2;
 			continue;
 		}

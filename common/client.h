@@ -95,6 +95,12 @@ int p11a_client_lock(struct p11a_client *c, const char *token_uri);
  */
 int p11a_client_unlock_prompt(struct p11a_client *c, const char *uri);
 int p11a_client_confirm(struct p11a_client *c, const char *key_uri);
+/*
+ * CONTEXT_PIN: the agent asks for the PIN of key_uri (a key with
+ * CKA_ALWAYS_AUTHENTICATE) for one signature of this connection, which
+ * the next SIGN for that key on it spends.  Errors as UNLOCK_PROMPT.
+ */
+int p11a_client_context_pin(struct p11a_client *c, const char *key_uri);
 int p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n);
 
 /*
@@ -104,8 +110,10 @@ int p11a_client_update_env(struct p11a_client *c, char *const *env, size_t n);
  * reopened once, with a fresh main connection if needed.  A locked token
  * (LOCKED) makes it ask the agent for a PIN dialog (UNLOCK_PROMPT) and a
  * key that needs a yes (NOT_CONFIRMED) for a confirm dialog (CONFIRM),
- * each at most once, and sign again; not when P11AGENT_NO_PROMPT is set
- * (to anything but "" or "0") or the agent is older than version 3.
+ * and a key that wants its PIN for every signature (error CONTEXT_PIN)
+ * for a PIN dialog (CONTEXT_PIN), each at most once, and sign again;
+ * not when P11AGENT_NO_PROMPT is set (to anything but "" or "0") or the
+ * agent is older than version 3.
  */
 int p11a_client_sign(struct p11a_client *c, const struct p11a_sign *req,
 		     uint8_t **sig, size_t *sig_len);

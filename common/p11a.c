@@ -43,6 +43,7 @@ static const char *const err_text[P11A_E__MAX] = {
 	[P11A_E_POLICY] = "not allowed by the key's policy",
 	[P11A_E_CANCELLED] = "PIN entry cancelled",
 	[P11A_E_NOT_CONFIRMED] = "signature not confirmed by the user",
+	[P11A_E_CONTEXT_PIN] = "the key needs its PIN for each signature",
 };
 
 const char *
@@ -61,7 +62,7 @@ static const char *const err_names[] = {
 	"NOT_RUNNING", "TIMEOUT", "DENIED", "NO_SUCH_KEY", "NO_SUCH_TOKEN", "AMBIGUOUS", "LOCKED",
 	"PIN_INCORRECT", "PIN_LOCKED", "PIN_INVALID", "TOKEN_NOT_PRESENT", "TOKEN", "UNSUPPORTED",
 	"BAD_REQUEST", "BUSY", "HELPER", "PROTOCOL", "URI", "INTERNAL", "CRYPTO", "POLICY",
-	"CANCELLED", "NOT_CONFIRMED",
+	"CANCELLED", "NOT_CONFIRMED", "CONTEXT_PIN",
 };
 
 const char *

@@ -68,7 +68,8 @@ enum p11a_err {
 	P11A_E_POLICY = 28,          /* the key's policy refuses this request (tls-only) */
 	P11A_E_CANCELLED = 29,       /* the user cancelled the PIN dialog (version 3) */
 	P11A_E_NOT_CONFIRMED = 30,   /* the key needs the user's confirmation, or the user said no */
-	P11A_E__MAX = 31
+	P11A_E_CONTEXT_PIN = 31,     /* the key wants its PIN for this signature (CKA_ALWAYS_AUTHENTICATE) */
+	P11A_E__MAX = 32
 };
 
 /* Short human text for an error code (either sign); never NULL. */

@@ -267,6 +267,7 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		return put_text(b, m->u.open_channel.key_uri, P11A_URI_MAX);
 	case P11A_MSG_UNLOCK_PROMPT:
 	case P11A_MSG_CONFIRM:
+	case P11A_MSG_CONTEXT_PIN:
 		return put_text(b, m->u.prompt.uri, P11A_URI_MAX);
 	case P11A_MSG_UPDATE_ENV:
 		if (m->u.env.n > P11A_ENV_MAX)
@@ -284,6 +285,13 @@ encode_fields(const struct p11a_msg *m, struct p11a_buf *b)
 		if ((r = p11a_buf_put_u64(b, m->u.grant.conn)) != 0)
 			return r;
 		return put_text(b, m->u.grant.key_uri, P11A_URI_MAX);
+	case P11A_MSG_H_CONTEXT_PIN:
+		if (m->u.ctx_pin.pin_len > P11A_PIN_MAX)
+			return -P11A_E_TOO_LARGE;
+		if ((r = p11a_buf_put_u64(b, m->u.ctx_pin.conn)) != 0 ||
+		    (r = put_text(b, m->u.ctx_pin.key_uri, P11A_URI_MAX)) != 0)
+			return r;
+		return p11a_buf_put_string(b, m->u.ctx_pin.pin, m->u.ctx_pin.pin_len);
 	case P11A_MSG_SIGN:
 		return put_sign(b, &m->u.sign);
 	case P11A_MSG_H_SIGN:
@@ -634,6 +642,7 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 		return p11a_buf_get_cstring(b, &m->u.open_channel.key_uri, P11A_URI_MAX);
 	case P11A_MSG_UNLOCK_PROMPT:
 	case P11A_MSG_CONFIRM:
+	case P11A_MSG_CONTEXT_PIN:
 		return p11a_buf_get_cstring(b, &m->u.prompt.uri, P11A_URI_MAX);
 	case P11A_MSG_UPDATE_ENV: {
 		uint32_t n;
@@ -660,6 +669,18 @@ decode_fields(struct p11a_buf *b, struct p11a_msg *m)
 		if ((r = p11a_buf_get_u64(b, &m->u.grant.conn)) != 0)
 			return r;
 		return p11a_buf_get_cstring(b, &m->u.grant.key_uri, P11A_URI_MAX);
+	case P11A_MSG_H_CONTEXT_PIN:
+		if ((r = p11a_buf_get_u64(b, &m->u.ctx_pin.conn)) != 0 ||
+		    (r = p11a_buf_get_cstring(b, &m->u.ctx_pin.key_uri, P11A_URI_MAX)) != 0)
+			return r;
+		/* Straight into the fixed array: no heap copy of the PIN. */
+		if ((r = p11a_buf_get_string_direct(b, &pin, &pin_len, P11A_PIN_MAX)) != 0)
+			return r;
+		if (pin_len != 0)
+			memcpy(m->u.ctx_pin.pin, pin, pin_len);
+		m->u.ctx_pin.pin[pin_len] = '\0';
+		m->u.ctx_pin.pin_len = pin_len;
+		return 0;
 	case P11A_MSG_SIGN:
 		return get_sign(b, &m->u.sign);
 	case P11A_MSG_H_SIGN:
@@ -892,6 +913,7 @@ p11a_msg_clear(struct p11a_msg *m)
 		break;
 	case P11A_MSG_UNLOCK_PROMPT:
 	case P11A_MSG_CONFIRM:
+	case P11A_MSG_CONTEXT_PIN:
 		free(m->u.prompt.uri);
 		break;
 	case P11A_MSG_UPDATE_ENV:
@@ -901,6 +923,9 @@ p11a_msg_clear(struct p11a_msg *m)
 		break;
 	case P11A_MSG_H_GRANT:
 		free(m->u.grant.key_uri);
+		break;
+	case P11A_MSG_H_CONTEXT_PIN:
+		free(m->u.ctx_pin.key_uri);
 		break;
 	case P11A_MSG_SIGN:
 		free(m->u.sign.key_uri);
@@ -997,6 +1022,7 @@ p11a_msg_bad_text(const struct p11a_msg *m)
 		break;
 	case P11A_MSG_UNLOCK_PROMPT:
 	case P11A_MSG_CONFIRM:
+	case P11A_MSG_CONTEXT_PIN:
 		s = m->u.prompt.uri;
 		what = "URI";
 		break;

@@ -35,6 +35,7 @@ enum p11a_msg_type {
 	P11A_MSG_UNLOCK_PROMPT = 0x09,   /* unlock the token of a key/token URI with a PIN dialog */
 	P11A_MSG_CONFIRM = 0x0A,         /* ask the user to allow a signature with a key */
 	P11A_MSG_UPDATE_ENV = 0x0B,      /* the session's display/tty for pinentry */
+	P11A_MSG_CONTEXT_PIN = 0x0D,     /* a PIN dialog for one signature with an always-auth key */
 
 	/* internal, agent main process <-> token helper only */
 	P11A_MSG_H_ADOPT = 0x40,     /* main -> helper: a signing channel fd is attached */
@@ -44,6 +45,7 @@ enum p11a_msg_type {
 	/* protocol version 3 (forwarding): a SIGN relayed by the main process */
 	P11A_MSG_H_SIGN = 0x46,      /* main -> helper: SIGN of a client without a channel */
 	P11A_MSG_H_GRANT = 0x44,     /* main -> helper: one confirmed signature for a connection */
+	P11A_MSG_H_CONTEXT_PIN = 0x47, /* main -> helper: a context PIN for one signature */
 
 	/* replies */
 	P11A_MSG_OK = 0x80,
@@ -214,7 +216,7 @@ struct p11a_adopt {                 /* H_ADOPT (internal; the channel's descript
 				     * encodes as "") when unknown */
 };
 
-struct p11a_prompt {                /* UNLOCK_PROMPT, CONFIRM (version 3) */
+struct p11a_prompt {                /* UNLOCK_PROMPT, CONFIRM, CONTEXT_PIN (version 3) */
 	char *uri;                  /* UNLOCK_PROMPT: a key or token URI; CONFIRM: the key URI */
 };
 
@@ -228,6 +230,13 @@ struct p11a_update_env {            /* UPDATE_ENV (version 3) */
 struct p11a_grant {                 /* H_GRANT (internal) */
 	uint64_t conn;              /* the agent's serial of the connection the grant is for */
 	char *key_uri;              /* the key as the client named it in CONFIRM */
+};
+
+struct p11a_ctx_pin {               /* H_CONTEXT_PIN (internal) */
+	uint64_t conn;              /* the agent's serial of the connection the PIN is for */
+	char *key_uri;              /* the key as the client named it in CONTEXT_PIN */
+	char pin[P11A_PIN_MAX + 1]; /* fixed storage; wiped by p11a_msg_clear */
+	size_t pin_len;
 };
 
 struct p11a_sign {                  /* SIGN */
@@ -278,6 +287,7 @@ struct p11a_msg {
 		struct p11a_prompt prompt;          /* UNLOCK_PROMPT, CONFIRM */
 		struct p11a_update_env env;         /* UPDATE_ENV */
 		struct p11a_grant grant;            /* H_GRANT */
+		struct p11a_ctx_pin ctx_pin;        /* H_CONTEXT_PIN */
 		struct p11a_sign sign;
 		struct p11a_hsign hsign;
 		struct p11a_signature signature;

@@ -45,7 +45,16 @@ struct sign_key {
 	const struct tok_programs *programs;    /* allow-programs; NULL any program */
 	uint8_t forwarding;             /* enum conf_forwarding */
 	uint8_t confirm;                /* enum conf_confirm */
-	char *uri;                      /* the key's URI in the inventory (confirm grants) */
+	uint8_t keep_ctx;               /* keep-context-pin */
+	uint32_t tok_flags;             /* the token's P11A_TOKEN_* at look-up */
+	char *uri;                      /* the key's URI in the inventory (confirm grants, context PINs) */
+};
+
+/* A context-specific login (CKA_ALWAYS_AUTHENTICATE) between C_SignInit and C_Sign. */
+struct ctx_login {
+	const char *pin;                /* NULL: no login (an ordinary key) */
+	size_t len;
+	CK_RV failed;                   /* CKR_OK, or the C_Login failure: never tried twice */
 };
 
 /*
@@ -59,6 +68,7 @@ struct pol_sec {
 	int programs_set;
 	struct tok_programs programs;
 	int forwarding;                 /* -1 not set in this section */
+	int keep_ctx;                   /* -1 not set in this section */
 };
 static struct {
 	int tls_only;                   /* the default */
@@ -111,6 +121,7 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 		policy.secs[i].tls_only = cfg->keysecs[i].tls_only;
 		policy.secs[i].forwarding = cfg->keysecs[i].forwarding;
 		policy.secs[i].confirm = cfg->keysecs[i].confirm;
+		policy.secs[i].keep_ctx = cfg->keysecs[i].keep_context_pin;
 		policy.secs[i].programs_set = cfg->keysecs[i].programs.set;
 		if (programs_from(&policy.secs[i].programs, &cfg->keysecs[i].programs) != 0) {
 			tok_set_msg(msg, msg_size, "out of memory");
@@ -133,12 +144,13 @@ token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
 static void
 policy_resolve(const struct tok_slot *s, struct tok_key *k)
 {
-	int tls_only = policy.tls_only, fwd = policy.forwarding, confirm = policy.confirm;
+	int tls_only = policy.tls_only, fwd = policy.forwarding, confirm = policy.confirm, keep = 0;
 	const struct tok_programs *progs = policy.programs_set ? &policy.programs : NULL;
 
 	for (size_t i = 0; i < policy.nsecs; i++) {
 		const struct pol_sec *ps = &policy.secs[i];
-		if (ps->tls_only < 0 && !ps->programs_set && ps->forwarding < 0 && ps->confirm < 0)
+		if (ps->tls_only < 0 && !ps->programs_set && ps->forwarding < 0 && ps->confirm < 0 &&
+		    ps->keep_ctx < 0)
 			continue;
 		if (p11a_uri_match_key(ps->um, &s->tok, &k->k) != 1)
 			continue;
@@ -146,6 +158,8 @@ policy_resolve(const struct tok_slot *s, struct tok_key *k)
 			tls_only = ps->tls_only;
 		if (ps->confirm >= 0)
 			confirm = ps->confirm;
+		if (ps->keep_ctx >= 0)
+			keep = ps->keep_ctx;
 		if (ps->programs_set)
 			progs = &ps->programs;
 		if (ps->forwarding >= 0)
@@ -155,6 +169,7 @@ policy_resolve(const struct tok_slot *s, struct tok_key *k)
 	k->programs = progs;
 	k->forwarding = (uint8_t)fwd;
 	k->confirm = (uint8_t)confirm;
+	k->keep_ctx = (uint8_t)keep;
 }
 
 /*
@@ -380,6 +395,8 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 	sk->programs = found->programs;
 	sk->forwarding = found->forwarding;
 	sk->confirm = found->confirm;
+	sk->keep_ctx = found->keep_ctx;
+	sk->tok_flags = fs->tok.flags;
 	snprintf(sk->label, sizeof(sk->label), "%s", found->k.label);
 	snprintf(sk->token_label, sizeof(sk->token_label), "%s", fs->tok.label);
 	if (found->k.id_len > 0) {
@@ -389,7 +406,8 @@ key_lookup(struct token_module *m, struct token_keymemo **memo, const char *uri,
 		}
 		sk->id_len = found->k.id_len;
 	}
-	if ((sk->confirm == CONFIRM_ALWAYS || sk->forwarding == CONF_FORWARDING_CONFIRM) &&
+	if ((sk->confirm == CONFIRM_ALWAYS || sk->forwarding == CONF_FORWARDING_CONFIRM ||
+	     (found->k.flags & P11A_KEY_ALWAYS_AUTH)) &&
 	    (sk->uri = strdup(found->k.uri)) == NULL) {
 		free(sk->id);
 		sk->id = NULL;
@@ -706,15 +724,30 @@ sign_plan(const struct p11a_sign *req, const struct sign_key *sk, int pss_raw,
  */
 static CK_RV
 sign_once_raw(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, CK_OBJECT_HANDLE key,
-	      const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len, const char **what)
+	      const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len, const char **what,
+	      struct ctx_login *cl)
 {
 	CK_ULONG n = *out_len;
 	CK_RV rv;
 
+	if (cl != NULL && cl->pin != NULL && cl->failed != CKR_OK) {
+		*what = "C_Login";
+		return cl->failed;      /* a refused PIN is never tried again */
+	}
 	*what = "C_SignInit";
 	rv = m->f->C_SignInit(h, mech, key);
 	if (rv != CKR_OK)
 		return rv;
+	if (cl != NULL && cl->pin != NULL) {
+		/* PKCS#11 v2.40 5.10: the context-specific login follows C_SignInit. */
+		*what = "C_Login";
+		rv = m->f->C_Login(h, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)(uintptr_t)cl->pin,
+				   (CK_ULONG)cl->len);
+		if (rv != CKR_OK) {
+			cl->failed = rv;
+			return rv;      /* the operation stays active: the caller drops the session */
+		}
+	}
 	*what = "C_Sign";
 	rv = m->f->C_Sign(h, (CK_BYTE_PTR)(uintptr_t)in, (CK_ULONG)in_len, out, &n);
 	if (rv == CKR_BUFFER_TOO_SMALL) {
@@ -740,7 +773,7 @@ sign_once_raw(struct token_module *m, CK_SESSION_HANDLE h, CK_MECHANISM *mech, C
 static CK_RV
 sign_once(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, CK_MECHANISM *mech,
 	  CK_OBJECT_HANDLE key, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len,
-	  const char **what)
+	  const char **what, struct ctx_login *cl)
 {
 	CK_RV rv;
 
@@ -750,7 +783,7 @@ sign_once(struct token_module *m, struct tok_slot *s, CK_SESSION_HANDLE h, CK_ME
 		*what = "C_SignInit";
 		return CKR_USER_NOT_LOGGED_IN;
 	}
-	rv = sign_once_raw(m, h, mech, key, in, in_len, out, out_len, what);
+	rv = sign_once_raw(m, h, mech, key, in, in_len, out, out_len, what, cl);
 	atomic_fetch_sub(&s->signing, 1);
 	return rv;
 }
@@ -771,7 +804,8 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	CK_RV rv = CKR_OK, prv;
 	const char *what = "C_Sign";
 	unsigned gen = 0;
-	int r, drop = 0, have_session = 0, is_copy = 0, listed = 0;
+	int r, drop = 0, have_session = 0, is_copy = 0, listed = 0, ctx_slot = -1, ctx_kept = 0;
+	struct ctx_login cl = { NULL, 0, CKR_OK };
 
 	*sig_len = 0;
 	if (msg != NULL && msg_size > 0)
@@ -819,6 +853,8 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		}
 	}
 	if (!sk.present) {
+		if (sk.keep_ctx && sk.uri != NULL)
+			token_ctxpin_forget(sk.uri);
 		tok_set_msg(msg, msg_size, "token '%s' is not present", sk.token_label);
 		r = -P11A_E_TOKEN_NOT_PRESENT;
 		goto out;
@@ -840,6 +876,27 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		r = -P11A_E_NOT_CONFIRMED;
 		goto out;
 	}
+	/*
+	 * CKA_ALWAYS_AUTHENTICATE: the PIN the user typed for this signature
+	 * (CONTEXT_PIN, H_CONTEXT_PIN), taken now and wiped at the end.
+	 */
+	if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && !sk.logged_in && sk.keep_ctx && sk.uri != NULL)
+		token_ctxpin_forget(sk.uri);    /* locked meanwhile: a kept PIN goes */
+	if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && sk.logged_in) {
+		if (peer != NULL && sk.uri != NULL)
+			ctx_slot = tok_ctxpin_take(peer->conn, sk.uri, &cl.pin, &cl.len);
+		/* keep-context-pin: not while the token reports few tries left. */
+		if (ctx_slot < 0 && sk.keep_ctx && sk.uri != NULL &&
+		    !(sk.tok_flags & (P11A_TOKEN_PIN_COUNT_LOW | P11A_TOKEN_PIN_FINAL_TRY)) &&
+		    (ctx_slot = tok_ctxpin_kept_take(sk.uri, &cl.pin, &cl.len)) >= 0)
+			ctx_kept = 1;
+		if (ctx_slot < 0) {
+			tok_set_msg(msg, msg_size, "key '%s' on token '%s' needs its PIN for each "
+				    "signature (CKA_ALWAYS_AUTHENTICATE)", sk.label, sk.token_label);
+			r = -P11A_E_CONTEXT_PIN;
+			goto out;
+		}
+	}
 	if ((plan = malloc(sizeof(*plan))) == NULL) {
 		r = -P11A_E_NOMEM;
 		goto out;
@@ -858,7 +915,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		have_session = 1;
 		h = ps->h;
 		key = psess_key(m, ps, &sk, &is_copy);
-		rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+		rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what, &cl);
 		if (is_copy && rv_copy_suspect(rv)) {
 			/* The copy misbehaves: sign with the token key; the session and its copies go. */
 			char nb[48];
@@ -867,7 +924,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 			drop = 1;
 			key = sk.priv;
 			raw_len = sizeof(raw);
-			rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what);
+			rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw, &raw_len, &what, &cl);
 		}
 		if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) {
 			/* The token renumbered its objects: look the key up once more. */
@@ -881,7 +938,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 			if (key != CK_INVALID_HANDLE) {
 				raw_len = sizeof(raw);
 				rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw,
-					       &raw_len, &what);
+					       &raw_len, &what, &cl);
 			}
 		}
 		if (plan->mech.mechanism == CKM_RSA_PKCS_PSS && (sk.mechs & MECH_RSA_X509) &&
@@ -897,7 +954,7 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 			if (sign_plan(req, &sk, 1, plan, msg, msg_size) == 0) {
 				raw_len = sizeof(raw);
 				rv = sign_once(m, sk.s, h, &plan->mech, key, plan->in, plan->in_len, raw,
-					       &raw_len, &what);
+					       &raw_len, &what, &cl);
 			}
 		}
 	}
@@ -935,7 +992,8 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 		 * that does not would fail every later C_SignInit on this session:
 		 * failures are rare, a new session is cheap.
 		 */
-		if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && strcmp(what, "C_Sign") == 0)
+		if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL &&
+		    (strcmp(what, "C_Sign") == 0 || strcmp(what, "C_Login") == 0))
 			drop = 1;
 		/* A key that wants its PIN per signature may leave the operation open. */
 		if (rv == CKR_USER_NOT_LOGGED_IN && (sk.flags & P11A_KEY_ALWAYS_AUTH) && !tok_pool_shared(sk.s))
@@ -944,22 +1002,39 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	}
 	if (r != 0)
 		goto out;
+	if (ctx_slot >= 0 && sk.keep_ctx && sk.uri != NULL) {
+		if (rv == CKR_OK && !ctx_kept)
+			tok_ctxpin_keep(sk.uri, cl.pin, cl.len);
+		else if (cl.failed != CKR_OK)
+			token_ctxpin_forget(sk.uri);    /* a refused kept PIN is not tried again */
+	}
 
 	switch (rv) {
 	case CKR_OK:
 		atomic_store_explicit(&sk.s->last_sign_ms, p11a_now_ms(), memory_order_relaxed);
 		break;
 	case CKR_USER_NOT_LOGGED_IN:
-		if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && sk.logged_in) {
-			tok_set_msg(msg, msg_size, "key '%s' on token '%s' wants the PIN for every signature "
-				"(CKA_ALWAYS_AUTHENTICATE), which the agent does not support yet",
-				sk.label, sk.token_label);
-			r = -P11A_E_UNSUPPORTED;
+		if ((sk.flags & P11A_KEY_ALWAYS_AUTH) && sk.logged_in && cl.pin == NULL) {
+			tok_set_msg(msg, msg_size, "key '%s' on token '%s' needs its PIN for each "
+				    "signature (CKA_ALWAYS_AUTHENTICATE)", sk.label, sk.token_label);
+			r = -P11A_E_CONTEXT_PIN;
 		} else {
 			tok_notify(m);
 			tok_set_msg(msg, msg_size, "token '%s' is locked: run 'p11agent unlock'", sk.token_label);
 			r = tok_rv_err(rv);
 		}
+		goto out;
+	case CKR_PIN_INCORRECT:
+	case CKR_PIN_INVALID:
+	case CKR_PIN_LEN_RANGE:
+	case CKR_PIN_LOCKED:
+		/* The context-specific login: never retried; a rescan shows the tries left. */
+		tok_notify(m);
+		r = tok_rv_err(rv);
+		tok_set_msg(msg, msg_size, "%s for key '%s' on token '%s' (the PIN this signature "
+			    "asked for; not retried)", rv == CKR_PIN_LOCKED ? "PIN locked" :
+			    rv == CKR_PIN_INCORRECT ? "wrong PIN" : "PIN not valid", sk.label,
+			    sk.token_label);
 		goto out;
 	case CKR_DEVICE_REMOVED:
 	case CKR_TOKEN_NOT_PRESENT:
@@ -1009,6 +1084,8 @@ token_sign(struct token_module *m, struct token_keymemo **memo, const struct tok
 	}
  out:
 	atomic_fetch_sub(&m->inflight, 1);
+	if (ctx_slot >= 0)
+		tok_ctxpin_release(ctx_slot);   /* wipes the PIN */
 	if (plan != NULL) {
 		p11a_wipe(plan, sizeof(*plan));
 		free(plan);

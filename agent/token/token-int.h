@@ -60,6 +60,7 @@ struct tok_key {
 	const struct tok_programs *programs;    /* its allow-programs, NULL any (with policy) */
 	uint8_t forwarding;             /* enum conf_forwarding, resolved with policy */
 	uint8_t confirm;                /* enum conf_confirm, resolved with policy */
+	uint8_t keep_ctx;               /* keep-context-pin, resolved with policy */
 };
 
 /* An allow-programs list (sign.c; lives as long as the process). */
@@ -245,6 +246,25 @@ CK_RV tok_find_objects(struct token_module *m, CK_SESSION_HANDLE h, CK_ATTRIBUTE
 CK_RV tok_keys_read(struct token_module *m, CK_SESSION_HANDLE h, const CK_TOKEN_INFO *ti,
 		    const char *token_uri, int private_visible, struct tok_key **out, size_t *count);
 void tok_keys_free(struct tok_key *keys, size_t n);
+
+/* ---------------------------------------------- ctxpin.c: context PINs */
+
+#define TOK_CTXPIN_MAX          64      /* PINs waiting for their signature at most */
+#define TOK_CTXPIN_TTL_MS       30000   /* one nobody takes is wiped after this */
+
+/*
+ * Takes the context PIN for (conn, key_uri): its slot (>= 0) with *pin
+ * pointing into locked memory, valid until tok_ctxpin_release(slot),
+ * which wipes it; -1 when there is none.
+ */
+int tok_ctxpin_take(uint64_t conn, const char *key_uri, const char **pin, size_t *pin_len);
+void tok_ctxpin_release(int slot);
+/*
+ * keep-context-pin: the kept PIN of key_uri (a slot as tok_ctxpin_take,
+ * shared by concurrent signers; -1 none), and keeping one that signed.
+ */
+int tok_ctxpin_kept_take(const char *key_uri, const char **pin, size_t *pin_len);
+void tok_ctxpin_keep(const char *key_uri, const char *pin, size_t pin_len);
 
 /* ---------------------------------------------- token.c: the module */
 

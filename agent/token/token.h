@@ -172,6 +172,19 @@ int token_set_policy(const struct agent_config *cfg, char *msg, size_t msg_size)
  */
 int token_grant_add(uint64_t conn, const char *key_uri);
 
+/*
+ * A CKA_ALWAYS_AUTHENTICATE key (H_CONTEXT_PIN): the PIN for one later
+ * SIGN for key_uri (the inventory's URI) of connection conn, which logs
+ * in with CKU_CONTEXT_SPECIFIC and wipes it.  Kept in locked memory and
+ * wiped unused after 30 s (token_ctxpin_sweep).  Any thread.
+ * -P11A_E_NOMEM, -P11A_E_BUSY (64 PINs already wait), -P11A_E_PIN_INVALID.
+ */
+int token_ctxpin_add(uint64_t conn, const char *key_uri, const char *pin, size_t pin_len);
+/* keep-context-pin: wipes the kept PIN of key_uri, or every kept PIN (NULL): on a lock. */
+void token_ctxpin_forget(const char *key_uri);
+/* Wipes the context PINs past their time; the next one's deadline (INT64_MAX none). */
+int64_t token_ctxpin_sweep(int64_t now);
+
 int token_sign(struct token_module *m, struct token_keymemo **memo,
 	       const struct token_peer *peer, const struct p11a_sign *req, const struct timespec *deadline,
 	       uint8_t *sig, size_t sig_size, size_t *sig_len, char *msg, size_t msg_size);

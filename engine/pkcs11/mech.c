@@ -91,6 +91,8 @@ p11m_rv_from_err(int err)
 	case P11A_E_UNSUPPORTED: return CKR_MECHANISM_INVALID;
 	case P11A_E_POLICY: return CKR_FUNCTION_REJECTED;
 	case P11A_E_NOT_CONFIRMED: return CKR_FUNCTION_REJECTED;
+	/* The agent asks for the PIN itself; the caller cannot give it one. */
+	case P11A_E_CONTEXT_PIN: return CKR_FUNCTION_REJECTED;
 	case P11A_E_CANCELLED: return CKR_FUNCTION_CANCELED;
 	case P11A_E_BAD_REQUEST: return CKR_DATA_LEN_RANGE;
 	case P11A_E_TOO_LARGE: return CKR_DATA_LEN_RANGE;

@@ -22,8 +22,15 @@
  *                         the real module is closed (as pulling a card
  *                         does: the login is lost); "removed=0" or no line
  *                         is reinsertion.
- *   pinflags=F[,F]        count_low, final_try, locked: added to the token
- *                         info flags
+ *   pinflags=F[,F]        count_low, final_try, locked, protected
+ *                         (CKF_PROTECTED_AUTHENTICATION_PATH): added to the
+ *                         token info flags
+ *   padpin=PIN            a C_Login with a NULL PIN (a PIN pad reader's
+ *                         protected path) logs the real token in with PIN,
+ *                         as if the user typed it on the reader's keypad;
+ *                         without the line it fails CKR_PIN_INCORRECT.
+ *                         (No reader with a keypad exists on the test
+ *                         machines; SoftHSM2 refuses a NULL PIN.)
  *   FUNC=ACTION [once] [flags=F[,F]]
  *                         FUNC one of the wrapped C_* functions; ACTION
  *                         CKR_NAME or 0xHEX (return it without calling
@@ -43,7 +50,9 @@
  *
  * Every C_Initialize, C_Login and C_Sign call is appended as a line to
  * CONTROL.calls ("C_Login rv=0x000000a0"), so a test can count them
- * (e.g. prove that a wrong PIN is sent once).  Never a PIN.
+ * (e.g. prove that a wrong PIN is sent once).  A context-specific login
+ * (CKU_CONTEXT_SPECIFIC) is "C_Login:context rv=...", one with a NULL PIN
+ * "C_Login:pad rv=...".  Never a PIN.
  */
 #define _GNU_SOURCE     /* PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP */
 #include <dlfcn.h>
@@ -87,6 +96,8 @@ struct state {
 	int removed;
 	int unhang;
 	CK_FLAGS pinflags;
+	int has_padpin;
+	char padpin[256];
 	/* the rule for the function asked about */
 	int has_rule;
 	char action[64];
@@ -160,6 +171,8 @@ parse_flags(const char *s)
 		f |= CKF_USER_PIN_FINAL_TRY;
 	if (strstr(s, "locked"))
 		f |= CKF_USER_PIN_LOCKED;
+	if (strstr(s, "protected"))
+		f |= CKF_PROTECTED_AUTHENTICATION_PATH;
 	return f;
 }
 
@@ -190,6 +203,9 @@ state_read(const char *fn, struct state *st)
 			st->unhang = 1;
 		} else if (strncmp(line, "pinflags=", 9) == 0) {
 			st->pinflags |= parse_flags(line + 9);
+		} else if (strncmp(line, "padpin=", 7) == 0) {
+			st->has_padpin = 1;
+			snprintf(st->padpin, sizeof(st->padpin), "%s", line + 7);
 		} else if (strncmp(line, "C_", 2) == 0) {
 			if ((f = strstr(line, " flags=")) != NULL)
 				st->pinflags |= parse_flags(f + 7);
@@ -502,11 +518,27 @@ w_Login(CK_SESSION_HANDLE h, CK_USER_TYPE ut, CK_UTF8CHAR_PTR pin, CK_ULONG len)
 	CK_RV rv;
 
 	if (!fault("C_Login", 1, 0, &rv)) {
-		real_enter();
-		rv = real->C_Login(h, ut, pin, len);
-		real_leave();
+		if (pin == NULL) {
+			/* The reader's keypad: the PIN from the control file, or a wrong one. */
+			struct state st;
+			state_read(NULL, &st);
+			if (!st.has_padpin) {
+				rv = CKR_PIN_INCORRECT;
+			} else {
+				real_enter();
+				rv = real->C_Login(h, ut, (CK_UTF8CHAR_PTR)st.padpin,
+						   (CK_ULONG)strlen(st.padpin));
+				real_leave();
+			}
+			memset(&st, 0, sizeof(st));
+		} else {
+			real_enter();
+			rv = real->C_Login(h, ut, pin, len);
+			real_leave();
+		}
 	}
-	calls_log("C_Login", rv);
+	calls_log(pin == NULL ? "C_Login:pad" : ut == CKU_CONTEXT_SPECIFIC ? "C_Login:context" :
+		  "C_Login", rv);
 	return rv;
 }
 

@@ -273,4 +273,36 @@ check "after lock and unlock: every token is unlocked" all_unlocked
 stop_agent
 is "$AGENT_RC" 0 "the agent stops cleanly on SIGTERM"
 
+# ---------------------------------------------------------------- per module
+# idle-lock and pin-ttl in a [module] section: that module's tokens only,
+# over the global value; shown per module by --print-config.
+cat >"$T/permod.conf" <<EOF
+debug no
+module $SOFTHSM2_MODULE
+idle-lock off
+pin-ttl 8h
+
+[module $SOFTHSM2_MODULE]
+idle-lock 2s
+EOF
+run "$P11AGENTD" --config "$T/permod.conf" --print-config
+rc_is 0 "--print-config with a [module] idle-lock exits 0"
+stdout_has "idle-lock 2s	# $T/permod.conf:7" "the module's idle-lock, with its line"
+stdout_has "pin-ttl 8h	# $T/permod.conf:4" "the module inherits the global pin-ttl"
+printf '[module %s]\npin-ttl forever\n' "$SOFTHSM2_MODULE" >"$T/permod-bad.conf"
+run "$P11AGENTD" --config "$T/permod-bad.conf" --print-config
+stderr_has "$T/permod-bad.conf:2: pin-ttl must be" "a bad [module] pin-ttl is refused as FILE:LINE"
+idle_lines() { grep -c "token '$TOKEN_LABEL' locked: idle for 2s" "$AGENT_LOG" || true; }
+n0=$(idle_lines)
+start_agent --config "$T/permod.conf" || bail_out "agent starts with a [module] idle-lock"
+ok "agent starts with idle-lock off and a [module] idle-lock 2s"
+write_pin "$T/pin" "$USER_PIN"
+check "per module: unlock" p11a unlock --token "pkcs11:token=$TOKEN_LABEL" --pin-file "$T/pin"
+if wait_for "per module: the unused token is locked by its module's idle-lock" 10 is_locked; then
+	ok "per module: the unused token is locked by its module's idle-lock"
+fi
+is "$(idle_lines)" "$((n0 + 1))" "per module: the log names the token and why"
+stop_agent
+is "$AGENT_RC" 0 "per module: the agent stops cleanly"
+
 done_testing

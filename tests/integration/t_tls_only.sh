@@ -65,7 +65,7 @@ bad_conf "tls-only value" 2 "tls-only must be yes or no, not 'maybe'" \
 tls-only maybe"
 bad_conf "[key] without a pattern" 1 "[key] needs a pkcs11: URI pattern" "[key]"
 bad_conf "[key] with no URI" 1 "[key nothing]: not a valid pkcs11: URI" "[key nothing]"
-bad_conf "unknown [key] setting" 2 "'frobnicate' is not a [key] setting (tls-only, allow-programs, forwarding, confirm)" \
+bad_conf "unknown [key] setting" 2 "'frobnicate' is not a [key] setting (tls-only, allow-programs, forwarding, confirm, keep-context-pin)" \
 	"[key pkcs11:object=rsa2048]
 frobnicate yes"
 mv "$ADMIN.locked" "$ADMIN"

@@ -10,7 +10,7 @@ GETPIN or CONFIRM (lines "key=value"):
   hold=1                     wait for $TEST_PINENTRY_DIR/release before
                              answering (the test checks things meanwhile)
 Each dialog appends one line to $TEST_PINENTRY_DIR/log:
-  GETPIN|CONFIRM <tab> desc=... <tab> error=... <tab> ttyname=... <tab> pid=...
+  GETPIN|CONFIRM|MESSAGE <tab> desc=... <tab> error=... <tab> ttyname=... <tab> pid=...
 and "open" lines to $TEST_PINENTRY_DIR/open while it waits.
 """
 import os
@@ -108,7 +108,12 @@ def main():
         elif cmd == "BYE":
             send("OK closing connection")
             return
-        elif cmd in ("RESET", "NOP", "MESSAGE"):
+        elif cmd == "MESSAGE":
+            b = behaviour()
+            log("MESSAGE", state)
+            hold(b)
+            send("OK")
+        elif cmd in ("RESET", "NOP"):
             send("OK")
         else:
             send("ERR 536871187 Unknown IPC command <User defined source 1>")

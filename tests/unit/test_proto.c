@@ -85,7 +85,7 @@ static struct p11a_event sample_events[] = {
 	  (char *)"", 0, (char *)"", 5 },
 };
 
-#define NSAMPLES 27
+#define NSAMPLES 29
 
 /* Fills m with sample i; every message type appears once or more. */
 static char *sample_env[] = { "DISPLAY=:0", "TTY=/dev/pts/3" };
@@ -230,6 +230,17 @@ sample(size_t i, struct p11a_msg *m)
 		m->type = P11A_MSG_H_GRANT;
 		m->u.grant.conn = 0x0102030405060708ULL;
 		m->u.grant.key_uri = "pkcs11:object=k";
+		break;
+	case 27:
+		m->type = P11A_MSG_CONTEXT_PIN;
+		m->u.prompt.uri = "pkcs11:object=piv";
+		break;
+	case 28:
+		m->type = P11A_MSG_H_CONTEXT_PIN;
+		m->u.ctx_pin.conn = 0x0807060504030201ULL;
+		m->u.ctx_pin.key_uri = "pkcs11:object=piv";
+		memcpy(m->u.ctx_pin.pin, "123456", 6);
+		m->u.ctx_pin.pin_len = 6;
 		break;
 	default:
 		fail();
@@ -413,6 +424,15 @@ assert_msg_same(const struct p11a_msg *a, const struct p11a_msg *b)
 	case P11A_MSG_H_GRANT:
 		assert_int_equal(a->u.grant.conn, b->u.grant.conn);
 		assert_str_same(a->u.grant.key_uri, b->u.grant.key_uri);
+		break;
+	case P11A_MSG_CONTEXT_PIN:
+		assert_str_same(a->u.prompt.uri, b->u.prompt.uri);
+		break;
+	case P11A_MSG_H_CONTEXT_PIN:
+		assert_int_equal(a->u.ctx_pin.conn, b->u.ctx_pin.conn);
+		assert_str_same(a->u.ctx_pin.key_uri, b->u.ctx_pin.key_uri);
+		assert_int_equal(a->u.ctx_pin.pin_len, b->u.ctx_pin.pin_len);
+		assert_memory_equal(a->u.ctx_pin.pin, b->u.ctx_pin.pin, a->u.ctx_pin.pin_len);
 		break;
 	default:
 		break;
@@ -638,7 +658,7 @@ test_leftover_bytes(void **state)
 static void
 test_unknown_type(void **state)
 {
-	static const uint8_t types[] = { 0x00, 0x0d, 0x3f, 0x43, 0x7f, 0xbf, 0xff };
+	static const uint8_t types[] = { 0x00, 0x0e, 0x3f, 0x43, 0x7f, 0xbf, 0xff };
 	struct p11a_buf *b = p11a_buf_new(100);
 	struct p11a_msg m, d;
 	uint8_t body[8];
