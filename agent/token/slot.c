@@ -564,6 +564,8 @@ watch_main(void *arg)
 	CK_RV rv;
 
 	while (!atomic_load(&m->watch_stop)) {
+		/* An output, but modules (pkcs11-spy) read it first: never uninitialised. */
+		slot = (CK_SLOT_ID)-1;
 		if (!polling)
 			log_debug("module %s: waiting for slot events", m->name);
 		rv = m->f->C_WaitForSlotEvent(polling ? CKF_DONT_BLOCK : 0, &slot, NULL);
