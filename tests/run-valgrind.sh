@@ -14,7 +14,7 @@ set -u
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=${top_builddir:-$src}
 out=${VALGRIND_OUT:-$build/tests/valgrind}
-tests=${*:-t_list t_unlock t_sign t_lifecycle t_security t_faults t_load t_keycopy t_audit}
+tests=${*:-t_list t_unlock t_sign t_lifecycle t_security t_faults t_load t_keycopy t_audit t_pinentry t_always_auth t_confirm t_forward_faults}
 
 command -v valgrind >/dev/null || { echo "run-valgrind.sh: valgrind not found" >&2; exit 2; }
 rm -rf "$out"
