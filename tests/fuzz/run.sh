@@ -35,15 +35,15 @@ mkdir -p "$out/bin" "$out/corpus"
 sd=
 ! grep -q '^#define HAVE_SYSTEMD 1' "$top_builddir/config.h" || sd=libsystemd
 # shellcheck disable=SC2207
-pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 $sd))
+pkg=($(pkg-config --cflags --libs libcrypto p11-kit-1 libassuan gpg-error $sd))
 # shellcheck disable=SC2054 # the commas belong to -fsanitize=
 cflags=(-g -O1 -fno-omit-frame-pointer -std=gnu11 -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -DFUZZING_LIBFUZZER -D_GNU_SOURCE
 	-I"$top_builddir" -I"$src/common" -I"$src/agent")
 common=("$src"/common/{p11a,buf,frame,proto,sigenc,client,uri,keyref,text,hashalg,sigin,tlsclass}.c)
 # The agent's sources, as FUZZ_AGENT_SOURCES in Makefile.am lists them.
-agent=("$src"/agent/{server,supervise,handlers,log,audit,conf,modules,registry,systemd,logind,helper}.c
-	"$src"/agent/token/{token,rv,pool,spki,object,slot,login,sign}.c)
+agent=("$src"/agent/{server,supervise,handlers,log,audit,conf,modules,registry,systemd,logind,pinentry,prompt,helper}.c
+	"$src"/agent/token/{token,rv,pool,spki,object,slot,login,sign,ctxpin}.c)
 
 build() {
 	local t=$1 extra=()
