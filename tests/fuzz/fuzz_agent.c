@@ -72,6 +72,8 @@ fz_setup(void)
 	fz_cfg.max_connections = 16;
 	if (config_add_module(&fz_cfg, "/nonexistent/fuzz-module.so", "fuzz", NULL, &fz_origin) != 0)
 		abort();
+	/* Dialogs fail at once: no pinentry program runs under a fuzzer. */
+	fz_cfg.pinentry_program = strdup("/nonexistent/pinentry");
 	/* A small ring, so it wraps; no journal or syslog from a fuzzer. */
 	fz_cfg.audit = CONF_AUDIT_NONE;
 	fz_cfg.audit_ring = 8;
@@ -181,6 +183,9 @@ fz_start(struct fz *z, int with_inventory, int hello_done)
 	s->listen_fd = -1;
 	s->sig_fd = -1;
 	s->uid = getuid();
+	/* The dialogs' wake-up pipe (UNLOCK_PROMPT, CONFIRM, CONTEXT_PIN start dialogs). */
+	if (prompt_init(s) != 0)
+		abort();
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cv) != 0 ||
 	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, hv) != 0)
 		abort();
@@ -227,6 +232,7 @@ fz_stop(struct fz *z)
 		client_close(s, i);
 	free(s->clients);
 	pending_free_all(s);
+	prompt_free(s);         /* ends the dialogs the input started (their threads joined) */
 	for (size_t i = 0; i < s->nhelpers; i++)
 		helper_free(&s->helpers[i]);
 	free(s->helpers);
