@@ -863,18 +863,21 @@ handle_unlock_prompt(struct server *s, size_t ci, const char *uri)
 	dialogs_run(s);
 }
 
-void
-handle_confirm(struct server *s, size_t ci, const char *uri)
+/*
+ * The one key uri names, with its token and helper; -1 after answering the
+ * client (a bad URI, no such key, several).
+ */
+static int
+one_key(struct server *s, size_t ci, const char *uri, size_t *hi,
+	const struct p11a_token **tok, const struct p11a_key **key)
 {
 	struct p11a_uri_matcher *um;
-	const struct p11a_key *key = NULL;
-	const struct p11a_token *tok = NULL;
-	size_t hi = 0, n = 0;
+	size_t n = 0;
 	int err = 0;
 
 	if ((um = p11a_uri_matcher_new(uri, &err)) == NULL) {
 		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
-		return;
+		return -1;
 	}
 	for (size_t i = 0; i < s->nhelpers; i++) {
 		const struct p11a_list_reply *inv = &s->helpers[i].inv;
@@ -883,19 +886,30 @@ handle_confirm(struct server *s, size_t ci, const char *uri)
 			if (t == NULL || p11a_uri_match_key(um, t, &inv->keys[k]) != 1)
 				continue;
 			n++;
-			key = &inv->keys[k];
-			tok = t;
-			hi = i;
+			*key = &inv->keys[k];
+			*tok = t;
+			*hi = i;
 		}
 	}
 	p11a_uri_matcher_free(um);
-	if (n != 1) {
-		if (n == 0)
-			send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
-		else
-			send_error(s, ci, P11A_E_AMBIGUOUS, "%zu keys match %s", n, uri);
+	if (n == 1)
+		return 0;
+	if (n == 0)
+		send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
+	else
+		send_error(s, ci, P11A_E_AMBIGUOUS, "%zu keys match %s", n, uri);
+	return -1;
+}
+
+void
+handle_confirm(struct server *s, size_t ci, const char *uri)
+{
+	const struct p11a_key *key = NULL;
+	const struct p11a_token *tok = NULL;
+	size_t hi = 0;
+
+	if (one_key(s, ci, uri, &hi, &tok, &key) != 0)
 		return;
-	}
 	int mode = config_key_confirm(s->cfg, tok, key);
 	struct client *c = &s->clients[ci];
 	/*
@@ -944,36 +958,12 @@ handle_confirm(struct server *s, size_t ci, const char *uri)
 void
 handle_context_pin(struct server *s, size_t ci, const char *uri)
 {
-	struct p11a_uri_matcher *um;
 	const struct p11a_key *key = NULL;
 	const struct p11a_token *tok = NULL;
-	size_t hi = 0, n = 0;
-	int err = 0;
+	size_t hi = 0;
 
-	if ((um = p11a_uri_matcher_new(uri, &err)) == NULL) {
-		send_error(s, ci, P11A_E_URI, "'%s' is not a valid pkcs11: URI", uri);
+	if (one_key(s, ci, uri, &hi, &tok, &key) != 0)
 		return;
-	}
-	for (size_t i = 0; i < s->nhelpers; i++) {
-		const struct p11a_list_reply *inv = &s->helpers[i].inv;
-		for (uint32_t k = 0; k < inv->nkeys; k++) {
-			const struct p11a_token *t = p11a_list_find_token(inv, inv->keys[k].token_uri);
-			if (t == NULL || p11a_uri_match_key(um, t, &inv->keys[k]) != 1)
-				continue;
-			n++;
-			key = &inv->keys[k];
-			tok = t;
-			hi = i;
-		}
-	}
-	p11a_uri_matcher_free(um);
-	if (n != 1) {
-		if (n == 0)
-			send_error(s, ci, P11A_E_NO_SUCH_KEY, "no such key: %s", uri);
-		else
-			send_error(s, ci, P11A_E_AMBIGUOUS, "%zu keys match %s", n, uri);
-		return;
-	}
 	if (!(key->flags & P11A_KEY_ALWAYS_AUTH)) {
 		send_ok(s, ci);         /* an ordinary key: its token's login is enough */
 		return;
