@@ -165,8 +165,10 @@ again:
 	sa.sa_handler = pin_on_signal;
 	sigemptyset(&sa.sa_mask);
 	sa.sa_flags = 0;            /* no SA_RESTART: read(2) must return EINTR */
+	/* A signal the caller ignores (nohup's SIGHUP) stays ignored. */
 	for (i = 0; i < NSIGS; i++)
-		(void)sigaction(sigs[i], &sa, &old[i]);
+		if (sigaction(sigs[i], NULL, &old[i]) == 0 && old[i].sa_handler != SIG_IGN)
+			(void)sigaction(sigs[i], &sa, NULL);
 
 	if (tcgetattr(fd, &saved) != 0) {
 		saved_errno = errno;

@@ -118,11 +118,18 @@ echo_on(int fd)
 	return (t.c_lflag & ECHO) != 0;
 }
 
+/* SIGHUP's disposition in the prompting child: SIG_DFL, or SIG_IGN as under nohup. */
+static void (*prompt_sighup)(int) = SIG_DFL;
+
 static void
 prompt_and_report(int res)
 {
 	struct result r;
 
+	/* The dispositions the tests start from, whatever the runner's (nohup). */
+	(void)signal(SIGHUP, prompt_sighup);
+	(void)signal(SIGINT, SIG_DFL);
+	(void)signal(SIGTERM, SIG_DFL);
 	memset(&r, 0x55, sizeof(r));
 	r.rc = cli_read_pin_tty(PROMPT, r.pin, &r.len);
 	if (write(res, &r, sizeof(r)) != (ssize_t)sizeof(r))
@@ -375,6 +382,49 @@ test_tty_signal(void **state)
 	}
 }
 
+/* Whether PID has a signal pending (its own or its process's). */
+static int
+signal_pending(pid_t pid)
+{
+	char path[64], line[128];
+	FILE *f;
+	int pending = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	if ((f = fopen(path, "r")) == NULL)
+		return 0;
+	while (fgets(line, sizeof(line), f) != NULL)
+		if ((strncmp(line, "SigPnd:", 7) == 0 || strncmp(line, "ShdPnd:", 7) == 0) &&
+		    strspn(line + 7, "\t 0") != strlen(line + 7) - 1)
+			pending = 1;
+	fclose(f);
+	return pending;
+}
+
+/* A signal the caller ignores (nohup's SIGHUP) does not end the prompt. */
+static void
+test_tty_signal_ignored(void **state)
+{
+	struct pty_child c;
+	struct result r;
+
+	(void)state;
+	prompt_sighup = SIG_IGN;
+	start_prompt(&c);
+	prompt_sighup = SIG_DFL;
+	type(&c, "12", 2);
+	assert_int_equal(kill(c.pid, SIGHUP), 0);
+	/* The rest is typed once the signal has had its effect: none pending
+	 * and the child asleep waiting for a key (or gone). */
+	while (signal_pending(c.pid) || proc_state(c.pid) == 'R')
+		(void)poll(NULL, 0, 10);
+	type(&c, "34\n", 3);
+	finish_prompt(&c, &r);
+	assert_int_equal(r.rc, CLI_EXIT_OK);
+	assert_int_equal(r.len, 4);
+	assert_string_equal(r.pin, "1234");
+}
+
 /*
  * Ctrl-Z at the prompt: the terminal gets its echo back while the job is
  * stopped; after fg (SIGCONT) the prompt asks again, echo off, and the PIN
@@ -499,6 +549,7 @@ main(void)
 		cmocka_unit_test(test_tty_too_long),
 		cmocka_unit_test(test_tty_eof),
 		cmocka_unit_test(test_tty_signal),
+		cmocka_unit_test(test_tty_signal_ignored),
 		cmocka_unit_test(test_tty_stop),
 		cmocka_unit_test(test_fd),
 	};
