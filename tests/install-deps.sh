@@ -9,6 +9,7 @@
 #                                 systemd-socket-activate, systemd-analyze and
 #                                 t_audit's private systemd-journald and journalctl;
 #                                 dbus and python3-dbus: t_logind's private bus;
+#                                 pinentry-tty, pinentry-curses, tmux: t_pinentry;
 #                                 openssh-server, socat: t_forward's sshd and relay;
 #                                 libnss3, swtpm, tpm2-*, pcscd, vpcd: tests/tokens)
 #   tests/install-deps.sh pkg     demo + what make deb, make rpm and the
@@ -25,7 +26,7 @@ build="autoconf automake libtool pkg-config make gcc libc6-dev libssl-dev openss
 demo="$build softhsm2 opensc python3-pykcs11 util-linux curl ca-certificates"
 test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gnutls-bin fcgiwrap git wget
 	libengine-pkcs11-openssl libnss3-tools chromium firefox-esr systemd
-	dbus-daemon dbus-bin python3-dbus python3-gi pinentry-tty
+	dbus-daemon dbus-bin python3-dbus python3-gi pinentry-tty pinentry-curses tmux
 	openssh-server openssh-client socat
 	libnss3 libnss3-tools swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools"
 # tests/tokens, OpenSC: a virtual CAC card (libcacard-dev, built into vcard_bridge)

@@ -6,14 +6,16 @@
 #
 # The pinentry is test_pinentry.py (speaks Assuan as pinentry does, answers
 # from $PDIR/behaviour, logs one line per dialog to $PDIR/log) and, in the
-# last part, the real pinentry-tty on a pseudo-terminal this test owns.  The
+# last part, the real pinentry-tty on a pseudo-terminal this test owns and
+# the real pinentry-curses in a tmux pane.  The
 # token is SoftHSM2 behind the fault module (fault_setup), which counts
 # C_Login.  Cases: a curl TLS handshake through the provider (one dialog,
 # handshake completes); 8 concurrent signers (one dialog, all succeed);
 # status and list answer while the dialog is open; cancel (every waiter
 # gets "PIN entry cancelled", no new dialog within the back-off); a wrong
 # PIN (one C_Login, never retried; the next request's dialog says why);
-# P11AGENT_NO_PROMPT; updatestartuptty; pinentry-tty.
+# P11AGENT_NO_PROMPT; updatestartuptty; pinentry-tty; pinentry-curses in
+# a tmux pane.
 set -eu
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -338,6 +340,60 @@ print(("ok" if label in text else "not ok") + "\tpinentry-tty: the terminal show
 print(("ok" if pin.encode() not in buf else "not ok") + "\tpinentry-tty: the PIN was not echoed")
 EOF
 	relay_cases "$T/pty.out"
+fi
+
+# ------------------------------------------------------------ the real pinentry-curses
+# A tmux server of this test's own (its own socket) gives pinentry-curses a
+# terminal: the pane runs updatestartuptty and waits; the test reads the
+# screen with capture-pane and types with send-keys.
+tmux_cmd() {
+	tmux -S "$T/tmux.sock" "$@"
+}
+screen_text() {
+	tmux_cmd capture-pane -p -t p11a 2>/dev/null
+}
+if [ ! -x /usr/bin/pinentry-curses ] || ! command -v tmux >/dev/null; then
+	for c in "the dialog appeared on the tmux pane" "PIN typed into the dialog, signature made" \
+		"the dialog showed the token's name"; do
+		skip "pinentry-curses: $c" "pinentry-curses or tmux not installed"
+	done
+else
+	stop_agent
+	sed -i "s|^pinentry-program .*|pinentry-program /usr/bin/pinentry-curses|" "$T/agent.conf"
+	check "agent restarts with pinentry-curses (token locked)" start_agent --config "$T/agent.conf"
+	check "tmux server started" tmux_cmd -f /dev/null new-session -d -s p11a -x 100 -y 30 \
+		"$P11AGENT --socket $SOCK updatestartuptty && touch $T/tmux.ready; exec sleep 300"
+	tmux_pid=$(tmux_cmd display-message -p '#{pid}' 2>/dev/null || true)
+	[ -z "$tmux_pid" ] || remember_pid "$tmux_pid"
+	check "updatestartuptty ran in the pane" poll 20 test -e "$T/tmux.ready"
+	p11a sign --key "$KEY" --scheme ecdsa --in "$T/msg" --out "$T/sig.curses" \
+		>"$T/curses.out" 2>"$T/curses.err" &
+	signer=$!
+	remember_pid "$signer"
+	if poll 30 sh -c "tmux -S '$T/tmux.sock' capture-pane -p -t p11a | grep -q 'PIN'"; then
+		ok "pinentry-curses: the dialog appeared on the tmux pane"
+	else
+		not_ok "pinentry-curses: the dialog appeared on the tmux pane"
+		diag "$(screen_text)"
+	fi
+	screen=$(screen_text)
+	tmux_cmd send-keys -t p11a -l "$USER_PIN"
+	tmux_cmd send-keys -t p11a Enter
+	st=0
+	wait "$signer" || st=$?
+	forget_pid "$signer"
+	if [ "$st" -eq 0 ] && [ -s "$T/sig.curses" ]; then
+		ok "pinentry-curses: PIN typed into the dialog, signature made"
+	else
+		not_ok "pinentry-curses: PIN typed into the dialog, signature made"
+		diag_file "$T/curses.err"
+	fi
+	case $screen in
+	*"$TOKEN_LABEL"*) ok "pinentry-curses: the dialog showed the token's name" ;;
+	*) not_ok "pinentry-curses: the dialog showed the token's name"; diag "$screen" ;;
+	esac
+	tmux_cmd kill-server 2>/dev/null
+	[ -z "$tmux_pid" ] || { wait_gone "$tmux_pid" 10; forget_pid "$tmux_pid"; }
 fi
 
 file_lacks "$AGENT_LOG" "99999999" "the wrong PIN is nowhere in the agent's log"
