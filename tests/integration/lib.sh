@@ -588,6 +588,14 @@ EOF
 	export P11A_FAULT_MODULE=$SOFTHSM2_MODULE
 }
 
+# calls FUNC: how often the fault module saw FUNC (C_Login, C_Sign,
+# C_Initialize), from $CTL.calls.
+calls() {
+	local n=0
+	[ ! -f "$CTL.calls" ] || n=$(grep -c "^$1 " "$CTL.calls" || true)
+	printf '%s\n' "$n"
+}
+
 token_two() {
 	local spec ktype kid klabel
 	softhsm2-util --init-token --free --label "$TWO_LABEL" --pin "$USER_PIN" --so-pin "$SO_PIN" || return 1
@@ -599,6 +607,39 @@ token_two() {
 }
 
 # ---------------------------------------------------------------- agent
+
+# ---------------------------------------------------------------- the test pinentry
+# pinentry_setup: dialogs go to test_pinentry.py, copied to $T/test-pinentry
+# (the caller names it as pinentry-program); it answers from
+# $PDIR/behaviour and logs one line per dialog to $PDIR/log.  Lets the
+# agent prompt (unsets P11AGENT_NO_PROMPT).
+PDIR=$T/pinentry
+pinentry_setup() {
+	mkdir -p "$PDIR"
+	export TEST_PINENTRY_DIR=$PDIR
+	unset P11AGENT_NO_PROMPT
+	cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
+	chmod 755 "$T/test-pinentry"
+}
+
+# behave LINE...: what the test pinentry answers next.
+behave() {
+	printf '%s\n' "$@" >"$PDIR/behaviour.new"
+	mv -f "$PDIR/behaviour.new" "$PDIR/behaviour"
+}
+
+# dialogs [KIND]: how many dialogs (of KIND: GETPIN, CONFIRM, MESSAGE) the
+# test pinentry has shown.
+dialogs() {
+	local n=0
+	[ ! -f "$PDIR/log" ] || n=$(grep -c "^${1:-}" "$PDIR/log" || true)
+	printf '%s\n' "$n"
+}
+
+# last_dialog: the log line of the last dialog.
+last_dialog() {
+	tail -n 1 "$PDIR/log" 2>/dev/null
+}
 
 # relay_cases FILE: turns the lines a Python case driver printed (see
 # p11a_proto.Cases) into TAP checks: "ok<TAB>DESC", "not ok<TAB>DESC<TAB>WHY",

@@ -25,35 +25,8 @@ require_agent_binaries
 make_token
 fault_setup
 
-PDIR=$T/pinentry
-mkdir -p "$PDIR"
-export TEST_PINENTRY_DIR=$PDIR
-unset P11AGENT_NO_PROMPT
-cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
-chmod 755 "$T/test-pinentry"
+pinentry_setup
 echo "pinentry-program $T/test-pinentry" >>"$T/agent.conf"
-
-behave() {
-	printf '%s\n' "$@" >"$PDIR/behaviour.new"
-	mv -f "$PDIR/behaviour.new" "$PDIR/behaviour"
-}
-
-dialogs() {
-	local n=0
-	[ ! -f "$PDIR/log" ] || n=$(wc -l <"$PDIR/log")
-	printf '%s\n' "$n"
-}
-
-last_dialog() {
-	tail -n 1 "$PDIR/log" 2>/dev/null
-}
-
-# calls NAME: how many NAME calls the fault module logged.
-calls() {
-	local n=0
-	[ ! -f "$CTL.calls" ] || n=$(grep -c "^$1 " "$CTL.calls" || true)
-	printf '%s\n' "$n"
-}
 
 # The always-auth key, generated on the token the fault module shows.
 if pkcs11-tool --module "$SOFTHSM2_MODULE" --token-label "$TOKEN_LABEL" --login --pin "$USER_PIN" \

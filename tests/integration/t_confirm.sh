@@ -17,12 +17,7 @@ require_agent_binaries
 require_provider
 make_token
 
-PDIR=$T/pinentry
-mkdir -p "$PDIR"
-export TEST_PINENTRY_DIR=$PDIR
-unset P11AGENT_NO_PROMPT
-cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
-chmod 755 "$T/test-pinentry"
+pinentry_setup
 cat >"$T/agent.conf" <<EOF
 socket $SOCK
 module $SOFTHSM2_MODULE
@@ -34,21 +29,6 @@ confirm once
 [key pkcs11:object=ec384]
 confirm always
 EOF
-
-behave() {
-	printf '%s\n' "$@" >"$PDIR/behaviour.new"
-	mv -f "$PDIR/behaviour.new" "$PDIR/behaviour"
-}
-
-confirms() {
-	local n=0
-	[ ! -f "$PDIR/log" ] || n=$(grep -c '^CONFIRM' "$PDIR/log" || true)
-	printf '%s\n' "$n"
-}
-
-last_dialog() {
-	tail -n 1 "$PDIR/log" 2>/dev/null
-}
 
 printf 'message to sign\n' >"$T/msg"
 # sign LABEL OUT [env...]: `p11agent sign` with key LABEL.
@@ -104,7 +84,7 @@ if [ -z "${PORT[a]:-}" ] || [ -z "${PORT[b]:-}" ]; then
 fi
 
 # ------------------------------------------------------------ confirm = once
-n0=$(confirms)
+n0=$(dialogs CONFIRM)
 st=0
 curl2 ec256 "$T/curl.once" || st=$?
 if [ "$st" -eq 0 ] && saw_twice "$T/curl.once" ec256; then
@@ -114,7 +94,7 @@ else
 	diag "$TLS_CLIENT exit status $st"
 	diag_file "$T/curl.once" 15
 fi
-is "$(($(confirms) - n0))" 1 "confirm once: one dialog for the two signatures of one program"
+is "$(($(dialogs CONFIRM) - n0))" 1 "confirm once: one dialog for the two signatures of one program"
 d=$(last_dialog)
 case $d in
 CONFIRM*ec256*) ok "the confirm dialog names key ec256" ;;
@@ -126,7 +106,7 @@ case $d in
 esac
 sign ec256 "$T/sig.once2"
 rc_is 0 "confirm once: another program signs after its own yes"
-is "$(($(confirms) - n0))" 2 "confirm once: another program gets its own dialog"
+is "$(($(dialogs CONFIRM) - n0))" 2 "confirm once: another program gets its own dialog"
 
 behave action=no
 sign ec256 "$T/sig.once.no"
@@ -137,11 +117,11 @@ if [ -s "$T/sig.once.no" ]; then
 else
 	ok "confirm once, no: no signature written"
 fi
-is "$(($(confirms) - n0))" 3 "confirm once, no: one dialog"
+is "$(($(dialogs CONFIRM) - n0))" 3 "confirm once, no: one dialog"
 
 # ------------------------------------------------------------ confirm = always
 behave action=yes
-n0=$(confirms)
+n0=$(dialogs CONFIRM)
 st=0
 curl2 ec384 "$T/curl.always" || st=$?
 if [ "$st" -eq 0 ] && saw_twice "$T/curl.always" ec384; then
@@ -151,7 +131,7 @@ else
 	diag "$TLS_CLIENT exit status $st"
 	diag_file "$T/curl.always" 15
 fi
-is "$(($(confirms) - n0))" 2 "confirm always: a dialog for each of the two signatures"
+is "$(($(dialogs CONFIRM) - n0))" 2 "confirm always: a dialog for each of the two signatures"
 behave action=no
 sign ec384 "$T/sig.always.no"
 rc_is 1 "confirm always, no: the signature fails"
@@ -161,17 +141,17 @@ if [ -s "$T/sig.always.no" ]; then
 else
 	ok "confirm always, no: no signature written"
 fi
-is "$(($(confirms) - n0))" 3 "confirm always, no: one dialog"
+is "$(($(dialogs CONFIRM) - n0))" 3 "confirm always, no: one dialog"
 
 # ------------------------------------------------------------ no confirm, no prompt
-n0=$(confirms)
+n0=$(dialogs CONFIRM)
 sign rsa2048 "$T/sig.plain"
 rc_is 0 "a key without confirm signs"
-is "$(($(confirms) - n0))" 0 "a key without confirm: no dialog"
+is "$(($(dialogs CONFIRM) - n0))" 0 "a key without confirm: no dialog"
 sign ec384 "$T/sig.noprompt" P11AGENT_NO_PROMPT=1
 rc_is 1 "P11AGENT_NO_PROMPT=1: a key with confirm = always does not sign"
 stderr_has "confirmation" "and says the key needs a confirmation"
-is "$(($(confirms) - n0))" 0 "P11AGENT_NO_PROMPT=1: no dialog"
+is "$(($(dialogs CONFIRM) - n0))" 0 "P11AGENT_NO_PROMPT=1: no dialog"
 
 stop_agent
 is "$AGENT_RC" 0 "agent exits cleanly"

@@ -30,13 +30,6 @@ set_ctl() {
 	mv -f "$CTL.new" "$CTL"
 }
 
-# calls FUNC: how often the faulty module saw FUNC (C_Login, C_Sign, C_Initialize).
-calls() {
-	local n=0
-	[ ! -f "$CTL.calls" ] || n=$(grep -c "^$1 " "$CTL.calls" || true)
-	printf '%s\n' "$n"
-}
-
 # tok FIELD [LABEL]: a field of a token in a fresh `list --json`.
 tok() {
 	list_json && json_token "$1" "${2:-}"

@@ -50,11 +50,9 @@ unset OPENSSL_CONF
 # ec256: default (allow); ec384: forwarding deny; rsa2048: forwarding confirm.
 # Dialogs (forwarding confirm, a PIN on first use) go to the test pinentry,
 # which answers from $PDIR/behaviour and logs one line per dialog.
-PDIR=$T/pinentry
-mkdir -p "$PDIR"
-export TEST_PINENTRY_DIR=$PDIR
-cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
-chmod 755 "$T/test-pinentry"
+pinentry_setup
+# The dialogs here are confirms only: a locked token is not prompted for.
+export P11AGENT_NO_PROMPT=1
 printf 'action=cancel\n' >"$PDIR/behaviour"
 cat >"$T/agent.conf" <<EOF
 socket $SOCK

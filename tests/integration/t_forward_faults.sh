@@ -34,12 +34,6 @@ fired() {
 released() {
 	[ "$(grep -c '^C_Sign rv=0x00000030$' "$CTL.calls" || true)" -gt "$1" ]
 }
-calls() {
-	local n=0
-	[ ! -f "$CTL.calls" ] || n=$(grep -c "^$1 " "$CTL.calls" || true)
-	printf '%s\n' "$n"
-}
-
 start_agent --config "$T/agent.conf" --token "$TOKEN_LABEL" --token "$TWO_LABEL" ||
 	bail_out "agent lists both tokens through the fault module"
 KEY_A=$(json_key ec256 uri)

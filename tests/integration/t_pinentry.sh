@@ -28,37 +28,8 @@ require_provider
 make_token
 fault_setup
 
-PDIR=$T/pinentry
-mkdir -p "$PDIR"
-export TEST_PINENTRY_DIR=$PDIR
-unset P11AGENT_NO_PROMPT
-cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
-chmod 755 "$T/test-pinentry"
+pinentry_setup
 echo "pinentry-program $T/test-pinentry" >>"$T/agent.conf"
-
-# behave LINE...: what the test pinentry answers next.
-behave() {
-	printf '%s\n' "$@" >"$PDIR/behaviour.new"
-	mv -f "$PDIR/behaviour.new" "$PDIR/behaviour"
-}
-
-# dialogs: how many dialogs the test pinentry has shown.
-dialogs() {
-	local n=0
-	[ ! -f "$PDIR/log" ] || n=$(wc -l <"$PDIR/log")
-	printf '%s\n' "$n"
-}
-
-# last_dialog: the log line of the last dialog.
-last_dialog() {
-	tail -n 1 "$PDIR/log" 2>/dev/null
-}
-
-calls() {
-	local n=0
-	[ ! -f "$CTL.calls" ] || n=$(grep -c "^$1 " "$CTL.calls" || true)
-	printf '%s\n' "$n"
-}
 
 dialog_open() {
 	[ -s "$PDIR/open" ]

@@ -22,31 +22,8 @@ require_agent_binaries
 make_token
 fault_setup
 
-PDIR=$T/pinentry
-mkdir -p "$PDIR"
-export TEST_PINENTRY_DIR=$PDIR
-unset P11AGENT_NO_PROMPT
-cp "$lib_dir/test_pinentry.py" "$T/test-pinentry"
-chmod 755 "$T/test-pinentry"
+pinentry_setup
 echo "pinentry-program $T/test-pinentry" >>"$T/agent.conf"
-
-behave() {
-	printf '%s\n' "$@" >"$PDIR/behaviour.new"
-	mv -f "$PDIR/behaviour.new" "$PDIR/behaviour"
-}
-
-# dialogs [KIND]: how many dialogs (of KIND) the test pinentry has shown.
-dialogs() {
-	local n=0
-	[ ! -f "$PDIR/log" ] || n=$(grep -c "^${1:-}" "$PDIR/log" || true)
-	printf '%s\n' "$n"
-}
-
-calls() {
-	local n=0
-	[ ! -f "$CTL.calls" ] || n=$(grep -c "^$1 " "$CTL.calls" || true)
-	printf '%s\n' "$n"
-}
 
 logged_in() {
 	list_json 2>/dev/null && [ "$(json_token logged_in)" = true ]
