@@ -246,6 +246,30 @@ dialog_finish(struct server *s, size_t di, int code, const char *msg)
 	dialog_remove(s, di);
 }
 
+/*
+ * A request refused during the back-off after a cancel: audited as a
+ * dialog outcome that showed no dialog, then answered CANCELLED.
+ */
+static void
+backoff_refuse(struct server *s, size_t ci, uint8_t event_kind, char *uri, char *msg)
+{
+	const struct client *c = &s->clients[ci];
+	struct p11a_event e;
+
+	memset(&e, 0, sizeof(e));
+	e.time_us = audit_now_us();
+	e.kind = event_kind;
+	e.uri = uri;
+	e.pid = c->pid > 0 ? (uint32_t)c->pid : 0;
+	e.uid = (uint32_t)s->uid;
+	e.exe = c->exe;
+	e.flags = c->forwarded ? P11A_EVENT_FORWARDED : 0;
+	e.result = (uint32_t)P11A_E_CANCELLED;
+	e.message = msg;
+	audit_record(&e);
+	send_error(s, ci, P11A_E_CANCELLED, "%s", msg);
+}
+
 static int
 waiter_add(struct server *s, struct dialog *d, size_t ci)
 {
@@ -849,9 +873,12 @@ handle_unlock_prompt(struct server *s, size_t ci, const char *uri)
 	struct tok_prompt *tp = tprompt_get(s, t->uri);
 	int64_t now = p11a_now_ms();
 	if (tp != NULL && tp->until > now) {
-		send_error(s, ci, P11A_E_CANCELLED, "PIN entry for token '%s' was cancelled; no new "
-			   "dialog for %lld s (or run 'p11agent unlock')", t->label,
-			   (long long)((tp->until - now + 999) / 1000));
+		char msg[512];
+
+		snprintf(msg, sizeof(msg), "PIN entry for token '%s' was cancelled; no new "
+			 "dialog for %lld s (or run 'p11agent unlock')", t->label,
+			 (long long)((tp->until - now + 999) / 1000));
+		backoff_refuse(s, ci, P11A_EV_PIN_DIALOG, t->uri, msg);
 		return;
 	}
 	struct dialog *d = dialog_new(s, ci, D_UNLOCK, hi, t->uri, t->label);
@@ -985,9 +1012,12 @@ handle_context_pin(struct server *s, size_t ci, const char *uri)
 	struct tok_prompt *tp = tprompt_get(s, key->uri);
 	int64_t now = p11a_now_ms();
 	if (tp != NULL && tp->until > now) {
-		send_error(s, ci, P11A_E_CANCELLED, "PIN entry for key '%s' was cancelled; no new "
-			   "dialog for %lld s", key->label && *key->label ? key->label : key->uri,
-			   (long long)((tp->until - now + 999) / 1000));
+		char msg[512];
+
+		snprintf(msg, sizeof(msg), "PIN entry for key '%s' was cancelled; no new "
+			 "dialog for %lld s", key->label && *key->label ? key->label : key->uri,
+			 (long long)((tp->until - now + 999) / 1000));
+		backoff_refuse(s, ci, P11A_EV_PIN_DIALOG, key->uri, msg);
 		return;
 	}
 	const char *label = key->label && *key->label ? key->label : key->uri;

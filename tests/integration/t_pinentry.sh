@@ -228,17 +228,20 @@ esac
 # ------------------------------------------------------------ the audit trail
 # Every dialog's outcome is an audit event (p11agent log): the cancel, the
 # wrong PIN and the good ones, with the program that asked.
-# dialog_events RESULT: how many pin-dialog events of p11agent log ended with RESULT.
+# dialog_events RESULT [TEXT]: how many pin-dialog events of p11agent log
+# ended with RESULT (and have TEXT in their error).
 dialog_events() {
 	p11a log --json | "$PYTHON3" -c '
 import json, sys
+text = sys.argv[2] if len(sys.argv) > 2 else ""
 print(sum(1 for e in json.load(sys.stdin)
           if e.get("event") == "pin-dialog" and e.get("result") == sys.argv[1]
-          and e.get("pid") and e.get("exe")))' "$1"
+          and e.get("pid") and e.get("exe") and text in (e.get("error") or "")))' "$@"
 }
 has_dialog_events() { [ "$(dialog_events CANCELLED)" -ge 1 ] && [ "$(dialog_events PIN_INCORRECT)" -ge 2 ]; }
 if wait_for "p11agent log: pin-dialog events" 10 has_dialog_events; then
-	is "$(dialog_events CANCELLED)" 1 "p11agent log: one cancelled PIN dialog (the waiters shared it)"
+	is "$(dialog_events CANCELLED)" 2 "p11agent log: one cancelled PIN dialog (the waiters shared it) and one refusal in its back-off"
+	is "$(dialog_events CANCELLED "no new dialog for")" 1 "p11agent log: the request refused in the back-off, with why"
 	is "$(dialog_events PIN_INCORRECT)" 2 "p11agent log: two PIN dialogs ended with a wrong PIN"
 	ok_n=$(dialog_events ok)
 	if [ "$ok_n" -ge 4 ]; then ok "p11agent log: the successful PIN dialogs ($ok_n)"; else not_ok "p11agent log: the successful PIN dialogs"; diag "got $ok_n"; fi
