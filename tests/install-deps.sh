@@ -33,6 +33,8 @@ test="$demo libcmocka-dev python3 python3-cryptography procps gdb nginx-light gn
 # in vsmartcard's vpcd reader behind a private pcscd (iproute2: the lo of its
 # netns, and of swtpm's in setup-tpm2.sh).
 opensc_token="pcscd vsmartcard-vpcd libcacard-dev iproute2"
+# tests/tokens, p11-kit RPC: p11-kit-client.so (p11-kit server is in p11-kit).
+opensc_token="$opensc_token p11-kit-modules"
 test="$test $opensc_token"
 # dpkg-buildpackage checks build-essential too (an implicit build dependency).
 pkgtools="build-essential debhelper dpkg-dev fakeroot lintian rpm libsystemd-dev gnutls-bin"

@@ -9,7 +9,9 @@
 #   sign        for every key: `p11agent sign` with each scheme of its type
 #               (RSA: PKCS#1 v1.5 and PSS; EC: ECDSA; Ed25519: EdDSA),
 #               verified by openssl with the public key of the certificate
-#               the agent paired with it (export-cert)
+#               the agent paired with it (export-cert); a scheme of
+#               TOKEN_NO_SCHEMES is refused with "cannot sign with SCHEME"
+#               and that key's TLS checks are skipped with the reason
 #   provider    curl, TLS 1.2 and 1.3, with the key-reference file from
 #               `p11agent export-key`, against openssl s_server -Verify 1
 #               -verify_return_error -www trusting only TOKEN_CA: the page
@@ -38,7 +40,7 @@ test_name=checks-$(basename "$TOKDIR_IN")
 . "$lib_dir/pkcs11_lib.sh"
 
 require_file "$TOKDIR_IN/token.env"
-TOKEN_NAME='' TOKEN_MODULE='' TOKEN_INIT_ARGS='' TOKEN_PIN='' TOKEN_URI='' TOKEN_KEYS='' TOKEN_CA=''
+TOKEN_NAME='' TOKEN_MODULE='' TOKEN_INIT_ARGS='' TOKEN_PIN='' TOKEN_URI='' TOKEN_KEYS='' TOKEN_CA='' TOKEN_NO_SCHEMES=''
 TOKEN_WRONG_PIN_SAFE=1 TOKEN_FAIL_COUNT=''
 # shellcheck source=/dev/null
 . "$TOKDIR_IN/token.env"
@@ -178,11 +180,36 @@ schemes() {
 	esac
 }
 
+# no_scheme SCHEME: the module offers no mechanism for SCHEME (TOKEN_NO_SCHEMES).
+no_scheme() {
+	case " ${TOKEN_NO_SCHEMES:-} " in *" $1 "*) return 0 ;; esac
+	return 1
+}
+
 for spec in $TOKEN_KEYS; do
 	for scheme in $(schemes "${spec%%:*}"); do
-		sign_verify "$(key_label "$spec")" "$scheme"
+		label=$(key_label "$spec")
+		if no_scheme "$scheme"; then
+			# The agent must say so, not try and fail on the token.
+			sign_once "$label" "$scheme"
+			rc_is 1 "$label: sign $scheme is refused ($TOKEN_NAME offers no $scheme mechanism)"
+			stderr_has "cannot sign with $scheme" "$label: the error says the token cannot sign with $scheme"
+		else
+			sign_verify "$label" "$scheme"
+		fi
 	done
 done
+
+# tls_skip SPEC: why the TLS checks of key SPEC cannot run, or nothing.
+tls_skip() {
+	local sch
+	for sch in $(schemes "${1%%:*}"); do
+		if no_scheme "$sch"; then
+			echo "$TOKEN_NAME offers no $sch mechanism (TOKEN_NO_SCHEMES)"
+			return
+		fi
+	done
+}
 
 # ---------------------------------------------------------------- TLS
 # The server trusts only the token's CA for client certificates; its own
@@ -219,6 +246,10 @@ for spec in $TOKEN_KEYS; do
 	check "$label: export-key writes a key-reference file" p11a export-key "${URI[$label]}" --out "$REF"
 	for tls in 1.2 1.3; do
 		out=$T/curl.$label.$tls
+		if [ -n "$(tls_skip "$spec")" ]; then
+			skip "$label: curl TLS $tls through the provider" "$(tls_skip "$spec")"
+			continue
+		fi
 		if [ -n "$CURL_SKIP" ]; then
 			skip "$label: curl TLS $tls through the provider" "$CURL_SKIP"
 			continue
@@ -250,6 +281,10 @@ for spec in $TOKEN_KEYS; do
 	for tls in 1.2 1.3; do
 		out=$T/gnutls.$label.$tls
 		desc="$label: gnutls-cli TLS $tls through p11agent-pkcs11.so; the server saw the token's certificate"
+		if [ -n "$(tls_skip "$spec")" ]; then
+			skip "$desc" "$(tls_skip "$spec")"
+			continue
+		fi
 		if [ -n "$PK_SAN_SKIP" ] && [ "${gnutls_type_done[${spec%%:*}]:-$label}" != "$label" ]; then
 			skip "$desc" "$PK_SAN_SKIP: gnutls-cli hangs at exit; one key of each type is tried"
 			continue
