@@ -11,6 +11,7 @@
 
 #include <assuan.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
@@ -20,6 +21,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/types.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define PIN_BUF 512     /* a PIN of P11A_PIN_MAX bytes and room to notice a longer one */
@@ -202,9 +204,51 @@ child_setup(void *arg, int reserved)
 	}
 }
 
+/*
+ * The terminal of a pinentry that draws on the user's tty (pinentry-tty,
+ * -curses): its settings are saved before the program starts and put back
+ * when the agent had to kill it (a PIN pad message closed by the login, a
+ * dialog nobody waits for any more), since a killed pinentry leaves the
+ * user's shell without echo and canonical mode.  fd -1: no tty.
+ */
+struct tty_guard {
+	int fd;
+	struct termios saved;
+};
+
+static void
+tty_guard_save(struct tty_guard *g, const char *tty)
+{
+	g->fd = -1;
+	if (tty == NULL || *tty == '\0')
+		return;
+	g->fd = open(tty, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+	if (g->fd >= 0 && (!isatty(g->fd) || tcgetattr(g->fd, &g->saved) != 0)) {
+		close(g->fd);
+		g->fd = -1;
+	}
+}
+
+static void
+tty_guard_end(struct tty_guard *g, int restore)
+{
+	if (g->fd < 0)
+		return;
+	if (restore) {
+		if (tcsetattr(g->fd, TCSANOW, &g->saved) != 0)
+			log_warn("could not restore the terminal settings of the killed pinentry: %s",
+				 strerror(errno));
+		else
+			log_debug("terminal settings restored after the pinentry was killed");
+	}
+	close(g->fd);
+	g->fd = -1;
+}
+
 static enum pinentry_result
 converse(struct pinentry *p)
 {
+	struct tty_guard tty = { .fd = -1 };
 	assuan_context_t ctx = NULL;
 	const char *argv[2] = { p->program, NULL };
 	assuan_fd_t keep[] = { 2, ASSUAN_INVALID_FD };
@@ -223,6 +267,7 @@ converse(struct pinentry *p)
 			 "(pinentry-program in p11agentd.conf)", p->program, strerror(errno));
 		goto out;
 	}
+	tty_guard_save(&tty, env_get(p, "TTY"));
 	e = assuan_pipe_connect(ctx, p->program, argv, keep, child_setup, p, 0);
 	if (e != 0) {
 		snprintf(p->msg, sizeof(p->msg), "cannot run pinentry program %s: %s", p->program,
@@ -296,8 +341,10 @@ out:
 	/* The program is reaped by assuan_release(): no kill() after this point. */
 	pthread_mutex_lock(&p->lock);
 	p->pid = 0;
+	int killed = p->aborted;
 	pthread_mutex_unlock(&p->lock);
 	assuan_release(ctx);
+	tty_guard_end(&tty, killed);
 	return res;
 }
 

@@ -641,6 +641,78 @@ last_dialog() {
 	tail -n 1 "$PDIR/log" 2>/dev/null
 }
 
+# ---------------------------------------------------------------- a terminal in tmux
+# For the real terminal pinentries (pinentry-curses): a tmux server of the
+# test's own on $T/tmux.sock (stopped at cleanup, by PID) with one 100x30
+# pane "p11a" that ran `p11agent updatestartuptty`, so the agent's dialogs
+# draw there.  The test reads the pane with screen_text and types with
+# tmux_cmd send-keys -t p11a.
+TMUX_TTY=
+TMUX_SERVER_PID=
+tmux_cmd() {
+	tmux -S "$T/tmux.sock" "$@"
+}
+screen_text() {
+	tmux_cmd capture-pane -p -t p11a 2>/dev/null
+}
+# tmux_start: the pane is up and updatestartuptty ran there (within 20 s);
+# its terminal is $TMUX_TTY.
+tmux_start() {
+	rm -f "$T/tmux.ready" "$T/tmux.tty"
+	tmux_cmd -f /dev/null new-session -d -s p11a -x 100 -y 30 \
+		"tty >$T/tmux.tty && $P11AGENT --socket $SOCK updatestartuptty && touch $T/tmux.ready; exec sleep 300" ||
+		return 1
+	TMUX_SERVER_PID=$(tmux_cmd display-message -p '#{pid}' 2>/dev/null || true)
+	[ -z "$TMUX_SERVER_PID" ] || remember_pid "$TMUX_SERVER_PID"
+	poll 20 test -e "$T/tmux.ready" || return 1
+	TMUX_TTY=$(cat "$T/tmux.tty")
+}
+tmux_stop() {
+	tmux_cmd kill-server 2>/dev/null || true
+	if [ -n "$TMUX_SERVER_PID" ]; then
+		wait_gone "$TMUX_SERVER_PID" 10 || true
+		forget_pid "$TMUX_SERVER_PID"
+	fi
+	TMUX_SERVER_PID=
+}
+# screen_has TEXT: the pane shows TEXT.
+screen_has() {
+	screen_text | grep -qF -- "$1"
+}
+# screen_shows TEXT DESC: a check that the pane shows TEXT within 30 s.
+screen_shows() {
+	if poll 30 screen_has "$1"; then
+		ok "$2"
+	else
+		not_ok "$2"
+		diag "$(screen_text)"
+	fi
+}
+
+# dialog_sign KEY OUT: `p11agent sign` (ecdsa) of $T/msg into OUT in the
+# background (remembered; its stderr in OUT.err), for a dialog to answer
+# meanwhile.  dialog_sign_done DESC: waits for it; a check that it exited 0
+# and wrote OUT.
+DIALOG_SIGN_PID= DIALOG_SIGN_OUT=
+dialog_sign() {
+	DIALOG_SIGN_OUT=$2
+	p11a sign --key "$1" --scheme ecdsa --in "$T/msg" --out "$2" >/dev/null 2>"$2.err" &
+	DIALOG_SIGN_PID=$!
+	remember_pid "$DIALOG_SIGN_PID"
+}
+dialog_sign_done() {
+	local st=0
+	wait "$DIALOG_SIGN_PID" || st=$?
+	forget_pid "$DIALOG_SIGN_PID"
+	if [ "$st" -eq 0 ] && [ -s "$DIALOG_SIGN_OUT" ]; then
+		ok "$1"
+	else
+		not_ok "$1"
+		diag "exit status $st"
+		diag_file "$DIALOG_SIGN_OUT.err"
+	fi
+}
+
 # relay_cases FILE: turns the lines a Python case driver printed (see
 # p11a_proto.Cases) into TAP checks: "ok<TAB>DESC", "not ok<TAB>DESC<TAB>WHY",
 # "#<TAB>TEXT" or "# TEXT" (diag), "figure<TAB>NAME<TAB>VALUE" (a diag line;

@@ -317,15 +317,7 @@ EOF
 fi
 
 # ------------------------------------------------------------ the real pinentry-curses
-# A tmux server of this test's own (its own socket) gives pinentry-curses a
-# terminal: the pane runs updatestartuptty and waits; the test reads the
-# screen with capture-pane and types with send-keys.
-tmux_cmd() {
-	tmux -S "$T/tmux.sock" "$@"
-}
-screen_text() {
-	tmux_cmd capture-pane -p -t p11a 2>/dev/null
-}
+# The pane of tmux_start (lib.sh) gives pinentry-curses a terminal.
 if [ ! -x /usr/bin/pinentry-curses ] || ! command -v tmux >/dev/null; then
 	for c in "the dialog appeared on the tmux pane" "PIN typed into the dialog, signature made" \
 		"the dialog showed the token's name"; do
@@ -335,39 +327,18 @@ else
 	stop_agent
 	sed -i "s|^pinentry-program .*|pinentry-program /usr/bin/pinentry-curses|" "$T/agent.conf"
 	check "agent restarts with pinentry-curses (token locked)" start_agent --config "$T/agent.conf"
-	check "tmux server started" tmux_cmd -f /dev/null new-session -d -s p11a -x 100 -y 30 \
-		"$P11AGENT --socket $SOCK updatestartuptty && touch $T/tmux.ready; exec sleep 300"
-	tmux_pid=$(tmux_cmd display-message -p '#{pid}' 2>/dev/null || true)
-	[ -z "$tmux_pid" ] || remember_pid "$tmux_pid"
-	check "updatestartuptty ran in the pane" poll 20 test -e "$T/tmux.ready"
-	p11a sign --key "$KEY" --scheme ecdsa --in "$T/msg" --out "$T/sig.curses" \
-		>"$T/curses.out" 2>"$T/curses.err" &
-	signer=$!
-	remember_pid "$signer"
-	if poll 30 sh -c "tmux -S '$T/tmux.sock' capture-pane -p -t p11a | grep -q 'PIN'"; then
-		ok "pinentry-curses: the dialog appeared on the tmux pane"
-	else
-		not_ok "pinentry-curses: the dialog appeared on the tmux pane"
-		diag "$(screen_text)"
-	fi
+	check "a tmux pane ran updatestartuptty" tmux_start
+	dialog_sign "$KEY" "$T/sig.curses"
+	screen_shows "PIN" "pinentry-curses: the dialog appeared on the tmux pane"
 	screen=$(screen_text)
 	tmux_cmd send-keys -t p11a -l "$USER_PIN"
 	tmux_cmd send-keys -t p11a Enter
-	st=0
-	wait "$signer" || st=$?
-	forget_pid "$signer"
-	if [ "$st" -eq 0 ] && [ -s "$T/sig.curses" ]; then
-		ok "pinentry-curses: PIN typed into the dialog, signature made"
-	else
-		not_ok "pinentry-curses: PIN typed into the dialog, signature made"
-		diag_file "$T/curses.err"
-	fi
+	dialog_sign_done "pinentry-curses: PIN typed into the dialog, signature made"
 	case $screen in
 	*"$TOKEN_LABEL"*) ok "pinentry-curses: the dialog showed the token's name" ;;
 	*) not_ok "pinentry-curses: the dialog showed the token's name"; diag "$screen" ;;
 	esac
-	tmux_cmd kill-server 2>/dev/null
-	[ -z "$tmux_pid" ] || { wait_gone "$tmux_pid" 10; forget_pid "$tmux_pid"; }
+	tmux_stop
 fi
 
 file_lacks "$AGENT_LOG" "99999999" "the wrong PIN is nowhere in the agent's log"

@@ -4,7 +4,9 @@
 # locked token makes the agent show a message (pinentry MESSAGE, one
 # button) that says to type the PIN on the reader's keypad while its helper
 # calls C_Login with a NULL PIN, and close it when the login is over;
-# `p11agent unlock` needs no PIN either.
+# `p11agent unlock` needs no PIN either.  Last, the message from the real
+# pinentry-curses in a tmux pane: the user's terminal is given back as it
+# was when the agent closes it.
 #
 # A small fake: no reader with a keypad exists on the test machines, and
 # SoftHSM2 refuses a NULL PIN.  The fault module (tests/fault) sets
@@ -95,6 +97,44 @@ rc_is 0 "p11agent unlock on the PIN pad token needs no PIN"
 stderr_has "PIN pad" "and tells the user to use the PIN pad"
 is "$(calls C_Login:pad)" "$((p0 + 1))" "p11agent unlock: one C_Login(NULL)"
 check "the token is logged in" logged_in
+
+# ------------------------------------------------------------ the real pinentry-curses
+# The keypad message drawn by the real pinentry-curses in a tmux pane
+# (tmux_start, lib.sh).  It waits for a key the user never presses: the
+# agent kills it when the login is over, and must then give the user's
+# terminal back as it was (a killed pinentry-curses leaves it without echo
+# and canonical mode).
+# tty_sane: the pane's terminal echoes and is in canonical mode again.
+tty_sane() {
+	local a
+	a=" $(stty -F "$TMUX_TTY" -a 2>/dev/null | tr '\n;' '  ') "
+	case $a in *" echo "*) ;; *) return 1 ;; esac
+	case $a in *" icanon "*) ;; *) return 1 ;; esac
+}
+curses_checks=("the keypad message appeared on the tmux pane" "the signature succeeded"
+	"the message was closed: the terminal has its echo and canonical mode back")
+if [ ! -x /usr/bin/pinentry-curses ] || ! command -v tmux >/dev/null; then
+	for c in "${curses_checks[@]}"; do
+		skip "pinentry-curses: $c" "pinentry-curses or tmux not installed"
+	done
+else
+	stop_agent
+	sed -i "s|^pinentry-program .*|pinentry-program /usr/bin/pinentry-curses|" "$T/agent.conf"
+	printf '%s\n' "pinflags=protected" "padpin=$USER_PIN" "C_Login=delay:1500" >"$CTL"
+	check "agent restarts with pinentry-curses (token locked)" start_agent --config "$T/agent.conf"
+	check "a tmux pane ran updatestartuptty" tmux_start
+	check "the pane's terminal echoes before the dialog" tty_sane
+	dialog_sign "$KEY" "$T/sig.curses"
+	screen_shows "keypad" "pinentry-curses: ${curses_checks[0]}"
+	dialog_sign_done "pinentry-curses: ${curses_checks[1]}"
+	if poll 10 tty_sane; then
+		ok "pinentry-curses: ${curses_checks[2]}"
+	else
+		not_ok "pinentry-curses: ${curses_checks[2]}"
+		diag "$(stty -F "$TMUX_TTY" -a 2>&1)"
+	fi
+	tmux_stop
+fi
 
 stop_agent
 is "$AGENT_RC" 0 "agent exits cleanly"
