@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <termios.h>
 #include <unistd.h>
@@ -219,8 +220,11 @@ struct tty_guard {
 static void
 tty_guard_save(struct tty_guard *g, const char *tty)
 {
+	struct stat st;
+
 	g->fd = -1;
-	if (tty == NULL || *tty == '\0')
+	/* The path comes from the session (updatestartuptty): only a terminal device is opened. */
+	if (tty == NULL || strncmp(tty, "/dev/", 5) != 0 || stat(tty, &st) != 0 || !S_ISCHR(st.st_mode))
 		return;
 	g->fd = open(tty, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
 	if (g->fd >= 0 && (!isatty(g->fd) || tcgetattr(g->fd, &g->saved) != 0)) {
