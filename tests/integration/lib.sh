@@ -679,6 +679,13 @@ tmux_stop() {
 screen_has() {
 	screen_text | grep -qF -- "$1"
 }
+# tty_sane: the pane's terminal echoes and is in canonical mode.
+tty_sane() {
+	local a
+	a=" $(stty -F "$TMUX_TTY" -a 2>/dev/null | tr '\n;' '  ') "
+	case $a in *" echo "*) ;; *) return 1 ;; esac
+	case $a in *" icanon "*) ;; *) return 1 ;; esac
+}
 # screen_shows TEXT DESC: a check that the pane shows TEXT within 30 s.
 screen_shows() {
 	if poll 30 screen_has "$1"; then

@@ -320,7 +320,8 @@ fi
 # The pane of tmux_start (lib.sh) gives pinentry-curses a terminal.
 if [ ! -x /usr/bin/pinentry-curses ] || ! command -v tmux >/dev/null; then
 	for c in "the dialog appeared on the tmux pane" "PIN typed into the dialog, signature made" \
-		"the dialog showed the token's name"; do
+		"the dialog showed the token's name" "a second dialog appeared on the pane" \
+		"killed at the agent's exit, the terminal has its echo and canonical mode back"; do
 		skip "pinentry-curses: $c" "pinentry-curses or tmux not installed"
 	done
 else
@@ -338,7 +339,24 @@ else
 	*"$TOKEN_LABEL"*) ok "pinentry-curses: the dialog showed the token's name" ;;
 	*) not_ok "pinentry-curses: the dialog showed the token's name"; diag "$screen" ;;
 	esac
+	# The agent stops with a dialog open: it kills pinentry-curses, which
+	# cannot clean up, and gives the terminal its settings back.
+	check "lock" p11a lock
+	poll 10 tty_sane || diag "the pane's terminal is not sane before the second dialog"
+	dialog_sign "$KEY" "$T/sig.curses2"
+	screen_shows "PIN" "pinentry-curses: a second dialog appeared on the pane"
+	stop_agent
+	is "$AGENT_RC" 0 "the agent exits cleanly with a dialog open"
+	wait "$DIALOG_SIGN_PID" 2>/dev/null || true
+	forget_pid "$DIALOG_SIGN_PID"
+	if poll 10 tty_sane; then
+		ok "pinentry-curses: killed at the agent's exit, the terminal has its echo and canonical mode back"
+	else
+		not_ok "pinentry-curses: killed at the agent's exit, the terminal has its echo and canonical mode back"
+		diag "$(stty -F "$TMUX_TTY" -a 2>&1)"
+	fi
 	tmux_stop
+	check "agent starts again" start_agent --config "$T/agent.conf"
 fi
 
 file_lacks "$AGENT_LOG" "99999999" "the wrong PIN is nowhere in the agent's log"

@@ -104,13 +104,6 @@ check "the token is logged in" logged_in
 # agent kills it when the login is over, and must then give the user's
 # terminal back as it was (a killed pinentry-curses leaves it without echo
 # and canonical mode).
-# tty_sane: the pane's terminal echoes and is in canonical mode again.
-tty_sane() {
-	local a
-	a=" $(stty -F "$TMUX_TTY" -a 2>/dev/null | tr '\n;' '  ') "
-	case $a in *" echo "*) ;; *) return 1 ;; esac
-	case $a in *" icanon "*) ;; *) return 1 ;; esac
-}
 curses_checks=("the keypad message appeared on the tmux pane" "the signature succeeded"
 	"the message was closed: the terminal has its echo and canonical mode back")
 if [ ! -x /usr/bin/pinentry-curses ] || ! command -v tmux >/dev/null; then
