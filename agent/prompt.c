@@ -251,7 +251,7 @@ dialog_finish(struct server *s, size_t di, int code, const char *msg)
  * dialog outcome that showed no dialog, then answered CANCELLED.
  */
 static void
-backoff_refuse(struct server *s, size_t ci, uint8_t event_kind, char *uri, char *msg)
+backoff_refuse(struct server *s, size_t ci, uint8_t event_kind, int code, char *uri, char *msg)
 {
 	const struct client *c = &s->clients[ci];
 	struct p11a_event e;
@@ -264,10 +264,10 @@ backoff_refuse(struct server *s, size_t ci, uint8_t event_kind, char *uri, char 
 	e.uid = (uint32_t)s->uid;
 	e.exe = c->exe;
 	e.flags = c->forwarded ? P11A_EVENT_FORWARDED : 0;
-	e.result = (uint32_t)P11A_E_CANCELLED;
+	e.result = (uint32_t)code;
 	e.message = msg;
 	audit_record(&e);
-	send_error(s, ci, P11A_E_CANCELLED, "%s", msg);
+	send_error(s, ci, code, "%s", msg);
 }
 
 static int
@@ -486,6 +486,71 @@ dialogs_run(struct server *s)
 
 /* ------------------------------------------------------------ outcomes */
 
+/*
+ * Confirm refusals have a back-off too, per program (executable) and key:
+ * after a "no", that program's further requests for that key get the
+ * refusal at once (2 s doubling to 60 s, reset by a "yes"), and its other
+ * queued dialogs for the key are answered with the same "no", so a looping
+ * or flooding program cannot keep the screen busy; other programs still
+ * get their dialogs.  The entries live in the tok_prompt list under a key
+ * no URI can equal (it starts with a newline); one is made only by a
+ * user's "no".
+ */
+static struct tok_prompt *
+confirm_backoff_get(struct server *s, const char *exe, const char *key_uri)
+{
+	char *k = NULL;
+	struct tok_prompt *tp;
+
+	if (asprintf(&k, "\nconfirm\n%s\n%s", exe ? exe : "", key_uri) < 0)
+		return NULL;
+	tp = tprompt_get(s, k);
+	free(k);
+	return tp;
+}
+
+static void
+backoff_start(struct tok_prompt *tp)
+{
+	if (tp == NULL)
+		return;
+	tp->backoff_ms = tp->backoff_ms ? tp->backoff_ms * 2 : BACKOFF_MIN_MS;
+	if (tp->backoff_ms > BACKOFF_MAX_MS)
+		tp->backoff_ms = BACKOFF_MAX_MS;
+	tp->until = p11a_now_ms() + tp->backoff_ms;
+}
+
+static void
+confirm_refused(struct server *s, size_t di)
+{
+	struct dialog *d = &s->dialogs[di];
+	struct tok_prompt *tp = confirm_backoff_get(s, d->exe, d->uri);
+	char text[600], other[700];
+	uint64_t id = d->id;
+
+	backoff_start(tp);
+	log_info("confirm dialog for key '%s': refused; no new dialog for %s for %d s", d->label,
+		 d->exe ? d->exe : "the program", tp ? tp->backoff_ms / 1000 : 0);
+	snprintf(text, sizeof(text), "signature with key '%s' refused by the user", d->label);
+	snprintf(other, sizeof(other), "signature with key '%s' refused by the user (in a dialog for "
+		 "another request of the same program)", d->label);
+	/* The same program's other queued dialogs for this key get the same answer. */
+	for (size_t i = 0; i < s->ndialogs;) {
+		struct dialog *q = &s->dialogs[i];
+		if (q->id != id && q->stage == ST_QUEUED &&
+		    (q->kind == D_CONFIRM_ONCE || q->kind == D_CONFIRM_ALWAYS) &&
+		    strcmp(q->uri, d->uri) == 0 &&
+		    strcmp(q->exe ? q->exe : "", d->exe ? d->exe : "") == 0) {
+			dialog_finish(s, i, P11A_E_NOT_CONFIRMED, other);
+			continue;
+		}
+		i++;
+	}
+	size_t at = dialog_index(s, id);
+	if (at != SIZE_MAX)
+		dialog_finish(s, at, P11A_E_NOT_CONFIRMED, text);
+}
+
 static void
 unlock_cancelled(struct server *s, size_t di)
 {
@@ -493,12 +558,7 @@ unlock_cancelled(struct server *s, size_t di)
 	struct tok_prompt *tp = tprompt_get(s, d->uri);
 	char text[600];
 
-	if (tp != NULL) {
-		tp->backoff_ms = tp->backoff_ms ? tp->backoff_ms * 2 : BACKOFF_MIN_MS;
-		if (tp->backoff_ms > BACKOFF_MAX_MS)
-			tp->backoff_ms = BACKOFF_MAX_MS;
-		tp->until = p11a_now_ms() + tp->backoff_ms;
-	}
+	backoff_start(tp);
 	if (d->kind == D_CONTEXT_PIN)
 		snprintf(text, sizeof(text), "PIN entry cancelled: no signature with key '%s'",
 			 d->label);
@@ -618,6 +678,9 @@ confirm_yes(struct server *s, size_t di)
 	char what[600];
 
 	log_info("confirm dialog for key '%s': allowed", d->label);
+	struct tok_prompt *tp = confirm_backoff_get(s, d->exe, d->uri);
+	if (tp != NULL)
+		tp->until = tp->backoff_ms = 0;
 	if (d->kind == D_CONFIRM_ONCE) {
 		if (d->pid <= 0 || grant_add(s, d->pid, d->start, d->uri) != 0) {
 			dialog_finish(s, di, P11A_E_NOMEM, "out of memory");
@@ -672,11 +735,7 @@ prompt_wake(struct server *s)
 			   (d->kind == D_UNLOCK || d->kind == D_CONTEXT_PIN)) {
 			unlock_cancelled(s, i);
 		} else if (r == PINENTRY_CANCELLED) {
-			char text[600];
-			log_info("confirm dialog for key '%s': refused", d->label);
-			snprintf(text, sizeof(text), "signature with key '%s' refused by the user",
-				 d->label);
-			dialog_finish(s, i, P11A_E_NOT_CONFIRMED, text);
+			confirm_refused(s, i);
 		} else {
 			char text[1000];
 			log_warn("%s dialog for '%s' failed: %s", d->kind == D_CONFIRM_ONCE ||
@@ -878,7 +937,7 @@ handle_unlock_prompt(struct server *s, size_t ci, const char *uri)
 		snprintf(msg, sizeof(msg), "PIN entry for token '%s' was cancelled; no new "
 			 "dialog for %lld s (or run 'p11agent unlock')", t->label,
 			 (long long)((tp->until - now + 999) / 1000));
-		backoff_refuse(s, ci, P11A_EV_PIN_DIALOG, t->uri, msg);
+		backoff_refuse(s, ci, P11A_EV_PIN_DIALOG, P11A_E_CANCELLED, t->uri, msg);
 		return;
 	}
 	struct dialog *d = dialog_new(s, ci, D_UNLOCK, hi, t->uri, t->label);
@@ -968,6 +1027,17 @@ handle_confirm(struct server *s, size_t ci, const char *uri)
 		}
 	}
 	const char *label = key->label && *key->label ? key->label : key->uri;
+	struct tok_prompt *tp = confirm_backoff_get(s, c->exe, key->uri);
+	int64_t now = p11a_now_ms();
+	if (tp != NULL && tp->until > now) {
+		char msg[800];
+
+		snprintf(msg, sizeof(msg), "signature with key '%s' refused by the user a moment ago; "
+			 "no new dialog for %s for %lld s", label, c->exe ? c->exe : "this program",
+			 (long long)((tp->until - now + 999) / 1000));
+		backoff_refuse(s, ci, P11A_EV_CONFIRM, P11A_E_NOT_CONFIRMED, key->uri, msg);
+		return;
+	}
 	struct dialog *d = dialog_new(s, ci, mode == CONFIRM_ONCE ? D_CONFIRM_ONCE : D_CONFIRM_ALWAYS,
 				      hi, key->uri, label);
 	if (d == NULL)
@@ -1017,7 +1087,7 @@ handle_context_pin(struct server *s, size_t ci, const char *uri)
 		snprintf(msg, sizeof(msg), "PIN entry for key '%s' was cancelled; no new "
 			 "dialog for %lld s", key->label && *key->label ? key->label : key->uri,
 			 (long long)((tp->until - now + 999) / 1000));
-		backoff_refuse(s, ci, P11A_EV_PIN_DIALOG, key->uri, msg);
+		backoff_refuse(s, ci, P11A_EV_PIN_DIALOG, P11A_E_CANCELLED, key->uri, msg);
 		return;
 	}
 	const char *label = key->label && *key->label ? key->label : key->uri;

@@ -143,6 +143,67 @@ else
 fi
 is "$(($(dialogs CONFIRM) - n0))" 3 "confirm always, no: one dialog"
 
+# ------------------------------------------------------------ after a no: the back-off
+# A "no" holds the same program's further requests for that key back for
+# a while (2 s, doubling), with no dialog; other programs still ask.
+sign ec384 "$T/sig.always.again"
+rc_is 1 "right after a no: the same program's next signature with that key is refused"
+stderr_has "no new dialog" "and says no new dialog is shown for it for a while"
+is "$(($(dialogs CONFIRM) - n0))" 3 "right after a no: no dialog for the same program"
+behave action=yes
+st=0
+curl2 ec384 "$T/curl.other" || st=$?
+if [ "$st" -eq 0 ] && saw_twice "$T/curl.other" ec384; then
+	ok "meanwhile another program ($TLS_CLIENT) gets its dialogs and signs"
+else
+	not_ok "meanwhile another program ($TLS_CLIENT) gets its dialogs and signs"
+	diag_file "$T/curl.other" 15
+fi
+is "$(($(dialogs CONFIRM) - n0))" 5 "the other program's two dialogs were shown"
+p11a log --json >"$T/log.json"
+if "$PYTHON3" -c '
+import json, sys
+print(sum(1 for e in json.load(open(sys.argv[1]))
+          if e.get("event") == "confirm" and e.get("result") == "NOT_CONFIRMED"
+          and "no new dialog" in (e.get("error") or "")))' "$T/log.json" | grep -qx 1; then
+	ok "p11agent log: the refusal in the back-off is an audit event"
+else
+	not_ok "p11agent log: the refusal in the back-off is an audit event"
+	diag_file "$T/log.json" 10
+fi
+
+# A program that floods: four requests at once, the first dialog answered
+# no; the other three get that no without a dialog of their own.
+sleep 3     # the back-off of the no above (2 s) is over
+behave action=no hold=1
+rm -f "$PDIR/release" "$PDIR/open"
+n1=$(dialogs CONFIRM)
+pids=()
+for i in 1 2 3 4; do
+	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" sign --key "${URI[ec384]}" --scheme ecdsa \
+		--in "$T/msg" --out "$T/sig.flood$i" >"$T/flood$i.out" 2>"$T/flood$i.err" &
+	pids+=("$!")
+	remember_pid "$!"
+done
+poll 20 test -s "$PDIR/open" || diag "no dialog opened for the flood"
+# Time for the other three to queue behind it (one that comes after the no
+# meets the back-off instead: refused with no dialog either way).
+sleep 1
+touch "$PDIR/release"
+bad=0
+for i in 1 2 3 4; do
+	st=0
+	wait "${pids[$((i - 1))]}" || st=$?
+	forget_pid "${pids[$((i - 1))]}"
+	if [ "$st" -eq 0 ] || ! grep -q "refused" "$T/flood$i.err"; then
+		bad=$((bad + 1))
+		diag "flood signer $i: exit $st: $(cat "$T/flood$i.err")"
+	fi
+done
+is "$bad" 0 "flood: all four requests are refused"
+is "$(($(dialogs CONFIRM) - n1))" 1 "flood: one dialog for the four (the no answers the program's queued ones)"
+behave action=yes
+
 # ------------------------------------------------------------ no confirm, no prompt
 n0=$(dialogs CONFIRM)
 sign rsa2048 "$T/sig.plain"

@@ -302,6 +302,13 @@ stderr_has "refused by the user" "remote: the error says the user refused"
 is "$(($(n_confirms) - c0))" 1 "remote: one confirm dialog for the refused signature"
 file_has "$PDIR/log" "forwarded connection" "the dialog says the request is forwarded"
 printf 'action=yes\n' >"$PDIR/behaviour"
+# Right after a no, the same program (here the local ssh) gets no new
+# dialog for that key for 2 s: refused at once, in words.
+run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa"
+rc_is 1 "remote: right after the no, the next forwarded signature is refused without a dialog"
+stderr_has "no new dialog" "remote: the error says no new dialog is shown for a while"
+is "$(($(n_confirms) - c0))" 1 "remote: no dialog during the back-off"
+sleep 3     # the back-off (2 s) is over
 run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa"
 rc_is 0 "remote: rsa2048 (forwarding confirm) answered yes signs"
 run openssl dgst -sha256 -verify "$TOKDIR/rsa2048.pub.pem" -signature "$T/r/sigrsa" "$T/msg"
