@@ -26,33 +26,15 @@ cannot() {
 	exit 77
 }
 
-# stop_pid PID: TERM, then KILL after 5 s.
-stop_pid() {
-	local _i
-	kill -0 "$1" 2>/dev/null || return 0
-	kill -TERM "$1" 2>/dev/null || return 0
-	for _i in $(seq 50); do
-		kill -0 "$1" 2>/dev/null || return 0
-		sleep 0.1
-	done
-	kill -KILL "$1" 2>/dev/null || :
-}
+# shellcheck source=tests/tokens/setup-lib.sh
+. "$(dirname "$0")/setup-lib.sh"
 
 [ $# -eq 2 ] || die "usage: setup-p11kit.sh start|stop DIR"
 dir=$2
 case $1 in
 start) ;;
 stop)
-	[ -f "$dir/pids" ] || exit 0
-	while read -r pid what; do
-		# Only our own server (PID reuse): its command line names DIR.
-		if grep -qaF -- "$dir" "/proc/$pid/cmdline" 2>/dev/null; then
-			stop_pid "$pid"
-		else
-			[ ! -e "/proc/$pid" ] || echo "setup-p11kit.sh: pid $pid ($what) is not ours any more; left alone" >&2
-		fi
-	done <"$dir/pids"
-	rm -f "$dir/pids"
+	stop_recorded "$dir" setup-p11kit.sh
 	exit 0
 	;;
 *) die "usage: setup-p11kit.sh start|stop DIR" ;;

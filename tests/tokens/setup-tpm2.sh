@@ -33,33 +33,15 @@ cannot() {
 [ $# -eq 2 ] || die "usage: setup-tpm2.sh start|stop DIR"
 dir=$2
 
-# stop_pid PID: TERM, then KILL after 5 s.
-stop_pid() {
-	local _i
-	kill -0 "$1" 2>/dev/null || return 0
-	kill -TERM "$1" 2>/dev/null || return 0
-	for _i in $(seq 50); do
-		kill -0 "$1" 2>/dev/null || return 0
-		sleep 0.1
-	done
-	kill -KILL "$1" 2>/dev/null || :
-}
+# shellcheck source=tests/tokens/setup-lib.sh
+. "$(dirname "$0")/setup-lib.sh"
 
 case $1 in
 start) ;;
 stop)
-	[ -f "$dir/pids" ] || exit 0
-	# Last started first: tpm2-abrmd, swtpm, dbus-daemon.
-	tac "$dir/pids" | while read -r pid what; do
-		# Only our own process (PID reuse): its command line or its
-		# environment (the private bus's address) names DIR.
-		if grep -qaF -- "$dir" "/proc/$pid/cmdline" "/proc/$pid/environ" 2>/dev/null; then
-			stop_pid "$pid"
-		else
-			[ ! -e "/proc/$pid" ] || echo "setup-tpm2.sh: pid $pid ($what) is not ours any more; left alone" >&2
-		fi
-	done
-	rm -f "$dir/pids"
+	# Last started first: tpm2-abrmd, swtpm, dbus-daemon (the private bus's
+	# address in their environment names DIR).
+	stop_recorded "$dir" setup-tpm2.sh
 	exit 0
 	;;
 *) die "usage: setup-tpm2.sh start|stop DIR" ;;
