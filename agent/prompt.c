@@ -181,12 +181,21 @@ prompt_free(struct server *s)
 /* ------------------------------------------------------------ bookkeeping */
 
 static struct tok_prompt *
-tprompt_get(struct server *s, const char *uri)
+tprompt_find(struct server *s, const char *uri)
 {
 	for (size_t i = 0; i < s->ntprompt; i++)
 		if (strcmp(s->tprompt[i].uri, uri) == 0)
 			return &s->tprompt[i];
-	struct tok_prompt *n = realloc(s->tprompt, (s->ntprompt + 1) * sizeof(*n));
+	return NULL;
+}
+
+static struct tok_prompt *
+tprompt_get(struct server *s, const char *uri)
+{
+	struct tok_prompt *n = tprompt_find(s, uri);
+	if (n != NULL)
+		return n;
+	n = realloc(s->tprompt, (s->ntprompt + 1) * sizeof(*n));
 	if (n == NULL)
 		return NULL;
 	s->tprompt = n;
@@ -497,14 +506,14 @@ dialogs_run(struct server *s)
  * user's "no".
  */
 static struct tok_prompt *
-confirm_backoff_get(struct server *s, const char *exe, const char *key_uri)
+confirm_backoff_get(struct server *s, const char *exe, const char *key_uri, int create)
 {
 	char *k = NULL;
 	struct tok_prompt *tp;
 
 	if (asprintf(&k, "\nconfirm\n%s\n%s", exe ? exe : "", key_uri) < 0)
 		return NULL;
-	tp = tprompt_get(s, k);
+	tp = create ? tprompt_get(s, k) : tprompt_find(s, k);
 	free(k);
 	return tp;
 }
@@ -524,7 +533,7 @@ static void
 confirm_refused(struct server *s, size_t di)
 {
 	struct dialog *d = &s->dialogs[di];
-	struct tok_prompt *tp = confirm_backoff_get(s, d->exe, d->uri);
+	struct tok_prompt *tp = confirm_backoff_get(s, d->exe, d->uri, 1);
 	char text[600], other[700];
 	uint64_t id = d->id;
 
@@ -678,7 +687,7 @@ confirm_yes(struct server *s, size_t di)
 	char what[600];
 
 	log_info("confirm dialog for key '%s': allowed", d->label);
-	struct tok_prompt *tp = confirm_backoff_get(s, d->exe, d->uri);
+	struct tok_prompt *tp = confirm_backoff_get(s, d->exe, d->uri, 0);
 	if (tp != NULL)
 		tp->until = tp->backoff_ms = 0;
 	if (d->kind == D_CONFIRM_ONCE) {
@@ -1027,7 +1036,7 @@ handle_confirm(struct server *s, size_t ci, const char *uri)
 		}
 	}
 	const char *label = key->label && *key->label ? key->label : key->uri;
-	struct tok_prompt *tp = confirm_backoff_get(s, c->exe, key->uri);
+	struct tok_prompt *tp = confirm_backoff_get(s, c->exe, key->uri, 0);
 	int64_t now = p11a_now_ms();
 	if (tp != NULL && tp->until > now) {
 		char msg[800];
