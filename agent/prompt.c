@@ -256,8 +256,9 @@ dialog_finish(struct server *s, size_t di, int code, const char *msg)
 }
 
 /*
- * A request refused during the back-off after a cancel: audited as a
- * dialog outcome that showed no dialog, then answered CANCELLED.
+ * A request refused during a back-off (after a cancelled PIN dialog or a
+ * confirm answered no): audited as a dialog outcome that showed no
+ * dialog, then answered with code.
  */
 static void
 backoff_refuse(struct server *s, size_t ci, uint8_t event_kind, int code, char *uri, char *msg)
@@ -1053,6 +1054,7 @@ handle_confirm(struct server *s, size_t ci, const char *uri)
 		return;
 	d->token_label = tok->label ? strdup(tok->label) : NULL;
 	d->forwarded = fwd_confirm;
+	log_debug("client %d: confirm dialog for key '%s' queued", c->fd, label);
 	dialogs_run(s);
 }
 

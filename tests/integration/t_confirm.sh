@@ -173,11 +173,19 @@ else
 fi
 
 # A program that floods: four requests at once, the first dialog answered
-# no; the other three get that no without a dialog of their own.
-sleep 3     # the back-off of the no above (2 s) is over
+# no while the other three wait in the queue; they get that no without a
+# dialog of their own.  First the back-off of the no above ends: a
+# signature answered yes (which also resets it).
+signs_again() {
+	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" sign --key "${URI[ec384]}" --scheme ecdsa \
+		--in "$T/msg" --out "$T/sig.again" >/dev/null 2>&1
+}
+check "after the back-off the program gets its dialog again (answered yes)" poll 20 signs_again
 behave action=no hold=1
 rm -f "$PDIR/release" "$PDIR/open"
 n1=$(dialogs CONFIRM)
+queued() { grep -c "confirm dialog for key 'ec384' queued" "$AGENT_LOG" || true; }
+q0=$(queued)
 pids=()
 for i in 1 2 3 4; do
 	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" sign --key "${URI[ec384]}" --scheme ecdsa \
@@ -186,11 +194,9 @@ for i in 1 2 3 4; do
 	remember_pid "$!"
 done
 poll 20 test -s "$PDIR/open" || diag "no dialog opened for the flood"
-# Time for the other three to queue behind it (one that comes after the no
-# meets the back-off instead: refused with no dialog either way).
-sleep 1
+check "flood: the four requests are queued for a dialog" poll 20 eval '[ "$(($(queued) - q0))" -ge 4 ]'
 touch "$PDIR/release"
-bad=0
+bad=0 shared=0
 for i in 1 2 3 4; do
 	st=0
 	wait "${pids[$((i - 1))]}" || st=$?
@@ -199,8 +205,10 @@ for i in 1 2 3 4; do
 		bad=$((bad + 1))
 		diag "flood signer $i: exit $st: $(cat "$T/flood$i.err")"
 	fi
+	! grep -q "another request of the same program" "$T/flood$i.err" || shared=$((shared + 1))
 done
 is "$bad" 0 "flood: all four requests are refused"
+is "$shared" 3 "flood: three of them by the no given in the first one's dialog"
 is "$(($(dialogs CONFIRM) - n1))" 1 "flood: one dialog for the four (the no answers the program's queued ones)"
 behave action=yes
 

@@ -308,9 +308,12 @@ run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs
 rc_is 1 "remote: right after the no, the next forwarded signature is refused without a dialog"
 stderr_has "no new dialog" "remote: the error says no new dialog is shown for a while"
 is "$(($(n_confirms) - c0))" 1 "remote: no dialog during the back-off"
-sleep 3     # the back-off (2 s) is over
-run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa"
-rc_is 0 "remote: rsa2048 (forwarding confirm) answered yes signs"
+# Once the back-off is over (2 s), the next one gets its dialog, answered yes.
+remote_signs() {
+	remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" \
+		--out "$T/r/sigrsa" >/dev/null 2>&1
+}
+check "remote: rsa2048 (forwarding confirm) answered yes signs" poll 20 remote_signs
 run openssl dgst -sha256 -verify "$TOKDIR/rsa2048.pub.pem" -signature "$T/r/sigrsa" "$T/msg"
 rc_is 0 "remote: the confirmed signature verifies"
 run remote timeout 30 "$P11AGENT" sign --key "${URI[rsa2048]}" --scheme rsa-pkcs1 --in "$T/msg" --out "$T/r/sigrsa2"
