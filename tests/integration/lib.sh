@@ -641,6 +641,37 @@ last_dialog() {
 	tail -n 1 "$PDIR/log" 2>/dev/null
 }
 
+# bg_signers N KEY TAG: N `p11agent sign` (ecdsa) of $T/msg with KEY at
+# once, in the background (remembered); signer i writes $T/sig.TAGi and
+# its stderr to $T/sign.TAGi.err.  bg_signers_refused TAG TEXT: waits for
+# them all; BG_BAD is how many did not fail with TEXT in their error (a
+# diag for each).
+BG_SIGNERS=() BG_BAD=0
+bg_signers() {
+	local i
+	BG_SIGNERS=()
+	for i in $(seq "$1"); do
+		timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" sign --key "$2" --scheme ecdsa \
+			--in "$T/msg" --out "$T/sig.$3$i" >/dev/null 2>"$T/sign.$3$i.err" &
+		BG_SIGNERS+=("$!")
+		remember_pid "$!"
+	done
+}
+bg_signers_refused() {
+	local i st
+	BG_BAD=0
+	for i in "${!BG_SIGNERS[@]}"; do
+		st=0
+		wait "${BG_SIGNERS[$i]}" || st=$?
+		forget_pid "${BG_SIGNERS[$i]}"
+		if [ "$st" -eq 0 ] || ! grep -q -- "$2" "$T/sign.$1$((i + 1)).err"; then
+			BG_BAD=$((BG_BAD + 1))
+			diag "signer $1$((i + 1)): exit $st"
+			diag_file "$T/sign.$1$((i + 1)).err"
+		fi
+	done
+}
+
 # ---------------------------------------------------------------- a terminal in tmux
 # For the real terminal pinentries (pinentry-curses): a tmux server of the
 # test's own on $T/tmux.sock (stopped at cleanup, by PID) with one 100x30
@@ -700,7 +731,7 @@ screen_shows() {
 # background (remembered; its stderr in OUT.err), for a dialog to answer
 # meanwhile.  dialog_sign_done DESC: waits for it; a check that it exited 0
 # and wrote OUT.
-DIALOG_SIGN_PID= DIALOG_SIGN_OUT=
+DIALOG_SIGN_PID='' DIALOG_SIGN_OUT=''
 dialog_sign() {
 	DIALOG_SIGN_OUT=$2
 	p11a sign --key "$1" --scheme ecdsa --in "$T/msg" --out "$2" >/dev/null 2>"$2.err" &

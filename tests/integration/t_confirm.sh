@@ -64,6 +64,20 @@ saw_twice() {
 	[ "$(grep -cE "^ *$(subject_line "$2")\$" "$1")" -eq 2 ]
 }
 
+# curl2_check LABEL OUT DESC: a check that curl2 with LABEL succeeds and
+# both servers named the client certificate.
+curl2_check() {
+	local st=0
+	curl2 "$1" "$2" || st=$?
+	if [ "$st" -eq 0 ] && saw_twice "$2" "$1"; then
+		ok "$3"
+	else
+		not_ok "$3"
+		diag "$TLS_CLIENT exit status $st"
+		diag_file "$2" 15
+	fi
+}
+
 behave action=yes
 check "agent starts (confirm once for ec256, always for ec384)" start_agent --config "$T/agent.conf"
 running "$AGENT_PID" || bail_out "agent running"
@@ -85,15 +99,7 @@ fi
 
 # ------------------------------------------------------------ confirm = once
 n0=$(dialogs CONFIRM)
-st=0
-curl2 ec256 "$T/curl.once" || st=$?
-if [ "$st" -eq 0 ] && saw_twice "$T/curl.once" ec256; then
-	ok "confirm once, yes: $TLS_CLIENT's two handshakes with ec256 complete"
-else
-	not_ok "confirm once, yes: $TLS_CLIENT's two handshakes with ec256 complete"
-	diag "$TLS_CLIENT exit status $st"
-	diag_file "$T/curl.once" 15
-fi
+curl2_check ec256 "$T/curl.once" "confirm once, yes: $TLS_CLIENT's two handshakes with ec256 complete"
 is "$(($(dialogs CONFIRM) - n0))" 1 "confirm once: one dialog for the two signatures of one program"
 d=$(last_dialog)
 case $d in
@@ -122,15 +128,7 @@ is "$(($(dialogs CONFIRM) - n0))" 3 "confirm once, no: one dialog"
 # ------------------------------------------------------------ confirm = always
 behave action=yes
 n0=$(dialogs CONFIRM)
-st=0
-curl2 ec384 "$T/curl.always" || st=$?
-if [ "$st" -eq 0 ] && saw_twice "$T/curl.always" ec384; then
-	ok "confirm always, yes: $TLS_CLIENT's two handshakes with ec384 complete"
-else
-	not_ok "confirm always, yes: $TLS_CLIENT's two handshakes with ec384 complete"
-	diag "$TLS_CLIENT exit status $st"
-	diag_file "$T/curl.always" 15
-fi
+curl2_check ec384 "$T/curl.always" "confirm always, yes: $TLS_CLIENT's two handshakes with ec384 complete"
 is "$(($(dialogs CONFIRM) - n0))" 2 "confirm always: a dialog for each of the two signatures"
 behave action=no
 sign ec384 "$T/sig.always.no"
@@ -151,14 +149,7 @@ rc_is 1 "right after a no: the same program's next signature with that key is re
 stderr_has "no new dialog" "and says no new dialog is shown for it for a while"
 is "$(($(dialogs CONFIRM) - n0))" 3 "right after a no: no dialog for the same program"
 behave action=yes
-st=0
-curl2 ec384 "$T/curl.other" || st=$?
-if [ "$st" -eq 0 ] && saw_twice "$T/curl.other" ec384; then
-	ok "meanwhile another program ($TLS_CLIENT) gets its dialogs and signs"
-else
-	not_ok "meanwhile another program ($TLS_CLIENT) gets its dialogs and signs"
-	diag_file "$T/curl.other" 15
-fi
+curl2_check ec384 "$T/curl.other" "meanwhile another program ($TLS_CLIENT) gets its dialogs and signs"
 is "$(($(dialogs CONFIRM) - n0))" 5 "the other program's two dialogs were shown"
 p11a log --json >"$T/log.json"
 if "$PYTHON3" -c '
@@ -186,29 +177,15 @@ rm -f "$PDIR/release" "$PDIR/open"
 n1=$(dialogs CONFIRM)
 queued() { grep -c "confirm dialog for key 'ec384' queued" "$AGENT_LOG" || true; }
 q0=$(queued)
-pids=()
-for i in 1 2 3 4; do
-	timeout "$CLI_TIMEOUT" "$P11AGENT" --socket "$SOCK" sign --key "${URI[ec384]}" --scheme ecdsa \
-		--in "$T/msg" --out "$T/sig.flood$i" >"$T/flood$i.out" 2>"$T/flood$i.err" &
-	pids+=("$!")
-	remember_pid "$!"
-done
+four_queued() { [ "$(($(queued) - q0))" -ge 4 ]; }
+bg_signers 4 "${URI[ec384]}" flood
 poll 20 test -s "$PDIR/open" || diag "no dialog opened for the flood"
-check "flood: the four requests are queued for a dialog" poll 20 eval '[ "$(($(queued) - q0))" -ge 4 ]'
+check "flood: the four requests are queued for a dialog" poll 20 four_queued
 touch "$PDIR/release"
-bad=0 shared=0
-for i in 1 2 3 4; do
-	st=0
-	wait "${pids[$((i - 1))]}" || st=$?
-	forget_pid "${pids[$((i - 1))]}"
-	if [ "$st" -eq 0 ] || ! grep -q "refused" "$T/flood$i.err"; then
-		bad=$((bad + 1))
-		diag "flood signer $i: exit $st: $(cat "$T/flood$i.err")"
-	fi
-	! grep -q "another request of the same program" "$T/flood$i.err" || shared=$((shared + 1))
-done
-is "$bad" 0 "flood: all four requests are refused"
-is "$shared" 3 "flood: three of them by the no given in the first one's dialog"
+bg_signers_refused flood "refused"
+is "$BG_BAD" 0 "flood: all four requests are refused"
+is "$(cat "$T"/sign.flood?.err | grep -c "another request of the same program")" 3 \
+	"flood: three of them by the no given in the first one's dialog"
 is "$(($(dialogs CONFIRM) - n1))" 1 "flood: one dialog for the four (the no answers the program's queued ones)"
 behave action=yes
 

@@ -158,26 +158,12 @@ hold_reset
 check "lock" p11a lock
 behave action=cancel hold=1
 n0=$(dialogs)
-signers=()
-for i in 1 2 3 4; do
-	sign_bg "x$i"
-	signers+=("$SIGNER")
-done
+bg_signers 4 "$KEY" x
 poll 20 dialog_open || diag "no cancel dialog opened"
 sleep 1
 hold_release
-bad=0
-for i in 1 2 3 4; do
-	st=0
-	wait "${signers[$((i - 1))]}" || st=$?
-	forget_pid "${signers[$((i - 1))]}"
-	if [ "$st" -eq 0 ] || ! grep -q "PIN entry cancelled" "$T/sign.x$i.err"; then
-		bad=$((bad + 1))
-		diag "signer $i: exit $st"
-		diag_file "$T/sign.x$i.err"
-	fi
-done
-is "$bad" 0 "cancel: every waiting signer fails with 'PIN entry cancelled'"
+bg_signers_refused x "PIN entry cancelled"
+is "$BG_BAD" 0 "cancel: every waiting signer fails with 'PIN entry cancelled'"
 is "$(($(dialogs) - n0))" 1 "cancel: one dialog for the four of them"
 hold_reset
 behave action=pin "pin=$USER_PIN"
