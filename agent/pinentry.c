@@ -209,8 +209,8 @@ child_setup(void *arg, int reserved)
  * The terminal of a pinentry that draws on the user's tty (pinentry-tty,
  * -curses): its settings are saved before the program starts and put back
  * when the agent had to kill it (a PIN pad message closed by the login, a
- * dialog nobody waits for any more), since a killed pinentry leaves the
- * user's shell without echo and canonical mode.  fd -1: no tty.
+ * dialog past its time limit, the agent stopping), since a killed pinentry
+ * leaves the user's shell without echo and canonical mode.  fd -1: no tty.
  */
 struct tty_guard {
 	int fd;
